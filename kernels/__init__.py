@@ -1,0 +1,30 @@
+"""nograd.kernels: the maths of every method, one module per kernel, each with its PyTorch reference.
+
+``attention`` (biased / blended attention with LSE), ``attention_rows`` and ``key_attention_mass`` (statistics of
+one attention call), and the helpers that turn masks and reweighting factors into logit biases.
+"""
+
+from .attention import (
+    BACKENDS,
+    attention,
+    causal_visibility,
+    padding_to_bias,
+    reweight_to_bias,
+    row_logsumexp,
+    scaled_logits,
+    soft_identity_blend,
+)
+from .stats import attention_rows, key_attention_mass
+
+__all__ = [
+    "BACKENDS",
+    "attention",
+    "attention_rows",
+    "causal_visibility",
+    "key_attention_mass",
+    "padding_to_bias",
+    "reweight_to_bias",
+    "row_logsumexp",
+    "scaled_logits",
+    "soft_identity_blend",
+]

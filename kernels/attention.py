@@ -1,0 +1,180 @@
+"""Attention with an additive per-(batch, head, key) logit bias, a SoftPAG blend and the row log-sum-exp.
+
+``attention(q, k, v, *, key_bias, causal, scale, blend, return_lse, backend)`` is the one entry point every nograd
+method reaches attention through (spec: ``shared/specs/kernels.md`` §3.3). Conventions:
+
+- ``q`` is (B, H, M, D); ``k`` and ``v`` are (B, H_kv, N, D) with ``H % H_kv == 0``. Query head ``h`` reads KV head
+  ``h // (H // H_kv)`` (GQA by index).
+- ``key_bias`` broadcasts to (B, H, N), natural-log units, added to the logits after scaling; ``-inf`` hard-masks a
+  key. Scaling the post-softmax weight of key j by s_j and renormalising is exactly ``key_bias = log(s)``.
+- ``causal`` is **bottom-right** aligned: query i sees key j iff ``j <= i + N - M`` (correct for prefill, chunked
+  prefill over a cache, and decode). SDPA's ``is_causal`` is top-left; the two agree only when M == N.
+- ``mask``: an extra mask as transformers builds it, broadcastable to (B, H, M, N), boolean (True = attend) or
+  additive float. It is the slow path (dense): the shared attention path passes it only for patterns that are not
+  "causal + padding" (sliding windows, bidirectional image blocks).
+- ``blend`` (H,) or (B, H): SoftPAG's per-head weight u, ``out = (1 - u) * attn + u * v_self`` where ``v_self`` is
+  the value at the query's own position ``i + N - M`` (needs M <= N).
+- ``softcap``: Gemma2's ``tanh`` logit soft-capping, applied before the bias.
+- A row that sees no key returns 0 and ``lse = -inf``, never NaN.
+
+Backends: ``"eager"`` is the reference (fp32, materialises the matrix); ``"sdpa"`` uses
+``F.scaled_dot_product_attention`` with the bias as a broadcast (B, H, 1, N) mask where that is exact (no causal
+edge inside the block, i.e. non-causal or M == 1) and a dense mask otherwise. ``"auto"`` picks sdpa unless the
+call needs what only eager has (``softcap``, ``return_lse``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "eager")
+
+
+def padding_to_bias(key_valid: torch.Tensor) -> torch.Tensor:
+    """A (B, N) boolean "this key is a real token" mask as an additive (B, 1, N) bias: 0 where valid, -inf where not."""
+    zero = torch.zeros((), dtype=torch.float32, device=key_valid.device)
+    return torch.where(key_valid, zero, -math.inf)[:, None, :]
+
+
+def reweight_to_bias(scale: torch.Tensor) -> torch.Tensor:
+    """Post-softmax reweighting factors s (renormalised) as the equivalent logit bias log(s); s = 0 gives -inf."""
+    return torch.log(scale.float())
+
+
+def causal_visibility(m: int, n: int, device=None) -> torch.Tensor:
+    """(M, N) boolean, bottom-right aligned: query i sees key j iff j <= i + N - M."""
+    rows = torch.arange(m, device=device)[:, None] + (n - m)
+    return torch.arange(n, device=device)[None, :] <= rows
+
+
+def _check(q, k, v, key_bias, blend, backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D (B, H, M|N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    b, h, _, d = q.shape
+    if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
+    if h % k.shape[1]:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({k.shape[1]})")
+    if key_bias is not None:
+        try:
+            torch.broadcast_shapes(key_bias.shape, (b, h, k.shape[2]))
+        except RuntimeError:
+            raise ValueError(f"key_bias {tuple(key_bias.shape)} does not broadcast to (B, H, N) = {(b, h, k.shape[2])}")
+    if blend is not None and blend.shape not in ((h,), (b, h)):
+        raise ValueError(f"blend must be (H,) or (B, H) = ({h},) or ({b}, {h}); got {tuple(blend.shape)}")
+
+
+def logit_bias(q, k, *, key_bias=None, causal=False, mask=None) -> torch.Tensor | None:
+    """Everything added to the scaled logits, as one fp32 tensor broadcastable to (B, H, M, N) (None if nothing)."""
+    m, n = q.shape[2], k.shape[2]
+    total = None if key_bias is None else key_bias.float().expand(*key_bias.shape[:-1], n)[..., None, :]
+    if mask is not None:
+        extra = torch.where(mask, 0.0, -math.inf) if mask.dtype == torch.bool else mask.float()
+        total = extra if total is None else total + extra
+    if causal and m > 1:
+        edge = torch.where(causal_visibility(m, n, q.device), 0.0, -math.inf)
+        total = edge if total is None else total + edge
+    return total
+
+
+def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def self_values(v: torch.Tensor, heads: int, m: int) -> torch.Tensor:
+    """The value at each query's own position (i + N - M) for every query head: (B, H, M, D)."""
+    n = v.shape[2]
+    if m > n:
+        raise ValueError(f"blend needs every query to have its own key (M={m} > N={n})")
+    return _expand_kv(v[:, :, n - m :], heads)
+
+
+def soft_identity_blend(out: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """SoftPAG: ``(1 - u) * out + u * v_self`` per head, in fp32, returned in ``out.dtype``; u = 0 returns ``out`` exactly."""
+    b, h, m, _ = out.shape
+    weight = u.float().reshape(-1 if u.dim() == 2 else 1, h, 1, 1)
+    return torch.lerp(out.float(), self_values(v, h, m).float(), weight).to(out.dtype)
+
+
+def attention_eager(q, k, v, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None):
+    """The reference: explicit fp32 logits, softmax and weighted sum. Returns (out in q.dtype, lse fp32)."""
+    logits = scaled_logits(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap)
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
+    out = torch.matmul(probs, _expand_kv(v, q.shape[1]).float())
+    return out.to(q.dtype), lse
+
+
+_dense_warned = False
+
+
+def _warn_dense_once(reason: str) -> None:
+    global _dense_warned
+    if not _dense_warned:
+        _dense_warned = True
+        warnings.warn(f"nograd.kernels.attention: the sdpa backend builds a dense (B, H, M, N) mask ({reason}); "
+                      "the Triton backend avoids it", stacklevel=3)
+
+
+def attention_sdpa(q, k, v, *, key_bias=None, causal=False, scale=None, mask=None):
+    """``F.scaled_dot_product_attention`` with the bias folded into ``attn_mask`` (broadcast where exact)."""
+    b, h, m, _ = q.shape
+    n = k.shape[2]
+    gqa = {"enable_gqa": True} if k.shape[1] != h else {}
+    needs_edge = causal and m > 1
+    if key_bias is None and mask is None:
+        if not needs_edge:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, **gqa)
+        if m == n:  # top-left == bottom-right
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True, **gqa)
+    if needs_edge or (mask is not None and mask.shape[-2] > 1):
+        _warn_dense_once("causal block with a bias" if needs_edge else "a per-query mask")
+    bias = logit_bias(q, k, key_bias=key_bias, causal=causal, mask=mask)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale, **gqa)
+    dead = torch.isneginf(bias).all(dim=-1, keepdim=True)
+    return out.masked_fill(dead, 0.0) if bool(dead.any()) else out
+
+
+def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, return_lse=False, backend="auto",
+              mask=None, softcap=None):
+    """Scaled dot-product attention with a key bias, causal edge, SoftPAG blend and optional LSE (see module doc).
+
+    Returns ``out`` (B, H, M, D) in ``q.dtype``, or ``(out, lse)`` with ``lse`` (B, H, M) fp32 when ``return_lse``.
+    """
+    _check(q, k, v, key_bias, blend, backend)
+    if backend == "auto":
+        backend = "eager" if (softcap is not None or return_lse) else "sdpa"
+    if backend == "sdpa" and softcap is not None:
+        raise ValueError("backend='sdpa' does not support softcap; use backend='eager' or 'auto'")
+    lse = None
+    if backend == "eager":
+        out, lse = attention_eager(q, k, v, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap)
+    else:
+        out = attention_sdpa(q, k, v, key_bias=key_bias, causal=causal, scale=scale, mask=mask)
+        if return_lse:
+            lse = row_logsumexp(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask)
+    if blend is not None:
+        out = soft_identity_blend(out, v, blend)
+    return (out, lse) if return_lse else out
+
+
+def scaled_logits(q, k, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None) -> torch.Tensor:
+    """The explicit (B, H, M, N) fp32 logits: q.k * scale, soft-capped, plus every bias (-inf where not visible)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.matmul(q.float(), _expand_kv(k, q.shape[1]).float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    bias = logit_bias(q, k, key_bias=key_bias, causal=causal, mask=mask)
+    return logits if bias is None else logits + bias
+
+
+def row_logsumexp(q, k, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None) -> torch.Tensor:
+    """The (B, H, M) fp32 log-sum-exp of each query's biased logits (-inf for a row that sees nothing)."""
+    logits = scaled_logits(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap)
+    return torch.logsumexp(logits, dim=-1)

@@ -1,0 +1,47 @@
+"""nograd: training-free, inference-time attention methods for Hugging Face models.
+
+    h = nograd.apply(model, "zerotuning", gamma=1.5)   # a transformers model or pipeline, a diffusers pipeline
+    ...                                                 # unchanged user code
+    h.remove()                                          # the model is bit-for-bit what it was
+"""
+
+from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from .api import apply, resolve
+from .attention import Intervention
+from .config import MethodConfig, option
+from .errors import IncompatibleMethodsError, NogradError, UnsupportedModelError
+from .handle import Handle
+from .handle import attached as _attached
+from .handle import remove_all as _remove_all
+from .methods.base import Method
+from .registry import MethodInfo, methods, register
+
+__version__ = "0.1.0"
+
+
+def attached(target) -> list[Handle]:
+    """The live handles on a model or pipeline, oldest first."""
+    return _attached(resolve(target)[0])
+
+
+def remove_all(target) -> None:
+    """Remove every live handle on a model or pipeline, newest first."""
+    _remove_all(resolve(target)[0])
+
+
+__all__ = [
+    "Handle",
+    "IncompatibleMethodsError",
+    "Intervention",
+    "Method",
+    "MethodConfig",
+    "MethodInfo",
+    "NogradError",
+    "UnsupportedModelError",
+    "apply",
+    "attached",
+    "methods",
+    "option",
+    "register",
+    "remove_all",
+]

@@ -1,0 +1,76 @@
+"""``nograd.apply``: resolve the target, validate everything, then attach through one Handle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from . import registry
+from .errors import IncompatibleMethodsError, UnsupportedModelError
+from .handle import Handle, _LIVE
+from .patches import adapter_for, supported_families
+
+
+def _is_instance(obj, module: str, name: str) -> bool:
+    try:
+        cls = getattr(__import__(module, fromlist=[name]), name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(obj, cls)
+
+
+def resolve(target: Any) -> tuple[nn.Module, Any]:
+    """(model, processor) of a transformers model or Pipeline, a diffusers pipeline or a diffusers model."""
+    if _is_instance(target, "transformers", "Pipeline"):
+        processor = getattr(target, "processor", None) or getattr(target, "tokenizer", None)
+        return target.model, processor
+    if _is_instance(target, "diffusers", "DiffusionPipeline"):
+        model = getattr(target, "transformer", None)
+        if model is None:
+            raise UnsupportedModelError(
+                f"{type(target).__name__} has no `transformer` (UNet pipelines are not supported); "
+                f"supported families: {', '.join(supported_families())}"
+            )
+        return model, None
+    if isinstance(target, nn.Module):
+        return target, None
+    raise TypeError(
+        "target must be a transformers PreTrainedModel or Pipeline, a diffusers DiffusionPipeline or a diffusers "
+        f"transformer model; got {type(target).__name__}"
+    )
+
+
+def apply(target: Any, method: str, /, **options) -> Handle:
+    """Attach ``method`` to ``target`` with ``options``; returns the Handle that removes it.
+
+    Every error (unknown method, unsupported model, bad option, conflicting method) is raised before the model is
+    touched.
+    """
+    method_cls = registry.get(method)
+    config = method_cls.Config.from_options(options)
+    model, processor = resolve(target)
+    adapter = adapter_for(model)
+    if adapter.kind not in method_cls.kinds:
+        families = ", ".join(f for k in method_cls.kinds for f in supported_families(k))
+        raise UnsupportedModelError(
+            f"{method_cls.name} does not support {type(model).__name__} (a {adapter.kind} model, family "
+            f"{adapter.family}); it supports: {families}"
+        )
+    instance = method_cls(adapter, config)
+    instance.check_model()
+    for other in _LIVE.get(model, []):
+        shared = registry.get(other.method).claims() & method_cls.claims()
+        if shared:
+            raise IncompatibleMethodsError(
+                f"cannot attach {method_cls.name!r} to {type(model).__name__}: the attached {other.method!r} "
+                f"already holds {', '.join(sorted(shared))}; remove that handle first"
+            )
+    handle = Handle(model, adapter, method_cls.name, config, processor)
+    try:
+        instance.attach(handle)
+    except BaseException:
+        handle.remove()
+        raise
+    handle._activate()
+    return handle

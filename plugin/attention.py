@@ -1,0 +1,303 @@
+"""The one shared attention path of nograd on transformers models.
+
+A single function per base implementation (``nograd_sdpa``, ``nograd_eager``, ``nograd_flash_attention_2``...) is
+registered in transformers' ``AttentionInterface`` **and** ``AttentionMaskInterface`` (with the base's own mask
+function, so padding and sliding windows arrive exactly as the base expects them), and the decoder stack is switched
+to it with ``set_attn_implementation`` (a ``{"text_config": ...}`` dict for VLMs).
+
+Per attention module, methods add ``Intervention`` objects. For one call the function asks each of them for
+(a) an additive per-(batch, head, key) logit bias, (b) a per-head SoftPAG blend toward identity, and (c) whether it
+observes the call (a read-out of attention rows or per-key mass). With nothing to do the call goes to the base
+implementation unchanged, so an unused layer is bit-identical; otherwise it goes to ``nograd.kernels.attention``.
+
+State for one forward pass (the batch's 2-D padding mask) is captured by a pre-hook on the decoder stack and lives
+on the model's ``AttentionPatch``; nothing outlives the last handle that uses it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from . import kernels
+from .kernels.attention import causal_visibility
+
+PREFIX = "nograd_"
+
+
+# ---- what a method plugs in --------------------------------------------------------------------------------------
+class Intervention:
+    """One method's action on one attention module. Override what applies; the defaults do nothing."""
+
+    observes: bool = False
+    """True if ``observe`` must be called (read-outs)."""
+
+    def key_bias(self, call: "AttentionCall") -> torch.Tensor | None:
+        """An additive logit bias broadcastable to (B, H, N), natural log units (-inf masks a key), or None."""
+        return None
+
+    def blend(self, call: "AttentionCall") -> torch.Tensor | None:
+        """SoftPAG weights u, (H,) or (B, H): ``out = (1 - u) * attention + u * v_self``; or None."""
+        return None
+
+    def observe(self, call: "AttentionCall") -> None:
+        """Read statistics of the call (``call.attention_rows``, ``call.key_mass``) after it ran."""
+
+
+@dataclass
+class BatchInfo:
+    """Facts about the batch of the current forward pass, captured before the decoder stack runs."""
+
+    padding_mask: torch.Tensor | None = None
+    """The (B, T) 2-D attention mask the decoder received (1 = real token), or None (no padding)."""
+
+    def first_real_key(self, batch: int, n_keys: int, device) -> torch.Tensor:
+        """(B,) key index of each row's first real (non-pad) token among ``n_keys`` keys; -1 where it is not
+        among them (a sliding-window cache that dropped it)."""
+        mask = self.padding_mask
+        if mask is None or mask.dim() != 2 or mask.shape[0] != batch:
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        first = (mask != 0).int().argmax(dim=1).to(device)
+        offset = max(mask.shape[1] - n_keys, 0)
+        index = first - offset
+        return torch.where(index >= 0, index, torch.full_like(index, -1))
+
+
+@dataclass
+class AttentionCall:
+    """One attention call of one layer, as interventions see it. Shapes: q (B, H, M, D), k/v (B, H_kv, N, D)."""
+
+    module: nn.Module
+    layer_idx: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    scaling: float
+    batch: BatchInfo
+    softcap: float | None = None
+    causal: bool = True
+    key_bias: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, H, M, N)."""
+        b, h, m, _ = self.query.shape
+        return b, h, m, self.key.shape[2]
+
+    def attention_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The softmax rows (B, H, R, N) of the queries at indices ``rows`` (into M), as this call computed them."""
+        _, _, m, n = self.shape
+        rows = rows.to(self.query.device)
+        positions = rows + (n - m) if self.causal else None
+        mask = None if self.mask is None else self.mask[..., rows, :] if self.mask.shape[-2] > 1 else self.mask
+        return kernels.attention_rows(self.query[:, :, rows], self.key, positions=positions, key_bias=self.key_bias,
+                                      scale=self.scaling, mask=mask, softcap=self.softcap)
+
+    def key_mass(self, reduce: str = "sum") -> torch.Tensor:
+        """Attention received by each key (B, H, N), summed (or averaged) over this call's queries."""
+        return kernels.key_attention_mass(self.query, self.key, key_bias=self.key_bias, causal=self.causal,
+                                          scale=self.scaling, mask=self.mask, softcap=self.softcap, reduce=reduce)
+
+
+# ---- transformers masks -> (padding, causal, residual) -------------------------------------------------------------
+def split_mask(mask: torch.Tensor | None, m: int, n: int, causal: bool):
+    """Reduce a transformers 4-D attention mask to ``(key_valid (B, N) | None, causal, residual | None)``.
+
+    Masks that are "causal + key padding" or "key padding" (what decoders build for a padded batch) become a
+    padding vector and a causal flag, which the kernels handle in O(N) memory. Anything else (sliding windows,
+    bidirectional image blocks, custom float masks) is passed through as ``residual`` with ``causal=False``.
+    """
+    if mask is None:
+        return None, causal, None
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        floor = torch.finfo(mask.dtype).min / 2
+        if not bool(((mask == 0) | (mask <= floor)).all()):
+            return None, False, mask
+        allowed = mask == 0
+    if allowed.dim() != 4 or allowed.shape[1] != 1 or allowed.shape[-2:] != (m, n):
+        return None, False, mask
+    allowed = allowed[:, 0]
+    key_valid = allowed.any(dim=1)
+    if torch.equal(allowed, causal_visibility(m, n, allowed.device)[None] & key_valid[:, None, :]):
+        return (None if bool(key_valid.all()) else key_valid), True, None
+    if torch.equal(allowed, key_valid[:, None, :].expand_as(allowed)):
+        return (None if bool(key_valid.all()) else key_valid), False, None
+    return None, False, mask
+
+
+# ---- the registered function ---------------------------------------------------------------------------------------
+_PATCH_OF_MODULE: "weakref.WeakKeyDictionary[nn.Module, AttentionPatch]" = weakref.WeakKeyDictionary()
+_REGISTERED: dict[str, int] = {}
+
+
+def base_function(base: str, module: nn.Module) -> Callable:
+    """The attention function the model would call under ``base`` (its own ``eager_attention_forward`` for eager)."""
+    if base == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _make_function(base: str) -> Callable:
+    def nograd_attention(module, query, key, value, attention_mask, **kwargs):
+        patch = _PATCH_OF_MODULE.get(module)
+        interventions = patch.interventions.get(module) if patch is not None else None
+        if interventions:
+            result = patch.run(module, interventions, query, key, value, attention_mask, kwargs)
+            if result is not None:
+                return result
+        return base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
+
+    nograd_attention.__name__ = f"{PREFIX}{base}"
+    return nograd_attention
+
+
+def _register(base: str) -> str:
+    name = PREFIX + base
+    if _REGISTERED.get(name, 0) == 0:
+        AttentionInterface.register(name, _make_function(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    _REGISTERED[name] = _REGISTERED.get(name, 0) + 1
+    return name
+
+
+def _unregister(name: str) -> None:
+    _REGISTERED[name] -= 1
+    if _REGISTERED[name] == 0:
+        del _REGISTERED[name]
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def registered_names() -> list[str]:
+    """The nograd names currently registered in transformers' interfaces (empty when no model is patched)."""
+    return sorted(_REGISTERED)
+
+
+# ---- one model's patch -------------------------------------------------------------------------------------------
+def _config_implementations(model: nn.Module) -> dict[int, tuple[object, str | None]]:
+    """id(config) -> (config, its _attn_implementation_internal) for the model's config and every sub-config."""
+    found, stack = {}, [model.config]
+    while stack:
+        config = stack.pop()
+        if id(config) in found:
+            continue
+        found[id(config)] = (config, config._attn_implementation_internal)
+        stack.extend(sub for key in getattr(config, "sub_configs", {}) if (sub := getattr(config, key, None)) is not None)
+    return found
+
+
+class AttentionPatch:
+    """nograd's attention function installed on one model, shared by every handle on it (reference-counted).
+
+    ``acquire`` installs it with the first intervention; ``release`` restores the exact implementation names of
+    every config and drops the hook and registrations with the last.
+    """
+
+    _of_model: "weakref.WeakKeyDictionary[nn.Module, AttentionPatch]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, model: nn.Module, adapter):
+        self.model = model
+        self.adapter = adapter
+        self.base = adapter.attn_implementation
+        self.interventions: dict[nn.Module, list[Intervention]] = {}
+        self.batch = BatchInfo()
+        self._saved = _config_implementations(model)
+        self.name = _register(self.base)
+        model.set_attn_implementation(adapter.attn_implementation_request(self.name))
+        for module in adapter.attention_modules:
+            _PATCH_OF_MODULE[module] = self
+        text_model = adapter.text_model
+        self._signature = inspect.signature(text_model.forward)
+        self._hook = text_model.register_forward_pre_hook(self._capture_batch, with_kwargs=True)
+
+    @classmethod
+    def acquire(cls, model: nn.Module, adapter) -> "AttentionPatch":
+        patch = cls._of_model.get(model)
+        if patch is None:
+            patch = cls._of_model[model] = cls(model, adapter)
+        return patch
+
+    def add(self, module: nn.Module, intervention: Intervention) -> None:
+        self.interventions.setdefault(module, []).append(intervention)
+
+    def discard(self, module: nn.Module, intervention: Intervention) -> None:
+        """Take one intervention off; when none is left on the model, uninstall everything."""
+        ours = self.interventions.get(module, [])
+        if intervention in ours:
+            ours.remove(intervention)
+        if not ours:
+            self.interventions.pop(module, None)
+        if not self.interventions and type(self)._of_model.get(self.model) is self:
+            self._uninstall()
+
+    def _uninstall(self) -> None:
+        self._hook.remove()
+        for module in self.adapter.attention_modules:
+            _PATCH_OF_MODULE.pop(module, None)
+        for config, implementation in self._saved.values():
+            config._attn_implementation_internal = implementation
+        _unregister(self.name)
+        type(self)._of_model.pop(self.model, None)
+
+    def _capture_batch(self, module, args, kwargs):
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        mask = bound.get("attention_mask")
+        self.batch.padding_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def run(self, module, interventions, query, key, value, attention_mask, kwargs):
+        """Attention with the interventions of ``module``; None if none of them acts on this call."""
+        call = AttentionCall(module=module, layer_idx=getattr(module, "layer_idx", -1), query=query, key=key,
+                             value=value, scaling=kwargs.get("scaling") or query.shape[-1] ** -0.5,
+                             batch=self.batch, softcap=kwargs.get("softcap"))
+        biases = [b for iv in interventions if (b := iv.key_bias(call)) is not None]
+        blends = [u for iv in interventions if (u := iv.blend(call)) is not None]
+        observers = [iv for iv in interventions if iv.observes]
+        if not (biases or blends or observers):
+            return None
+        _, _, m, n = call.shape
+        causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+        key_valid, call.causal, call.mask = split_mask(attention_mask, m, n, causal)
+        bias = sum(biases[1:], biases[0]) if biases else None
+        if key_valid is not None:
+            padding = kernels.padding_to_bias(key_valid)
+            bias = padding if bias is None else bias + padding
+        call.key_bias = bias
+        blend = None
+        if blends:
+            keep = torch.ones_like(blends[0], dtype=torch.float32)
+            for u in blends:
+                keep = keep * (1 - u.float())
+            blend = 1 - keep
+        out = kernels.attention(query, key, value, key_bias=bias, causal=call.causal, scale=call.scaling,
+                                mask=call.mask, softcap=call.softcap, blend=blend)
+        for iv in observers:
+            iv.observe(call)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def intervene(handle, interventions: dict[nn.Module, Intervention]) -> None:
+    """Add ``interventions`` (attention module -> Intervention) to the handle's model, undone by ``handle.remove()``."""
+    if not interventions:
+        return
+    patch = AttentionPatch.acquire(handle.model, handle.adapter)
+    for module, intervention in interventions.items():
+        patch.add(module, intervention)
+
+    def undo():
+        for module, intervention in interventions.items():
+            patch.discard(module, intervention)
+
+    handle.on_remove(f"attention on {len(interventions)} layers", undo)

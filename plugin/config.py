@@ -1,0 +1,67 @@
+"""Typed, frozen, validated method options.
+
+Every method declares a ``MethodConfig`` subclass: a frozen dataclass whose fields are built with ``option(default,
+doc)``. ``from_options`` rejects unknown names (``TypeError`` naming the option, the nearest names and all allowed
+ones); ``validate`` rejects bad values (``ValueError`` naming the option, the value and what is allowed). Both run
+before a method touches the model.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar
+
+
+def option(default: Any, doc: str, *, choices: tuple | None = None):
+    """A config field with its default, its meaning (shown by ``nograd.methods()``) and optional allowed values."""
+    return field(default=default, metadata={"doc": doc, "choices": choices})
+
+
+def nearest(name: str, candidates) -> list[str]:
+    return difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's options. Subclasses add fields with ``option`` and override ``validate``."""
+
+    method: ClassVar[str] = ""
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "MethodConfig":
+        allowed = [f.name for f in fields(cls)]
+        for name in options:
+            if name not in allowed:
+                hint = nearest(name, allowed)
+                raise TypeError(
+                    f"{cls.method}: unknown option {name!r}"
+                    + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else "")
+                    + f"; allowed options: {', '.join(allowed)}"
+                )
+        return cls(**options)
+
+    def __post_init__(self):
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                self.invalid(f.name, f"one of {', '.join(map(repr, choices))}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Check option values; call ``self.invalid(name, allowed)`` on a bad one."""
+
+    def invalid(self, name: str, allowed: str, error: type[Exception] = ValueError):
+        raise error(f"{self.method}: option {name}={getattr(self, name)!r} is not allowed; expected {allowed}")
+
+    @classmethod
+    def describe(cls) -> dict[str, dict[str, Any]]:
+        """name -> {"default", "doc", "choices"} for every option."""
+        return {
+            f.name: {
+                "default": None if f.default is MISSING else f.default,
+                "doc": f.metadata.get("doc", ""),
+                "choices": f.metadata.get("choices"),
+            }
+            for f in fields(cls)
+        }

@@ -1,0 +1,42 @@
+"""The shared base of every method: one file per method subclasses ``Method`` and is ``@register``-ed."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from ..config import MethodConfig
+
+
+class Method:
+    """A training-free method. Subclasses set the class attributes and implement ``attach``.
+
+    Lifecycle inside ``nograd.apply``: ``Config.from_options`` and ``check_model`` validate (raise before any
+    change), then ``attach(handle)`` makes the changes, each recorded on the handle.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    arxiv: ClassVar[str] = ""
+    kinds: ClassVar[tuple[str, ...]] = ()
+    """Adapter kinds the method works on: "text", "vlm", "dit"."""
+    families: ClassVar[tuple[str, ...]] = ()
+    """For ``nograd.methods()``: the families it supports (filled from ``kinds`` when left empty)."""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    resources: ClassVar[tuple[str, ...]] = ()
+    """What the method needs for itself on a model. Two methods claiming the same resource cannot share a model;
+    every method claims its own name (it cannot be attached twice)."""
+
+    def __init__(self, adapter, config: MethodConfig):
+        self.adapter = adapter
+        self.config = config
+
+    @classmethod
+    def claims(cls) -> set[str]:
+        return {cls.name, *cls.resources}
+
+    def check_model(self) -> None:
+        """Validate options against this model (layer and head indices...); raise ``ValueError`` naming the option."""
+
+    def attach(self, handle) -> None:
+        raise NotImplementedError

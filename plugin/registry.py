@@ -1,0 +1,70 @@
+"""Method names -> Method classes. ``register`` is the extension point; ``get`` resolves a user's string."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .config import nearest
+
+if TYPE_CHECKING:
+    from .methods.base import Method
+
+_METHODS: dict[str, type["Method"]] = {}
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What ``nograd.methods()`` says of one method."""
+
+    name: str
+    summary: str
+    paper: str
+    arxiv: str
+    families: tuple[str, ...]
+    options: dict
+
+    def __repr__(self) -> str:
+        return f"<{self.name}: {self.summary} (arXiv {self.arxiv}); families: {', '.join(self.families)}>"
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: make a ``Method`` subclass reachable as ``nograd.apply(model, cls.name)``."""
+    if not cls.name or cls.name != cls.name.lower():
+        raise ValueError(f"method name must be a non-empty lower-case string, got {cls.name!r}")
+    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
+        raise ValueError(f"a method named {cls.name!r} is already registered ({_METHODS[cls.name].__qualname__})")
+    cls.Config.method = cls.name
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    _METHODS.pop(name, None)
+
+
+def get(name: str) -> type["Method"]:
+    """The Method class registered as ``name`` (case-insensitive); ``ValueError`` naming the nearest and all names."""
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a string naming a method, got {type(name).__name__}")
+    key = name.strip().lower()
+    if key not in _METHODS:
+        hint = nearest(key, _METHODS)
+        raise ValueError(
+            f"unknown method {name!r}"
+            + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else "")
+            + f"; available methods: {', '.join(sorted(_METHODS))}"
+        )
+    return _METHODS[key]
+
+
+def methods() -> dict[str, MethodInfo]:
+    """Every registered method: name -> MethodInfo (summary, paper, arXiv id, families, options)."""
+    from .patches import supported_families
+
+    return {
+        name: MethodInfo(name, cls.summary, cls.paper, cls.arxiv,
+                         cls.families or tuple(f for kind in cls.kinds for f in supported_families(kind)),
+                         cls.Config.describe())
+        for name, cls in sorted(_METHODS.items())
+    }

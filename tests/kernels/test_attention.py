@@ -1,0 +1,200 @@
+"""nograd.kernels.attention and its statistics against an independent reference, for every backend."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nograd import kernels
+
+# (B, H, H_kv, M, N, D): spec kernels.md §3.4, plus odd sizes
+SHAPES = [(1, 2, 2, 32, 32, 64), (2, 4, 2, 37, 37, 64), (1, 3, 1, 45, 100, 40), (1, 2, 2, 17, 83, 64),
+          (1, 2, 2, 1, 67, 64), (2, 4, 1, 5, 5, 16)]
+BACKENDS = ["sdpa", "eager"]
+
+
+def reference(q, k, v, key_bias=None, causal=False, scale=None):
+    """Dense-mask SDPA with repeated K/V (the spec's reference) and the explicit LSE."""
+    b, h, m, d = q.shape
+    n = k.shape[2]
+    k, v = k.repeat_interleave(h // k.shape[1], 1).double(), v.repeat_interleave(h // v.shape[1], 1).double()
+    bias = torch.zeros(b, h, m, n, dtype=torch.float64)
+    if key_bias is not None:
+        bias = bias + key_bias.double()[..., None, :]
+    if causal:
+        visible = torch.arange(n)[None, :] <= torch.arange(m)[:, None] + n - m
+        bias = bias.masked_fill(~visible, -math.inf)
+    scale = d ** -0.5 if scale is None else scale
+    logits = q.double() @ k.transpose(-1, -2) * scale + bias
+    lse = torch.logsumexp(logits, -1)
+    probs = torch.nan_to_num(torch.exp(logits - lse[..., None]), nan=0.0)
+    return (probs @ v).float(), lse.float()
+
+
+def inputs(shape, seed=0, dtype=torch.float32):
+    b, h, h_kv, m, n, d = shape
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, m, d, generator=g).to(dtype), torch.randn(b, h_kv, n, d, generator=g).to(dtype),
+            torch.randn(b, h_kv, n, d, generator=g).to(dtype))
+
+
+def bias_of(kind, b, h, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = {"BHN": (b, h, n), "B1N": (b, 1, n), "1HN": (1, h, n)}[kind]
+    bias = torch.randn(shape, generator=g)
+    bias[..., ::3] = -math.inf  # a third of the keys hard-masked
+    return bias
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bias_kind", [None, "BHN", "B1N", "1HN"])
+def test_matches_reference(backend, shape, causal, bias_kind):
+    q, k, v = inputs(shape)
+    b, h, _, m, n, _ = shape
+    bias = None if bias_kind is None else bias_of(bias_kind, b, h, n)
+    out, lse = kernels.attention(q, k, v, key_bias=bias, causal=causal, backend=backend, return_lse=True)
+    want, want_lse = reference(q, k, v, bias, causal)
+    assert out.shape == q.shape and lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_rows_give_zero_and_minus_inf(backend):
+    q, k, v = inputs((2, 2, 1, 4, 6, 16))
+    bias = torch.zeros(2, 1, 6)
+    bias[1] = -math.inf
+    out, lse = kernels.attention(q, k, v, key_bias=bias, backend=backend, return_lse=True)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isneginf(lse[1]).all()
+    assert torch.isfinite(out).all()
+    # bottom-right causal with M > N: the first M - N queries see nothing
+    out, lse = kernels.attention(q, k[:, :, :2], v[:, :, :2], causal=True, backend=backend, return_lse=True)
+    assert torch.equal(out[:, :, :2], torch.zeros_like(out[:, :, :2])) and torch.isneginf(lse[:, :, :2]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_hf_layout(backend):
+    """(B, S, H, D) tensors viewed as (B, H, S, D), as transformers produces them, give the same result."""
+    q, k, v = inputs((2, 4, 2, 9, 9, 16))
+    strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]
+    assert not strided[0].is_contiguous()
+    bias = bias_of("BHN", 2, 4, 9)
+    want = kernels.attention(q, k, v, key_bias=bias, causal=True, backend=backend)
+    torch.testing.assert_close(kernels.attention(*strided, key_bias=bias, causal=True, backend=backend), want,
+                               atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float16, 2e-3), (torch.bfloat16, 3e-2)])
+def test_half_precision(dtype, atol):
+    q, k, v = inputs((1, 4, 2, 16, 16, 32), dtype=dtype)
+    bias = bias_of("B1N", 1, 4, 16)
+    want, _ = reference(q.float(), k.float(), v.float(), bias, True)
+    for backend in BACKENDS:
+        out = kernels.attention(q, k, v, key_bias=bias, causal=True, backend=backend)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), want, atol=atol, rtol=0)
+
+
+def test_key_bias_is_post_softmax_reweighting():
+    q, k, v = inputs((1, 2, 2, 8, 8, 16))
+    scale = torch.rand(1, 2, 8) + 0.1
+    scale[..., 0] = 4.0
+    logits = (q @ k.transpose(-1, -2)) / 4.0
+    weights = logits.softmax(-1) * scale[..., None, :]
+    want = (weights / weights.sum(-1, keepdim=True)) @ v
+    got = kernels.attention(q, k, v, key_bias=kernels.reweight_to_bias(scale), backend="eager")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extra_mask_bool_and_float(backend):
+    q, k, v = inputs((2, 2, 2, 6, 6, 16))
+    allowed = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(3)) > 0.3
+    allowed[..., 0] = True
+    additive = torch.zeros(2, 1, 6, 6).masked_fill(~allowed, -math.inf)
+    want = kernels.attention(q, k, v, mask=additive, backend="eager")
+    torch.testing.assert_close(kernels.attention(q, k, v, mask=allowed, backend=backend), want, atol=1e-6, rtol=0)
+    logits = (q @ k.transpose(-1, -2)) / 4.0 + additive
+    torch.testing.assert_close(want, logits.softmax(-1) @ v, atol=1e-6, rtol=0)
+
+
+def test_softcap_only_in_eager_and_matches_formula():
+    q, k, v = inputs((1, 2, 1, 5, 5, 16))
+    got = kernels.attention(q, k, v, softcap=2.0)  # auto -> eager
+    logits = torch.tanh((q @ k.repeat_interleave(2, 1).transpose(-1, -2)) / 4.0 / 2.0) * 2.0
+    torch.testing.assert_close(got, logits.softmax(-1) @ v.repeat_interleave(2, 1), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="softcap"):
+        kernels.attention(q, k, v, softcap=2.0, backend="sdpa")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blend(backend):
+    q, k, v = inputs((2, 4, 2, 7, 9, 16))
+    plain = kernels.attention(q, k, v, causal=True, backend=backend)
+    zero = kernels.attention(q, k, v, causal=True, backend=backend, blend=torch.zeros(4))
+    assert torch.equal(zero, plain)
+    one = kernels.attention(q, k, v, causal=True, backend=backend, blend=torch.ones(2, 4))
+    assert torch.equal(one, v.repeat_interleave(2, 1)[:, :, 2:])
+    u = torch.rand(2, 4)
+    mixed = kernels.attention(q, k, v, causal=True, backend=backend, blend=u)
+    torch.testing.assert_close(mixed, torch.lerp(plain, v.repeat_interleave(2, 1)[:, :, 2:], u[..., None, None]),
+                               atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(backend="triton-ish"), "backend"),
+        (dict(key_bias=torch.zeros(3, 1, 9)), "key_bias"),
+        (dict(blend=torch.zeros(3)), "blend"),
+    ],
+)
+def test_bad_arguments(kwargs, words):
+    q, k, v = inputs((2, 4, 2, 9, 9, 16))
+    with pytest.raises(ValueError, match=words):
+        kernels.attention(q, k, v, **kwargs)
+
+
+def test_gqa_heads_must_divide():
+    q, k, v = inputs((1, 3, 2, 4, 4, 16))
+    with pytest.raises(ValueError, match="multiple"):
+        kernels.attention(q, k[:, :2], v[:, :2])
+
+
+def test_attention_rows_are_softmax_rows():
+    q, k, _ = inputs((2, 4, 2, 11, 11, 16))
+    bias = bias_of("BHN", 2, 4, 11)
+    rows = torch.tensor([3, 10])
+    got = kernels.attention_rows(q[:, :, rows], k, positions=rows, key_bias=bias)
+    logits = kernels.scaled_logits(q, k, key_bias=bias, causal=True)
+    torch.testing.assert_close(got, logits.softmax(-1)[:, :, rows], atol=1e-6, rtol=0)
+    assert torch.equal(got[:, :, 0, 4:], torch.zeros_like(got[:, :, 0, 4:]))
+
+
+def test_key_mass_sum_mean_and_planted_sink():
+    q, k, _ = inputs((1, 2, 2, 12, 12, 16))
+    bias = torch.zeros(1, 2, 12)
+    bias[0, 1, 5] = 20.0  # plant a sink in head 1
+    probs = kernels.scaled_logits(q, k, key_bias=bias, causal=True).softmax(-1).nan_to_num()
+    total = kernels.key_attention_mass(q, k, key_bias=bias, causal=True)
+    torch.testing.assert_close(total, probs.sum(2), atol=1e-5, rtol=0)
+    mean = kernels.key_attention_mass(q, k, key_bias=bias, causal=True, reduce="mean")
+    torch.testing.assert_close(mean, probs.sum(2) / torch.arange(12, 0, -1), atol=1e-6, rtol=0)
+    assert int(mean[0, 1].argmax()) == 5 and mean[0, 1, 5] > 0.99
+    _, lse = kernels.attention(q, k, k, key_bias=bias, causal=True, return_lse=True)
+    torch.testing.assert_close(kernels.key_attention_mass(q, k, lse, key_bias=bias, causal=True), total,
+                               atol=1e-5, rtol=0)
+
+
+def test_sdpa_broadcast_bias_matches_torch_sdpa():
+    """Non-causal/decode with a key bias is a broadcast mask for SDPA: the same numbers as calling it directly."""
+    q, k, v = inputs((2, 4, 4, 1, 50, 32))
+    bias = bias_of("B1N", 2, 4, 50)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, :, None, :])
+    torch.testing.assert_close(kernels.attention(q, k, v, key_bias=bias, backend="sdpa", causal=True), want,
+                               atol=1e-6, rtol=0)

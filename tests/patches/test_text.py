@@ -1,0 +1,36 @@
+"""Text LLM adapters: recognition by class and the facts they report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checks import TEXT_FAMILIES
+from nograd.patches import adapter_for, supported_families
+from nograd.patches.text_lm import GemmaAdapter, LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter
+
+EXPECTED = {"llama": LlamaAdapter, "mistral": MistralAdapter, "qwen2": Qwen2Adapter, "qwen3": Qwen3Adapter,
+            "gemma": GemmaAdapter, "gemma2": GemmaAdapter}
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_adapter_facts(build, family):
+    model = build(family)
+    adapter = adapter_for(model)
+    assert type(adapter) is EXPECTED[family] and adapter.kind == "text"
+    assert type(adapter_for(model.model)) is EXPECTED[family]
+    assert adapter.text_model is model.model
+    modules = adapter.attention_modules
+    assert len(modules) == adapter.num_layers == model.config.num_hidden_layers
+    assert [m.layer_idx for m in modules] == list(range(adapter.num_layers))
+    assert all(m is layer.self_attn for m, layer in zip(modules, model.model.layers))
+    assert (adapter.num_heads, adapter.num_kv_heads) == (4, 2)
+    assert adapter.head_dim == modules[0].head_dim
+    assert adapter.attn_implementation == model.config._attn_implementation
+    assert adapter.attn_implementation_request("x") == "x"
+    ids = torch.randint(0, 128, (2, 5))
+    assert [p.numel() for p in adapter.image_token_positions(ids)] == [0, 0]
+
+
+def test_supported_families_lists_text_families():
+    assert {"llama", "mistral", "qwen2", "qwen3", "gemma"} <= set(supported_families("text"))

@@ -1,0 +1,173 @@
+"""nograd.apply / Handle / registry: the contract every method shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import nograd
+from checks import TEXT_FAMILIES, attn_names, same_state, snapshot
+from nograd.attention import Intervention, intervene, registered_names
+
+
+def logits(model, ids, mask=None):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_apply_changes_outputs_and_remove_is_bit_exact(build, padded_batch, family):
+    model = build(family)
+    ids, mask = padded_batch
+    saved, plain, names = snapshot(model), logits(model, ids, mask), attn_names(model)
+    handle = nograd.apply(model, "zerotuning", gamma=2.0)
+    assert not torch.equal(logits(model, ids, mask), plain)
+    assert attn_names(model) != names
+    handle.remove()
+    assert torch.equal(logits(model, ids, mask), plain)
+    assert same_state(model, saved) and attn_names(model) == names
+    assert registered_names() == [] and nograd.attached(model) == []
+    handle.remove()  # idempotent
+    assert torch.equal(logits(model, ids, mask), plain)
+
+
+def test_handle_contract(build):
+    model = build("llama")
+    handle = nograd.apply(model, "zerotuning", gamma=1.5)
+    assert handle.method == "zerotuning" and handle.config.gamma == 1.5 and handle.live
+    assert nograd.attached(model) == [handle]
+    assert "zerotuning" in repr(handle) and "LlamaForCausalLM" in repr(handle) and "live" in repr(handle)
+    with handle:
+        pass
+    assert not handle.live and "removed" in repr(handle) and nograd.attached(model) == []
+
+
+def test_methods_lists_zerotuning():
+    info = nograd.methods()["zerotuning"]
+    assert info.arxiv == "2505.11739" and "ZeroTuning" in info.paper
+    assert {"llama", "qwen2", "gemma"} <= set(info.families)
+    assert info.options["gamma"]["default"] == 4.0 and info.options["gamma"]["doc"]
+
+
+def test_unknown_method_names_nearest_and_all(build):
+    model = build("llama")
+    with pytest.raises(ValueError, match=r"unknown method 'zerotunning' \(did you mean 'zerotuning'\?\); available methods: .*zerotuning"):
+        nograd.apply(model, "zerotunning")
+
+
+def test_unsupported_model_names_class_and_families():
+    class Tiny(nn.Module):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(nograd.UnsupportedModelError, match=r"no adapter for Tiny; supported families: llama, mistral"):
+        nograd.apply(Tiny(), "zerotuning")
+    assert issubclass(nograd.UnsupportedModelError, ValueError)
+
+
+def test_bad_target_type():
+    with pytest.raises(TypeError, match="target must be"):
+        nograd.apply("gpt2", "zerotuning")
+
+
+def test_same_method_twice_is_refused_and_model_untouched(build, padded_batch):
+    model = build("llama")
+    ids, mask = padded_batch
+    first = nograd.apply(model, "zerotuning", gamma=2.0)
+    with_first = logits(model, ids, mask)
+    with pytest.raises(nograd.IncompatibleMethodsError, match=r"cannot attach 'zerotuning'.*attached 'zerotuning'"):
+        nograd.apply(model, "zerotuning", gamma=3.0)
+    assert torch.equal(logits(model, ids, mask), with_first) and nograd.attached(model) == [first]
+    first.remove()
+
+
+@dataclass(frozen=True)
+class LastKeyConfig(nograd.MethodConfig):
+    bias: float = nograd.option(1.0, "logit bias on each row's last key")
+
+
+class LastKeyBias(Intervention):
+    def __init__(self, bias):
+        self.bias = bias
+
+    def key_bias(self, call):
+        b, h, _, n = call.shape
+        bias = torch.zeros(1, 1, n)
+        bias[..., -1] = self.bias
+        return bias
+
+
+@pytest.fixture
+def last_key_method():
+    """A second, test-only bias method, to check that bias methods stack."""
+
+    @nograd.register
+    class LastKey(nograd.Method):
+        name = "test_last_key"
+        summary = "bias on the last key"
+        kinds = ("text",)
+        Config = LastKeyConfig
+
+        def attach(self, handle):
+            intervene(handle, {m: LastKeyBias(self.config.bias) for m in self.adapter.attention_modules})
+
+    yield "test_last_key"
+    nograd.registry.unregister("test_last_key")
+
+
+@pytest.mark.parametrize("remove_first", ["zerotuning", "test_last_key"])
+def test_bias_methods_stack_and_come_off_in_any_order(build, padded_batch, last_key_method, remove_first):
+    model = build("llama")
+    ids, mask = padded_batch
+    saved, plain, names = snapshot(model), logits(model, ids, mask), attn_names(model)
+    with nograd.apply(model, "zerotuning", gamma=2.0):
+        only_zt = logits(model, ids, mask)
+    with nograd.apply(model, last_key_method, bias=1.5):
+        only_lk = logits(model, ids, mask)
+    handles = {"zerotuning": nograd.apply(model, "zerotuning", gamma=2.0),
+               last_key_method: nograd.apply(model, last_key_method, bias=1.5)}
+    both = logits(model, ids, mask)
+    assert not torch.equal(both, only_zt) and not torch.equal(both, only_lk)
+    handles.pop(remove_first).remove()
+    (kept,) = handles.values()
+    torch.testing.assert_close(logits(model, ids, mask), only_zt if kept.method == "zerotuning" else only_lk,
+                               atol=1e-6, rtol=0)
+    kept.remove()
+    assert torch.equal(logits(model, ids, mask), plain) and same_state(model, saved) and attn_names(model) == names
+
+
+def test_remove_all(build, padded_batch, last_key_method):
+    model = build("llama")
+    ids, mask = padded_batch
+    plain = logits(model, ids, mask)
+    nograd.apply(model, "zerotuning")
+    nograd.apply(model, last_key_method)
+    assert len(nograd.attached(model)) == 2
+    nograd.remove_all(model)
+    assert nograd.attached(model) == [] and torch.equal(logits(model, ids, mask), plain)
+
+
+def test_failed_attach_rolls_back(build, padded_batch):
+    model = build("llama")
+    ids, mask = padded_batch
+    plain, names = logits(model, ids, mask), attn_names(model)
+
+    @nograd.register
+    class Broken(nograd.Method):
+        name = "test_broken"
+        kinds = ("text",)
+
+        def attach(self, handle):
+            intervene(handle, {self.adapter.attention_modules[0]: LastKeyBias(1.0)})
+            raise RuntimeError("boom")
+
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            nograd.apply(model, "test_broken")
+    finally:
+        nograd.registry.unregister("test_broken")
+    assert attn_names(model) == names and torch.equal(logits(model, ids, mask), plain)
+    assert nograd.attached(model) == [] and registered_names() == []

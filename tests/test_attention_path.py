@@ -1,0 +1,148 @@
+"""The shared attention path: mask reduction, pass-through, and the three intervention slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nograd
+from checks import TEXT_FAMILIES
+from nograd.attention import Intervention, intervene, split_mask
+from nograd.kernels import causal_visibility
+from nograd.patches import adapter_for
+
+
+def logits(model, ids, mask=None, **kwargs):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask, **kwargs).logits
+
+
+def attach(model, interventions):
+    """A bare handle carrying ``interventions`` (attention module -> Intervention)."""
+    handle = nograd.Handle(model, adapter_for(model), "test", None)
+    intervene(handle, interventions)
+    return handle
+
+
+# ---- mask reduction -----------------------------------------------------------------------------------------------
+def test_split_mask_causal_padding():
+    valid = torch.tensor([[True] * 6, [False, False, True, True, True, True]])
+    mask = (causal_visibility(6, 6)[None] & valid[:, None, :])[:, None]
+    key_valid, causal, residual = split_mask(mask, 6, 6, True)
+    assert torch.equal(key_valid, valid) and causal and residual is None
+
+
+def test_split_mask_decode_and_no_padding():
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    assert split_mask(mask, 1, 7, True) == (None, True, None)
+    assert split_mask(None, 5, 5, True) == (None, True, None)
+
+
+def test_split_mask_eager_float_and_sliding_window():
+    valid = torch.tensor([[False, True, True, True, True]])
+    allowed = causal_visibility(5, 5)[None] & valid[:, None, :]
+    additive = torch.zeros(1, 1, 5, 5).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    key_valid, causal, residual = split_mask(additive, 5, 5, True)
+    assert torch.equal(key_valid, valid) and causal and residual is None
+    window = allowed & (torch.arange(5)[None, :] > torch.arange(5)[:, None] - 2)[None]
+    key_valid, causal, residual = split_mask(window[:, None], 5, 5, True)
+    assert key_valid is None and not causal and residual is not None
+
+
+# ---- pass-through and equivalence ----------------------------------------------------------------------------------
+class ZeroBias(Intervention):
+    def key_bias(self, call):
+        return torch.zeros(1, 1, call.key.shape[2])
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_inactive_intervention_is_bit_identical(build, padded_batch, family):
+    model = build(family)
+    ids, mask = padded_batch
+    plain = logits(model, ids, mask)
+    handle = attach(model, {m: Intervention() for m in adapter_for(model).attention_modules})
+    assert model.config._attn_implementation.startswith("nograd_")
+    assert torch.equal(logits(model, ids, mask), plain)
+    handle.remove()
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_zero_bias_through_kernels_equals_base(build, padded_batch, family):
+    """Padding, sliding windows (Gemma2) and soft-capping survive the trip through nograd.kernels."""
+    model = build(family)
+    ids, mask = padded_batch
+    plain = logits(model, ids, mask)
+    with attach(model, {m: ZeroBias() for m in adapter_for(model).attention_modules}):
+        got = logits(model, ids, mask)
+    torch.testing.assert_close(got[mask.bool()], plain[mask.bool()], atol=1e-5, rtol=0)
+
+
+# ---- read-out ----------------------------------------------------------------------------------------------------
+class Recorder(Intervention):
+    observes = True
+
+    def __init__(self):
+        self.rows, self.mass = [], []
+
+    def observe(self, call):
+        _, _, m, _ = call.shape
+        self.rows.append(call.attention_rows(torch.tensor([m - 1])))
+        self.mass.append(call.key_mass())
+
+
+def test_readout_equals_eager_attention_weights(build, padded_batch):
+    model = build("llama", attn_implementation="eager")
+    ids, mask = padded_batch
+    with torch.no_grad():
+        weights = model(ids, attention_mask=mask, output_attentions=True).attentions
+    recorder = Recorder()
+    with attach(model, {adapter_for(model).attention_modules[1]: recorder}):
+        logits(model, ids, mask)
+    torch.testing.assert_close(recorder.rows[0][:, :, 0], weights[1][:, :, -1], atol=1e-6, rtol=0)
+    real = mask.bool()[:, None, :, None]  # pad queries attend nowhere in our path
+    torch.testing.assert_close(recorder.mass[0], (weights[1] * real).sum(2), atol=1e-5, rtol=0)
+
+
+class PlantedSink(Recorder):
+    def key_bias(self, call):
+        bias = torch.zeros(1, call.query.shape[1], call.key.shape[2])
+        bias[0, 2, 6] = 30.0  # head 2 must put (almost) all its mass on key 6
+        return bias
+
+
+def test_readout_recovers_planted_sink(build, padded_batch):
+    model = build("qwen2")
+    ids, mask = padded_batch
+    planted = PlantedSink()
+    with attach(model, {adapter_for(model).attention_modules[0]: planted}):
+        logits(model, ids, mask)
+    rows, mass = planted.rows[0], planted.mass[0]
+    assert int(rows[0, 2, 0].argmax()) == 6 and rows[0, 2, 0, 6] > 0.999
+    assert mass[:, 2].argmax(-1).tolist() == [6, 6]
+    assert mass[:, [0, 1, 3]].argmax(-1).ne(6).any()
+
+
+# ---- blend -------------------------------------------------------------------------------------------------------
+class FullBlend(Intervention):
+    def __init__(self, heads):
+        self.heads = heads
+
+    def blend(self, call):
+        u = torch.zeros(call.query.shape[1])
+        u[self.heads] = 1.0
+        return u
+
+
+def test_blend_one_gives_the_value_of_each_token(build, padded_batch):
+    model = build("llama")
+    ids, mask = padded_batch
+    module = adapter_for(model).attention_modules[1]
+    seen = {}
+    value_hook = module.v_proj.register_forward_hook(lambda mod, args, out: seen.__setitem__("v", out))
+    o_hook = module.o_proj.register_forward_pre_hook(lambda mod, args: seen.__setitem__("o", args[0]))
+    with attach(model, {module: FullBlend([0, 1, 2, 3])}):
+        logits(model, ids, mask)
+    value_hook.remove(), o_hook.remove()
+    b, s, _ = seen["o"].shape
+    values = seen["v"].view(b, s, 2, 16).repeat_interleave(2, dim=2).reshape(b, s, 64)
+    assert torch.equal(seen["o"], values)
