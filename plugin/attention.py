@@ -258,34 +258,45 @@ class AttentionPatch:
         self.batch.padding_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     def run(self, module, interventions, query, key, value, attention_mask, kwargs):
-        """Attention with the interventions of ``module``; None if none of them acts on this call."""
+        """Attention with the interventions of ``module`` in transformers' (B, M, H, D) output layout, or None."""
         call = AttentionCall(module=module, layer_idx=getattr(module, "layer_idx", -1), query=query, key=key,
                              value=value, scaling=kwargs.get("scaling") or query.shape[-1] ** -0.5,
-                             batch=self.batch, softcap=kwargs.get("softcap"))
-        biases = [b for iv in interventions if (b := iv.key_bias(call)) is not None]
-        blends = [u for iv in interventions if (u := iv.blend(call)) is not None]
-        observers = [iv for iv in interventions if iv.observes]
-        if not (biases or blends or observers):
-            return None
-        _, _, m, n = call.shape
-        causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
-        key_valid, call.causal, call.mask = split_mask(attention_mask, m, n, causal)
-        bias = sum(biases[1:], biases[0]) if biases else None
-        if key_valid is not None:
-            padding = kernels.padding_to_bias(key_valid)
-            bias = padding if bias is None else bias + padding
-        call.key_bias = bias
-        blend = None
-        if blends:
-            keep = torch.ones_like(blends[0], dtype=torch.float32)
-            for u in blends:
-                keep = keep * (1 - u.float())
-            blend = 1 - keep
-        out = kernels.attention(query, key, value, key_bias=bias, causal=call.causal, scale=call.scaling,
-                                mask=call.mask, softcap=call.softcap, blend=blend)
-        for iv in observers:
-            iv.observe(call)
-        return out.transpose(1, 2).contiguous(), None
+                             batch=self.batch, softcap=kwargs.get("softcap"),
+                             causal=kwargs.get("is_causal", getattr(module, "is_causal", True)))
+        out = attend(call, interventions, attention_mask)
+        return None if out is None else (out.transpose(1, 2).contiguous(), None)
+
+
+def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.Tensor | None = None):
+    """Run ``call`` with ``interventions`` through ``nograd.kernels.attention``: (B, H, M, D), or None when none of
+    them acts on this call (the caller then runs its base attention, bit-identical).
+
+    ``mask`` is the caller's mask (transformers' 4-D format); ``call.causal`` says whether the layer is causal.
+    Biases add up; blends compose as ``1 - prod(1 - u)``; observers run after the attention.
+    """
+    biases = [b for iv in interventions if (b := iv.key_bias(call)) is not None]
+    blends = [u for iv in interventions if (u := iv.blend(call)) is not None]
+    observers = [iv for iv in interventions if iv.observes]
+    if not (biases or blends or observers):
+        return None
+    _, _, m, n = call.shape
+    key_valid, call.causal, call.mask = split_mask(mask, m, n, call.causal)
+    bias = sum(biases[1:], biases[0]) if biases else None
+    if key_valid is not None:
+        padding = kernels.padding_to_bias(key_valid)
+        bias = padding if bias is None else bias + padding
+    call.key_bias = bias
+    blend = None
+    if blends:
+        keep = torch.ones_like(blends[0], dtype=torch.float32)
+        for u in blends:
+            keep = keep * (1 - u.float())
+        blend = 1 - keep
+    out = kernels.attention(call.query, call.key, call.value, key_bias=bias, causal=call.causal, scale=call.scaling,
+                            mask=call.mask, softcap=call.softcap, blend=blend)
+    for iv in observers:
+        iv.observe(call)
+    return out
 
 
 def intervene(handle, interventions: dict[nn.Module, Intervention]) -> None:
