@@ -10,9 +10,10 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import Adapter, ImageGrid, TileGrid
+from .dit import DIT_ADAPTERS
 from .text_lm import TEXT_ADAPTERS
 
-ADAPTERS: tuple[type[Adapter], ...] = TEXT_ADAPTERS
+ADAPTERS: tuple[type[Adapter], ...] = TEXT_ADAPTERS + DIT_ADAPTERS
 
 
 def supported_families(kind: str | None = None) -> list[str]:

@@ -59,6 +59,8 @@ class BatchInfo:
 
     padding_mask: torch.Tensor | None = None
     """The (B, T) 2-D attention mask the decoder received (1 = real token), or None (no padding)."""
+    text_len: int = 0
+    """(MM-DiTs) the number of text tokens in the joint sequence of the current forward pass."""
 
     def first_real_key(self, batch: int, n_keys: int, device) -> torch.Tensor:
         """(B,) key index of each row's first real (non-pad) token among ``n_keys`` keys; -1 where it is not
@@ -303,7 +305,10 @@ def intervene(handle, interventions: dict[nn.Module, Intervention]) -> None:
     """Add ``interventions`` (attention module -> Intervention) to the handle's model, undone by ``handle.remove()``."""
     if not interventions:
         return
-    patch = AttentionPatch.acquire(handle.model, handle.adapter)
+    from .dit_attention import DiTAttentionPatch
+
+    patch_cls = DiTAttentionPatch if handle.adapter.kind == "dit" else AttentionPatch
+    patch = patch_cls.acquire(handle.model, handle.adapter)
     for module, intervention in interventions.items():
         patch.add(module, intervention)
 

@@ -1,0 +1,102 @@
+"""The shared attention path on diffusers MM-DiTs: one attention-processor wrapper per attention module.
+
+diffusers' extension point for attention is the per-module processor (``module.set_processor``). nograd wraps the
+processor of every attention module of the transformer with ``NogradProcessor``: with no intervention acting on a
+call it calls the processor it replaced (bit-identical); otherwise it asks the family adapter for the joint q/k/v
+(``adapter.joint_qkv``, the stock projections, norms and RoPE), runs them through the same ``attend`` as the
+transformers path, and hands the output back to the adapter for the output projections (``adapter.joint_output``).
+
+The text length of the current forward pass (needed to find the text and image spans of the joint sequence, FLUX
+single-stream blocks included) is captured by a pre-hook on the transformer.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import torch
+from torch import nn
+
+from .attention import AttentionCall, BatchInfo, attend
+
+
+class NogradProcessor:
+    """Wraps one module's processor; acts only when the module has interventions that act on the call."""
+
+    def __init__(self, base, patch: "DiTAttentionPatch", layer_idx: int):
+        self.base = base
+        self.patch = patch
+        self.layer_idx = layer_idx
+        self._base_params = set(inspect.signature(base.__call__).parameters)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        interventions = self.patch.interventions.get(attn)
+        if interventions:
+            out = self._intervened(attn, interventions, hidden_states, encoder_hidden_states, attention_mask,
+                                   image_rotary_emb)
+            if out is not None:
+                return out
+        extra = {"image_rotary_emb": image_rotary_emb} if "image_rotary_emb" in self._base_params else {}
+        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
+
+    def _intervened(self, attn, interventions, hidden_states, encoder_hidden_states, attention_mask, rotary):
+        adapter = self.patch.adapter
+        query, key, value = adapter.joint_qkv(attn, hidden_states, encoder_hidden_states, rotary)
+        batch = self.patch.batch
+        text_len = 0
+        if "text" in adapter.token_order(attn):
+            text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else batch.text_len
+        spans = adapter.joint_token_spans(attn, text_len, query.shape[2] - text_len)
+        call = AttentionCall(module=attn, layer_idx=self.layer_idx, query=query, key=key, value=value,
+                             scaling=query.shape[-1] ** -0.5, batch=batch, causal=False,
+                             extras={"spans": spans})
+        out = attend(call, interventions, attention_mask)
+        if out is None:
+            return None
+        return adapter.joint_output(attn, out, hidden_states, encoder_hidden_states)
+
+
+class DiTAttentionPatch:
+    """nograd's processors on one diffusers transformer, shared by every handle on it (reference-counted)."""
+
+    _of_model: "weakref.WeakKeyDictionary[nn.Module, DiTAttentionPatch]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, model: nn.Module, adapter):
+        self.model = model
+        self.adapter = adapter
+        self.interventions: dict[nn.Module, list] = {}
+        self.batch = BatchInfo()
+        self._saved = [(module, module.processor) for module in adapter.attention_modules]
+        for index, (module, processor) in enumerate(self._saved):
+            module.set_processor(NogradProcessor(processor, self, index))
+        self._hook = model.register_forward_pre_hook(self._capture_batch, with_kwargs=True)
+
+    @classmethod
+    def acquire(cls, model: nn.Module, adapter) -> "DiTAttentionPatch":
+        patch = cls._of_model.get(model)
+        if patch is None:
+            patch = cls._of_model[model] = cls(model, adapter)
+        return patch
+
+    def add(self, module: nn.Module, intervention) -> None:
+        self.interventions.setdefault(module, []).append(intervention)
+
+    def discard(self, module: nn.Module, intervention) -> None:
+        ours = self.interventions.get(module, [])
+        if intervention in ours:
+            ours.remove(intervention)
+        if not ours:
+            self.interventions.pop(module, None)
+        if not self.interventions and type(self)._of_model.get(self.model) is self:
+            self._uninstall()
+
+    def _uninstall(self) -> None:
+        self._hook.remove()
+        for module, processor in self._saved:
+            module.set_processor(processor)
+        type(self)._of_model.pop(self.model, None)
+
+    def _capture_batch(self, module, args, kwargs):
+        text = kwargs.get("encoder_hidden_states")
+        self.batch.text_len = text.shape[1] if isinstance(text, torch.Tensor) else 0

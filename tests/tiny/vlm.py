@@ -1,0 +1,3 @@
+"""Tiny VLMs (filled in by the VLM adapter work)."""
+
+BUILDERS = {}
