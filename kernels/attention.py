@@ -12,6 +12,8 @@ method reaches attention through (spec: ``shared/specs/kernels.md`` §3.3). Conv
 - ``mask``: an extra mask as transformers builds it, broadcastable to (B, H, M, N), boolean (True = attend) or
   additive float. It is the slow path (dense): the shared attention path passes it only for patterns that are not
   "causal + padding" (sliding windows, bidirectional image blocks).
+- ``window``: sliding-window attention as transformers defines it: a query sees only the ``window`` most recent
+  keys, itself included (key j is visible to query i iff ``i + N - M - window < j``).
 - ``blend`` (H,) or (B, H): SoftPAG's per-head weight u, ``out = (1 - u) * attn + u * v_self`` where ``v_self`` is
   the value at the query's own position ``i + N - M`` (needs M <= N).
 - ``softcap``: Gemma2's ``tanh`` logit soft-capping, applied before the bias.
@@ -70,7 +72,13 @@ def _check(q, k, v, key_bias, blend, backend):
         raise ValueError(f"blend must be (H,) or (B, H) = ({h},) or ({b}, {h}); got {tuple(blend.shape)}")
 
 
-def logit_bias(q, k, *, key_bias=None, causal=False, mask=None) -> torch.Tensor | None:
+def window_visibility(m: int, n: int, window: int, device=None) -> torch.Tensor:
+    """(M, N) boolean: query i sees key j iff j > i + N - M - window (the ``window`` most recent positions)."""
+    rows = torch.arange(m, device=device)[:, None] + (n - m)
+    return torch.arange(n, device=device)[None, :] > rows - window
+
+
+def logit_bias(q, k, *, key_bias=None, causal=False, mask=None, window=None) -> torch.Tensor | None:
     """Everything added to the scaled logits, as one fp32 tensor broadcastable to (B, H, M, N) (None if nothing)."""
     m, n = q.shape[2], k.shape[2]
     total = None if key_bias is None else key_bias.float().expand(*key_bias.shape[:-1], n)[..., None, :]
@@ -79,6 +87,9 @@ def logit_bias(q, k, *, key_bias=None, causal=False, mask=None) -> torch.Tensor 
         total = extra if total is None else total + extra
     if causal and m > 1:
         edge = torch.where(causal_visibility(m, n, q.device), 0.0, -math.inf)
+        total = edge if total is None else total + edge
+    if window is not None:
+        edge = torch.where(window_visibility(m, n, window, q.device), 0.0, -math.inf)
         total = edge if total is None else total + edge
     return total
 
@@ -102,9 +113,10 @@ def soft_identity_blend(out: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> 
     return torch.lerp(out.float(), self_values(v, h, m).float(), weight).to(out.dtype)
 
 
-def attention_eager(q, k, v, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None):
+def attention_eager(q, k, v, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None, window=None):
     """The reference: explicit fp32 logits, softmax and weighted sum. Returns (out in q.dtype, lse fp32)."""
-    logits = scaled_logits(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap)
+    logits = scaled_logits(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap,
+                           window=window)
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
     out = torch.matmul(probs, _expand_kv(v, q.shape[1]).float())
@@ -122,27 +134,27 @@ def _warn_dense_once(reason: str) -> None:
                       "the Triton backend avoids it", stacklevel=3)
 
 
-def attention_sdpa(q, k, v, *, key_bias=None, causal=False, scale=None, mask=None):
+def attention_sdpa(q, k, v, *, key_bias=None, causal=False, scale=None, mask=None, window=None):
     """``F.scaled_dot_product_attention`` with the bias folded into ``attn_mask`` (broadcast where exact)."""
     b, h, m, _ = q.shape
     n = k.shape[2]
     gqa = {"enable_gqa": True} if k.shape[1] != h else {}
-    needs_edge = causal and m > 1
-    if key_bias is None and mask is None:
+    needs_edge = (causal and m > 1) or window is not None
+    if key_bias is None and mask is None and window is None:
         if not needs_edge:
             return F.scaled_dot_product_attention(q, k, v, scale=scale, **gqa)
         if m == n:  # top-left == bottom-right
             return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True, **gqa)
     if needs_edge or (mask is not None and mask.shape[-2] > 1):
         _warn_dense_once("causal block with a bias" if needs_edge else "a per-query mask")
-    bias = logit_bias(q, k, key_bias=key_bias, causal=causal, mask=mask)
+    bias = logit_bias(q, k, key_bias=key_bias, causal=causal, mask=mask, window=window)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale, **gqa)
     dead = torch.isneginf(bias).all(dim=-1, keepdim=True)
     return out.masked_fill(dead, 0.0) if bool(dead.any()) else out
 
 
 def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, return_lse=False, backend="auto",
-              mask=None, softcap=None):
+              mask=None, softcap=None, window=None):
     """Scaled dot-product attention with a key bias, causal edge, SoftPAG blend and optional LSE (see module doc).
 
     Returns ``out`` (B, H, M, D) in ``q.dtype``, or ``(out, lse)`` with ``lse`` (B, H, M) fp32 when ``return_lse``.
@@ -154,27 +166,31 @@ def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, r
         raise ValueError("backend='sdpa' does not support softcap; use backend='eager' or 'auto'")
     lse = None
     if backend == "eager":
-        out, lse = attention_eager(q, k, v, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap)
+        out, lse = attention_eager(q, k, v, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap,
+                                   window=window)
     else:
-        out = attention_sdpa(q, k, v, key_bias=key_bias, causal=causal, scale=scale, mask=mask)
+        out = attention_sdpa(q, k, v, key_bias=key_bias, causal=causal, scale=scale, mask=mask, window=window)
         if return_lse:
-            lse = row_logsumexp(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask)
+            lse = row_logsumexp(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask, window=window)
     if blend is not None:
         out = soft_identity_blend(out, v, blend)
     return (out, lse) if return_lse else out
 
 
-def scaled_logits(q, k, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None) -> torch.Tensor:
+def scaled_logits(q, k, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None,
+                  window=None) -> torch.Tensor:
     """The explicit (B, H, M, N) fp32 logits: q.k * scale, soft-capped, plus every bias (-inf where not visible)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = torch.matmul(q.float(), _expand_kv(k, q.shape[1]).float().transpose(-1, -2)) * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    bias = logit_bias(q, k, key_bias=key_bias, causal=causal, mask=mask)
+    bias = logit_bias(q, k, key_bias=key_bias, causal=causal, mask=mask, window=window)
     return logits if bias is None else logits + bias
 
 
-def row_logsumexp(q, k, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None) -> torch.Tensor:
+def row_logsumexp(q, k, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None,
+                  window=None) -> torch.Tensor:
     """The (B, H, M) fp32 log-sum-exp of each query's biased logits (-inf for a row that sees nothing)."""
-    logits = scaled_logits(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap)
+    logits = scaled_logits(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap,
+                           window=window)
     return torch.logsumexp(logits, dim=-1)

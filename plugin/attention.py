@@ -86,6 +86,7 @@ class AttentionCall:
     scaling: float
     batch: BatchInfo
     softcap: float | None = None
+    window: int | None = None
     causal: bool = True
     key_bias: torch.Tensor | None = None
     mask: torch.Tensor | None = None
@@ -104,12 +105,13 @@ class AttentionCall:
         positions = rows + (n - m) if self.causal else None
         mask = None if self.mask is None else self.mask[..., rows, :] if self.mask.shape[-2] > 1 else self.mask
         return kernels.attention_rows(self.query[:, :, rows], self.key, positions=positions, key_bias=self.key_bias,
-                                      scale=self.scaling, mask=mask, softcap=self.softcap)
+                                      scale=self.scaling, mask=mask, softcap=self.softcap, window=self.window)
 
     def key_mass(self, reduce: str = "sum") -> torch.Tensor:
         """Attention received by each key (B, H, N), summed (or averaged) over this call's queries."""
         return kernels.key_attention_mass(self.query, self.key, key_bias=self.key_bias, causal=self.causal,
-                                          scale=self.scaling, mask=self.mask, softcap=self.softcap, reduce=reduce)
+                                          scale=self.scaling, mask=self.mask, softcap=self.softcap,
+                                          window=self.window, reduce=reduce)
 
 
 # ---- transformers masks -> (padding, causal, residual) -------------------------------------------------------------
@@ -122,6 +124,9 @@ def split_mask(mask: torch.Tensor | None, m: int, n: int, causal: bool):
     """
     if mask is None:
         return None, causal, None
+    if mask.dim() == 2:  # flash-attention bases: a (B, N) padding mask, causality is the layer's own
+        key_valid = mask.bool()
+        return (None if bool(key_valid.all()) else key_valid), causal, None
     if mask.dtype == torch.bool:
         allowed = mask
     else:
@@ -263,7 +268,7 @@ class AttentionPatch:
         """Attention with the interventions of ``module`` in transformers' (B, M, H, D) output layout, or None."""
         call = AttentionCall(module=module, layer_idx=getattr(module, "layer_idx", -1), query=query, key=key,
                              value=value, scaling=kwargs.get("scaling") or query.shape[-1] ** -0.5,
-                             batch=self.batch, softcap=kwargs.get("softcap"),
+                             batch=self.batch, softcap=kwargs.get("softcap"), window=kwargs.get("sliding_window"),
                              causal=kwargs.get("is_causal", getattr(module, "is_causal", True)))
         out = attend(call, interventions, attention_mask)
         return None if out is None else (out.transpose(1, 2).contiguous(), None)
@@ -295,7 +300,7 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
             keep = keep * (1 - u.float())
         blend = 1 - keep
     out = kernels.attention(call.query, call.key, call.value, key_bias=bias, causal=call.causal, scale=call.scaling,
-                            mask=call.mask, softcap=call.softcap, blend=blend)
+                            mask=call.mask, softcap=call.softcap, window=call.window, blend=blend)
     for iv in observers:
         iv.observe(call)
     return out

@@ -146,3 +146,19 @@ def test_blend_one_gives_the_value_of_each_token(build, padded_batch):
     b, s, _ = seen["o"].shape
     values = seen["v"].view(b, s, 2, 16).repeat_interleave(2, dim=2).reshape(b, s, 64)
     assert torch.equal(seen["o"], values)
+
+
+def test_split_mask_flash_padding_vector():
+    valid = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    key_valid, causal, residual = split_mask(valid, 3, 3, True)
+    assert torch.equal(key_valid, valid.bool()) and causal and residual is None
+    assert split_mask(torch.ones(2, 3, dtype=torch.long), 3, 3, True) == (None, True, None)
+
+
+def test_sliding_window_kwarg_reaches_the_kernels(build):
+    """Mistral with a window shorter than the prompt: a zero bias through our path equals the base model."""
+    model = build("mistral", sliding_window=4)
+    ids = torch.randint(4, 128, (2, 10))
+    plain = logits(model, ids)
+    with attach(model, {m: ZeroBias() for m in adapter_for(model).attention_modules}):
+        torch.testing.assert_close(logits(model, ids), plain, atol=1e-5, rtol=0)

@@ -198,3 +198,18 @@ def test_sdpa_broadcast_bias_matches_torch_sdpa():
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, :, None, :])
     torch.testing.assert_close(kernels.attention(q, k, v, key_bias=bias, backend="sdpa", causal=True), want,
                                atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m, n", [(9, 9), (3, 9), (1, 9)])
+def test_sliding_window_matches_transformers_definition(backend, m, n):
+    """transformers' sliding window: query at position p sees keys j with p - window < j <= p."""
+    q, k, v = inputs((1, 2, 2, m, n, 16))
+    window = 4
+    positions = torch.arange(m) + n - m
+    visible = (torch.arange(n)[None, :] <= positions[:, None]) & (torch.arange(n)[None, :] > positions[:, None] - window)
+    want = kernels.attention(q, k, v, mask=visible[None, None], backend="eager")
+    got = kernels.attention(q, k, v, causal=True, window=window, backend=backend)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    rows = kernels.attention_rows(q, k, positions=positions, window=window)
+    torch.testing.assert_close(rows, kernels.scaled_logits(q, k, mask=visible[None, None]).softmax(-1), atol=1e-6, rtol=0)
