@@ -1,18 +1,21 @@
 """nograd.kernels: the maths of every method, one module per kernel, each with its PyTorch reference.
 
-``attention`` (biased / blended attention with LSE), ``attention_rows`` and ``key_attention_mass`` (statistics of
+``attention`` (biased / blended attention with LSE; backends triton, flex, sdpa, eager; ``use_backend`` picks
+one for every method's attention in a block), ``attention_rows`` and ``key_attention_mass`` (statistics of
 one attention call), and the helpers that turn masks and reweighting factors into logit biases.
 """
 
 from .attention import (
     BACKENDS,
     attention,
+    choose_backend,
     causal_visibility,
     padding_to_bias,
     reweight_to_bias,
     row_logsumexp,
     scaled_logits,
     soft_identity_blend,
+    use_backend,
 )
 from .stats import attention_rows, key_attention_mass
 
@@ -20,6 +23,7 @@ __all__ = [
     "BACKENDS",
     "attention",
     "attention_rows",
+    "choose_backend",
     "causal_visibility",
     "key_attention_mass",
     "padding_to_bias",
@@ -27,4 +31,5 @@ __all__ = [
     "row_logsumexp",
     "scaled_logits",
     "soft_identity_blend",
+    "use_backend",
 ]

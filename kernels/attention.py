@@ -19,21 +19,28 @@ method reaches attention through (spec: ``shared/specs/kernels.md`` §3.3). Conv
 - ``softcap``: Gemma2's ``tanh`` logit soft-capping, applied before the bias.
 - A row that sees no key returns 0 and ``lse = -inf``, never NaN.
 
-Backends: ``"eager"`` is the reference (fp32, materialises the matrix); ``"sdpa"`` uses
-``F.scaled_dot_product_attention`` with the bias as a broadcast (B, H, 1, N) mask where that is exact (no causal
-edge inside the block, i.e. non-causal or M == 1) and a dense mask otherwise. ``"auto"`` picks sdpa unless the
-call needs what only eager has (``softcap``, ``return_lse``).
+Backends (one signature, results equal to the reference within float tolerance):
+- ``"triton"``: the fused Triton forward (``triton_attention.py``), CUDA (or ``TRITON_INTERPRET=1``); the bias is
+  read with broadcast strides, nothing of size M x N is allocated.
+- ``"flex"``: compiled FlexAttention with the bias as ``score_mod`` and a causal / window ``BlockMask``.
+- ``"sdpa"``: ``F.scaled_dot_product_attention`` with the bias as a broadcast (B, H, 1, N) mask where that is exact
+  (non-causal, or M == 1) and a dense mask otherwise (warned once).
+- ``"eager"``: the fp32 reference; materialises the matrix.
+- ``"auto"``: on CUDA the Triton kernel, except decode (M == 1), where SDPA's broadcast mask is already O(N); on
+  CPU SDPA; the reference only for what no other backend does (``softcap``, LSE on CPU).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "sdpa", "eager")
+BACKENDS = ("auto", "triton", "flex", "sdpa", "eager")
 
 
 def padding_to_bias(key_valid: torch.Tensor) -> torch.Tensor:
@@ -153,6 +160,36 @@ def attention_sdpa(q, k, v, *, key_bias=None, causal=False, scale=None, mask=Non
     return out.masked_fill(dead, 0.0) if bool(dead.any()) else out
 
 
+_PREFERRED = contextvars.ContextVar("nograd_attention_backend", default="auto")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Within the block, ``backend="auto"`` calls (every method's attention) prefer ``name`` wherever it can run
+    the call (a dense ``mask`` or ``softcap`` still falls back to what can)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is not one of {BACKENDS}")
+    token = _PREFERRED.set(name)
+    try:
+        yield
+    finally:
+        _PREFERRED.reset(token)
+
+
+def choose_backend(q: torch.Tensor, *, mask=None, softcap=None, return_lse=False) -> str:
+    """What ``backend="auto"`` runs for these arguments (see the module doc, and ``use_backend``)."""
+    from . import triton_attention
+
+    preferred = _PREFERRED.get()
+    if preferred != "auto" and softcap is None and not (mask is not None and preferred in ("triton", "flex")):
+        return preferred
+    if softcap is not None:
+        return "eager"
+    if q.is_cuda and triton_attention.available(q.device) and mask is None and q.shape[-1] <= 256:
+        return "sdpa" if q.shape[2] == 1 and not return_lse else "triton"
+    return "eager" if return_lse else "sdpa"
+
+
 def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, return_lse=False, backend="auto",
               mask=None, softcap=None, window=None):
     """Scaled dot-product attention with a key bias, causal edge, SoftPAG blend and optional LSE (see module doc).
@@ -161,11 +198,23 @@ def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, r
     """
     _check(q, k, v, key_bias, blend, backend)
     if backend == "auto":
-        backend = "eager" if (softcap is not None or return_lse) else "sdpa"
-    if backend == "sdpa" and softcap is not None:
-        raise ValueError("backend='sdpa' does not support softcap; use backend='eager' or 'auto'")
+        backend = choose_backend(q, mask=mask, softcap=softcap, return_lse=return_lse)
+    if softcap is not None and backend != "eager":
+        raise ValueError(f"backend={backend!r} does not support softcap; use backend='eager' or 'auto'")
+    if mask is not None and backend in ("triton", "flex"):
+        raise ValueError(f"backend={backend!r} takes no dense mask; express it as key_bias/causal/window or use 'sdpa'")
     lse = None
-    if backend == "eager":
+    if backend == "triton":
+        from .triton_attention import attention_triton
+
+        return attention_triton(q, k, v, key_bias=key_bias, causal=causal, scale=scale, blend=blend,
+                                return_lse=return_lse, window=window)
+    if backend == "flex":
+        from .flex_attention import attention_flex
+
+        out, lse = attention_flex(q, k, v, key_bias=key_bias, causal=causal, scale=scale, window=window,
+                                  return_lse=return_lse)
+    elif backend == "eager":
         out, lse = attention_eager(q, k, v, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap,
                                    window=window)
     else:

@@ -213,3 +213,31 @@ def test_sliding_window_matches_transformers_definition(backend, m, n):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     rows = kernels.attention_rows(q, k, positions=positions, window=window)
     torch.testing.assert_close(rows, kernels.scaled_logits(q, k, mask=visible[None, None]).softmax(-1), atol=1e-6, rtol=0)
+
+
+def test_auto_choice_on_cpu():
+    q, k, _ = inputs((1, 2, 2, 4, 4, 16))
+    assert kernels.choose_backend(q) == "sdpa"
+    assert kernels.choose_backend(q, return_lse=True) == "eager"
+    assert kernels.choose_backend(q, softcap=2.0) == "eager"
+    with kernels.use_backend("triton"):
+        assert kernels.choose_backend(q) == "triton"
+        assert kernels.choose_backend(q, mask=torch.ones(1, 1, 4, 4, dtype=torch.bool)) == "sdpa"
+    assert kernels.choose_backend(q) == "sdpa"
+    with pytest.raises(ValueError, match="backend"):
+        with kernels.use_backend("cuda-magic"):
+            pass
+
+
+@pytest.mark.slow
+def test_flex_backend_matches_reference():
+    """Compiled FlexAttention (tens of seconds to compile on CPU: one shape, causal with a bias and a window)."""
+    q, k, v = inputs((1, 4, 2, 24, 40, 32))
+    bias = bias_of("B1N", 1, 4, 40)
+    for kwargs in (dict(causal=True), dict(causal=True, window=9)):
+        out, lse = kernels.attention(q, k, v, key_bias=bias, backend="flex", return_lse=True, **kwargs)
+        want, want_lse = reference(q, k, v, bias, **kwargs) if "window" not in kwargs else \
+            kernels.attention(q, k, v, key_bias=bias, backend="eager", return_lse=True, **kwargs)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+        finite = torch.isfinite(want_lse)
+        torch.testing.assert_close(lse[finite], want_lse[finite], atol=1e-5, rtol=0)

@@ -222,3 +222,19 @@ def test_config_has_defaults_and_is_frozen(build):
         assert handle.config.gamma == 4.0 and handle.config.layers is None and handle.config.target == "first_token"
         with pytest.raises(AttributeError):
             handle.config.gamma = 2.0
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_outputs_do_not_depend_on_the_kernel_backend(build, padded_batch, backend):
+    from nograd import kernels
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    model = build("qwen2")
+    ids, mask = padded_batch
+    with nograd.apply(model, "zerotuning", gamma=3.0):
+        default = logits(model, ids, mask)
+        with kernels.use_backend(backend):
+            other = logits(model, ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(other[real], default[real], atol=1e-5, rtol=0)

@@ -1,0 +1,189 @@
+"""Fused attention forward in Triton: key bias, GQA by index, bottom-right causal / sliding window, LSE, SoftPAG.
+
+One program computes ``BLOCK_M`` query rows of one (batch, head) with the FlashAttention-2 online softmax in the
+log2 domain (spec ``shared/specs/kernels.md`` §3.3, §5; the loop structure of Triton's fused-attention tutorial,
+rewritten with plain pointer arithmetic since ``tl.make_block_ptr`` is gone in Triton 3.9). Per key tile it adds
+``key_bias * log2(e)`` (broadcast strides, 0 for broadcast dimensions: the bias is never materialised), masks keys
+past the bottom-right causal edge or outside the window, and keeps running max / sum. The epilogue writes the
+natural-log LSE and applies the SoftPAG blend ``(1 - u) * out + u * v_self``; a row that sees no key gives 0 and -inf.
+
+Memory: inputs, the output and the (B, H, M) LSE; nothing of size M x N. The PyTorch reference is
+``nograd.kernels.attention(..., backend="eager")``; ``tests/kernels/test_triton_attention.py`` holds them equal under
+``TRITON_INTERPRET=1`` on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+
+LOG2E = 1.4426950408889634
+
+
+def available(device: torch.device | str | None = None) -> bool:
+    """True where the Triton kernel can run: CUDA tensors, or any tensor under ``TRITON_INTERPRET=1``."""
+    if triton is None:
+        return False
+    if interpreting():
+        return True
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attention_forward(
+        Q, K, V, Bias, Blend, Out, Lse,
+        stride_qb, stride_qh, stride_qm,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_bb, stride_bh, stride_bn,
+        stride_ub, stride_uh,
+        stride_ob, stride_oh, stride_om,
+        stride_lb, stride_lh,
+        H, GROUPS, M, N, HEAD_DIM, qk_scale, window,
+        HAS_BIAS: tl.constexpr, HAS_BLEND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        RETURN_LSE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        kv_h = h // GROUPS
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        cols_in_tile = tl.arange(0, BLOCK_N)
+        row_ok = rows < M
+        dim_ok = dims < HEAD_DIM
+        shift = N - M  # bottom-right alignment: query i sits at key position i + N - M
+
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        k_base = K + b * stride_kb + kv_h * stride_kh
+        v_base = V + b * stride_vb + kv_h * stride_vh
+
+        lo = 0
+        hi = N
+        if CAUSAL:
+            hi = tl.minimum(N, pid_m * BLOCK_M + BLOCK_M + shift)
+        if HAS_WINDOW:
+            lo = tl.maximum(0, pid_m * BLOCK_M + shift - window + 1)
+            lo = (lo // BLOCK_N) * BLOCK_N
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            cols = start + cols_in_tile
+            col_ok = cols < N
+            k = tl.load(k_base + cols[None, :] * stride_kn + dims[:, None],
+                        mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            if IEEE:
+                scores = tl.dot(q, k, input_precision="ieee") * qk_scale
+            else:
+                scores = tl.dot(q, k) * qk_scale
+            if HAS_BIAS:
+                bias = tl.load(Bias + b * stride_bb + h * stride_bh + cols * stride_bn, mask=col_ok, other=0.0)
+                scores += bias[None, :] * 1.4426950408889634
+            visible = col_ok[None, :] & row_ok[:, None]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + shift)
+            if HAS_WINDOW:
+                visible = visible & (cols[None, :] > rows[:, None] + shift - window)
+            scores = tl.where(visible, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(scores - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + cols[:, None] * stride_vn + dims[None, :],
+                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        seen = l_i > 0.0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        if HAS_BLEND:
+            u = tl.load(Blend + b * stride_ub + h * stride_uh)
+            self_rows = rows + shift
+            v_self = tl.load(v_base + self_rows[:, None] * stride_vn + dims[None, :],
+                             mask=row_ok[:, None] & dim_ok[None, :] & (self_rows >= 0)[:, None], other=0.0)
+            out = out * (1.0 - u) + u * v_self.to(tl.float32)
+        tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :],
+                 out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+        if RETURN_LSE:
+            lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+            tl.store(Lse + b * stride_lb + h * stride_lh + rows, lse, mask=row_ok)
+
+
+def _blocks(m: int, d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): powers of two >= 16 (the 16-bit ``tl.dot`` minimum)."""
+    block_m = 16 if m <= 16 else 64 if (m <= 64 or interpreting()) else 128
+    block_n = 32 if interpreting() else (64 if d <= 64 else 32 if block_m == 128 else 64)
+    return block_m, block_n, 4 if d <= 64 else 8, 2 if interpreting() else 3
+
+
+def _bias_strides(key_bias: torch.Tensor, b: int, h: int, n: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    bias = key_bias.float()
+    bias = bias.reshape((1,) * (3 - bias.dim()) + tuple(bias.shape)).expand(b, h, n)
+    return bias, bias.stride()
+
+
+def attention_triton(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, return_lse=False,
+                     window=None):
+    """The Triton forward. Same arguments and results as ``nograd.kernels.attention`` (no ``mask``/``softcap``)."""
+    if triton is None:
+        raise RuntimeError("backend='triton' needs the triton package (pip install nograd[triton])")
+    b, h, m, d = q.shape
+    n = k.shape[2]
+    if d > 256:
+        raise ValueError(f"backend='triton' supports head dims up to 256, got {d}")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, h, m), device=q.device, dtype=torch.float32) if return_lse else out
+    bias, bias_strides = (_bias_strides(key_bias, b, h, n) if key_bias is not None else (out, (0, 0, 0)))
+    if blend is not None:
+        u = blend.float().reshape(-1 if blend.dim() == 2 else 1, h).expand(b, h)
+        blend_strides = u.stride()
+    else:
+        u, blend_strides = out, (0, 0)
+    block_m, block_n, warps, stages = _blocks(m, d)
+    block_d = max(16, triton.next_power_of_2(d))
+    scale = d ** -0.5 if scale is None else scale
+    upcast = interpreting() and q.dtype == torch.bfloat16
+    grid = (triton.cdiv(m, block_m), b * h)
+    _attention_forward[grid](
+        q, k, v, bias, u, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *bias_strides, *blend_strides,
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
+        h, h // k.shape[1], m, n, d, scale * LOG2E, window or 0,
+        HAS_BIAS=key_bias is not None, HAS_BLEND=blend is not None, CAUSAL=bool(causal),
+        HAS_WINDOW=window is not None, RETURN_LSE=return_lse, UPCAST=upcast, IEEE=q.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+    )
+    return (out, lse) if return_lse else out
