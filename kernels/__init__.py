@@ -1,8 +1,8 @@
 """nograd.kernels: the maths of every method, one module per kernel, each with its PyTorch reference.
 
 ``attention`` (biased / blended attention with LSE; backends triton, flex, sdpa, eager; ``use_backend`` picks
-one for every method's attention in a block), ``attention_rows`` and ``key_attention_mass`` (statistics of
-one attention call), and the helpers that turn masks and reweighting factors into logit biases.
+one for every method's attention in a block), ``attention_rows``, ``key_attention_mass`` and ``attention_block``
+(statistics of one attention call), and the helpers that turn masks and reweighting factors into logit biases.
 """
 
 from .attention import (
@@ -17,11 +17,12 @@ from .attention import (
     soft_identity_blend,
     use_backend,
 )
-from .stats import attention_rows, key_attention_mass
+from .stats import attention_block, attention_rows, key_attention_mass
 
 __all__ = [
     "BACKENDS",
     "attention",
+    "attention_block",
     "attention_rows",
     "choose_backend",
     "causal_visibility",

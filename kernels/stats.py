@@ -3,9 +3,12 @@
 - ``attention_rows``: the softmax rows of a few chosen queries (e.g. the last text token over image tokens).
 - ``key_attention_mass``: the attention each key receives, summed or averaged over the queries that see it, per
   head (sink detection, KV scoring).
+- ``attention_block``: the probabilities of some queries over a span of keys, normalised by a given row LSE (the
+  image->text block of MM-DiT joint attention, whose normaliser is the full joint row).
 
-Both take the same bias/causal/mask arguments as ``nograd.kernels.attention`` so that they describe exactly the
-distribution that call used. These are the PyTorch references; they materialise one (B, H, R|M, N) block.
+They take the same bias/causal/mask arguments as ``nograd.kernels.attention`` so that they describe exactly the
+distribution that call used. ``backend="auto"`` runs the Triton kernels (``triton_stats.py``) on CUDA, and the
+PyTorch references here elsewhere; the references materialise one (B, H, R|M, N) block.
 """
 
 from __future__ import annotations
@@ -20,13 +23,32 @@ def _probs(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tenso
     return torch.exp(logits - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
 
 
-def attention_rows(q_rows, k, *, positions=None, key_bias=None, scale=None, mask=None, softcap=None, window=None) -> torch.Tensor:
+def _triton(q: torch.Tensor, backend: str, mask=None, softcap=None) -> bool:
+    """Whether to run the Triton kernel: asked for, or ``auto`` on CUDA; never with a dense mask or softcap."""
+    from . import triton_attention
+
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend={backend!r} is not one of ('auto', 'triton', 'torch')")
+    if backend == "triton" and (mask is not None or softcap is not None):
+        raise ValueError("backend='triton' takes no dense mask or softcap; use backend='torch'")
+    if backend == "auto":
+        return q.is_cuda and triton_attention.available(q.device) and mask is None and softcap is None
+    return backend == "triton"
+
+
+def attention_rows(q_rows, k, *, positions=None, key_bias=None, scale=None, mask=None, softcap=None, window=None,
+                   backend="auto") -> torch.Tensor:
     """Softmax attention rows (B, H, R, N) fp32 of the queries ``q_rows`` (B, H, R, D).
 
     ``positions`` (R,): the key index each query sits at; a query sees keys ``<= position`` (causal). ``None``: every
     key is visible (non-causal, or the rows are decode queries). ``window`` (with ``positions``): it also sees only
     the ``window`` most recent keys.
     """
+    if _triton(q_rows, backend, mask, softcap):
+        from .triton_stats import attention_probabilities_triton
+
+        return attention_probabilities_triton(q_rows, k, positions=positions, key_bias=key_bias, scale=scale,
+                                              window=window)
     if positions is not None:
         keys = torch.arange(k.shape[2], device=k.device)[None, :]
         at = positions.to(k.device)[:, None]
@@ -36,7 +58,7 @@ def attention_rows(q_rows, k, *, positions=None, key_bias=None, scale=None, mask
 
 
 def key_attention_mass(q, k, lse=None, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None,
-                       window=None, reduce="sum") -> torch.Tensor:
+                       window=None, reduce="sum", backend="auto") -> torch.Tensor:
     """Attention received by each key, per head: (B, H, N) fp32.
 
     ``reduce="sum"`` adds the weights over all M queries; ``"mean"`` divides by the number of queries that can see
@@ -45,6 +67,11 @@ def key_attention_mass(q, k, lse=None, *, key_bias=None, causal=False, scale=Non
     """
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce={reduce!r} is not one of ('sum', 'mean')")
+    if _triton(q, backend, mask, softcap):
+        from .triton_stats import key_attention_mass_triton
+
+        return key_attention_mass_triton(q, k, lse, key_bias=key_bias, causal=causal, scale=scale, window=window,
+                                         reduce=reduce)
     logits = scaled_logits(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap,
                            window=window)
     mass = _probs(logits, lse).sum(dim=2)
@@ -54,4 +81,12 @@ def key_attention_mass(q, k, lse=None, *, key_bias=None, causal=False, scale=Non
     return mass / seen.clamp(min=1)
 
 
-__all__ = ["attention_rows", "key_attention_mass"]
+def attention_block(q, k, lse, *, keys: slice, key_bias=None, scale=None, backend="auto") -> torch.Tensor:
+    """``exp(s - lse)`` (B, H, M, len(keys)) fp32: the probabilities of the queries ``q`` over the key span ``keys``,
+    normalised by the row LSE (B, H, M) of the full attention call (``attention(..., return_lse=True)``)."""
+    if _triton(q, backend):
+        from .triton_stats import attention_probabilities_triton
+
+        return attention_probabilities_triton(q, k, lse=lse, key_bias=key_bias, scale=scale, keys=keys)
+    span_bias = None if key_bias is None else key_bias[..., keys]
+    return _probs(scaled_logits(q, k[:, :, keys], key_bias=span_bias, scale=scale), lse)

@@ -12,8 +12,9 @@ from ..errors import UnsupportedModelError
 from .base import Adapter, ImageGrid, TileGrid
 from .dit import DIT_ADAPTERS
 from .text_lm import TEXT_ADAPTERS
+from .vlm import VLM_ADAPTERS
 
-ADAPTERS: tuple[type[Adapter], ...] = TEXT_ADAPTERS + DIT_ADAPTERS
+ADAPTERS: tuple[type[Adapter], ...] = TEXT_ADAPTERS + VLM_ADAPTERS + DIT_ADAPTERS
 
 
 def supported_families(kind: str | None = None) -> list[str]:

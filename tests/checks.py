@@ -1,4 +1,4 @@
-"""Assertion helpers shared by the tests: bit-exact state snapshots and attention implementation names."""
+"""Helpers shared by the tests: bit-exact state snapshots, attention implementation names, guarded kernel inputs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from tiny import text as tiny_text
 
 TEXT_FAMILIES = sorted(tiny_text.BUILDERS)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -29,3 +30,19 @@ def attn_names(model) -> dict[str, str | None]:
             if getattr(config, sub, None) is not None:
                 stack.append((f"{key}.{sub}".strip("."), getattr(config, sub)))
     return found
+
+
+def guarded(shape, dtype=torch.float32, seed=0):
+    """A random tensor of ``shape`` that is a strided slice of a larger NaN-filled buffer."""
+    g = torch.Generator().manual_seed(seed)
+    padded = [s + 3 for s in shape[:-1]] + [shape[-1] + 5]
+    buffer = torch.full(padded, float("nan"), dtype=torch.float32)
+    inner = buffer[tuple(slice(1, 1 + s) for s in shape)]
+    inner.copy_(torch.randn(shape, generator=g))
+    return buffer.to(DEVICE, dtype)[tuple(slice(1, 1 + s) for s in shape)]
+
+
+def inputs(shape, dtype=torch.float32, seed=0):
+    b, h, h_kv, m, n, d = shape
+    return guarded((b, h, m, d), dtype, seed), guarded((b, h_kv, n, d), dtype, seed + 1), \
+        guarded((b, h_kv, n, d), dtype, seed + 2)

@@ -14,9 +14,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 from nograd import kernels  # noqa: E402
+from checks import DEVICE, guarded, inputs  # noqa: E402
 from nograd.kernels import triton_attention  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (B, H, H_kv, M, N, D): spec kernels.md §3.4 (non-multiples of the blocks, M=1, M<N, M>N, GQA, D not a power of 2)
 SHAPES = [(1, 2, 2, 32, 32, 64), (2, 4, 2, 37, 37, 64), (1, 3, 1, 45, 100, 40), (1, 2, 2, 17, 83, 64),
@@ -25,22 +24,6 @@ SHAPES = [(1, 2, 2, 32, 32, 64), (2, 4, 2, 37, 37, 64), (1, 3, 1, 45, 100, 40), 
 
 def test_kernel_is_runnable_here():
     assert triton_attention.available(DEVICE), "triton is installed: the kernel must run (CUDA or TRITON_INTERPRET=1)"
-
-
-def guarded(shape, dtype=torch.float32, seed=0):
-    """A random tensor of ``shape`` that is a strided slice of a larger NaN-filled buffer."""
-    g = torch.Generator().manual_seed(seed)
-    padded = [s + 3 for s in shape[:-1]] + [shape[-1] + 5]
-    buffer = torch.full(padded, float("nan"), dtype=torch.float32)
-    inner = buffer[tuple(slice(1, 1 + s) for s in shape)]
-    inner.copy_(torch.randn(shape, generator=g))
-    return buffer.to(DEVICE, dtype)[tuple(slice(1, 1 + s) for s in shape)]
-
-
-def inputs(shape, dtype=torch.float32, seed=0):
-    b, h, h_kv, m, n, d = shape
-    return guarded((b, h, m, d), dtype, seed), guarded((b, h_kv, n, d), dtype, seed + 1), \
-        guarded((b, h_kv, n, d), dtype, seed + 2)
 
 
 def bias_of(kind, b, h, n):

@@ -238,3 +238,32 @@ def test_outputs_do_not_depend_on_the_kernel_backend(build, padded_batch, backen
             other = logits(model, ids, mask)
     real = mask.bool()
     torch.testing.assert_close(other[real], default[real], atol=1e-5, rtol=0)
+
+
+VLM_FAMILIES = ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"]
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_vlm_switches_only_the_text_stack_and_restores_every_name(build, family):
+    from checks import attn_names
+    from tiny.vlm import make_inputs
+
+    model = build(family)
+    inputs = make_inputs(family, model)
+    names, saved = attn_names(model), snapshot(model)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    with nograd.apply(model, "zerotuning", gamma=3.0) as handle:
+        switched = attn_names(model)
+        changed = {key for key in names if switched[key] != names[key]}
+        assert changed and all(key.endswith("text_config") for key in changed)
+        assert all(switched[key].startswith("nograd_") for key in changed)
+        with torch.no_grad():
+            steered = model(**inputs).logits
+        real = inputs["attention_mask"].bool()
+        assert (steered - plain)[real].abs().max() > 1e-4
+        assert handle.stats["target_key"].tolist()[1] > 0, "row 1 is left-padded: its first real token is later"
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert attn_names(model) == names and same_state(model, saved)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, plain)

@@ -1,0 +1,274 @@
+"""Vision-language models: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Idefics3 and SmolVLM.
+
+Each is a vision tower and a projector in front of a decoder-only LM; nograd's methods act on that decoder. What all
+of them share (transformers 5.24, paths under ``transformers/models/``):
+
+- ``<Family>ForConditionalGeneration.model`` is the bare ``<Family>Model``, which holds the decoder as
+  ``.language_model`` (``.text_model`` in Idefics3 and SmolVLM); both classes derive from
+  ``<Family>PreTrainedModel``, which is what an adapter matches.
+- The decoder's config is the model's ``config.text_config`` (the same object as the decoder's ``.config``), so
+  ``set_attn_implementation({"text_config": name})`` switches the decoder and leaves the vision tower alone.
+- The processor writes every image as a run of ``config.image_token_id`` tokens (LLaVA's ``image_token_index``,
+  reached through the config's ``attribute_map``), and the model writes the image features into the image-token
+  positions in batch-major order: ``inputs_embeds.masked_scatter(image_mask, image_features)``
+  (``get_placeholder_mask``, Idefics3's ``inputs_merger``). The n-th image of the batch therefore owns the next
+  tokens in that order; what differs per family is how many tokens an image has and how they are laid out, which
+  each adapter's ``image_layouts`` says.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .base import Adapter, ImageGrid, TileGrid
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """The tokens of one image, counted from its first image token: tiles whose positions are offsets into them."""
+
+    num_tokens: int
+    tiles: tuple[TileGrid, ...]
+
+    def place(self, batch_row: int, image_index: int, positions: torch.Tensor) -> ImageGrid:
+        """This layout over ``positions``, the image's ``num_tokens`` sequence positions."""
+
+        def at(offsets):
+            return None if offsets is None else positions[offsets.to(positions.device)]
+
+        tiles = tuple(replace(t, positions=at(t.positions), newline_positions=at(t.newline_positions))
+                      for t in self.tiles)
+        return ImageGrid(batch_row, image_index, positions, tiles)
+
+
+def raster(rows: int, cols: int, start: int = 0, kind: str = "base") -> TileGrid:
+    """A tile of ``rows * cols`` consecutive tokens from offset ``start``, row-major, without newlines."""
+    return TileGrid(rows, cols, torch.arange(start, start + rows * cols), kind=kind)
+
+
+class VLMAdapter(Adapter):
+    """Shared logic: the decoder inside the model, the image token, and placing per-image layouts on the batch."""
+
+    kind = "vlm"
+    attn_config_key = "text_config"
+    language_model_attr: ClassVar[str] = "language_model"
+    """Attribute of the bare ``<Family>Model`` that holds the decoder."""
+
+    @property
+    def multimodal_model(self) -> nn.Module:
+        """The bare ``<Family>Model``: ``.model`` of a ``...ForConditionalGeneration``, else the model itself."""
+        return getattr(self.model, "model", self.model)
+
+    @property
+    def text_model(self) -> nn.Module:
+        model = self.multimodal_model
+        # The decoder itself (e.g. a `Qwen2VLTextModel`, also a `Qwen2VLPreTrainedModel`) owns the layers.
+        return model if hasattr(model, "layers") else getattr(model, self.language_model_attr)
+
+    @property
+    def image_token_id(self) -> int | None:
+        return getattr(self.model.config, "image_token_id", None)
+
+    def image_layouts(self, input_ids: torch.Tensor, **inputs) -> list[ImageLayout]:
+        """The layout of every image in the batch, in the order the model consumes them."""
+        raise NotImplementedError
+
+    def image_grids(self, input_ids: torch.Tensor, **inputs) -> list[ImageGrid]:
+        """Every image of every batch row (``image_index`` counts within the row), in batch-major order."""
+        layouts = iter(self.image_layouts(input_ids, **inputs))
+        grids = []
+        for row, positions in enumerate(self.image_token_positions(input_ids)):
+            start, image_index = 0, 0
+            while start < len(positions):
+                layout = next(layouts, None)
+                if layout is None or start + layout.num_tokens > len(positions):
+                    raise ValueError(f"batch row {row} has image tokens that no image of the inputs fills")
+                grids.append(layout.place(row, image_index, positions[start:start + layout.num_tokens]))
+                start, image_index = start + layout.num_tokens, image_index + 1
+        if next(layouts, None) is not None:
+            raise ValueError("the inputs have more images than the image tokens of input_ids hold")
+        return grids
+
+
+class LlavaAdapter(VLMAdapter):
+    """LLaVA-1.5 (``llava/modeling_llava.py``): one square raster per image, ``pixel_values`` (images, C, H, W).
+
+    The tower returns (image_size / patch_size)^2 patch features, after a CLS feature for a CLIP tower
+    (``CLIPVisionEmbeddings.class_embedding``); ``LlavaModel.get_image_features`` drops the first feature when
+    ``vision_feature_select_strategy == "default"``. With CLIP, "default" leaves the raster and "full" the CLS then
+    the raster: the CLS is one of the image's positions but in no tile.
+    """
+
+    family = "llava"
+    model_classes = ("transformers.models.llava.modeling_llava:LlavaPreTrainedModel",)
+
+    def image_layouts(self, input_ids, pixel_values, image_sizes=None, vision_feature_select_strategy=None,
+                      **inputs):
+        if image_sizes is not None:
+            raise NotImplementedError("LLaVA with image_sizes (a Pixtral vision tower, per-image rasters split "
+                                      "by [IMG_BREAK] tokens) has no grid in nograd")
+        config = self.model.config
+        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
+        tower = self.multimodal_model.vision_tower
+        has_cls = any(name.endswith("embeddings.class_embedding") for name, _ in tower.named_parameters())
+        leading = int(has_cls) - int(strategy == "default")
+        if leading < 0:
+            raise NotImplementedError('vision_feature_select_strategy="default" on a tower without CLS drops a '
+                                      "patch, leaving no raster")
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        return [ImageLayout(leading + side * side, (raster(side, side, leading),))] * len(pixel_values)
+
+
+class AnyResAdapter(VLMAdapter):
+    """LLaVA-NeXT and -OneVision "anyres": per image a base tile, then a high-resolution raster with newlines.
+
+    ``get_image_features`` runs the tower on the image's tiles of ``vision_config.image_size`` (how many:
+    ``image_size_to_num_patches`` from ``image_sizes``, or 1 for an image left unsplit), (image_size /
+    patch_size)^2 features each. ``pack_image_features`` keeps tile 0 as the base, stitches the other tiles into one
+    raster (``get_anyres_image_grid_shape``), cuts off the processor's padding (``unpad_image``; OneVision may also
+    shrink it, ``vision_aspect_ratio``) and appends ``image_newline`` to every raster row; an unsplit image gets
+    the base and one newline. The adapter does not re-derive those sizes: it runs the model's own
+    ``pack_image_features`` on a one-channel probe of zeros with newline 1 and reads the layout off the output.
+    The base is a "base" tile (carrying the newline when unsplit), the raster a "crop" tile of all crops.
+    """
+
+    def image_layouts(self, input_ids, image_sizes, **inputs):
+        config = self.model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        count_tiles = importlib.import_module(type(self.multimodal_model).__module__).image_size_to_num_patches
+        image_sizes = torch.as_tensor(image_sizes).cpu()
+        layouts = []
+        for size, split in zip(image_sizes, self.split_images(len(image_sizes), **inputs)):
+            tiles = count_tiles(size, config.image_grid_pinpoints, config.vision_config.image_size) if split else 1
+            (packed,), _ = self.pack([torch.zeros(tiles, side * side, 1)], size[None], torch.ones(1), **inputs)
+            layouts.append(self.layout_from_probe(packed[:, 0] == 1, side))
+        return layouts
+
+    @staticmethod
+    def layout_from_probe(is_newline: torch.Tensor, side: int) -> ImageLayout:
+        """The layout of a packed image whose tokens ``is_newline`` marks, the first ``side * side`` its base."""
+        offsets, base = torch.arange(len(is_newline)), side * side
+        patches, newlines = offsets[base:][~is_newline[base:]], offsets[is_newline]
+        if patches.numel() == 0:
+            return ImageLayout(len(offsets), (TileGrid(side, side, offsets[:base], newlines),))
+        crop = TileGrid(len(newlines), len(patches) // len(newlines), patches, newlines, kind="crop")
+        return ImageLayout(len(offsets), (raster(side, side), crop))
+
+    def split_images(self, num_images: int, **inputs) -> list[bool]:
+        """Which images ``get_image_features`` splits into tiles."""
+        return [True] * num_images
+
+    def pack(self, features, image_sizes, image_newline, **inputs):
+        """The model's ``pack_image_features`` on ``features`` (a list of (tiles, tokens, channels) tensors)."""
+        raise NotImplementedError
+
+
+class LlavaNextAdapter(AnyResAdapter):
+    """LLaVA-NeXT (``llava_next/modeling_llava_next.py``): every image is split."""
+
+    family = "llava_next"
+    model_classes = ("transformers.models.llava_next.modeling_llava_next:LlavaNextPreTrainedModel",)
+
+    def pack(self, features, image_sizes, image_newline, vision_feature_select_strategy=None, **inputs):
+        strategy = vision_feature_select_strategy or self.model.config.vision_feature_select_strategy
+        return self.multimodal_model.pack_image_features(features, image_sizes, strategy, image_newline)
+
+
+class LlavaOnevisionAdapter(AnyResAdapter):
+    """LLaVA-OneVision (``llava_onevision/modeling_llava_onevision.py``): the images of a multi-image batch row
+    stay unsplit (``get_image_features``: ``need_patching = [n == 1 for n in batch_num_images ...]``)."""
+
+    family = "llava_onevision"
+    model_classes = ("transformers.models.llava_onevision.modeling_llava_onevision:LlavaOnevisionPreTrainedModel",)
+
+    def split_images(self, num_images, batch_num_images=None, **inputs):
+        if batch_num_images is None:
+            return super().split_images(num_images)
+        return [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+
+    def pack(self, features, image_sizes, image_newline, vision_aspect_ratio=None, **inputs):
+        ratio = vision_aspect_ratio or self.model.config.vision_aspect_ratio
+        return self.multimodal_model.pack_image_features(features, image_sizes, image_newline, ratio)
+
+
+class Qwen2VLAdapter(VLMAdapter):
+    """Qwen2-VL (``qwen2_vl/modeling_qwen2_vl.py``): ``image_grid_thw[i] = (t, h, w)`` counts image i's patches.
+
+    The ``PatchMerger`` merges ``vision_config.spatial_merge_size``^2 neighbours, so the image has t*h*w / m^2
+    tokens (``get_image_features``' ``split_sizes``) in row-major (t, h/m, w/m) order, the order in which
+    ``get_vision_position_ids`` gives them their 3D RoPE positions. One tile of h/m x w/m per temporal slice: a
+    "base" tile for an image (t == 1), "frame" tiles otherwise.
+    """
+
+    family = "qwen2_vl"
+    model_classes = ("transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VLPreTrainedModel",)
+
+    def image_layouts(self, input_ids, image_grid_thw, **inputs):
+        merge = self.model.config.vision_config.spatial_merge_size
+        layouts = []
+        for t, h, w in image_grid_thw.tolist():
+            rows, cols, kind = h // merge, w // merge, "base" if t == 1 else "frame"
+            tiles = tuple(raster(rows, cols, frame * rows * cols, kind) for frame in range(t))
+            layouts.append(ImageLayout(t * rows * cols, tiles))
+        return layouts
+
+
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL (``qwen2_5_vl/modeling_qwen2_5_vl.py``): Qwen2-VL's layout. The tower's window attention permutes
+    the patches and undoes it after the merger (``merged_hidden_states[reverse_indices]``)."""
+
+    family = "qwen2_5_vl"
+    model_classes = ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLPreTrainedModel",)
+
+
+class Idefics3Adapter(VLMAdapter):
+    """Idefics3 and SmolVLM (``idefics3/``, ``smolvlm/``; SmolVLM's modeling is Idefics3's under a new name).
+
+    The image processor splits a large image into R x C crops of ``vision_config.image_size``, row-major, and
+    appends the whole image resized to one tile, the global image (``Idefics3ImageProcessor.split_images``). Each
+    tile's (image_size / patch_size)^2 features are folded by the connector's ``pixel_shuffle`` into a row-major
+    grid of side (image_size / patch_size) / scale_factor: ``Idefics3Model.image_seq_len`` tokens. The processor
+    writes each tile as ``<fake_token_around_image><tag>`` and its image tokens, the tag being ``<row_r_col_c>``
+    for a crop and ``<global-img>`` for the global image, which comes last (``Idefics3Processor.
+    replace_image_token``, SmolVLM's ``get_image_prompt_string``; SmolVLM writes video frames as unsplit images).
+    So a batch row's tiles are consecutive runs of image_seq_len image tokens, and an image ends with each run
+    tagged like the row's last run, ``<global-img>``. Tiles: one "crop" tile per crop (row-major), then the global
+    image as the "base" tile; R and C themselves have no place in an ``ImageGrid``.
+    """
+
+    family = "idefics3"
+    model_classes = (
+        "transformers.models.idefics3.modeling_idefics3:Idefics3PreTrainedModel",
+        "transformers.models.smolvlm.modeling_smolvlm:SmolVLMPreTrainedModel",
+    )
+    language_model_attr = "text_model"
+
+    def image_layouts(self, input_ids, **inputs):
+        config = self.model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size // config.scale_factor
+        tile = side * side
+        layouts = []
+        for row, (ids, positions) in enumerate(zip(input_ids, self.image_token_positions(input_ids))):
+            if positions.numel() == 0:
+                continue
+            starts, ends = positions[::tile], positions[tile - 1::tile]
+            if len(positions) % tile or (ends - starts != tile - 1).any() or (starts == 0).any():
+                raise ValueError(f"batch row {row}: image tokens are not runs of {tile} behind a tag token, "
+                                 "as the Idefics3/SmolVLM processor writes them")
+            tags = ids[starts - 1]
+            previous = -1
+            for last in (tags == tags[-1]).nonzero().flatten().tolist():
+                crops = last - previous - 1
+                tiles = tuple(raster(side, side, k * tile, "crop") for k in range(crops))
+                layouts.append(ImageLayout((crops + 1) * tile, tiles + (raster(side, side, crops * tile),)))
+                previous = last
+        return layouts
+
+
+VLM_ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter,
+                Idefics3Adapter)

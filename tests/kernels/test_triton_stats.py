@@ -1,0 +1,81 @@
+"""Triton attention statistics (rows, per-key mass, LSE-normalised blocks) against the PyTorch references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from nograd import kernels  # noqa: E402
+from checks import DEVICE, guarded, inputs  # noqa: E402
+
+SHAPES = [(2, 4, 2, 37, 45, 32), (1, 3, 1, 45, 45, 40), (1, 2, 2, 1, 67, 64), (1, 2, 2, 70, 70, 16)]
+
+
+def with_bias(shape):
+    b, h, _, _, n, _ = shape
+    bias = guarded((b, 1, n), seed=5)
+    bias[..., ::5] = -math.inf
+    return bias
+
+
+def cpu(x):
+    return x.float().cpu() if torch.is_tensor(x) else x
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_key_mass(shape, causal, reduce):
+    q, k, _ = inputs(shape)
+    bias = with_bias(shape)
+    got = kernels.key_attention_mass(q, k, key_bias=bias, causal=causal, reduce=reduce, backend="triton")
+    want = kernels.key_attention_mass(cpu(q), cpu(k), key_bias=cpu(bias), causal=causal, reduce=reduce,
+                                      backend="torch")
+    torch.testing.assert_close(cpu(got), want, atol=2e-5, rtol=0)
+
+
+def test_key_mass_uses_the_given_lse_and_finds_a_planted_sink():
+    q, k, v = inputs((1, 2, 2, 40, 40, 32))
+    bias = torch.zeros(1, 2, 40, device=DEVICE)
+    bias[0, 1, 7] = 30.0
+    _, lse = kernels.attention(q, k, v, key_bias=bias, causal=True, backend="triton", return_lse=True)
+    mean = kernels.key_attention_mass(q, k, lse, key_bias=bias, causal=True, reduce="mean", backend="triton")
+    assert int(mean[0, 1].argmax()) == 7 and mean[0, 1, 7] > 0.99
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_rows_with_positions(window):
+    q, k, _ = inputs((2, 4, 2, 37, 45, 32))
+    bias = with_bias((2, 4, 2, 37, 45, 32))
+    rows = torch.tensor([0, 5, 36])
+    positions = rows + 8
+    got = kernels.attention_rows(q[:, :, rows], k, positions=positions, key_bias=bias, window=window, backend="triton")
+    want = kernels.attention_rows(cpu(q[:, :, rows]), cpu(k), positions=positions, key_bias=cpu(bias), window=window,
+                                  backend="torch")
+    torch.testing.assert_close(cpu(got), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(cpu(got).sum(-1), torch.ones(2, 4, 3), atol=1e-5, rtol=0)
+
+
+def test_image_to_text_block_of_joint_attention():
+    """MM-DiT joint attention [text | image]: image queries over text keys, normalised over the whole joint row."""
+    text, image = 7, 24
+    q, k, v = inputs((1, 4, 4, text + image, text + image, 32))
+    _, lse = kernels.attention(q, k, v, backend="triton", return_lse=True)
+    keys = slice(0, text)
+    got = kernels.attention_block(q[:, :, text:], k, lse[:, :, text:], keys=keys, backend="triton")
+    full = kernels.scaled_logits(cpu(q), cpu(k)).softmax(-1)
+    torch.testing.assert_close(cpu(got), full[:, :, text:, :text], atol=1e-6, rtol=0)
+    torch.testing.assert_close(kernels.attention_block(cpu(q[:, :, text:]), cpu(k), cpu(lse[:, :, text:]), keys=keys,
+                                                       backend="torch"), full[:, :, text:, :text], atol=1e-6, rtol=0)
+
+
+def test_stats_backend_errors():
+    q, k, _ = inputs((1, 2, 2, 4, 4, 16))
+    with pytest.raises(ValueError, match="backend"):
+        kernels.key_attention_mass(q, k, backend="cuda")
+    with pytest.raises(ValueError, match="dense mask"):
+        kernels.key_attention_mass(q, k, mask=torch.ones(1, 1, 4, 4, dtype=torch.bool), backend="triton")
