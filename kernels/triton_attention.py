@@ -43,6 +43,29 @@ def interpreting() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        """``tl.dot`` with fp32 inputs computed exactly (no TF32) when ``IEEE``."""
+        if IEEE:
+            product = tl.dot(a, b, input_precision="ieee")
+        else:
+            product = tl.dot(a, b)
+        return product
+
+    @triton.jit
+    def _tile_scores(q, k_base, stride_kn, cols, dims, col_ok, dim_ok, bias_base, stride_bn, qk_scale,
+                     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """Log2-domain scores (rows, BLOCK_N) of the query tile ``q`` against the key tile ``cols``, plus the bias."""
+        k = tl.load(k_base + cols[None, :] * stride_kn + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None],
+                    other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        scores = _dot(q, k, IEEE) * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(bias_base + cols * stride_bn, mask=col_ok, other=0.0)
+            scores += bias[None, :] * 1.4426950408889634
+        return scores
+
+    @triton.jit
     def _attention_forward(
         Q, K, V, Bias, Blend, Out, Lse,
         stride_qb, stride_qh, stride_qm,
@@ -75,6 +98,7 @@ if triton is not None:
             q = q.to(tl.float32)
         k_base = K + b * stride_kb + kv_h * stride_kh
         v_base = V + b * stride_vb + kv_h * stride_vh
+        bias_base = Bias + b * stride_bb + h * stride_bh
 
         lo = 0
         hi = N
@@ -90,17 +114,8 @@ if triton is not None:
         for start in range(lo, hi, BLOCK_N):
             cols = start + cols_in_tile
             col_ok = cols < N
-            k = tl.load(k_base + cols[None, :] * stride_kn + dims[:, None],
-                        mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            if IEEE:
-                scores = tl.dot(q, k, input_precision="ieee") * qk_scale
-            else:
-                scores = tl.dot(q, k) * qk_scale
-            if HAS_BIAS:
-                bias = tl.load(Bias + b * stride_bb + h * stride_bh + cols * stride_bn, mask=col_ok, other=0.0)
-                scores += bias[None, :] * 1.4426950408889634
+            scores = _tile_scores(q, k_base, stride_kn, cols, dims, col_ok, dim_ok, bias_base, stride_bn, qk_scale,
+                                  HAS_BIAS, UPCAST, IEEE)
             visible = col_ok[None, :] & row_ok[:, None]
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows[:, None] + shift)
@@ -116,10 +131,7 @@ if triton is not None:
                         mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
 
         seen = l_i > 0.0

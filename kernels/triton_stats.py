@@ -19,6 +19,8 @@ from .triton_attention import LOG2E, attention_triton, interpreting, triton
 if triton is not None:
     import triton.language as tl
 
+    from .triton_attention import _dot, _tile_scores
+
     @triton.jit
     def _key_mass(
         Q, K, Bias, Lse, Mass, Count,
@@ -59,11 +61,7 @@ if triton is not None:
                         mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
             if UPCAST:
                 q = q.to(tl.float32)
-            if IEEE:
-                scores = tl.dot(q, k, input_precision="ieee") * qk_scale
-            else:
-                scores = tl.dot(q, k) * qk_scale
-            scores += bias[None, :]
+            scores = _dot(q, k, IEEE) * qk_scale + bias[None, :]
             lse = tl.load(Lse + b * stride_lb + h * stride_lh + rows, mask=row_ok, other=float("-inf"))
             visible = row_ok[:, None] & col_ok[None, :] & (lse > float("-inf"))[:, None] & (scores > float("-inf"))
             if CAUSAL:
@@ -106,6 +104,7 @@ if triton is not None:
         if HAS_POSITIONS:
             at = tl.load(Positions + rows, mask=row_ok, other=-1).to(tl.int64)
         k_base = K + b * stride_kb + (h // GROUPS) * stride_kh
+        bias_base = Bias + b * stride_bb + h * stride_bh
 
         if HAS_LSE:
             lse2 = tl.load(LseIn + b * stride_lb + h * stride_lh + rows, mask=row_ok, other=float("-inf")) * 1.4426950408889634
@@ -115,17 +114,8 @@ if triton is not None:
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 col_ok = cols < N
-                k = tl.load(k_base + cols[None, :] * stride_kn + dims[:, None],
-                            mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
-                if UPCAST:
-                    k = k.to(tl.float32)
-                if IEEE:
-                    scores = tl.dot(q, k, input_precision="ieee") * qk_scale
-                else:
-                    scores = tl.dot(q, k) * qk_scale
-                if HAS_BIAS:
-                    bias = tl.load(Bias + b * stride_bb + h * stride_bh + cols * stride_bn, mask=col_ok, other=0.0)
-                    scores += bias[None, :] * 1.4426950408889634
+                scores = _tile_scores(q, k_base, stride_kn, cols, dims, col_ok, dim_ok, bias_base, stride_bn, qk_scale,
+                                      HAS_BIAS, UPCAST, IEEE)
                 visible = col_ok[None, :] & row_ok[:, None] & (cols[None, :] <= at[:, None])
                 if HAS_WINDOW:
                     visible = visible & (cols[None, :] > at[:, None] - window)
@@ -140,17 +130,8 @@ if triton is not None:
         for start in range(KEY_START, KEY_STOP, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < KEY_STOP
-            k = tl.load(k_base + cols[None, :] * stride_kn + dims[:, None],
-                        mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            if IEEE:
-                scores = tl.dot(q, k, input_precision="ieee") * qk_scale
-            else:
-                scores = tl.dot(q, k) * qk_scale
-            if HAS_BIAS:
-                bias = tl.load(Bias + b * stride_bb + h * stride_bh + cols * stride_bn, mask=col_ok, other=0.0)
-                scores += bias[None, :] * 1.4426950408889634
+            scores = _tile_scores(q, k_base, stride_kn, cols, dims, col_ok, dim_ok, bias_base, stride_bn, qk_scale,
+                                  HAS_BIAS, UPCAST, IEEE)
             visible = col_ok[None, :] & row_ok[:, None] & (cols[None, :] <= at[:, None]) & (lse2 > float("-inf"))[:, None]
             if HAS_WINDOW:
                 visible = visible & (cols[None, :] > at[:, None] - window)

@@ -206,32 +206,27 @@ def _config_implementations(model: nn.Module) -> dict[int, tuple[object, str | N
     return found
 
 
-class AttentionPatch:
-    """nograd's attention function installed on one model, shared by every handle on it (reference-counted).
+class ModelPatch:
+    """What nograd installs on one model to run interventions, shared by every handle on it.
 
-    ``acquire`` installs it with the first intervention; ``release`` restores the exact implementation names of
-    every config and drops the hook and registrations with the last.
+    One instance per model and subclass, reference-counted by interventions: ``acquire`` installs it with the first,
+    ``discard`` of the last calls ``_uninstall``, which restores exactly what ``__init__`` replaced.
     """
 
-    _of_model: "weakref.WeakKeyDictionary[nn.Module, AttentionPatch]" = weakref.WeakKeyDictionary()
+    _of_model: "weakref.WeakKeyDictionary[nn.Module, ModelPatch]"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._of_model = weakref.WeakKeyDictionary()
 
     def __init__(self, model: nn.Module, adapter):
         self.model = model
         self.adapter = adapter
-        self.base = adapter.attn_implementation
         self.interventions: dict[nn.Module, list[Intervention]] = {}
         self.batch = BatchInfo()
-        self._saved = _config_implementations(model)
-        self.name = _register(self.base)
-        model.set_attn_implementation(adapter.attn_implementation_request(self.name))
-        for module in adapter.attention_modules:
-            _PATCH_OF_MODULE[module] = self
-        text_model = adapter.text_model
-        self._signature = inspect.signature(text_model.forward)
-        self._hook = text_model.register_forward_pre_hook(self._capture_batch, with_kwargs=True)
 
     @classmethod
-    def acquire(cls, model: nn.Module, adapter) -> "AttentionPatch":
+    def acquire(cls, model: nn.Module, adapter) -> "ModelPatch":
         patch = cls._of_model.get(model)
         if patch is None:
             patch = cls._of_model[model] = cls(model, adapter)
@@ -248,16 +243,36 @@ class AttentionPatch:
         if not ours:
             self.interventions.pop(module, None)
         if not self.interventions and type(self)._of_model.get(self.model) is self:
+            type(self)._of_model.pop(self.model, None)
             self._uninstall()
 
     def _uninstall(self) -> None:
+        raise NotImplementedError
+
+
+class AttentionPatch(ModelPatch):
+    """nograd's registered attention function on one transformers model."""
+
+    def __init__(self, model: nn.Module, adapter):
+        super().__init__(model, adapter)
+        self.base = adapter.attn_implementation
+        self._saved = _config_implementations(model)
+        self.name = _register(self.base)
+        model.set_attn_implementation(adapter.attn_implementation_request(self.name))
+        for module in adapter.attention_modules:
+            _PATCH_OF_MODULE[module] = self
+        text_model = adapter.text_model
+        self._signature = inspect.signature(text_model.forward)
+        self._hook = text_model.register_forward_pre_hook(self._capture_batch, with_kwargs=True)
+
+    def _uninstall(self) -> None:
+        """Restore every config's implementation name, drop the hook and (with the last model) the registrations."""
         self._hook.remove()
         for module in self.adapter.attention_modules:
             _PATCH_OF_MODULE.pop(module, None)
         for config, implementation in self._saved.values():
             config._attn_implementation_internal = implementation
         _unregister(self.name)
-        type(self)._of_model.pop(self.model, None)
 
     def _capture_batch(self, module, args, kwargs):
         bound = self._signature.bind_partial(*args, **kwargs).arguments

@@ -13,12 +13,11 @@ single-stream blocks included) is captured by a pre-hook on the transformer.
 from __future__ import annotations
 
 import inspect
-import weakref
 
 import torch
 from torch import nn
 
-from .attention import AttentionCall, BatchInfo, attend
+from .attention import AttentionCall, ModelPatch, attend
 
 
 class NogradProcessor:
@@ -57,45 +56,21 @@ class NogradProcessor:
         return adapter.joint_output(attn, out, hidden_states, encoder_hidden_states)
 
 
-class DiTAttentionPatch:
-    """nograd's processors on one diffusers transformer, shared by every handle on it (reference-counted)."""
-
-    _of_model: "weakref.WeakKeyDictionary[nn.Module, DiTAttentionPatch]" = weakref.WeakKeyDictionary()
+class DiTAttentionPatch(ModelPatch):
+    """nograd's processors on one diffusers transformer."""
 
     def __init__(self, model: nn.Module, adapter):
-        self.model = model
-        self.adapter = adapter
-        self.interventions: dict[nn.Module, list] = {}
-        self.batch = BatchInfo()
+        super().__init__(model, adapter)
         self._saved = [(module, module.processor) for module in adapter.attention_modules]
         for index, (module, processor) in enumerate(self._saved):
             module.set_processor(NogradProcessor(processor, self, index))
         self._hook = model.register_forward_pre_hook(self._capture_batch, with_kwargs=True)
 
-    @classmethod
-    def acquire(cls, model: nn.Module, adapter) -> "DiTAttentionPatch":
-        patch = cls._of_model.get(model)
-        if patch is None:
-            patch = cls._of_model[model] = cls(model, adapter)
-        return patch
-
-    def add(self, module: nn.Module, intervention) -> None:
-        self.interventions.setdefault(module, []).append(intervention)
-
-    def discard(self, module: nn.Module, intervention) -> None:
-        ours = self.interventions.get(module, [])
-        if intervention in ours:
-            ours.remove(intervention)
-        if not ours:
-            self.interventions.pop(module, None)
-        if not self.interventions and type(self)._of_model.get(self.model) is self:
-            self._uninstall()
-
     def _uninstall(self) -> None:
+        """Put the original processor objects back and drop the hook."""
         self._hook.remove()
         for module, processor in self._saved:
             module.set_processor(processor)
-        type(self)._of_model.pop(self.model, None)
 
     def _capture_batch(self, module, args, kwargs):
         text = kwargs.get("encoder_hidden_states")
