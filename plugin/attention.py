@@ -1,6 +1,7 @@
-"""The one shared attention path of nograd on transformers models.
+"""The one shared attention path of nograd: interventions, the call they see, and ``attend``.
 
-A single function per base implementation (``nograd_sdpa``, ``nograd_eager``, ``nograd_flash_attention_2``...) is
+``attend`` is where every method's attention runs, on transformers models (here) and on diffusers MM-DiTs
+(``dit_attention.py``). On transformers models, a single function per base implementation (``nograd_sdpa``, ``nograd_eager``, ``nograd_flash_attention_2``...) is
 registered in transformers' ``AttentionInterface`` **and** ``AttentionMaskInterface`` (with the base's own mask
 function, so padding and sliding windows arrive exactly as the base expects them), and the decoder stack is switched
 to it with ``set_attn_implementation`` (a ``{"text_config": ...}`` dict for VLMs).
@@ -224,6 +225,7 @@ class ModelPatch:
         self.adapter = adapter
         self.interventions: dict[nn.Module, list[Intervention]] = {}
         self.batch = BatchInfo()
+        self._last_split = None
 
     @classmethod
     def acquire(cls, model: nn.Module, adapter) -> "ModelPatch":
@@ -248,6 +250,15 @@ class ModelPatch:
 
     def _uninstall(self) -> None:
         raise NotImplementedError
+
+    def split_mask(self, mask, m: int, n: int, causal: bool):
+        """``split_mask``, computed once per mask: every layer of one forward pass receives the same mask tensor."""
+        last = self._last_split
+        if last is not None and last[0] is mask and last[1] == (m, n, causal):
+            return last[2]
+        result = split_mask(mask, m, n, causal)
+        self._last_split = (mask, (m, n, causal), result)
+        return result
 
 
 class AttentionPatch(ModelPatch):
@@ -285,15 +296,17 @@ class AttentionPatch(ModelPatch):
                              value=value, scaling=kwargs.get("scaling") or query.shape[-1] ** -0.5,
                              batch=self.batch, softcap=kwargs.get("softcap"), window=kwargs.get("sliding_window"),
                              causal=kwargs.get("is_causal", getattr(module, "is_causal", True)))
-        out = attend(call, interventions, attention_mask)
+        out = attend(call, interventions, attention_mask, self.split_mask)
         return None if out is None else (out.transpose(1, 2).contiguous(), None)
 
 
-def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.Tensor | None = None):
+def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.Tensor | None = None,
+           split: Callable = split_mask):
     """Run ``call`` with ``interventions`` through ``nograd.kernels.attention``: (B, H, M, D), or None when none of
     them acts on this call (the caller then runs its base attention, bit-identical).
 
-    ``mask`` is the caller's mask (transformers' 4-D format); ``call.causal`` says whether the layer is causal.
+    ``mask`` is the caller's mask (transformers' 4-D format); ``call.causal`` says whether the layer is causal;
+    ``split`` reduces the mask (``split_mask``, or a caching wrapper of it).
     Biases add up; blends compose as ``1 - prod(1 - u)``; observers run after the attention.
     """
     biases = [b for iv in interventions if (b := iv.key_bias(call)) is not None]
@@ -302,7 +315,7 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
     if not (biases or blends or observers):
         return None
     _, _, m, n = call.shape
-    key_valid, call.causal, call.mask = split_mask(mask, m, n, call.causal)
+    key_valid, call.causal, call.mask = split(mask, m, n, call.causal)
     bias = sum(biases[1:], biases[0]) if biases else None
     if key_valid is not None:
         padding = kernels.padding_to_bias(key_valid)

@@ -50,7 +50,7 @@ class NogradProcessor:
         call = AttentionCall(module=attn, layer_idx=self.layer_idx, query=query, key=key, value=value,
                              scaling=query.shape[-1] ** -0.5, batch=batch, causal=False,
                              extras={"spans": spans})
-        out = attend(call, interventions, attention_mask)
+        out = attend(call, interventions, attention_mask, self.patch.split_mask)
         if out is None:
             return None
         return adapter.joint_output(attn, out, hidden_states, encoder_hidden_states)
