@@ -85,20 +85,44 @@ def window_visibility(m: int, n: int, window: int, device=None) -> torch.Tensor:
     return torch.arange(n, device=device)[None, :] > rows - window
 
 
-def logit_bias(q, k, *, key_bias=None, causal=False, mask=None, window=None) -> torch.Tensor | None:
-    """Everything added to the scaled logits, as one fp32 tensor broadcastable to (B, H, M, N) (None if nothing)."""
-    m, n = q.shape[2], k.shape[2]
-    total = None if key_bias is None else key_bias.float().expand(*key_bias.shape[:-1], n)[..., None, :]
-    if mask is not None:
-        extra = torch.where(mask, 0.0, -math.inf) if mask.dtype == torch.bool else mask.float()
-        total = extra if total is None else total + extra
-    if causal and m > 1:
-        edge = torch.where(causal_visibility(m, n, q.device), 0.0, -math.inf)
-        total = edge if total is None else total + edge
+def visibility(m: int, n: int, causal: bool, window: int | None, device=None) -> torch.Tensor | None:
+    """(M, N) boolean of the keys the causal edge and the window leave visible, or None if they hide nothing."""
+    seen = causal_visibility(m, n, device) if causal and m > 1 else None
     if window is not None:
-        edge = torch.where(window_visibility(m, n, window, q.device), 0.0, -math.inf)
-        total = edge if total is None else total + edge
+        inside = window_visibility(m, n, window, device)
+        seen = inside if seen is None else seen & inside
+    return seen
+
+
+def logit_bias(q, k, *, key_bias=None, causal=False, mask=None, window=None,
+               dtype=torch.float32) -> torch.Tensor | None:
+    """Everything added to the scaled logits, as one ``dtype`` tensor broadcastable to (B, H, M, N) (None if
+    nothing): the key bias, -inf past the causal edge / window, and the extra mask."""
+    total = None if key_bias is None else key_bias.to(dtype)[..., None, :]
+    seen = visibility(q.shape[2], k.shape[2], causal, window, q.device)
+    if seen is not None:
+        total = torch.where(seen, torch.zeros((), dtype=dtype, device=q.device) if total is None else total, -math.inf)
+    if mask is not None and mask.dtype == torch.bool:
+        total = torch.where(mask, torch.zeros((), dtype=dtype, device=q.device) if total is None else total, -math.inf)
+    elif mask is not None:
+        total = mask.to(dtype) if total is None else total + mask.to(dtype)
     return total
+
+
+def dead_rows(key_bias, m: int, n: int, causal: bool, window: int | None, device=None) -> torch.Tensor:
+    """(B|1, H|1, M, 1) boolean: the queries that see no key (every visible key has a -inf bias), in O(B.H.(M+N))
+    by counting finite biases in each row's visible key range with a cumulative sum."""
+    rows = torch.arange(m, device=device) + (n - m)
+    last = rows.clamp(max=n - 1) if causal else torch.full_like(rows, n - 1)
+    first = (rows - window + 1).clamp(min=0) if window is not None else torch.zeros_like(rows)
+    if key_bias is None:
+        count = (last - first + 1)[None, None]
+    else:
+        finite = torch.isfinite(key_bias).to(torch.int32)
+        finite = finite.reshape((1,) * (3 - finite.dim()) + tuple(finite.shape)).expand(*finite.shape[:-1], n)
+        prefix = F.pad(finite.cumsum(-1), (1, 0))
+        count = prefix[..., (last + 1).clamp(min=0)] - prefix[..., first.clamp(max=n)]
+    return (count <= 0)[..., None]
 
 
 def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -154,9 +178,12 @@ def attention_sdpa(q, k, v, *, key_bias=None, causal=False, scale=None, mask=Non
             return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True, **gqa)
     if needs_edge or (mask is not None and mask.shape[-2] > 1):
         _warn_dense_once("causal block with a bias" if needs_edge else "a per-query mask")
-    bias = logit_bias(q, k, key_bias=key_bias, causal=causal, mask=mask, window=window)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale, **gqa)
-    dead = torch.isneginf(bias).all(dim=-1, keepdim=True)
+    bias = logit_bias(q, k, key_bias=key_bias, causal=causal, mask=mask, window=window, dtype=q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, **gqa)
+    if mask is not None:
+        dead = torch.isneginf(bias).all(dim=-1, keepdim=True)
+    else:
+        dead = dead_rows(key_bias, m, n, causal, window, q.device)
     return out.masked_fill(dead, 0.0) if bool(dead.any()) else out
 
 

@@ -241,3 +241,19 @@ def test_flex_backend_matches_reference():
         torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
         finite = torch.isfinite(want_lse)
         torch.testing.assert_close(lse[finite], want_lse[finite], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("m, n, causal, window", [(6, 6, True, None), (8, 5, True, None), (5, 9, True, 3),
+                                                  (4, 7, False, None), (1, 7, True, 2)])
+def test_dead_rows_equals_a_dense_scan(m, n, causal, window):
+    from nograd.kernels.attention import dead_rows, logit_bias
+
+    bias = torch.zeros(2, 3, n)
+    bias[0, 1, :] = -math.inf
+    bias[1, 2, : n // 2] = -math.inf
+    q, k = torch.zeros(2, 3, m, 4), torch.zeros(2, 3, n, 4)
+    for key_bias in (bias, None):
+        dense = logit_bias(q, k, key_bias=key_bias, causal=causal, window=window)
+        want = torch.isneginf(dense).all(-1, keepdim=True) if dense is not None else torch.zeros(1, 1, m, 1, dtype=torch.bool)
+        got = dead_rows(key_bias, m, n, causal, window)
+        assert torch.equal(got.expand(2, 3, m, 1), want.expand(2, 3, m, 1))

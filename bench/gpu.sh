@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# One prepared run for a lent GPU machine (bench/README.md): environment, nograd import, the kernel tests, then
+# bench/attention.py with its CUDA defaults. Every step is time-boxed; a failing step is reported, not fatal.
+#
+#   bash bench/gpu.sh                       # from anywhere; logs and attention.md go to $OUT (else bench/out)
+#
+# Worst case about 8 minutes: TEST_TIMEOUT (100 s) + BENCH_TIMEOUT (360 s, the bench stops starting new cases
+# after BENCH_BUDGET = 280 s) + a few seconds of setup. Override any of these, PYTHON, or add BENCH_ARGS, through
+# the environment. The image needs torch + triton (+ transformers, which `import nograd` pulls in); no diffusers.
+set -u
+cd "$(dirname "$0")/.." || exit 1
+OUT=${OUT:-$PWD/bench/out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+TEST_TIMEOUT=${TEST_TIMEOUT:-100}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-360}
+BENCH_BUDGET=${BENCH_BUDGET:-280}
+BENCH_ARGS=${BENCH_ARGS:-}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+START=$(date +%s)
+STEPS=()
+
+note() { echo "== [$(( $(date +%s) - START )) s] $*"; }
+record() { STEPS+=("$1=$2"); note "$1: exit $2"; }
+
+# 1. environment ---------------------------------------------------------------------------------------------------
+{
+  date -u
+  nvidia-smi || echo "nvidia-smi failed"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit \
+    --format=csv || true
+  "$PY" - <<'EOF'
+import importlib.metadata as md, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuda available", torch.cuda.is_available())
+for dist in ("triton", "transformers", "accelerate", "diffusers", "flash-attn"):
+    try:
+        print(dist, md.version(dist))
+    except md.PackageNotFoundError:
+        print(dist, "not installed")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, "| SMs", p.multi_processor_count, "| cc", f"{p.major}.{p.minor}",
+          "| memory GiB", round(p.total_memory / 2**30, 1), "| cuDNN", torch.backends.cudnn.version())
+EOF
+} 2>&1 | tee "$OUT/env.txt"
+record environment "${PIPESTATUS[0]}"
+
+# 2. make nograd importable (editable install, else a PYTHONPATH shim of the source layout) ------------------------
+if "$PY" -c "import nograd.kernels" >/dev/null 2>&1; then
+  record nograd-import 0
+else
+  timeout 120 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1
+  rc=$?
+  if [ $rc -ne 0 ] || ! "$PY" -c "import nograd.kernels" >>"$OUT/install.log" 2>&1; then
+    # pyproject maps nograd -> plugin/, nograd.kernels -> kernels/, nograd.patches -> patches/
+    SHIM=$(mktemp -d)/src
+    mkdir -p "$SHIM/nograd"
+    for f in "$PWD"/plugin/*; do ln -s "$f" "$SHIM/nograd/"; done
+    ln -sfn "$PWD/kernels" "$SHIM/nograd/kernels"
+    ln -sfn "$PWD/patches" "$SHIM/nograd/patches"
+    export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+    echo "pip install -e . failed (exit $rc) or did not import; using PYTHONPATH shim $SHIM" >>"$OUT/install.log"
+    "$PY" -c "import nograd.kernels as k; print('nograd.kernels from', k.__file__, 'BACKENDS', k.BACKENDS)" \
+      >>"$OUT/install.log" 2>&1
+    rc=$?
+  fi
+  tail -n 5 "$OUT/install.log"
+  record nograd-import "$rc"
+fi
+
+# 3. kernel tests (the Triton backend's correctness tests run on CUDA here) -----------------------------------------
+if ls tests/kernels/test_*.py >/dev/null 2>&1; then
+  CONFTEST=()
+  if ! "$PY" -c "import diffusers" >/dev/null 2>&1; then
+    # tests/conftest.py imports the tiny diffusers models; tests/kernels needs none of its fixtures
+    CONFTEST=(--noconftest)
+    echo "diffusers is not installed: running tests/kernels with --noconftest" | tee "$OUT/pytest.log"
+  fi
+  set -o pipefail
+  PYTHONPATH="$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 "$TEST_TIMEOUT" \
+    "$PY" -m pytest tests/kernels -q -rfE -p no:cacheprovider "${CONFTEST[@]}" 2>&1 | tee -a "$OUT/pytest.log" \
+    | tail -n 25
+  record pytest "$?"
+  set +o pipefail
+else
+  note "no tests/kernels/test_*.py: tests skipped"
+fi
+
+# 4. the benchmark ---------------------------------------------------------------------------------------------------
+set -o pipefail
+# shellcheck disable=SC2086
+timeout -k 15 "$BENCH_TIMEOUT" "$PY" bench/attention.py --markdown "$OUT/attention.md" --budget-s "$BENCH_BUDGET" \
+  $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"
+record bench "$?"
+set +o pipefail
+
+nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>/dev/null || true
+note "steps: ${STEPS[*]} (124 = timed out); files in $OUT:"
+ls -l "$OUT"
