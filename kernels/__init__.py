@@ -7,6 +7,7 @@ one for every method's attention in a block), ``attention_rows``, ``key_attentio
 
 from .attention import (
     BACKENDS,
+    ScoreEdit,
     attention,
     choose_backend,
     causal_visibility,
@@ -21,6 +22,7 @@ from .stats import attention_block, attention_rows, key_attention_mass
 
 __all__ = [
     "BACKENDS",
+    "ScoreEdit",
     "attention",
     "attention_block",
     "attention_rows",

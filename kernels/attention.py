@@ -17,6 +17,8 @@ method reaches attention through (spec: ``shared/specs/kernels.md`` §3.3). Conv
 - ``blend`` (H,) or (B, H): SoftPAG's per-head weight u, ``out = (1 - u) * attn + u * v_self`` where ``v_self`` is
   the value at the query's own position ``i + N - M`` (needs M <= N).
 - ``softcap``: Gemma2's ``tanh`` logit soft-capping, applied before the bias.
+- ``edit``: a ``ScoreEdit``, the per-key pointwise edit ``s + a|s| + m s`` of the scaled (soft-capped) scores of
+  the query rows at or after a position (PAI / PAINT / ClearSight), applied before the bias and the masks.
 - A row that sees no key returns 0 and ``lse = -inf``, never NaN.
 
 Backends (one signature, results equal to the reference within float tolerance):
@@ -36,11 +38,44 @@ import contextlib
 import contextvars
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "triton", "flex", "sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class ScoreEdit:
+    """``s' = s + abs_coef * |s| + mul_coef * s`` on the scaled scores (spec ``paint.md`` §5.1.2-5.1.3).
+
+    ``abs_coef`` (PAI / PAINT's sign-aware margin) and ``mul_coef`` (ClearSight's ``enh - 1``) broadcast to
+    (B, H, N). The edit applies to the query rows whose position ``i + N - M`` is at least ``rows_from[b]`` (B,);
+    ``None`` edits every row. Unlike a key bias it depends on the score, so it is not a post-softmax reweighting.
+    """
+
+    abs_coef: torch.Tensor | None = None
+    mul_coef: torch.Tensor | None = None
+    rows_from: torch.Tensor | None = None
+
+    def first_row(self, m: int, n: int) -> int:
+        """The first query row (of M) that any batch row edits (M if none)."""
+        if self.rows_from is None:
+            return 0
+        return min(max(int(self.rows_from.min()) - (n - m), 0), m)
+
+    def apply(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Edit fp32 ``logits`` (B, H, R, N) of the rows at key positions ``positions`` (R,)."""
+        delta = torch.zeros((), device=logits.device)
+        if self.abs_coef is not None:
+            delta = delta + self.abs_coef.float()[..., None, :] * logits.abs()
+        if self.mul_coef is not None:
+            delta = delta + self.mul_coef.float()[..., None, :] * logits
+        if self.rows_from is not None:
+            on = positions.to(logits.device)[None, :] >= self.rows_from.to(logits.device)[:, None]
+            delta = torch.where(on[:, None, :, None], delta, 0.0)
+        return logits + delta
 
 
 def padding_to_bias(key_valid: torch.Tensor) -> torch.Tensor:
@@ -144,10 +179,11 @@ def soft_identity_blend(out: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> 
     return torch.lerp(out.float(), self_values(v, h, m).float(), weight).to(out.dtype)
 
 
-def attention_eager(q, k, v, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None, window=None):
+def attention_eager(q, k, v, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None, window=None,
+                    edit=None):
     """The reference: explicit fp32 logits, softmax and weighted sum. Returns (out in q.dtype, lse fp32)."""
     logits = scaled_logits(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap,
-                           window=window)
+                           window=window, edit=edit)
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
     out = torch.matmul(probs, _expand_kv(v, q.shape[1]).float())
@@ -218,7 +254,7 @@ def choose_backend(q: torch.Tensor, *, mask=None, softcap=None, return_lse=False
 
 
 def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, return_lse=False, backend="auto",
-              mask=None, softcap=None, window=None):
+              mask=None, softcap=None, window=None, edit=None):
     """Scaled dot-product attention with a key bias, causal edge, SoftPAG blend and optional LSE (see module doc).
 
     Returns ``out`` (B, H, M, D) in ``q.dtype``, or ``(out, lse)`` with ``lse`` (B, H, M) fp32 when ``return_lse``.
@@ -230,36 +266,65 @@ def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, r
         raise ValueError(f"backend={backend!r} does not support softcap; use backend='eager' or 'auto'")
     if mask is not None and backend in ("triton", "flex"):
         raise ValueError(f"backend={backend!r} takes no dense mask; express it as key_bias/causal/window or use 'sdpa'")
-    lse = None
+    args = dict(key_bias=key_bias, causal=causal, scale=scale, window=window)
     if backend == "triton":
         from .triton_attention import attention_triton
 
-        return attention_triton(q, k, v, key_bias=key_bias, causal=causal, scale=scale, blend=blend,
-                                return_lse=return_lse, window=window)
-    if backend == "flex":
+        return attention_triton(q, k, v, blend=blend, return_lse=return_lse, edit=edit, **args)
+    if edit is not None and backend != "eager":
+        out, lse = _attention_with_edited_tail(q, k, v, backend=backend, mask=mask, edit=edit,
+                                               return_lse=return_lse, **args)
+    elif backend == "flex":
         from .flex_attention import attention_flex
 
-        out, lse = attention_flex(q, k, v, key_bias=key_bias, causal=causal, scale=scale, window=window,
-                                  return_lse=return_lse)
+        out, lse = attention_flex(q, k, v, return_lse=return_lse, **args)
     elif backend == "eager":
-        out, lse = attention_eager(q, k, v, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap,
-                                   window=window)
+        out, lse = attention_eager(q, k, v, mask=mask, softcap=softcap, edit=edit, **args)
     else:
-        out = attention_sdpa(q, k, v, key_bias=key_bias, causal=causal, scale=scale, mask=mask, window=window)
-        if return_lse:
-            lse = row_logsumexp(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask, window=window)
+        out = attention_sdpa(q, k, v, mask=mask, **args)
+        lse = row_logsumexp(q, k, mask=mask, **args) if return_lse else None
     if blend is not None:
         out = soft_identity_blend(out, v, blend)
     return (out, lse) if return_lse else out
 
 
+def _attention_with_edited_tail(q, k, v, *, backend, mask, edit, return_lse, key_bias, causal, scale, window):
+    """For backends without the score edit: the rows before the first edited one through ``backend`` (over the keys
+    they can see, so bottom-right alignment holds), the edited tail explicitly (few rows: the prompt's last row at
+    prefill, the new row at decode)."""
+    m, n = q.shape[2], k.shape[2]
+    first = edit.first_row(m, n)
+    parts, lses = [], []
+    if first > 0:
+        seen = n - m + first
+        head_bias = None if key_bias is None else key_bias[..., :seen]
+        head_mask = None if mask is None else mask[..., :first, :seen] if mask.shape[-2] > 1 else mask[..., :seen]
+        head = attention(q[:, :, :first], k[:, :, :seen], v[:, :, :seen], key_bias=head_bias, causal=causal,
+                         scale=scale, window=window, mask=head_mask, backend=backend, return_lse=return_lse)
+        out, lse = head if return_lse else (head, None)
+        parts.append(out)
+        lses.append(lse)
+    if first < m:
+        tail_mask = None if mask is None else mask[..., first:, :] if mask.shape[-2] > 1 else mask
+        out, lse = attention_eager(q[:, :, first:], k, v, key_bias=key_bias, causal=causal, scale=scale,
+                                   window=window, mask=tail_mask, edit=edit)
+        parts.append(out)
+        lses.append(lse)
+    return torch.cat(parts, dim=2), (torch.cat(lses, dim=2) if return_lse else None)
+
+
 def scaled_logits(q, k, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None,
-                  window=None) -> torch.Tensor:
-    """The explicit (B, H, M, N) fp32 logits: q.k * scale, soft-capped, plus every bias (-inf where not visible)."""
+                  window=None, edit=None, positions=None) -> torch.Tensor:
+    """The explicit (B, H, M, N) fp32 logits: q.k * scale, soft-capped, edited, plus every bias (-inf where not
+    visible). ``positions`` (M,): the key position of each query row for ``edit`` (default ``i + N - M``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = torch.matmul(q.float(), _expand_kv(k, q.shape[1]).float().transpose(-1, -2)) * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
+    if edit is not None:
+        m, n = q.shape[2], k.shape[2]
+        rows = torch.arange(m, device=q.device) + (n - m) if positions is None else positions
+        logits = edit.apply(logits, rows)
     bias = logit_bias(q, k, key_bias=key_bias, causal=causal, mask=mask, window=window)
     return logits if bias is None else logits + bias
 

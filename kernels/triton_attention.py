@@ -1,11 +1,13 @@
 """Fused attention forward in Triton: key bias, GQA by index, bottom-right causal / sliding window, LSE, SoftPAG.
 
 One program computes ``BLOCK_M`` query rows of one (batch, head) with the FlashAttention-2 online softmax in the
-log2 domain (spec ``shared/specs/kernels.md`` §3.3, §5; the loop structure of Triton's fused-attention tutorial,
-rewritten with plain pointer arithmetic since ``tl.make_block_ptr`` is gone in Triton 3.9). Per key tile it adds
-``key_bias * log2(e)`` (broadcast strides, 0 for broadcast dimensions: the bias is never materialised), masks keys
-past the bottom-right causal edge or outside the window, and keeps running max / sum. The epilogue writes the
-natural-log LSE and applies the SoftPAG blend ``(1 - u) * out + u * v_self``; a row that sees no key gives 0 and -inf.
+log2 domain (spec ``shared/specs/kernels.md`` §3.3 and §5, the score edit of ``paint.md`` §5.3; the loop structure
+of Triton's fused-attention tutorial, rewritten with plain pointer arithmetic since ``tl.make_block_ptr`` is gone in
+Triton 3.9). Per key tile it applies the score edit ``s + a|s| + m s`` to the rows at or after ``rows_from``
+(homogeneous, so valid on log2-scaled scores), adds ``key_bias * log2(e)`` (broadcast strides, 0 for broadcast
+dimensions: the bias is never materialised), masks keys past the bottom-right causal edge or outside the window,
+and keeps running max / sum. The epilogue writes the natural-log LSE and applies the SoftPAG blend
+``(1 - u) * out + u * v_self``; a row that sees no key gives 0 and -inf.
 
 Memory: inputs, the output and the (B, H, M) LSE; nothing of size M x N. The PyTorch reference is
 ``nograd.kernels.attention(..., backend="eager")``; ``tests/kernels/test_triton_attention.py`` holds them equal under
@@ -52,14 +54,20 @@ if triton is not None:
         return product
 
     @triton.jit
-    def _tile_scores(q, k_base, stride_kn, cols, dims, col_ok, dim_ok, bias_base, stride_bn, qk_scale,
-                     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-        """Log2-domain scores (rows, BLOCK_N) of the query tile ``q`` against the key tile ``cols``, plus the bias."""
+    def _tile_logits(q, k_base, stride_kn, cols, dims, col_ok, dim_ok, qk_scale, UPCAST: tl.constexpr,
+                     IEEE: tl.constexpr):
+        """Log2-domain scaled scores (rows, BLOCK_N) of the query tile ``q`` against the key tile ``cols``."""
         k = tl.load(k_base + cols[None, :] * stride_kn + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None],
                     other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
-        scores = _dot(q, k, IEEE) * qk_scale
+        return _dot(q, k, IEEE) * qk_scale
+
+    @triton.jit
+    def _tile_scores(q, k_base, stride_kn, cols, dims, col_ok, dim_ok, bias_base, stride_bn, qk_scale,
+                     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """``_tile_logits`` plus the key bias."""
+        scores = _tile_logits(q, k_base, stride_kn, cols, dims, col_ok, dim_ok, qk_scale, UPCAST, IEEE)
         if HAS_BIAS:
             bias = tl.load(bias_base + cols * stride_bn, mask=col_ok, other=0.0)
             scores += bias[None, :] * 1.4426950408889634
@@ -67,7 +75,7 @@ if triton is not None:
 
     @triton.jit
     def _attention_forward(
-        Q, K, V, Bias, Blend, Out, Lse,
+        Q, K, V, Bias, Blend, Out, Lse, EditAbs, EditMul, EditFrom,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
@@ -75,9 +83,12 @@ if triton is not None:
         stride_ub, stride_uh,
         stride_ob, stride_oh, stride_om,
         stride_lb, stride_lh,
+        stride_ab, stride_ah, stride_an,
+        stride_mb, stride_mh, stride_mn,
         H, GROUPS, M, N, HEAD_DIM, qk_scale, window,
         HAS_BIAS: tl.constexpr, HAS_BLEND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
         RETURN_LSE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+        EDIT_ABS: tl.constexpr, EDIT_MUL: tl.constexpr, EDIT_FROM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -114,8 +125,22 @@ if triton is not None:
         for start in range(lo, hi, BLOCK_N):
             cols = start + cols_in_tile
             col_ok = cols < N
-            scores = _tile_scores(q, k_base, stride_kn, cols, dims, col_ok, dim_ok, bias_base, stride_bn, qk_scale,
-                                  HAS_BIAS, UPCAST, IEEE)
+            scores = _tile_logits(q, k_base, stride_kn, cols, dims, col_ok, dim_ok, qk_scale, UPCAST, IEEE)
+            if EDIT_ABS or EDIT_MUL:
+                # s + a|s| + m s is homogeneous, so it applies to the log2-scaled scores unchanged
+                delta = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                if EDIT_ABS:
+                    a = tl.load(EditAbs + b * stride_ab + h * stride_ah + cols * stride_an, mask=col_ok, other=0.0)
+                    delta += a[None, :] * tl.abs(scores)
+                if EDIT_MUL:
+                    mul = tl.load(EditMul + b * stride_mb + h * stride_mh + cols * stride_mn, mask=col_ok, other=0.0)
+                    delta += mul[None, :] * scores
+                if EDIT_FROM:
+                    delta = tl.where((rows + shift >= tl.load(EditFrom + b))[:, None], delta, 0.0)
+                scores += delta
+            if HAS_BIAS:
+                bias = tl.load(bias_base + cols * stride_bn, mask=col_ok, other=0.0)
+                scores += bias[None, :] * 1.4426950408889634
             visible = col_ok[None, :] & row_ok[:, None]
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows[:, None] + shift)
@@ -163,7 +188,7 @@ def _bias_strides(key_bias: torch.Tensor, b: int, h: int, n: int) -> tuple[torch
 
 
 def attention_triton(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, return_lse=False,
-                     window=None):
+                     window=None, edit=None):
     """The Triton forward. Same arguments and results as ``nograd.kernels.attention`` (no ``mask``/``softcap``)."""
     if triton is None:
         raise RuntimeError("backend='triton' needs the triton package (pip install nograd[triton])")
@@ -175,6 +200,12 @@ def attention_triton(q, k, v, *, key_bias=None, causal=False, scale=None, blend=
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty((b, h, m), device=q.device, dtype=torch.float32) if return_lse else out
     bias, bias_strides = (_bias_strides(key_bias, b, h, n) if key_bias is not None else (out, (0, 0, 0)))
+    edit_abs = edit_mul = edit_from = None
+    if edit is not None:
+        edit_abs, edit_mul, edit_from = edit.abs_coef, edit.mul_coef, edit.rows_from
+    abs_coef, abs_strides = _bias_strides(edit_abs, b, h, n) if edit_abs is not None else (out, (0, 0, 0))
+    mul_coef, mul_strides = _bias_strides(edit_mul, b, h, n) if edit_mul is not None else (out, (0, 0, 0))
+    rows_from = edit_from.to(device=q.device, dtype=torch.int64).contiguous() if edit_from is not None else out
     if blend is not None:
         u = blend.float().reshape(-1 if blend.dim() == 2 else 1, h).expand(b, h)
         blend_strides = u.stride()
@@ -186,16 +217,18 @@ def attention_triton(q, k, v, *, key_bias=None, causal=False, scale=None, blend=
     upcast = interpreting() and q.dtype == torch.bfloat16
     grid = (triton.cdiv(m, block_m), b * h)
     _attention_forward[grid](
-        q, k, v, bias, u, out, lse,
+        q, k, v, bias, u, out, lse, abs_coef, mul_coef, rows_from,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         *bias_strides, *blend_strides,
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
+        *abs_strides, *mul_strides,
         h, h // k.shape[1], m, n, d, scale * LOG2E, window or 0,
         HAS_BIAS=key_bias is not None, HAS_BLEND=blend is not None, CAUSAL=bool(causal),
         HAS_WINDOW=window is not None, RETURN_LSE=return_lse, UPCAST=upcast, IEEE=q.dtype == torch.float32,
+        EDIT_ABS=edit_abs is not None, EDIT_MUL=edit_mul is not None, EDIT_FROM=edit_from is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
     )
     return (out, lse) if return_lse else out

@@ -257,3 +257,50 @@ def test_dead_rows_equals_a_dense_scan(m, n, causal, window):
         want = torch.isneginf(dense).all(-1, keepdim=True) if dense is not None else torch.zeros(1, 1, m, 1, dtype=torch.bool)
         got = dead_rows(key_bias, m, n, causal, window)
         assert torch.equal(got.expand(2, 3, m, 1), want.expand(2, 3, m, 1))
+
+
+def edit_of(b, h, n, m, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    abs_coef = torch.zeros(b, 1, n)
+    abs_coef[..., 2:7] = 0.7
+    mul_coef = (torch.rand(1, h, n, generator=g) - 0.5) * 0.3
+    rows_from = torch.tensor([n - 1, n - m + 2][:b])
+    return kernels.ScoreEdit(abs_coef=abs_coef, mul_coef=mul_coef, rows_from=rows_from)
+
+
+def edit_reference(q, k, v, edit, key_bias=None, causal=True):
+    """The official PAI/PAINT edit, written out: eager scores, ``s + a|s| + m s`` on rows at or after the start."""
+    b, h, m, _ = q.shape
+    n = k.shape[2]
+    groups = h // k.shape[1]
+    s = (q @ k.repeat_interleave(groups, 1).transpose(-1, -2)) / q.shape[-1] ** 0.5
+    delta = edit.abs_coef[..., None, :] * s.abs() + edit.mul_coef[..., None, :] * s
+    rows = torch.arange(m) + n - m
+    on = rows[None, :] >= edit.rows_from[:, None]
+    s = s + torch.where(on[:, None, :, None], delta, torch.zeros(()))
+    if key_bias is not None:
+        s = s + key_bias[..., None, :]
+    if causal:
+        s = s.masked_fill(~(torch.arange(n)[None, :] <= rows[:, None]), -math.inf)
+    return s.softmax(-1) @ v.repeat_interleave(groups, 1)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "auto"])
+@pytest.mark.parametrize("m, n", [(9, 9), (1, 12), (4, 11)])
+def test_score_edit_matches_the_official_rule(backend, m, n):
+    q, k, v = inputs((2, 4, 2, m, n, 16))
+    edit = edit_of(2, 4, n, m)
+    bias = bias_of("B1N", 2, 4, n)
+    bias[..., :2] = 0.0
+    got = kernels.attention(q, k, v, key_bias=bias, causal=True, edit=edit, backend=backend)
+    torch.testing.assert_close(got, edit_reference(q, k, v, edit, bias), atol=1e-5, rtol=0)
+
+
+def test_score_edit_only_touches_rows_from_the_start():
+    q, k, v = inputs((2, 4, 2, 9, 9, 16))
+    edit = edit_of(2, 4, 9, 9)
+    plain = kernels.attention(q, k, v, causal=True, backend="sdpa")
+    edited = kernels.attention(q, k, v, causal=True, backend="sdpa", edit=edit)
+    torch.testing.assert_close(edited[0, :, :8], plain[0, :, :8], atol=1e-6, rtol=0)
+    torch.testing.assert_close(edited[1, :, :2], plain[1, :, :2], atol=1e-6, rtol=0)
+    assert (edited[0, :, 8] - plain[0, :, 8]).abs().max() > 1e-4 and (edited[1, :, 2] - plain[1, :, 2]).abs().max() > 1e-4

@@ -138,3 +138,20 @@ def test_triton_rejects_what_it_does_not_do():
         kernels.attention(q, k, v, softcap=3.0, backend="triton")
     with pytest.raises(ValueError, match="mask"):
         kernels.attention(q, k, v, mask=torch.ones(1, 1, 4, 4, dtype=torch.bool, device=DEVICE), backend="triton")
+
+
+@pytest.mark.parametrize("m, n", [(9, 9), (1, 40), (37, 45)])
+def test_score_edit(m, n):
+    q, k, v = inputs((2, 4, 2, m, n, 32))
+    abs_coef = torch.zeros(2, 1, n, device=DEVICE)
+    abs_coef[..., 3:20] = 0.7
+    mul_coef = torch.linspace(-0.2, 0.2, n, device=DEVICE).expand(1, 4, n)
+    edit = kernels.ScoreEdit(abs_coef=abs_coef, mul_coef=mul_coef,
+                             rows_from=torch.tensor([n - 1, n - m + m // 2], device=DEVICE))
+    bias = bias_of("B1N", 2, 4, n)
+    out, lse = kernels.attention(q, k, v, key_bias=bias, causal=True, edit=edit, backend="triton", return_lse=True)
+    cpu_edit = kernels.ScoreEdit(abs_coef=abs_coef.cpu(), mul_coef=mul_coef.cpu(), rows_from=edit.rows_from.cpu())
+    want, want_lse = reference(q, k, v, key_bias=bias, causal=True, edit=cpu_edit)
+    close(out, want, 1e-5)
+    finite = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse.cpu()[finite], want_lse[finite], atol=1e-5, rtol=0)
