@@ -23,28 +23,29 @@ def _probs(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tenso
     return torch.exp(logits - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
 
 
-def _triton(q: torch.Tensor, backend: str, mask=None, softcap=None) -> bool:
-    """Whether to run the Triton kernel: asked for, or ``auto`` on CUDA; never with a dense mask or softcap."""
+def _triton(q: torch.Tensor, backend: str, mask=None, softcap=None, edit=None) -> bool:
+    """Whether to run the Triton kernel: asked for, or ``auto`` on CUDA; never with a dense mask, softcap or edit."""
     from . import triton_attention
 
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend={backend!r} is not one of ('auto', 'triton', 'torch')")
-    if backend == "triton" and (mask is not None or softcap is not None):
-        raise ValueError("backend='triton' takes no dense mask or softcap; use backend='torch'")
+    unsupported = mask is not None or softcap is not None or edit is not None
+    if backend == "triton" and unsupported:
+        raise ValueError("backend='triton' takes no dense mask, softcap or score edit; use backend='torch'")
     if backend == "auto":
-        return q.is_cuda and triton_attention.available(q.device) and mask is None and softcap is None
+        return q.is_cuda and triton_attention.available(q.device) and not unsupported
     return backend == "triton"
 
 
 def attention_rows(q_rows, k, *, positions=None, key_bias=None, scale=None, mask=None, softcap=None, window=None,
-                   backend="auto") -> torch.Tensor:
+                   edit=None, edit_positions=None, backend="auto") -> torch.Tensor:
     """Softmax attention rows (B, H, R, N) fp32 of the queries ``q_rows`` (B, H, R, D).
 
     ``positions`` (R,): the key index each query sits at; a query sees keys ``<= position`` (causal). ``None``: every
     key is visible (non-causal, or the rows are decode queries). ``window`` (with ``positions``): it also sees only
-    the ``window`` most recent keys.
+    the ``window`` most recent keys. ``edit`` (a ``ScoreEdit``) with ``edit_positions`` (R,), each row's position.
     """
-    if _triton(q_rows, backend, mask, softcap):
+    if _triton(q_rows, backend, mask, softcap, edit):
         from .triton_stats import attention_probabilities_triton
 
         return attention_probabilities_triton(q_rows, k, positions=positions, key_bias=key_bias, scale=scale,
@@ -54,11 +55,12 @@ def attention_rows(q_rows, k, *, positions=None, key_bias=None, scale=None, mask
         at = positions.to(k.device)[:, None]
         visible = (keys <= at) & (keys > at - window) if window is not None else keys <= at
         mask = visible if mask is None else (mask & visible if mask.dtype == torch.bool else mask.masked_fill(~visible, -torch.inf))
-    return _probs(scaled_logits(q_rows, k, key_bias=key_bias, scale=scale, mask=mask, softcap=softcap))
+    return _probs(scaled_logits(q_rows, k, key_bias=key_bias, scale=scale, mask=mask, softcap=softcap, edit=edit,
+                                positions=edit_positions if edit_positions is not None else positions))
 
 
 def key_attention_mass(q, k, lse=None, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None,
-                       window=None, reduce="sum", backend="auto") -> torch.Tensor:
+                       window=None, edit=None, reduce="sum", backend="auto") -> torch.Tensor:
     """Attention received by each key, per head: (B, H, N) fp32.
 
     ``reduce="sum"`` adds the weights over all M queries; ``"mean"`` divides by the number of queries that can see
@@ -67,13 +69,13 @@ def key_attention_mass(q, k, lse=None, *, key_bias=None, causal=False, scale=Non
     """
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce={reduce!r} is not one of ('sum', 'mean')")
-    if _triton(q, backend, mask, softcap):
+    if _triton(q, backend, mask, softcap, edit):
         from .triton_stats import key_attention_mass_triton
 
         return key_attention_mass_triton(q, k, lse, key_bias=key_bias, causal=causal, scale=scale, window=window,
                                          reduce=reduce)
     logits = scaled_logits(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap,
-                           window=window)
+                           window=window, edit=edit)
     mass = _probs(logits, lse).sum(dim=2)
     if reduce == "sum":
         return mass

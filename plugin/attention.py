@@ -7,8 +7,9 @@ function, so padding and sliding windows arrive exactly as the base expects them
 to it with ``set_attn_implementation`` (a ``{"text_config": ...}`` dict for VLMs).
 
 Per attention module, methods add ``Intervention`` objects. For one call the function asks each of them for
-(a) an additive per-(batch, head, key) logit bias, (b) a per-head SoftPAG blend toward identity, and (c) whether it
-observes the call (a read-out of attention rows or per-key mass). With nothing to do the call goes to the base
+(a) an additive per-(batch, head, key) logit bias, (b) a pointwise per-key score edit ``s + a|s| + m s`` on the rows
+from a position on, (c) a per-head SoftPAG blend toward identity, and (d) whether it observes the call (a read-out of
+attention rows or per-key mass). With nothing to do the call goes to the base
 implementation unchanged, so an unused layer is bit-identical; otherwise it goes to ``nograd.kernels.attention``.
 
 State for one forward pass (the batch's 2-D padding mask) is captured by a pre-hook on the decoder stack and lives
@@ -44,6 +45,11 @@ class Intervention:
 
     def key_bias(self, call: "AttentionCall") -> torch.Tensor | None:
         """An additive logit bias broadcastable to (B, H, N), natural log units (-inf masks a key), or None."""
+        return None
+
+    def score_edit(self, call: "AttentionCall") -> kernels.ScoreEdit | None:
+        """A pointwise edit of the scaled scores (``nograd.kernels.ScoreEdit``), or None. At most one intervention
+        per layer may edit scores (methods that do claim the ``score_edit`` resource)."""
         return None
 
     def blend(self, call: "AttentionCall") -> torch.Tensor | None:
@@ -90,6 +96,7 @@ class AttentionCall:
     window: int | None = None
     causal: bool = True
     key_bias: torch.Tensor | None = None
+    edit: kernels.ScoreEdit | None = None
     mask: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
 
@@ -106,13 +113,14 @@ class AttentionCall:
         positions = rows + (n - m) if self.causal else None
         mask = None if self.mask is None else self.mask[..., rows, :] if self.mask.shape[-2] > 1 else self.mask
         return kernels.attention_rows(self.query[:, :, rows], self.key, positions=positions, key_bias=self.key_bias,
-                                      scale=self.scaling, mask=mask, softcap=self.softcap, window=self.window)
+                                      scale=self.scaling, mask=mask, softcap=self.softcap, window=self.window,
+                                      edit=self.edit, edit_positions=rows + (n - m))
 
     def key_mass(self, reduce: str = "sum") -> torch.Tensor:
         """Attention received by each key (B, H, N), summed (or averaged) over this call's queries."""
         return kernels.key_attention_mass(self.query, self.key, key_bias=self.key_bias, causal=self.causal,
                                           scale=self.scaling, mask=self.mask, softcap=self.softcap,
-                                          window=self.window, reduce=reduce)
+                                          window=self.window, edit=self.edit, reduce=reduce)
 
 
 # ---- transformers masks -> (padding, causal, residual) -------------------------------------------------------------
@@ -307,13 +315,18 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
 
     ``mask`` is the caller's mask (transformers' 4-D format); ``call.causal`` says whether the layer is causal;
     ``split`` reduces the mask (``split_mask``, or a caching wrapper of it).
-    Biases add up; blends compose as ``1 - prod(1 - u)``; observers run after the attention.
+    Biases add up; blends compose as ``1 - prod(1 - u)``; at most one score edit; observers run after the attention.
     """
     biases = [b for iv in interventions if (b := iv.key_bias(call)) is not None]
+    edits = [e for iv in interventions if (e := iv.score_edit(call)) is not None]
     blends = [u for iv in interventions if (u := iv.blend(call)) is not None]
     observers = [iv for iv in interventions if iv.observes]
-    if not (biases or blends or observers):
+    if not (biases or edits or blends or observers):
         return None
+    if len(edits) > 1:
+        raise RuntimeError("two interventions edit the scores of one layer; methods that edit scores must claim "
+                           "the 'score_edit' resource")
+    call.edit = edits[0] if edits else None
     _, _, m, n = call.shape
     key_valid, call.causal, call.mask = split(mask, m, n, call.causal)
     bias = sum(biases[1:], biases[0]) if biases else None
@@ -328,7 +341,7 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
             keep = keep * (1 - u.float())
         blend = 1 - keep
     out = kernels.attention(call.query, call.key, call.value, key_bias=bias, causal=call.causal, scale=call.scaling,
-                            mask=call.mask, softcap=call.softcap, window=call.window, blend=blend)
+                            mask=call.mask, softcap=call.softcap, window=call.window, blend=blend, edit=call.edit)
     for iv in observers:
         iv.observe(call)
     return out

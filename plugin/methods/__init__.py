@@ -1,3 +1,3 @@
 """One file per method; importing this package registers them all."""
 
-from . import zerotuning  # noqa: F401
+from . import clearsight, pai, zerotuning  # noqa: F401

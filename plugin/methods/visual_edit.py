@@ -1,0 +1,181 @@
+"""The shared base of the VLM score-edit methods (PAI, ClearSight; PAINT next): where the image and the prompt are,
+and one ``ScoreEdit`` per decoder layer built from per-key coefficients (spec ``paint.md`` §5.1-5.5).
+
+At every prefill (a forward on an empty KV cache) a pre-hook on the model records, per batch row, which sequence
+positions hold image tokens (``adapter.image_token_mask``), which are real (non-pad) tokens, where the prompt ends
+(``P_b - 1``) and where the image ends; a prompt without image tokens clears it. Decode steps reuse it; keys after
+the prompt (generated tokens) belong to no class. Without a KV cache every forward re-runs the prompt plus the
+generated tokens: a forward that extends the recorded prompt keeps it. The edit applies
+to the rows from ``rows_from`` on: the prompt's last row and every generated row (``"prompt_end"``, the official
+"last row of every forward" in its cache-consistent form, §5.1.4), or every row after the image (``"after_image"``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from ..attention import AttentionCall, Intervention, intervene
+from ..kernels import ScoreEdit
+from .base import Method
+
+ROWS = ("prompt_end", "after_image")
+
+
+@dataclass
+class VisualPrompt:
+    """The image-bearing prompt of the current generation, per batch row, in padded sequence positions."""
+
+    image: torch.Tensor
+    """(B, T) bool: image-token positions."""
+    real: torch.Tensor
+    """(B, T) bool: non-pad positions."""
+    prompt_end: torch.Tensor
+    """(B,) position of each row's last real prompt token (P_b - 1)."""
+    image_end: torch.Tensor
+    """(B,) position just after each row's last image token (0 without an image)."""
+
+    @classmethod
+    def from_inputs(cls, adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> "VisualPrompt":
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        image = adapter.image_token_mask(input_ids) & real
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        prompt_end = torch.where(real, positions, -1).amax(dim=1)
+        image_end = torch.where(image, positions + 1, 0).amax(dim=1)
+        return cls(image=image, real=real, prompt_end=prompt_end, image_end=image_end)
+
+    def key_classes(self, classes: torch.Tensor, n_keys: int) -> torch.Tensor:
+        """(B, T) per-position values ``classes`` cut or zero-padded to ``n_keys`` keys (generated keys: 0)."""
+        t = classes.shape[1]
+        if n_keys <= t:
+            return classes[:, :n_keys]
+        return torch.cat([classes, classes.new_zeros(classes.shape[0], n_keys - t)], dim=1)
+
+    def system(self) -> torch.Tensor:
+        """(B, T) bool: the real tokens before each row's first image token (the system prompt and chat header)."""
+        positions = torch.arange(self.image.shape[1], device=self.image.device)
+        first_image = torch.where(self.image, positions, self.image.shape[1]).amin(dim=1)
+        return self.real & (positions[None, :] < first_image[:, None])
+
+
+class PromptTracker:
+    """Keeps the ``VisualPrompt`` of the current generation, captured by a pre-hook on the model."""
+
+    def __init__(self, handle):
+        model = handle.model
+        self.adapter = handle.adapter
+        self.prompt: VisualPrompt | None = None
+        self._signature = inspect.signature(model.forward)
+        hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
+        handle.on_remove("prompt tracker hook", hook.remove)
+
+    def _capture(self, module, args, kwargs):
+        inputs = self._signature.bind_partial(*args, **kwargs).arguments
+        inputs.update(inputs.pop("kwargs", {}))
+        if self._cache_length(inputs) > 0:
+            return  # a decode step: the prompt stays
+        input_ids = inputs.get("input_ids")
+        fresh = None if input_ids is None else VisualPrompt.from_inputs(self.adapter, input_ids,
+                                                                        inputs.get("attention_mask"))
+        if fresh is None or not bool(fresh.image.any()):
+            self.prompt = None
+        elif not self._continues(fresh):
+            self.prompt = fresh
+
+    def _continues(self, fresh: VisualPrompt) -> bool:
+        """A forward that re-runs the recorded prompt plus generated tokens (generation without a KV cache)."""
+        old = self.prompt
+        if old is None or fresh.image.shape[0] != old.image.shape[0] or fresh.image.shape[1] <= old.image.shape[1]:
+            return False
+        t = old.image.shape[1]
+        return bool(torch.equal(fresh.image[:, :t], old.image) and torch.equal(fresh.real[:, :t], old.real))
+
+    @staticmethod
+    def _cache_length(inputs) -> int:
+        cache = inputs.get("cache", inputs.get("past_key_values"))
+        return 0 if cache is None else int(cache.get_seq_length())
+
+
+class VisualScoreEdit(Intervention):
+    """One decoder layer's edit: per-key coefficients from the tracked prompt, times per-head gains."""
+
+    def __init__(self, method: "VisualEditMethod", tracker: PromptTracker, gains: torch.Tensor, stats: dict):
+        self.method = method
+        self.tracker = tracker
+        self.gains = gains
+        self.stats = stats
+
+    def score_edit(self, call: AttentionCall) -> ScoreEdit | None:
+        prompt = self.tracker.prompt
+        if prompt is None or not bool(prompt.image.any()):
+            return None
+        n = call.shape[3]
+        gains = self.gains.to(call.query.device)[None, :, None]
+        abs_coef, mul_coef = self.method.coefficients(prompt)
+        rows_from = prompt.prompt_end if self.method.config.rows == "prompt_end" else prompt.image_end
+        self.stats["edited_calls"] += 1
+        return ScoreEdit(
+            abs_coef=None if abs_coef is None else prompt.key_classes(abs_coef, n)[:, None, :] * gains,
+            mul_coef=None if mul_coef is None else prompt.key_classes(mul_coef, n)[:, None, :] * gains,
+            rows_from=rows_from.to(call.query.device),
+        )
+
+
+def layer_range(layers, num_layers: int, default: tuple[float, float]) -> range:
+    """Decoder layers ``[start, end)``: ``layers`` as given (``end`` None = all), else ``default`` as fractions of
+    the depth of the model the paper used (e.g. 2/32), scaled to this model and never empty."""
+    if layers is not None:
+        start, end = layers
+        return range(start, num_layers if end is None else end)
+    start = min(round(default[0] * num_layers), num_layers - 1)
+    return range(start, max(start + 1, round(default[1] * num_layers)))
+
+
+class VisualEditMethod(Method):
+    """Base of the VLM score-edit methods: subclasses give the per-position coefficients and the default layers."""
+
+    kinds = ("vlm",)
+    resources = ("score_edit",)
+    default_layers: tuple[float, float] = (0.0, 1.0)
+
+    def coefficients(self, prompt: VisualPrompt) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(B, T) ``abs_coef`` and ``mul_coef`` per prompt position (None where the method has none)."""
+        raise NotImplementedError
+
+    def is_neutral(self) -> bool:
+        raise NotImplementedError
+
+    def layers(self) -> range:
+        return layer_range(self.config.layers, self.adapter.num_layers, self.default_layers)
+
+    def check_model(self) -> None:
+        layers, depth = self.config.layers, self.adapter.num_layers
+        if layers is not None:
+            end = depth if layers[1] is None else layers[1]
+            if not 0 <= layers[0] < end <= depth:
+                self.config.invalid("layers", f"(start, end) with 0 <= start < end <= {depth} (end None = {depth})")
+
+    def attach(self, handle) -> None:
+        layers = list(self.layers())
+        handle.stats.update(layers=layers, heads=self.adapter.num_heads, edited_calls=0)
+        if self.is_neutral():
+            handle.stats["layers"] = []
+            return
+        tracker = PromptTracker(handle)
+        gains = torch.ones(self.adapter.num_heads)
+        modules = self.adapter.attention_modules
+        intervene(handle, {modules[layer]: VisualScoreEdit(self, tracker, gains, handle.stats) for layer in layers})
+
+
+def check_layers(config) -> None:
+    """``layers``: None, or (start, end) with ints, ``end`` None for "to the last layer"."""
+    layers = config.layers
+    if layers is None:
+        return
+    ok = (isinstance(layers, (tuple, list)) and len(layers) == 2 and isinstance(layers[0], int)
+          and (layers[1] is None or isinstance(layers[1], int)))
+    if not ok:
+        config.invalid("layers", "None or (start, end) with int start and int-or-None end")
+    object.__setattr__(config, "layers", tuple(layers))

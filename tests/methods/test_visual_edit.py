@@ -1,0 +1,184 @@
+"""PAI and ClearSight: neutral settings bit-exact, equality with independent dense re-implementations of the
+official edits, rows and layers touched, cache consistency, batch with left padding, restore."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+import nograd
+from checks import attn_names, same_state, snapshot
+from tiny.vlm import make_inputs
+
+REFERENCE = "visual_edit_reference"
+FAMILIES = ["llava", "qwen2_vl", "llava_onevision"]
+
+
+def official_edit(image, system, prompt_end, image_end, layers, alpha=0.0, enhance=1.0, suppress=1.0):
+    """Dense eager attention with the official edits written out.
+
+    PAI (``llama_new_forward``): after the mask add, on the rows from the prompt's last token on,
+    ``s + alpha * |s|`` on image keys. ClearSight (``AttnAdapter``): on the rows after the image, the raw logits of
+    image keys times ``enhance`` and of system keys times ``suppress``, then the mask.
+    """
+
+    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1).float(), value.repeat_interleave(groups, 1).float()
+        n, m = key.shape[2], query.shape[2]
+        raw = (query.float() @ key.transpose(-1, -2)) * scaling
+        if module.layer_idx in layers:
+            rows = torch.arange(m) + n - m
+            keys_image = torch.nn.functional.pad(image, (0, n - image.shape[1]))[:, None, None, :]
+            keys_system = torch.nn.functional.pad(system, (0, n - system.shape[1]))[:, None, None, :]
+            after_image = (rows[None, :] >= image_end[:, None])[:, None, :, None]
+            factor = torch.where(keys_image, enhance, torch.where(keys_system, suppress, 1.0))
+            raw = torch.where(after_image, raw * factor, raw)
+        scores = raw + attention_mask.float()
+        if module.layer_idx in layers:
+            from_end = (rows[None, :] >= prompt_end[:, None])[:, None, :, None]
+            scores = torch.where(from_end & keys_image, scores + alpha * scores.abs(), scores)
+        out = scores.softmax(-1) @ value
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+@pytest.fixture
+def reference_logits():
+    AttentionMaskInterface.register(REFERENCE, eager_mask)
+
+    def run(model, inputs, **edit):
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        image = (ids == model.config.image_token_id) & mask
+        positions = torch.arange(ids.shape[1])
+        first_image = torch.where(image, positions, ids.shape[1]).amin(1)
+        system = mask & (positions[None, :] < first_image[:, None])
+        prompt_end = torch.where(mask, positions, -1).amax(1)
+        image_end = torch.where(image, positions + 1, 0).amax(1)
+        AttentionInterface.register(REFERENCE, official_edit(image, system, prompt_end, image_end, **edit))
+        before = model.config.text_config._attn_implementation
+        model.set_attn_implementation({"text_config": REFERENCE})
+        try:
+            with torch.no_grad():
+                return model(**inputs).logits
+        finally:
+            model.set_attn_implementation({"text_config": before})
+
+    yield run
+    AttentionInterface._global_mapping.pop(REFERENCE, None)
+    AttentionMaskInterface._global_mapping.pop(REFERENCE, None)
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("method, options", [("pai", {"alpha": 0.0}), ("clearsight", {"enhance": 1, "suppress": 1})])
+def test_neutral_settings_are_bit_identical(build, method, options):
+    model = build("llava")
+    inputs = make_inputs("llava", model)
+    plain = logits(model, inputs)
+    with nograd.apply(model, method, **options) as handle:
+        assert torch.equal(logits(model, inputs), plain) and handle.stats["layers"] == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pai_equals_the_official_edit(build, reference_logits, family):
+    model = build(family)
+    inputs = make_inputs(family, model)
+    expected = reference_logits(model, inputs, layers={1}, alpha=0.5)
+    plain = logits(model, inputs)
+    with nograd.apply(model, "pai", alpha=0.5, layers=(1, None)) as handle:
+        got = logits(model, inputs)
+        assert handle.stats["layers"] == [1] and handle.stats["edited_calls"] == 1
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
+    # only the prompt's last row changes at prefill
+    torch.testing.assert_close(got[:, :-1][real[:, :-1]], plain[:, :-1][real[:, :-1]], atol=1e-5, rtol=0)
+    assert (got[:, -1] - plain[:, -1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_clearsight_equals_the_official_edit(build, reference_logits, family):
+    model = build(family)
+    inputs = make_inputs(family, model)
+    expected = reference_logits(model, inputs, layers={0}, enhance=1.6, suppress=0.7)
+    plain = logits(model, inputs)
+    with nograd.apply(model, "clearsight", enhance=1.6, suppress=0.7, layers=(0, 1)):
+        got = logits(model, inputs)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
+    assert (got - plain)[real].abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("method", ["pai", "clearsight"])
+def test_generate_with_cache_equals_without_and_restores(build, method):
+    model = build("llava")
+    inputs = make_inputs("llava", model)
+    names, saved = attn_names(model), snapshot(model)
+    kwargs = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    plain = model.generate(**inputs, **kwargs)
+    options = {"alpha": 0.8} if method == "pai" else {"enhance": 1.5, "suppress": 0.8, "rows": "prompt_end"}
+    with nograd.apply(model, method, **options):
+        cached = model.generate(**inputs, use_cache=True, **kwargs)
+        uncached = model.generate(**inputs, use_cache=False, **kwargs)
+    for a, b in zip(cached.scores, uncached.scores):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(cached.scores, plain.scores))
+    assert attn_names(model) == names and same_state(model, saved)
+    again = model.generate(**inputs, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(again.scores, plain.scores))
+
+
+def test_text_only_prompt_after_an_image_prompt_is_untouched(build):
+    model = build("llava")
+    inputs = make_inputs("llava", model)
+    text_only = {"input_ids": torch.randint(4, 100, (1, 7)), "attention_mask": torch.ones(1, 7, dtype=torch.long)}
+    plain = logits(model, text_only)
+    with nograd.apply(model, "pai", alpha=0.8):
+        logits(model, inputs)
+        assert torch.equal(logits(model, text_only), plain)
+
+
+def test_score_edit_methods_cannot_share_a_model(build):
+    model = build("llava")
+    with nograd.apply(model, "pai"):
+        with pytest.raises(nograd.IncompatibleMethodsError, match="score_edit"):
+            nograd.apply(model, "clearsight")
+
+
+def test_default_layers_scale_with_depth():
+    from nograd.methods.visual_edit import layer_range
+
+    assert layer_range(None, 32, (2 / 32, 1.0)) == range(2, 32)
+    assert layer_range(None, 32, (9 / 32, 15 / 32)) == range(9, 15)
+    assert layer_range(None, 28, (9 / 32, 15 / 32)) == range(8, 13)
+    assert layer_range(None, 2, (9 / 32, 15 / 32)) == range(1, 2)
+    assert layer_range((3, None), 10, (0, 1)) == range(3, 10)
+
+
+@pytest.mark.parametrize("method, options, words", [
+    ("pai", {"alpha": float("inf")}, ["alpha", "finite"]),
+    ("pai", {"rows": "all"}, ["rows", "prompt_end"]),
+    ("pai", {"layers": (1, 9)}, ["layers", "0 <= start < end <= 2"]),
+    ("clearsight", {"enhance": 0}, ["enhance", "> 0"]),
+    ("clearsight", {"layers": "middle"}, ["layers"]),
+])
+def test_bad_options(build, method, options, words):
+    model = build("llava")
+    names = attn_names(model)
+    with pytest.raises((ValueError, TypeError)) as info:
+        nograd.apply(model, method, **options)
+    assert all(word in str(info.value) for word in words)
+    assert attn_names(model) == names and nograd.attached(model) == []
+
+
+def test_text_models_are_refused():
+    from tiny import build
+
+    with pytest.raises(nograd.UnsupportedModelError, match="pai does not support LlamaForCausalLM"):
+        nograd.apply(build("llama"), "pai")
