@@ -2,7 +2,7 @@
 
 ``attention`` (biased / blended attention with LSE; backends triton, flex, sdpa, eager; ``use_backend`` picks
 one for every method's attention in a block), ``attention_rows``, ``key_attention_mass`` and ``attention_block``
-(statistics of one attention call), and the helpers that turn masks and reweighting factors into logit biases.
+(statistics of one attention call), ``attention_rescaled_set`` (ACT's row-wise set calibration), and the helpers that turn masks and reweighting factors into logit biases.
 """
 
 from .attention import (
@@ -18,6 +18,7 @@ from .attention import (
     soft_identity_blend,
     use_backend,
 )
+from .set_rescale import attention_rescaled_set
 from .stats import attention_block, attention_rows, key_attention_mass
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "ScoreEdit",
     "attention",
     "attention_block",
+    "attention_rescaled_set",
     "attention_rows",
     "choose_backend",
     "causal_visibility",

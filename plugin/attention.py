@@ -52,6 +52,12 @@ class Intervention:
         per layer may edit scores (methods that do claim the ``score_edit`` resource)."""
         return None
 
+    def set_rescale(self, call: "AttentionCall") -> tuple[torch.Tensor, float] | None:
+        """``(key_set, factor)``: scale the weights of ``key_set`` (bool, broadcastable to (B, H, N)) by ``factor`` in
+        every row and renormalise the rest (ACT; ``nograd.kernels.attention_rescaled_set``), or None. Called after
+        the mask and biases are known, so ``call.key_mass()`` reads this call's attention before the rescale."""
+        return None
+
     def blend(self, call: "AttentionCall") -> torch.Tensor | None:
         """SoftPAG weights u, (H,) or (B, H): ``out = (1 - u) * attention + u * v_self``; or None."""
         return None
@@ -315,14 +321,13 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
 
     ``mask`` is the caller's mask (transformers' 4-D format); ``call.causal`` says whether the layer is causal;
     ``split`` reduces the mask (``split_mask``, or a caching wrapper of it).
-    Biases add up; blends compose as ``1 - prod(1 - u)``; at most one score edit; observers run after the attention.
+    Biases add up; blends compose as ``1 - prod(1 - u)``; at most one score edit and one set rescale; observers run
+    after the attention (with read-outs only, the caller's base implementation computes the output).
     """
     biases = [b for iv in interventions if (b := iv.key_bias(call)) is not None]
     edits = [e for iv in interventions if (e := iv.score_edit(call)) is not None]
     blends = [u for iv in interventions if (u := iv.blend(call)) is not None]
     observers = [iv for iv in interventions if iv.observes]
-    if not (biases or edits or blends or observers):
-        return None
     if len(edits) > 1:
         raise RuntimeError("two interventions edit the scores of one layer; methods that edit scores must claim "
                            "the 'score_edit' resource")
@@ -334,14 +339,29 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
         padding = kernels.padding_to_bias(key_valid)
         bias = padding if bias is None else bias + padding
     call.key_bias = bias
+    rescales = [r for iv in interventions if (r := iv.set_rescale(call)) is not None]
+    if len(rescales) > 1:
+        raise RuntimeError("two interventions rescale key sets of one layer; such methods must claim 'score_edit'")
+    if not (biases or edits or blends or rescales):
+        for iv in observers:
+            iv.observe(call)
+        return None  # nothing changes the output: the caller's base implementation computes it
     blend = None
     if blends:
         keep = torch.ones_like(blends[0], dtype=torch.float32)
         for u in blends:
             keep = keep * (1 - u.float())
         blend = 1 - keep
-    out = kernels.attention(call.query, call.key, call.value, key_bias=bias, causal=call.causal, scale=call.scaling,
-                            mask=call.mask, softcap=call.softcap, window=call.window, blend=blend, edit=call.edit)
+    common = dict(causal=call.causal, scale=call.scaling, mask=call.mask, softcap=call.softcap, window=call.window,
+                  edit=call.edit)
+    if rescales:
+        (key_set, factor), = rescales
+        out, _ = kernels.attention_rescaled_set(call.query, call.key, call.value, key_set=key_set, factor=factor,
+                                                key_bias=bias, **common)
+        if blend is not None:
+            out = kernels.soft_identity_blend(out, call.value, blend)
+    else:
+        out = kernels.attention(call.query, call.key, call.value, key_bias=bias, blend=blend, **common)
     for iv in observers:
         iv.observe(call)
     return out

@@ -1,0 +1,150 @@
+"""ACT: neutral beta bit-exact, equality with the official algorithm written out on the dense attention, padding,
+head and layer selection, generate with the KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+import nograd
+from checks import attn_names, same_state, snapshot
+
+REFERENCE = "act_reference"
+
+
+def official_act(layers, heads, beta=0.4, threshold=0.1):
+    """``llama_modelling_aug.py`` on one unpadded prompt: post-softmax A, per-key mean over the queries that see the
+    key, sinks above the threshold minus the first one, then ``beta * A`` on sinks and the rest renormalised."""
+
+    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1).float(), value.repeat_interleave(groups, 1).float()
+        weights = ((query.float() @ key.transpose(-1, -2)) * scaling + attention_mask.float()).softmax(-1)
+        if module.layer_idx in layers:
+            n = weights.shape[-1]
+            mean = weights.sum(2) / torch.arange(n, 0, -1)
+            for h in heads:
+                found = (mean[0, h] > threshold).nonzero().flatten().tolist()[1:]
+                if not found:
+                    continue
+                a = weights[0, h]
+                sink_mass = a[:, found].sum(-1, keepdim=True)
+                others = torch.ones(n, dtype=torch.bool)
+                others[found] = False
+                calibrated = a.clone()
+                calibrated[:, found] = beta * a[:, found]
+                calibrated[:, others] = a[:, others] + (1 - beta) * sink_mass * a[:, others] / a[:, others].sum(
+                    -1, keepdim=True)
+                weights[0, h] = torch.where(sink_mass < 1, calibrated, a)
+        out = weights @ value
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+@pytest.fixture
+def reference_logits():
+    AttentionMaskInterface.register(REFERENCE, eager_mask)
+
+    def run(model, ids, **options):
+        AttentionInterface.register(REFERENCE, official_act(**options))
+        before = model.config._attn_implementation
+        model.set_attn_implementation(REFERENCE)
+        try:
+            with torch.no_grad():
+                return model(ids).logits
+        finally:
+            model.set_attn_implementation(before)
+
+    yield run
+    AttentionInterface._global_mapping.pop(REFERENCE, None)
+    AttentionMaskInterface._global_mapping.pop(REFERENCE, None)
+
+
+def logits(model, ids, mask=None):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask).logits
+
+
+def test_beta_one_is_bit_identical(build, padded_batch):
+    model = build("llama")
+    ids, mask = padded_batch
+    plain = logits(model, ids, mask)
+    with nograd.apply(model, "act", beta=1.0) as handle:
+        assert torch.equal(logits(model, ids, mask), plain) and handle.stats["layers"] == []
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_equals_the_official_algorithm(build, reference_logits, family):
+    model = build(family)
+    ids = torch.randint(4, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    expected = reference_logits(model, ids, layers={1, 2}, heads=[0, 2])
+    plain = logits(model, ids)
+    with nograd.apply(model, "act", layers=(1, None), heads=[0, 2]) as handle:
+        got = logits(model, ids)
+        assert handle.stats["layers"] == [1, 2] and all(count > 0 for count in handle.stats["sinks"].values())
+    assert (got - plain).abs().max() > 1e-4
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_per_layer_head_table(build, reference_logits):
+    model = build("llama")
+    ids = torch.randint(4, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    with nograd.apply(model, "act", layers=(0, None), heads={1: [0, 2], 2: [0, 2]}) as handle:
+        got = logits(model, ids)
+        assert handle.stats["layers"] == [1, 2]
+    torch.testing.assert_close(got, reference_logits(model, ids, layers={1, 2}, heads=[0, 2]), atol=1e-5, rtol=0)
+
+
+def test_left_padded_rows_equal_prompts_alone(build, padded_batch):
+    model = build("llama")
+    ids, mask = padded_batch
+    with nograd.apply(model, "act", layers=(0, None)):
+        batch = logits(model, ids, mask)
+        for row in range(2):
+            real = mask[row].bool()
+            torch.testing.assert_close(batch[row, real], logits(model, ids[row : row + 1, real])[0], atol=1e-5,
+                                       rtol=0)
+
+
+def test_generate_keeps_prefill_sinks_and_restores(build, padded_batch):
+    model = build("qwen2")
+    ids, mask = padded_batch
+    names, saved = attn_names(model), snapshot(model)
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    plain = model.generate(ids, **kwargs)
+    with nograd.apply(model, "act", layers=(0, None)) as handle:
+        steered = model.generate(ids, **kwargs)
+        assert handle.stats["sinks"]
+    assert steered.shape == plain.shape
+    assert attn_names(model) == names and same_state(model, saved)
+    assert torch.equal(model.generate(ids, **kwargs), plain)
+
+
+def test_act_on_a_vlm(build):
+    from tiny.vlm import make_inputs
+
+    model = build("llava")
+    inputs = make_inputs("llava", model)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    with nograd.apply(model, "act", layers=(0, None)):
+        with torch.no_grad():
+            steered = model(**inputs).logits
+    assert (steered - plain)[inputs["attention_mask"].bool()].abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"beta": -1}, ["beta", ">= 0"]),
+    ({"threshold": 1.5}, ["threshold", "(0, 1)"]),
+    ({"heads": [9]}, ["heads", "0..3"]),
+    ({"heads": {7: [0]}}, ["heads", "layer indices"]),
+    ({"heads": "all"}, ["heads"]),
+])
+def test_bad_options(build, options, words):
+    model = build("llama")
+    with pytest.raises((ValueError, TypeError)) as info:
+        nograd.apply(model, "act", **options)
+    assert all(word in str(info.value) for word in words) and nograd.attached(model) == []
