@@ -78,6 +78,34 @@ class VLMAdapter(Adapter):
         """The layout of every image in the batch, in the order the model consumes them."""
         raise NotImplementedError
 
+    # ---- the vision tower ----------------------------------------------------------------------------------------
+    vision_attn_config_key: ClassVar[str] = "vision_config"
+
+    @property
+    def vision_layers(self) -> list[nn.Module]:
+        """The vision tower's encoder layers (CLIP / SigLIP towers: ``vision_tower[.vision_model].encoder.layers``)."""
+        tower = self.multimodal_model.vision_tower
+        return list(getattr(tower, "vision_model", tower).encoder.layers)
+
+    @property
+    def vision_attention_modules(self) -> list[nn.Module]:
+        """The self-attention module of every vision encoder layer, in layer order."""
+        return [layer.self_attn for layer in self.vision_layers]
+
+    @property
+    def vision_has_cls(self) -> bool:
+        """Whether the tower prepends a CLS token (CLIP's ``embeddings.class_embedding``; SigLIP has none)."""
+        tower = self.multimodal_model.vision_tower
+        return any(name.endswith("embeddings.class_embedding") for name, _ in tower.named_parameters())
+
+    @property
+    def vision_feature_layer(self) -> int:
+        """Index of the encoder layer whose output the projector reads (``hidden_states[vision_feature_layer]``;
+        a list of layers: the deepest)."""
+        chosen = self.model.config.vision_feature_layer
+        chosen = max(chosen, key=lambda i: i % (len(self.vision_layers) + 1)) if isinstance(chosen, list) else chosen
+        return len(self.vision_layers) + chosen if chosen < 0 else chosen - 1
+
     def image_grids(self, input_ids: torch.Tensor, **inputs) -> list[ImageGrid]:
         """Every image of every batch row (``image_index`` counts within the row), in batch-major order."""
         layouts = iter(self.image_layouts(input_ids, **inputs))
@@ -114,9 +142,7 @@ class LlavaAdapter(VLMAdapter):
                                       "by [IMG_BREAK] tokens) has no grid in nograd")
         config = self.model.config
         strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
-        tower = self.multimodal_model.vision_tower
-        has_cls = any(name.endswith("embeddings.class_embedding") for name, _ in tower.named_parameters())
-        leading = int(has_cls) - int(strategy == "default")
+        leading = int(self.vision_has_cls) - int(strategy == "default")
         if leading < 0:
             raise NotImplementedError('vision_feature_select_strategy="default" on a tower without CLS drops a '
                                       "patch, leaving no raster")

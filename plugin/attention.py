@@ -276,28 +276,45 @@ class ModelPatch:
 
 
 class AttentionPatch(ModelPatch):
-    """nograd's registered attention function on one transformers model."""
+    """nograd's registered attention function on one transformers model.
+
+    The decoder stack is switched at install; a VLM's vision tower only when an intervention is added to one of its
+    attention modules (read-outs of the vision attention, e.g. PAINT's CLS rows).
+    """
 
     def __init__(self, model: nn.Module, adapter):
         super().__init__(model, adapter)
-        self.base = adapter.attn_implementation
         self._saved = _config_implementations(model)
-        self.name = _register(self.base)
-        model.set_attn_implementation(adapter.attn_implementation_request(self.name))
-        for module in adapter.attention_modules:
-            _PATCH_OF_MODULE[module] = self
+        self.names = [self._switch(adapter.attn_config_key, adapter.attn_implementation, adapter.attention_modules)]
+        self._vision: set[nn.Module] = set()
         text_model = adapter.text_model
         self._signature = inspect.signature(text_model.forward)
         self._hook = text_model.register_forward_pre_hook(self._capture_batch, with_kwargs=True)
 
+    def _switch(self, config_key: str | None, base: str, modules) -> str:
+        name = _register(base)
+        self.model.set_attn_implementation(name if config_key is None else {config_key: name})
+        for module in modules:
+            _PATCH_OF_MODULE[module] = self
+        return name
+
+    def add(self, module: nn.Module, intervention: Intervention) -> None:
+        if not self._vision and module in getattr(self.adapter, "vision_attention_modules", ()):
+            self._vision = set(self.adapter.vision_attention_modules)
+            key = self.adapter.vision_attn_config_key
+            base = getattr(self.model.config, key)._attn_implementation
+            self.names.append(self._switch(key, base, self._vision))
+        super().add(module, intervention)
+
     def _uninstall(self) -> None:
         """Restore every config's implementation name, drop the hook and (with the last model) the registrations."""
         self._hook.remove()
-        for module in self.adapter.attention_modules:
+        for module in [*self.adapter.attention_modules, *self._vision]:
             _PATCH_OF_MODULE.pop(module, None)
         for config, implementation in self._saved.values():
             config._attn_implementation_internal = implementation
-        _unregister(self.name)
+        for name in self.names:
+            _unregister(name)
 
     def _capture_batch(self, module, args, kwargs):
         bound = self._signature.bind_partial(*args, **kwargs).arguments

@@ -22,6 +22,9 @@ from ..kernels import ScoreEdit
 from .base import Method
 
 ROWS = ("prompt_end", "after_image")
+IMAGE_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask",
+                "vision_feature_select_strategy", "vision_aspect_ratio", "batch_num_images")
+"""Forward inputs that describe the images (what ``adapter.image_grids`` reads), kept with the prompt."""
 
 
 @dataclass
@@ -36,6 +39,9 @@ class VisualPrompt:
     """(B,) position of each row's last real prompt token (P_b - 1)."""
     image_end: torch.Tensor
     """(B,) position just after each row's last image token (0 without an image)."""
+    input_ids: torch.Tensor | None = None
+    image_inputs: dict | None = None
+    """The prefill's image inputs (``IMAGE_INPUTS``), for ``adapter.image_grids(input_ids, **image_inputs)``."""
 
     @classmethod
     def from_inputs(cls, adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> "VisualPrompt":
@@ -44,7 +50,7 @@ class VisualPrompt:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         prompt_end = torch.where(real, positions, -1).amax(dim=1)
         image_end = torch.where(image, positions + 1, 0).amax(dim=1)
-        return cls(image=image, real=real, prompt_end=prompt_end, image_end=image_end)
+        return cls(image=image, real=real, prompt_end=prompt_end, image_end=image_end, input_ids=input_ids)
 
     def key_classes(self, classes: torch.Tensor, n_keys: int) -> torch.Tensor:
         """(B, T) per-position values ``classes`` cut or zero-padded to ``n_keys`` keys (generated keys: 0)."""
@@ -82,6 +88,7 @@ class PromptTracker:
         if fresh is None or not bool(fresh.image.any()):
             self.prompt = None
         elif not self._continues(fresh):
+            fresh.image_inputs = {key: inputs[key] for key in IMAGE_INPUTS if inputs.get(key) is not None}
             self.prompt = fresh
 
     def _continues(self, fresh: VisualPrompt) -> bool:

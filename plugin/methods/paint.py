@@ -1,0 +1,150 @@
+"""PAINT: fixing imbalanced attention to mitigate in-context hallucination of LVLMs (arXiv 2501.12206).
+
+Arif et al., *Fixing Imbalanced Attention to Mitigate In-Context Hallucination of Large Vision-Language Model*
+(later renamed PAINT); official code ``hasanar1f/PAINT`` (spec ``paint.md`` §1):
+1. Token selection from the vision tower, once per image, in the same forward pass (a read-out of the tower's own
+   attention, no second pass): *local* tokens are the top ``floor(N * local_ratio)`` patches by the CLS->patch
+   attention of the first encoder layer summed over heads; *summary* tokens are the upper Tukey outliers
+   (``Q3 + 1.5 IQR``, linear quartiles) of the CLS->patch attention at the feature layer the projector reads;
+   local tokens that are also summary tokens are dropped from the local set (``update_modpai_alpha``,
+   ``get_top_ratio``).
+2. In decoder layers ``[2, L)``, every head, the rows from the prompt's last token on: ``s + alpha * |s|`` on local
+   keys and ``s + beta * |s|`` on summary keys (PAI's edit with two margins; official alpha 0.7, beta 0.4 - the
+   paper setting, the code default is 0.3).
+Not here yet: the head-specific modulation (the paper's v1 abstract; the released code has none, so ``uniform`` is
+the official behaviour), the optional spatial stream (off in the official code), PAI's image-free logits refine
+(gamma 1.1), and towers without a CLS token (Qwen2-VL) or with per-crop CLS (LLaVA-NeXT), which need the
+received-attention analogue of spec §5.6.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..attention import AttentionCall, Intervention, intervene
+from ..config import MethodConfig, option
+from ..errors import UnsupportedModelError
+from ..registry import register
+from .visual_edit import ROWS, VisualEditMethod, VisualPrompt, check_layers
+
+
+def tukey_outliers(scores: torch.Tensor) -> torch.Tensor:
+    """Indices of the upper outliers ``scores > Q3 + 1.5 (Q3 - Q1)`` (linear-interpolated quartiles, as numpy),
+    highest first."""
+    q1, q3 = torch.quantile(scores.double(), torch.tensor([0.25, 0.75], dtype=torch.float64, device=scores.device))
+    count = int((scores.double() > q3 + 1.5 * (q3 - q1)).sum())
+    return scores.topk(count).indices
+
+
+def select_tokens(local_scores: torch.Tensor, summary_scores: torch.Tensor, local_ratio: float):
+    """(local, summary) patch indices of one image: the top ``floor(N * local_ratio)`` by ``local_scores`` less the
+    summary tokens, and the Tukey outliers of ``summary_scores``. Disjoint."""
+    summary = tukey_outliers(summary_scores)
+    local = local_scores.topk(math.floor(local_scores.numel() * local_ratio)).indices
+    local = local[~torch.isin(local, summary)]
+    return local, summary
+
+
+class ClsRows(Intervention):
+    """Read-out on one vision layer: the CLS query's attention over the patches, summed over heads (images, N),
+    stored under each of ``keys``."""
+
+    observes = True
+
+    def __init__(self, store: dict, keys: list[str]):
+        self.store = store
+        self.keys = keys
+
+    def observe(self, call: AttentionCall) -> None:
+        rows = call.attention_rows(torch.zeros(1, dtype=torch.long))
+        for key in self.keys:
+            self.store[key] = rows[:, :, 0, 1:].sum(dim=1)
+
+
+@dataclass(frozen=True)
+class PAINTConfig(MethodConfig):
+    alpha: float = option(0.7, "margin on local tokens, s + alpha*|s| (official 0.7)")
+    beta: float = option(0.4, "margin on summary tokens, s + beta*|s| (paper setting 0.4; code default 0.3)")
+    local_ratio: float = option(0.25, "share of the patches chosen as local tokens (official 0.25)")
+    layers: object = option(None, "decoder layers (start, end); None = the official [2, 32) scaled to the depth")
+    rows: str = option("prompt_end", "edited query rows: 'prompt_end' (official) or 'after_image'", choices=ROWS)
+
+    def validate(self) -> None:
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                self.invalid(name, "a finite number")
+        if isinstance(self.local_ratio, bool) or not isinstance(self.local_ratio, (int, float)) or not (
+                0 <= self.local_ratio <= 1):
+            self.invalid("local_ratio", "a number in [0, 1]")
+        check_layers(self)
+
+
+@register
+class PAINT(VisualEditMethod):
+    name = "paint"
+    summary = "boost ViT-selected local and summary image tokens in the LLM's attention (s + margin*|s|)"
+    paper = "Fixing Imbalanced Attention to Mitigate In-Context Hallucination of Large Vision-Language Model"
+    arxiv = "2501.12206"
+    families = ("llava",)
+    Config = PAINTConfig
+    default_layers = (2 / 32, 1.0)
+
+    def __init__(self, adapter, config):
+        super().__init__(adapter, config)
+        self.scores: dict[str, torch.Tensor] = {}
+        self._selected: tuple[VisualPrompt, torch.Tensor] | None = None
+
+    def check_model(self) -> None:
+        super().check_model()
+        if self.adapter.family != "llava" or not self.adapter.vision_has_cls:
+            raise UnsupportedModelError(
+                f"paint needs one CLS-token vision tower per image (LLaVA-1.5 with CLIP); {type(self.adapter.model).__name__}"
+                f" ({self.adapter.family}) is not supported yet; supported: llava")
+
+    def is_neutral(self) -> bool:
+        return self.config.alpha == 0 and self.config.beta == 0
+
+    def attach(self, handle) -> None:
+        self.stats = handle.stats
+        handle.stats.update(local_tokens=[], summary_tokens=[])
+        super().attach(handle)
+        if self.is_neutral():
+            return
+        readouts = {0: ["local"]}
+        readouts.setdefault(self.adapter.vision_feature_layer, []).append("summary")
+        vision = self.adapter.vision_attention_modules
+        intervene(handle, {vision[layer]: ClsRows(self.scores, keys) for layer, keys in readouts.items()})
+        # generate() encodes the images before the prefill forward and drops pixel_values from it: keep what the
+        # tower saw, for the image layout
+        tower = self.adapter.multimodal_model.vision_tower
+        hook = tower.register_forward_pre_hook(self._capture_pixels, with_kwargs=True)
+        handle.on_remove("vision tower input hook", hook.remove)
+
+    def _capture_pixels(self, module, args, kwargs):
+        self.scores["pixel_values"] = args[0] if args else kwargs.get("pixel_values")
+
+    def coefficients(self, prompt: VisualPrompt):
+        if self._selected is None or self._selected[0] is not prompt:
+            self._selected = (prompt, self._margins(prompt))
+        return self._selected[1], None
+
+    def _margins(self, prompt: VisualPrompt) -> torch.Tensor:
+        """(B, T): alpha on each image's local tokens, beta on its summary tokens, 0 elsewhere."""
+        margins = torch.zeros(prompt.image.shape, dtype=torch.float32, device=prompt.image.device)
+        grids = self.adapter.image_grids(prompt.input_ids,
+                                         **{"pixel_values": self.scores["pixel_values"], **prompt.image_inputs})
+        local_counts, summary_counts = [], []
+        for index, grid in enumerate(grids):
+            positions = grid.tiles[0].positions
+            local, summary = select_tokens(self.scores["local"][index], self.scores["summary"][index],
+                                           self.config.local_ratio)
+            margins[grid.batch_row, positions[local]] = self.config.alpha
+            margins[grid.batch_row, positions[summary]] = self.config.beta
+            local_counts.append(len(local))
+            summary_counts.append(len(summary))
+        self.stats.update(local_tokens=local_counts, summary_tokens=summary_counts)
+        return margins

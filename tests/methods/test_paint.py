@@ -1,0 +1,179 @@
+"""PAINT: token selection (unit facts), the vision read-out against eager attentions, equality with an independent
+dense re-implementation of the official edit, generate, restore, refusals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+import nograd
+from checks import attn_names, same_state, snapshot
+from nograd.methods.paint import select_tokens, tukey_outliers
+from tiny.vlm import make_inputs
+
+REFERENCE = "paint_reference"
+
+
+def test_tukey_outliers_match_numpy_percentiles():
+    scores = torch.cat([torch.linspace(0, 1, 40), torch.tensor([5.0, 9.0, 3.0])])
+    q1, q3 = np.percentile(scores.numpy(), [25, 75])
+    expected = set(np.nonzero(scores.numpy() > q3 + 1.5 * (q3 - q1))[0].tolist())
+    got = tukey_outliers(scores)
+    assert set(got.tolist()) == expected == {40, 41, 42} and got.tolist() == [41, 40, 42]
+
+
+def test_selection_counts_and_disjointness():
+    g = torch.Generator().manual_seed(0)
+    local_scores, summary_scores = torch.rand(64, generator=g), torch.rand(64, generator=g)
+    summary_scores[[3, 9]] = 10.0
+    local_scores[[3, 9]] = 5.0  # the two summary tokens are also the two best local ones
+    local, summary = select_tokens(local_scores, summary_scores, 0.25)
+    assert set(summary.tolist()) == {3, 9}
+    assert len(local) == math.floor(64 * 0.25) - 2 and not set(local.tolist()) & {3, 9}
+    assert set(local.tolist()) <= set(local_scores.topk(16).indices.tolist())
+
+
+def cls_rows(model, pixel_values):
+    """CLS->patch attention, summed over heads, of every vision layer, from eager ``output_attentions``."""
+    tower = model.model.vision_tower
+    before = tower.config._attn_implementation
+    tower.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attentions = tower(pixel_values, output_attentions=True).attentions
+    finally:
+        tower.set_attn_implementation(before)
+    return [a[:, :, 0, 1:].sum(1) for a in attentions]
+
+
+def tower_features(model, pixel_values):
+    with torch.no_grad():
+        return model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-2]
+
+
+def scores_seen_by_the_method(model, inputs):
+    """The CLS scores PAINT's read-outs store during one forward, and the tower output during it."""
+    from nograd.methods import paint
+
+    captured = {}
+    original = paint.ClsRows.observe
+
+    def spy(self, call):
+        original(self, call)
+        captured.update(self.store)
+
+    paint.ClsRows.observe = spy
+    try:
+        with nograd.apply(model, "paint"):
+            assert model.config.vision_config._attn_implementation.startswith("nograd_")
+            with torch.no_grad():
+                model(**inputs)
+            features = tower_features(model, inputs["pixel_values"])
+    finally:
+        paint.ClsRows.observe = original
+    return captured, features
+
+
+def test_readout_equals_eager_attentions_and_leaves_the_tower_unchanged(build):
+    model = build("llava")
+    inputs = make_inputs("llava", model)
+    plain_features = tower_features(model, inputs["pixel_values"])
+    store, features = scores_seen_by_the_method(model, inputs)
+    assert torch.equal(features, plain_features)
+    rows = cls_rows(model, inputs["pixel_values"])
+    torch.testing.assert_close(store["local"], rows[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(store["summary"], rows[len(rows) - 2], atol=1e-6, rtol=0)
+
+
+def official_paint(margins, prompt_end, layers):
+    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1).float(), value.repeat_interleave(groups, 1).float()
+        scores = (query.float() @ key.transpose(-1, -2)) * scaling + attention_mask.float()
+        if module.layer_idx in layers:
+            n, m = key.shape[2], query.shape[2]
+            rows = torch.arange(m) + n - m
+            edit = torch.nn.functional.pad(margins, (0, n - margins.shape[1]))[:, None, None, :]
+            on = (rows[None, :] >= prompt_end[:, None])[:, None, :, None]
+            scores = torch.where(on, scores + edit * scores.abs(), scores)
+        out = scores.softmax(-1) @ value
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def test_equals_the_official_edit_with_an_independent_selection(build):
+    model = build("llava")
+    inputs = make_inputs("llava", model)
+    alpha, beta, ratio = 0.9, 0.5, 0.25
+    rows = cls_rows(model, inputs["pixel_values"])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    margins = torch.zeros(ids.shape)
+    image_index = 0
+    for row in range(ids.shape[0]):
+        positions = ((ids[row] == model.config.image_token_id) & mask[row]).nonzero().flatten()
+        for start in range(0, len(positions), 16):
+            local_scores, summary_scores = rows[0][image_index], rows[len(rows) - 2][image_index]
+            q1, q3 = np.percentile(summary_scores.numpy(), [25, 75])
+            summary = set(np.nonzero(summary_scores.numpy() > q3 + 1.5 * (q3 - q1))[0].tolist())
+            local = [p for p in local_scores.topk(math.floor(16 * ratio)).indices.tolist() if p not in summary]
+            margins[row, positions[start:start + 16][local]] = alpha
+            margins[row, positions[start:start + 16][sorted(summary)]] = beta
+            image_index += 1
+    prompt_end = torch.where(mask, torch.arange(ids.shape[1]), -1).amax(1)
+    AttentionMaskInterface.register(REFERENCE, eager_mask)
+    AttentionInterface.register(REFERENCE, official_paint(margins, prompt_end, {0, 1}))
+    try:
+        model.set_attn_implementation({"text_config": REFERENCE})
+        with torch.no_grad():
+            expected = model(**inputs).logits
+        model.set_attn_implementation({"text_config": "sdpa"})
+    finally:
+        AttentionInterface._global_mapping.pop(REFERENCE, None)
+        AttentionMaskInterface._global_mapping.pop(REFERENCE, None)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    with nograd.apply(model, "paint", alpha=alpha, beta=beta, local_ratio=ratio, layers=(0, None)) as handle:
+        with torch.no_grad():
+            got = model(**inputs).logits
+        assert handle.stats["local_tokens"] and len(handle.stats["local_tokens"]) == image_index
+    torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=0)
+    assert (got - plain)[mask].abs().max() > 1e-4
+
+
+def test_generate_and_restore(build):
+    model = build("llava")
+    inputs = make_inputs("llava", model)
+    names, saved = attn_names(model), snapshot(model)
+    kwargs = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    plain = model.generate(**inputs, **kwargs)
+    with nograd.apply(model, "paint", layers=(0, None)):
+        cached = model.generate(**inputs, **kwargs)
+        uncached = model.generate(**inputs, use_cache=False, **kwargs)
+    for a, b in zip(cached.scores, uncached.scores):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert attn_names(model) == names and same_state(model, saved)
+    assert all(torch.equal(a, b) for a, b in zip(model.generate(**inputs, **kwargs).scores, plain.scores))
+
+
+def test_zero_margins_are_bit_identical(build):
+    model = build("llava")
+    inputs = make_inputs("llava", model)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    with nograd.apply(model, "paint", alpha=0, beta=0), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, plain)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_towers_without_one_cls_per_image_are_refused(build, family):
+    model = build(family)
+    names = attn_names(model)
+    with pytest.raises(nograd.UnsupportedModelError, match="paint needs one CLS-token vision tower"):
+        nograd.apply(model, "paint")
+    assert attn_names(model) == names
