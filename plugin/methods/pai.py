@@ -3,8 +3,8 @@
 In decoder layers ``[2, L)``, every head, the rows from the prompt's last token on: ``s <- s + alpha * |s|`` on the
 logits of every image key (``llama_new_forward`` in the official code; spec ``paint.md`` §4), which raises the
 image keys' weight whatever the sign of the score. The official default ``alpha = 0.2`` is the README's
-LLaVA-1.5 setting. PAI's second part, the image-free contrastive logits refine (gamma 1.1), is not in this
-method yet.
+LLaVA-1.5 setting. PAI's second part, the image-free contrastive logits refine, is ``cfg_gamma`` (1.1 in the
+paper; off by default, as it costs one image-free forward per step).
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from dataclasses import dataclass
 
 from ..config import MethodConfig, option
 from ..registry import register
-from .visual_edit import ROWS, VisualEditMethod, check_layers
+from .visual_edit import CFG_GAMMA_DOC, ROWS, VisualEditMethod, check_cfg_gamma, check_layers
 
 
 @dataclass(frozen=True)
 class PAIConfig(MethodConfig):
     alpha: float = option(0.2, "margin on image keys: s + alpha*|s| (official README, LLaVA-1.5); 0 = unchanged")
     layers: object = option(None, "decoder layers (start, end); None = the official [2, 32) scaled to the depth")
+    cfg_gamma: object = option(None, CFG_GAMMA_DOC)
     rows: str = option("prompt_end", "edited query rows: 'prompt_end' (the prompt's last row and every generated "
                                      "row, the official behaviour) or 'after_image' (every row after the image)",
                        choices=ROWS)
@@ -29,6 +30,7 @@ class PAIConfig(MethodConfig):
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
             self.invalid("alpha", "a finite number")
         check_layers(self)
+        check_cfg_gamma(self)
 
 
 @register

@@ -11,9 +11,9 @@ Arif et al., *Fixing Imbalanced Attention to Mitigate In-Context Hallucination o
 2. In decoder layers ``[2, L)``, every head, the rows from the prompt's last token on: ``s + alpha * |s|`` on local
    keys and ``s + beta * |s|`` on summary keys (PAI's edit with two margins; official alpha 0.7, beta 0.4 - the
    paper setting, the code default is 0.3).
+Every published PAINT result also uses PAI's image-free logits refine: ``cfg_gamma=1.1``.
 Not here yet: the head-specific modulation (the paper's v1 abstract; the released code has none, so ``uniform`` is
-the official behaviour), the optional spatial stream (off in the official code), PAI's image-free logits refine
-(gamma 1.1), and towers without a CLS token (Qwen2-VL) or with per-crop CLS (LLaVA-NeXT), which need the
+the official behaviour), the optional spatial stream (off in the official code), and towers without a CLS token (Qwen2-VL) or with per-crop CLS (LLaVA-NeXT), which need the
 received-attention analogue of spec §5.6.
 """
 
@@ -28,7 +28,7 @@ from ..attention import AttentionCall, Intervention, intervene
 from ..config import MethodConfig, option
 from ..errors import UnsupportedModelError
 from ..registry import register
-from .visual_edit import ROWS, VisualEditMethod, VisualPrompt, check_layers
+from .visual_edit import CFG_GAMMA_DOC, ROWS, VisualEditMethod, VisualPrompt, check_cfg_gamma, check_layers
 
 
 def tukey_outliers(scores: torch.Tensor) -> torch.Tensor:
@@ -70,6 +70,7 @@ class PAINTConfig(MethodConfig):
     beta: float = option(0.4, "margin on summary tokens, s + beta*|s| (paper setting 0.4; code default 0.3)")
     local_ratio: float = option(0.25, "share of the patches chosen as local tokens (official 0.25)")
     layers: object = option(None, "decoder layers (start, end); None = the official [2, 32) scaled to the depth")
+    cfg_gamma: object = option(None, CFG_GAMMA_DOC)
     rows: str = option("prompt_end", "edited query rows: 'prompt_end' (official) or 'after_image'", choices=ROWS)
 
     def validate(self) -> None:
@@ -81,6 +82,7 @@ class PAINTConfig(MethodConfig):
                 0 <= self.local_ratio <= 1):
             self.invalid("local_ratio", "a number in [0, 1]")
         check_layers(self)
+        check_cfg_gamma(self)
 
 
 @register
@@ -113,7 +115,7 @@ class PAINT(VisualEditMethod):
         handle.stats.update(local_tokens=[], summary_tokens=[])
         super().attach(handle)
         if self.is_neutral():
-            return
+            return  # no edit, so no token selection to read
         readouts = {0: ["local"]}
         readouts.setdefault(self.adapter.vision_feature_layer, []).append("summary")
         vision = self.adapter.vision_attention_modules

@@ -13,6 +13,7 @@ to the rows from ``rows_from`` on: the prompt's last row and every generated row
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -73,11 +74,19 @@ class PromptTracker:
         model = handle.model
         self.adapter = handle.adapter
         self.prompt: VisualPrompt | None = None
+        self.contrast = None
+        """The method's ``ImageFreeContrast``, if any: while its image-free pass runs, the tracker and edits pause."""
         self._signature = inspect.signature(model.forward)
         hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
         handle.on_remove("prompt tracker hook", hook.remove)
 
+    @property
+    def paused(self) -> bool:
+        return self.contrast is not None and not self.contrast.active
+
     def _capture(self, module, args, kwargs):
+        if self.paused:
+            return
         inputs = self._signature.bind_partial(*args, **kwargs).arguments
         inputs.update(inputs.pop("kwargs", {}))
         if self._cache_length(inputs) > 0:
@@ -116,7 +125,7 @@ class VisualScoreEdit(Intervention):
 
     def score_edit(self, call: AttentionCall) -> ScoreEdit | None:
         prompt = self.tracker.prompt
-        if prompt is None or not bool(prompt.image.any()):
+        if prompt is None or self.tracker.paused or not bool(prompt.image.any()):
             return None
         n = call.shape[3]
         gains = self.gains.to(call.query.device)[None, :, None]
@@ -165,15 +174,33 @@ class VisualEditMethod(Method):
                 self.config.invalid("layers", f"(start, end) with 0 <= start < end <= {depth} (end None = {depth})")
 
     def attach(self, handle) -> None:
-        layers = list(self.layers())
-        handle.stats.update(layers=layers, heads=self.adapter.num_heads, edited_calls=0)
-        if self.is_neutral():
-            handle.stats["layers"] = []
+        edits = not self.is_neutral()
+        gamma = getattr(self.config, "cfg_gamma", None)
+        handle.stats.update(layers=list(self.layers()) if edits else [], heads=self.adapter.num_heads, edited_calls=0)
+        if not edits and gamma is None:
             return
         tracker = PromptTracker(handle)
-        gains = torch.ones(self.adapter.num_heads)
-        modules = self.adapter.attention_modules
-        intervene(handle, {modules[layer]: VisualScoreEdit(self, tracker, gains, handle.stats) for layer in layers})
+        if gamma is not None:
+            from .image_contrast import ImageFreeContrast
+
+            tracker.contrast = ImageFreeContrast(handle, tracker, gamma)
+        if edits:
+            gains = torch.ones(self.adapter.num_heads)
+            modules = self.adapter.attention_modules
+            intervene(handle, {modules[layer]: VisualScoreEdit(self, tracker, gains, handle.stats)
+                               for layer in handle.stats["layers"]})
+
+
+def check_cfg_gamma(config) -> None:
+    """``cfg_gamma``: None (off) or a finite number > 0."""
+    gamma = config.cfg_gamma
+    if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float))
+                              or not math.isfinite(gamma) or gamma <= 0):
+        config.invalid("cfg_gamma", "None or a finite number > 0 (1.1 in the published results)")
+
+
+CFG_GAMMA_DOC = ("PAI's image-free logits refine gamma*(z_img - z_free) + z_free with the 0.1 plausibility cutoff: "
+                 "None = off, 1.1 = every published PAI / PAINT result (one image-free forward per step)")
 
 
 def check_layers(config) -> None:
