@@ -25,7 +25,18 @@ class Handle:
         self.processor = processor
         self.stats: dict[str, Any] = {}
         self._undo: list[tuple[str, Callable[[], None]]] = []
+        self._exposed: dict[str, Callable] = {}
         self._live = False
+
+    def expose(self, name: str, function: Callable) -> None:
+        """Make a method-specific action callable as ``handle.<name>(...)`` (e.g. PAINT's ``save_head_stats``)."""
+        self._exposed[name] = function
+
+    def __getattr__(self, name: str):
+        exposed = self.__dict__.get("_exposed", {})
+        if name in exposed:
+            return exposed[name]
+        raise AttributeError(f"the {self.__dict__.get('method')!r} handle has no attribute {name!r}")
 
     def on_remove(self, what: str, undo: Callable[[], None]) -> None:
         """Record how to undo one change (``what`` names it in the repr); undone last-in, first-out."""

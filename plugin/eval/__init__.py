@@ -6,8 +6,8 @@
 ``nograd.eval.chair`` is the scorer (importable without a model); ``nograd.eval.__main__`` the command line.
 """
 
-from .chair import (CATEGORIES, SYNONYMS, CaptionScore, ChairResult, GroundTruth, caption_objects, is_repetitive,
-                    score, singularize, tokenize, words)
+from .chair import (CATEGORIES, SYNONYMS, CaptionScore, ChairResult, GroundTruth, UnknownImagesError,
+                    caption_objects, is_repetitive, score, singularize, tokenize, words)
 
-__all__ = ["CATEGORIES", "SYNONYMS", "CaptionScore", "ChairResult", "GroundTruth", "caption_objects",
-           "is_repetitive", "score", "singularize", "tokenize", "words"]
+__all__ = ["CATEGORIES", "SYNONYMS", "CaptionScore", "ChairResult", "GroundTruth", "UnknownImagesError",
+           "caption_objects", "is_repetitive", "score", "singularize", "tokenize", "words"]

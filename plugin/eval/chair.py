@@ -399,6 +399,10 @@ class ChairResult:
             {**asdict(c), "mentions": [list(m) for m in c.mentions], "chair_s": c.chair_s} for c in self.captions]}
 
 
+class UnknownImagesError(KeyError):
+    """Captions for images the ground truth does not know (see ``score(strict=True)``)."""
+
+
 def _ratio(num: float, den: float) -> float:
     return num / den if den else 0.0
 
@@ -408,9 +412,9 @@ def score(captions: Mapping[Any, str] | Iterable[tuple[Any, str]], ground_truth:
     """Score ``captions`` (``{image_id: caption}`` or ``(image_id, caption)`` pairs, duplicates allowed) against
     ``ground_truth`` (a ``GroundTruth`` or ``{image_id: categories}``).
 
-    ``strict``: a caption for an image the ground truth does not know raises ``KeyError`` (a wrong annotation file
-    would otherwise score every object as hallucinated); with ``strict=False`` such an image has no objects, as in
-    the official scorers.
+    ``strict``: a caption for an image the ground truth does not know raises ``UnknownImagesError`` (a wrong
+    annotation file would otherwise score every object as hallucinated); with ``strict=False`` such an image has no
+    objects, as in the official scorers.
     """
     gt = ground_truth.objects if isinstance(ground_truth, GroundTruth) else ground_truth
     gt = {normalize_id(k): set(v) for k, v in gt.items()}
@@ -418,8 +422,8 @@ def score(captions: Mapping[Any, str] | Iterable[tuple[Any, str]], ground_truth:
     if strict:
         unknown = [i for i, _ in pairs if normalize_id(i) not in gt]
         if unknown:
-            raise KeyError(f"{len(unknown)} caption(s) for images not in the annotations, e.g. {unknown[:5]}; "
-                           "check the annotation file (or pass strict=False)")
+            raise UnknownImagesError(f"{len(unknown)} caption(s) for images not in the annotations, e.g. "
+                                     f"{unknown[:5]}; check the annotation file (or pass strict=False)")
     scores: list[CaptionScore] = []
     bigrams: Counter = Counter()
     for image_id, text in pairs:

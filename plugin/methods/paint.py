@@ -12,8 +12,10 @@ Arif et al., *Fixing Imbalanced Attention to Mitigate In-Context Hallucination o
    keys and ``s + beta * |s|`` on summary keys (PAI's edit with two margins; official alpha 0.7, beta 0.4 - the
    paper setting, the code default is 0.3).
 Every published PAINT result also uses PAI's image-free logits refine: ``cfg_gamma=1.1``.
-Not here yet: the head-specific modulation (the paper's v1 abstract; the released code has none, so ``uniform`` is
-the official behaviour), the optional spatial stream (off in the official code), and towers without a CLS token (Qwen2-VL) or with per-crop CLS (LLaVA-NeXT), which need the
+The head-specific modulation of the paper's v1 abstract is absent from the released code, so ``heads="uniform"``
+(the official behaviour) is the default; the other modes are the spec's reconstruction (§1.4): gains from each
+head's measured visual share (the image's share of the prompt's last row, without the edit), on calibration data
+(``head_stats``) or on the current input. Not here yet: the optional spatial stream (off in the official code), and towers without a CLS token (Qwen2-VL) or with per-crop CLS (LLaVA-NeXT), which need the
 received-attention analogue of spec §5.6.
 """
 
@@ -48,6 +50,18 @@ def select_tokens(local_scores: torch.Tensor, summary_scores: torch.Tensor, loca
     return local, summary
 
 
+def load_head_stats(source, shape: tuple[int, int]) -> torch.Tensor:
+    """The (L, H) visual shares from a table or a ``save_head_stats`` file; ``ValueError`` on a shape mismatch."""
+    if isinstance(source, str):
+        from safetensors.torch import load_file
+
+        source = load_file(source)["visual_share"]
+    table = torch.as_tensor(source, dtype=torch.float32)
+    if tuple(table.shape) != shape:
+        raise ValueError(f"paint: option head_stats has shape {tuple(table.shape)}; expected {shape} for this model")
+    return table
+
+
 class ClsRows(Intervention):
     """Read-out on one vision layer: the CLS query's attention over the patches, summed over heads (images, N),
     stored under each of ``keys``."""
@@ -64,6 +78,9 @@ class ClsRows(Intervention):
             self.store[key] = rows[:, :, 0, 1:].sum(dim=1)
 
 
+HEAD_MODES = ("uniform", "proportional", "inverse", "topk")
+
+
 @dataclass(frozen=True)
 class PAINTConfig(MethodConfig):
     alpha: float = option(0.7, "margin on local tokens, s + alpha*|s| (official 0.7)")
@@ -72,6 +89,15 @@ class PAINTConfig(MethodConfig):
     layers: object = option(None, "decoder layers (start, end); None = the official [2, 32) scaled to the depth")
     cfg_gamma: object = option(None, CFG_GAMMA_DOC)
     rows: str = option("prompt_end", "edited query rows: 'prompt_end' (official) or 'after_image'", choices=ROWS)
+    heads: object = option("uniform", "per-head gains on the margins: 'uniform' (the released code), "
+                                      "'proportional' / 'inverse' (to each head's visual share over the layer mean, "
+                                      "clipped to head_gain_max), 'topk' (1 for the head_ratio most visual heads of "
+                                      "a layer, else 0), or an explicit (L, H) gain table")
+    head_ratio: float = option(0.5, "share of heads per layer kept by heads='topk'")
+    head_gain_max: float = option(2.0, "upper clip of the 'proportional' / 'inverse' gains")
+    head_stats: object = option(None, "visual shares (L, H) measured before (a table, or a file written by "
+                                      "h.save_head_stats); None: measured on the current input at each prefill "
+                                      "(the prefill itself uses uniform gains)")
 
     def validate(self) -> None:
         for name in ("alpha", "beta"):
@@ -83,6 +109,20 @@ class PAINTConfig(MethodConfig):
             self.invalid("local_ratio", "a number in [0, 1]")
         check_layers(self)
         check_cfg_gamma(self)
+        if isinstance(self.heads, str):
+            if self.heads not in HEAD_MODES:
+                self.invalid("heads", f"one of {', '.join(map(repr, HEAD_MODES))} or an (L, H) gain table")
+        else:
+            try:
+                object.__setattr__(self, "heads", torch.as_tensor(self.heads, dtype=torch.float32))
+            except (TypeError, ValueError, RuntimeError):
+                self.invalid("heads", f"one of {', '.join(map(repr, HEAD_MODES))} or an (L, H) gain table", TypeError)
+        if not 0 < self.head_ratio <= 1:
+            self.invalid("head_ratio", "a number in (0, 1]")
+        if not self.head_gain_max > 0:
+            self.invalid("head_gain_max", "a number > 0")
+        if self.head_stats is not None and not isinstance(self.head_stats, (str, torch.Tensor, list)):
+            self.invalid("head_stats", "None, a path to a safetensors file, or an (L, H) table", TypeError)
 
 
 @register
@@ -99,9 +139,49 @@ class PAINT(VisualEditMethod):
         super().__init__(adapter, config)
         self.scores: dict[str, torch.Tensor] = {}
         self._selected: tuple[VisualPrompt, torch.Tensor] | None = None
+        shape = (adapter.num_layers, adapter.num_heads)
+        self.share_sum = torch.zeros(shape, dtype=torch.float64)
+        self.share_count = torch.zeros(adapter.num_layers, dtype=torch.long)
+        if config.head_stats is not None:
+            self.share_sum, self.share_count[:] = load_head_stats(config.head_stats, shape).double(), 1
+        self.measures_heads = isinstance(config.heads, str) and config.heads != "uniform" and config.head_stats is None
+
+    def head_gains(self, layer: int) -> torch.Tensor:
+        """The spec's reconstruction of the v1 head modulation (paint.md §1.4), from the measured visual shares."""
+        heads, num_heads = self.config.heads, self.adapter.num_heads
+        if isinstance(heads, torch.Tensor):
+            return heads[layer]
+        if heads == "uniform" or self.share_count[layer] == 0:
+            return torch.ones(num_heads)
+        share = (self.share_sum[layer] / self.share_count[layer]).float()
+        if heads == "topk":
+            gains = torch.zeros(num_heads)
+            gains[share.topk(max(1, round(self.config.head_ratio * num_heads))).indices] = 1.0
+        else:
+            ratio = share / share.mean().clamp(min=1e-12)
+            ratio = ratio if heads == "proportional" else 1 / ratio.clamp(min=1e-12)
+            gains = ratio.clamp(0, self.config.head_gain_max)
+        self.stats["heads_modulated"][layer] = int((gains != 1).sum())
+        return gains
+
+    def record_visual_share(self, layer: int, share: torch.Tensor) -> None:
+        self.share_sum[layer] += share.double().cpu()
+        self.share_count[layer] += 1
+
+    def save_head_stats(self, path: str) -> None:
+        """Write the measured visual shares (L, H) to a safetensors file, for ``head_stats=path`` later."""
+        from safetensors.torch import save_file
+
+        measured = self.share_count > 0
+        shares = torch.where(measured[:, None], self.share_sum / self.share_count.clamp(min=1)[:, None], float("nan"))
+        save_file({"visual_share": shares.float().contiguous()}, path,
+                  metadata={"model": type(self.adapter.model).__name__, "shape": str(tuple(shares.shape))})
 
     def check_model(self) -> None:
         super().check_model()
+        shape = (self.adapter.num_layers, self.adapter.num_heads)
+        if isinstance(self.config.heads, torch.Tensor) and tuple(self.config.heads.shape) != shape:
+            self.config.invalid("heads", f"an (L, H) = {shape} gain table for this model")
         if self.adapter.family != "llava" or not self.adapter.vision_has_cls:
             raise UnsupportedModelError(
                 f"paint needs one CLS-token vision tower per image (LLaVA-1.5 with CLIP); {type(self.adapter.model).__name__}"
@@ -112,7 +192,8 @@ class PAINT(VisualEditMethod):
 
     def attach(self, handle) -> None:
         self.stats = handle.stats
-        handle.stats.update(local_tokens=[], summary_tokens=[])
+        handle.stats.update(local_tokens=[], summary_tokens=[], heads_modulated={})
+        handle.expose("save_head_stats", self.save_head_stats)
         super().attach(handle)
         if self.is_neutral():
             return  # no edit, so no token selection to read

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from ..attention import AttentionCall, Intervention, intervene
 from ..kernels import ScoreEdit
 from .base import Method
@@ -115,20 +116,37 @@ class PromptTracker:
 
 
 class VisualScoreEdit(Intervention):
-    """One decoder layer's edit: per-key coefficients from the tracked prompt, times per-head gains."""
+    """One decoder layer's edit: per-key coefficients from the tracked prompt, times the method's per-head gains.
 
-    def __init__(self, method: "VisualEditMethod", tracker: PromptTracker, gains: torch.Tensor, stats: dict):
+    With ``method.measures_heads`` it also reads, after each prefill, the share of the prompt's last row that each
+    head gives to the image keys without the edit, and hands it to ``method.record_visual_share``.
+    """
+
+    def __init__(self, method: "VisualEditMethod", tracker: PromptTracker, layer: int, stats: dict):
         self.method = method
         self.tracker = tracker
-        self.gains = gains
+        self.layer = layer
         self.stats = stats
+        self.observes = method.measures_heads
+
+    def observe(self, call: AttentionCall) -> None:
+        prompt = self.tracker.prompt
+        _, _, m, n = call.shape
+        if prompt is None or self.tracker.paused or m == 1:
+            return
+        last = torch.tensor([m - 1], device=call.query.device)
+        rows = kernels.attention_rows(call.query[:, :, last], call.key, positions=last + (n - m) if call.causal else None,
+                                      key_bias=call.key_bias, scale=call.scaling, softcap=call.softcap,
+                                      window=call.window)[:, :, 0]
+        image = prompt.key_classes(prompt.image.float(), n).to(rows.device)
+        self.method.record_visual_share(self.layer, (rows * image[:, None, :]).sum(-1).mean(0))
 
     def score_edit(self, call: AttentionCall) -> ScoreEdit | None:
         prompt = self.tracker.prompt
         if prompt is None or self.tracker.paused or not bool(prompt.image.any()):
             return None
         n = call.shape[3]
-        gains = self.gains.to(call.query.device)[None, :, None]
+        gains = self.method.head_gains(self.layer).to(call.query.device)[None, :, None]
         abs_coef, mul_coef = self.method.coefficients(prompt)
         rows_from = prompt.prompt_end if self.method.config.rows == "prompt_end" else prompt.image_end
         self.stats["edited_calls"] += 1
@@ -155,6 +173,15 @@ class VisualEditMethod(Method):
     kinds = ("vlm",)
     resources = ("score_edit",)
     default_layers: tuple[float, float] = (0.0, 1.0)
+    measures_heads: bool = False
+    """Whether the layers' edits read each head's visual share (``record_visual_share``)."""
+
+    def head_gains(self, layer: int) -> torch.Tensor:
+        """(H,) factor on the edit's coefficients for each head of ``layer`` (1: the official uniform edit)."""
+        return torch.ones(self.adapter.num_heads)
+
+    def record_visual_share(self, layer: int, share: torch.Tensor) -> None:
+        """(H,) share of the prompt's last row each head of ``layer`` gives to the image, without the edit."""
 
     def coefficients(self, prompt: VisualPrompt) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(B, T) ``abs_coef`` and ``mul_coef`` per prompt position (None where the method has none)."""
@@ -185,9 +212,8 @@ class VisualEditMethod(Method):
 
             tracker.contrast = ImageFreeContrast(handle, tracker, gamma)
         if edits:
-            gains = torch.ones(self.adapter.num_heads)
             modules = self.adapter.attention_modules
-            intervene(handle, {modules[layer]: VisualScoreEdit(self, tracker, gains, handle.stats)
+            intervene(handle, {modules[layer]: VisualScoreEdit(self, tracker, layer, handle.stats)
                                for layer in handle.stats["layers"]})
 
 

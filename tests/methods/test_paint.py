@@ -177,3 +177,77 @@ def test_towers_without_one_cls_per_image_are_refused(build, family):
     with pytest.raises(nograd.UnsupportedModelError, match="paint needs one CLS-token vision tower"):
         nograd.apply(model, "paint")
     assert attn_names(model) == names
+
+
+def test_zero_gain_heads_are_untouched_and_others_change(build):
+    model = build("llava")
+    inputs = make_inputs("llava", model)
+    layer = model.model.language_model.layers[1].self_attn
+    seen = {}
+    hook = layer.o_proj.register_forward_pre_hook(lambda module, args: seen.__setitem__("heads", args[0]))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        plain = seen["heads"][:, -1].reshape(2, 4, -1)
+        gains = torch.tensor([[0.0, 1.0, 0.0, 2.0]] * 2)
+        with nograd.apply(model, "paint", layers=(1, None), heads=gains), torch.no_grad():
+            model(**inputs)
+        edited = seen["heads"][:, -1].reshape(2, 4, -1)
+    finally:
+        hook.remove()
+    for head in (0, 2):
+        torch.testing.assert_close(edited[:, head], plain[:, head], atol=1e-6, rtol=0)
+    for head in (1, 3):
+        assert (edited[:, head] - plain[:, head]).abs().max() > 1e-5
+
+
+def eager_visual_share(model, inputs):
+    """(L, H): the image's share of the prompt's last row per head, from eager ``output_attentions``."""
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.no_grad():
+            attentions = model(**inputs, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+    image = (inputs["input_ids"] == model.config.image_token_id) & inputs["attention_mask"].bool()
+    return torch.stack([(a[:, :, -1] * image[:, None, :]).sum(-1).mean(0) for a in attentions])
+
+
+def test_measured_visual_shares_equal_eager_attentions_and_round_trip(build, tmp_path):
+    """Layer 1 is the first edited layer, so its input is the plain model's: its measured shares must equal eager
+    attention exactly; layers that are not edited are not measured (NaN in the file)."""
+    model = build("llava")
+    inputs = make_inputs("llava", model)
+    want = eager_visual_share(model, inputs)
+    path = str(tmp_path / "heads.safetensors")
+    with nograd.apply(model, "paint", layers=(1, None), heads="proportional") as handle:
+        with torch.no_grad():
+            model(**inputs)
+        handle.save_head_stats(path)
+    from safetensors.torch import load_file
+
+    saved = load_file(path)["visual_share"]
+    assert torch.isnan(saved[0]).all()
+    torch.testing.assert_close(saved[1], want[1], atol=1e-6, rtol=0)
+    gains = (want / want.mean(-1, keepdim=True)).clamp(0, 2)
+    with nograd.apply(model, "paint", layers=(1, None), heads="proportional", head_stats=path) as handle:
+        with torch.no_grad():
+            from_stats = model(**inputs).logits
+        assert handle.stats["heads_modulated"] == {1: 4}
+    with nograd.apply(model, "paint", layers=(1, None), heads=gains), torch.no_grad():
+        from_table = model(**inputs).logits
+    torch.testing.assert_close(from_stats, from_table, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"heads": "loud"}, ["heads", "'uniform'"]),
+    ({"heads": [[1.0, 1.0]]}, ["heads", "(2, 4)"]),
+    ({"head_ratio": 0}, ["head_ratio"]),
+    ({"head_stats": torch.ones(3, 3)}, ["head_stats", "(2, 4)"]),
+])
+def test_bad_head_options(build, options, words):
+    model = build("llava")
+    names = attn_names(model)
+    with pytest.raises((ValueError, TypeError)) as info:
+        nograd.apply(model, "paint", **options)
+    assert all(word in str(info.value) for word in words) and attn_names(model) == names
