@@ -219,3 +219,20 @@ def test_image_free_contrast_equals_a_written_out_loop(build):
             token = z.argmax(-1, keepdim=True)
             assert torch.equal(token[:, 0], out.sequences[:, seq.shape[1]])
             seq, mask = torch.cat([seq, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+
+
+@pytest.mark.parametrize("method", ["pai", "clearsight", "paint", "act"])
+def test_bf16_runs_and_restores(build, method):
+    model = build("llava", dtype=torch.bfloat16)
+    inputs = make_inputs("llava", model)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    saved = snapshot(model)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    with nograd.apply(model, method, layers=(0, None)), torch.no_grad():
+        steered = model(**inputs).logits
+    assert steered.dtype == torch.bfloat16 and torch.isfinite(steered[inputs["attention_mask"].bool()]).all()
+    assert not torch.equal(steered, plain)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, plain)
+    assert same_state(model, saved)
