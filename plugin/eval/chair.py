@@ -226,10 +226,10 @@ def singularize(word: str) -> str:
     if word in IRREGULAR:
         return IRREGULAR[word]
     for suffix, replacements in _SUFFIX_RULES:
-        if word.endswith(suffix) and len(word) > len(suffix):
+        if word.endswith(suffix):
             stem = word[: -len(suffix)]
             for replacement in replacements:
-                if stem + replacement in VOCABULARY:
+                if stem + replacement in VOCABULARY:  # (the empty string never is)
                     return stem + replacement
     return word
 
