@@ -82,9 +82,14 @@ class VLMAdapter(Adapter):
     vision_attn_config_key: ClassVar[str] = "vision_config"
 
     @property
+    def vision_tower(self) -> nn.Module:
+        """The vision tower module (its forward takes the pixels first)."""
+        return self.multimodal_model.vision_tower
+
+    @property
     def vision_layers(self) -> list[nn.Module]:
         """The vision tower's encoder layers (CLIP / SigLIP towers: ``vision_tower[.vision_model].encoder.layers``)."""
-        tower = self.multimodal_model.vision_tower
+        tower = self.vision_tower
         return list(getattr(tower, "vision_model", tower).encoder.layers)
 
     @property
@@ -95,8 +100,7 @@ class VLMAdapter(Adapter):
     @property
     def vision_has_cls(self) -> bool:
         """Whether the tower prepends a CLS token (CLIP's ``embeddings.class_embedding``; SigLIP has none)."""
-        tower = self.multimodal_model.vision_tower
-        return any(name.endswith("embeddings.class_embedding") for name, _ in tower.named_parameters())
+        return any(name.endswith("embeddings.class_embedding") for name, _ in self.vision_tower.named_parameters())
 
     @property
     def vision_feature_layer(self) -> int:
@@ -233,6 +237,28 @@ class Qwen2VLAdapter(VLMAdapter):
 
     family = "qwen2_vl"
     model_classes = ("transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VLPreTrainedModel",)
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        """``model.visual``: blocks over every image's patches, attention per image (``cu_seqlens``), no CLS."""
+        return self.multimodal_model.visual
+
+    @property
+    def vision_layers(self) -> list[nn.Module]:
+        return list(self.vision_tower.blocks)
+
+    @property
+    def vision_attention_modules(self) -> list[nn.Module]:
+        return [block.attn for block in self.vision_layers]
+
+    @property
+    def vision_has_cls(self) -> bool:
+        return False
+
+    @property
+    def vision_feature_layer(self) -> int:
+        """The merger reads the last block."""
+        return len(self.vision_layers) - 1
 
     def image_layouts(self, input_ids, image_grid_thw, **inputs):
         merge = self.model.config.vision_config.spatial_merge_size

@@ -15,8 +15,10 @@ Every published PAINT result also uses PAI's image-free logits refine: ``cfg_gam
 The head-specific modulation of the paper's v1 abstract is absent from the released code, so ``heads="uniform"``
 (the official behaviour) is the default; the other modes are the spec's reconstruction (§1.4): gains from each
 head's measured visual share (the image's share of the prompt's last row, without the edit), on calibration data
-(``head_stats``) or on the current input. Not here yet: the optional spatial stream (off in the official code), and towers without a CLS token (Qwen2-VL) or with per-crop CLS (LLaVA-NeXT), which need the
-received-attention analogue of spec §5.6.
+(``head_stats``) or on the current input. Qwen2-VL's tower has no CLS token: its local and summary scores are the
+attention each patch receives (mean over queries and heads) in the first and last blocks, summed over the patches
+the merger joins into one token (spec §5.6, our reconstruction). Not here yet: the optional spatial stream (off in
+the official code) and towers with a CLS per crop (LLaVA-NeXT / OneVision) or window attention (Qwen2.5-VL).
 """
 
 from __future__ import annotations
@@ -81,6 +83,23 @@ class ClsRows(Intervention):
 HEAD_MODES = ("uniform", "proportional", "inverse", "topk")
 
 
+class ReceivedAttention(Intervention):
+    """Read-out for towers without a CLS token (spec ``paint.md`` §5.6, our reconstruction): the attention each
+    patch receives, averaged over the queries and the heads. Qwen2-VL's tower attends per image (one call each, in
+    order), so each call appends one image's (patches,) scores under each of ``keys``."""
+
+    observes = True
+
+    def __init__(self, store: dict, keys: list[str]):
+        self.store = store
+        self.keys = keys
+
+    def observe(self, call: AttentionCall) -> None:
+        received = call.key_mass(reduce="mean").mean(dim=1)
+        for key in self.keys:
+            self.store.setdefault(key, []).extend(received)
+
+
 @dataclass(frozen=True)
 class PAINTConfig(MethodConfig):
     alpha: float = option(0.7, "margin on local tokens, s + alpha*|s| (official 0.7)")
@@ -131,7 +150,7 @@ class PAINT(VisualEditMethod):
     summary = "boost ViT-selected local and summary image tokens in the LLM's attention (s + margin*|s|)"
     paper = "Fixing Imbalanced Attention to Mitigate In-Context Hallucination of Large Vision-Language Model"
     arxiv = "2501.12206"
-    families = ("llava",)
+    families = ("llava", "qwen2_vl")
     Config = PAINTConfig
     default_layers = (2 / 32, 1.0)
 
@@ -182,10 +201,15 @@ class PAINT(VisualEditMethod):
         shape = (self.adapter.num_layers, self.adapter.num_heads)
         if isinstance(self.config.heads, torch.Tensor) and tuple(self.config.heads.shape) != shape:
             self.config.invalid("heads", f"an (L, H) = {shape} gain table for this model")
-        if self.adapter.family != "llava" or not self.adapter.vision_has_cls:
+        family = self.adapter.family
+        if not ((family == "llava" and self.adapter.vision_has_cls) or family == "qwen2_vl"):
             raise UnsupportedModelError(
-                f"paint needs one CLS-token vision tower per image (LLaVA-1.5 with CLIP); {type(self.adapter.model).__name__}"
-                f" ({self.adapter.family}) is not supported yet; supported: llava")
+                f"paint needs one CLS-token vision tower per image (LLaVA-1.5 with CLIP) or Qwen2-VL's per-image "
+                f"tower; {type(self.adapter.model).__name__} ({family}) is not supported yet; supported: llava, qwen2_vl")
+        vision_implementation = getattr(self.adapter.model.config, self.adapter.vision_attn_config_key)._attn_implementation
+        if family == "qwen2_vl" and "flash" in str(vision_implementation):
+            raise UnsupportedModelError("paint reads Qwen2-VL's vision attention per image, which its flash path "
+                                        "packs into one call: load the vision tower with sdpa or eager")
 
     def is_neutral(self) -> bool:
         return self.config.alpha == 0 and self.config.beta == 0
@@ -200,30 +224,42 @@ class PAINT(VisualEditMethod):
         readouts = {0: ["local"]}
         readouts.setdefault(self.adapter.vision_feature_layer, []).append("summary")
         vision = self.adapter.vision_attention_modules
-        intervene(handle, {vision[layer]: ClsRows(self.scores, keys) for layer, keys in readouts.items()})
-        # generate() encodes the images before the prefill forward and drops pixel_values from it: keep what the
-        # tower saw, for the image layout
-        tower = self.adapter.multimodal_model.vision_tower
-        hook = tower.register_forward_pre_hook(self._capture_pixels, with_kwargs=True)
+        readout = ClsRows if self.adapter.vision_has_cls else ReceivedAttention
+        intervene(handle, {vision[layer]: readout(self.scores, keys) for layer, keys in readouts.items()})
+        # generate() encodes the images before the prefill forward and drops the image inputs from it: keep what
+        # the tower saw, for the image layout
+        hook = self.adapter.vision_tower.register_forward_pre_hook(self._capture_images, with_kwargs=True)
         handle.on_remove("vision tower input hook", hook.remove)
 
-    def _capture_pixels(self, module, args, kwargs):
-        self.scores["pixel_values"] = args[0] if args else kwargs.get("pixel_values")
+    def _capture_images(self, module, args, kwargs):
+        """A new tower run: clear the read-outs, keep its pixels (and Qwen2-VL's ``grid_thw``)."""
+        self.scores.clear()
+        inputs = {"pixel_values": args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))}
+        grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
+        if grid is not None:
+            inputs["image_grid_thw"] = grid
+        self.scores["image_inputs"] = inputs
 
     def coefficients(self, prompt: VisualPrompt):
         if self._selected is None or self._selected[0] is not prompt:
             self._selected = (prompt, self._margins(prompt))
         return self._selected[1], None
 
+    def _token_scores(self, key: str, image: int, tokens: int) -> torch.Tensor:
+        """One image's scores per LLM token: Qwen2-VL's merger turns each run of ``merge^2`` consecutive patches
+        into one token, so their scores add up."""
+        scores = self.scores[key][image]
+        return scores.reshape(tokens, -1).sum(dim=-1)
+
     def _margins(self, prompt: VisualPrompt) -> torch.Tensor:
         """(B, T): alpha on each image's local tokens, beta on its summary tokens, 0 elsewhere."""
         margins = torch.zeros(prompt.image.shape, dtype=torch.float32, device=prompt.image.device)
-        grids = self.adapter.image_grids(prompt.input_ids,
-                                         **{"pixel_values": self.scores["pixel_values"], **prompt.image_inputs})
+        grids = self.adapter.image_grids(prompt.input_ids, **{**self.scores["image_inputs"], **prompt.image_inputs})
         local_counts, summary_counts = [], []
         for index, grid in enumerate(grids):
-            positions = grid.tiles[0].positions
-            local, summary = select_tokens(self.scores["local"][index], self.scores["summary"][index],
+            positions = torch.cat([tile.positions for tile in grid.tiles])
+            local, summary = select_tokens(self._token_scores("local", index, len(positions)),
+                                           self._token_scores("summary", index, len(positions)),
                                            self.config.local_ratio)
             margins[grid.batch_row, positions[local]] = self.config.alpha
             margins[grid.batch_row, positions[summary]] = self.config.beta

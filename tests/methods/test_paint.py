@@ -61,21 +61,22 @@ def scores_seen_by_the_method(model, inputs):
     from nograd.methods import paint
 
     captured = {}
-    original = paint.ClsRows.observe
 
     def spy(self, call):
         original(self, call)
         captured.update(self.store)
 
-    paint.ClsRows.observe = spy
+    readout = paint.ClsRows if model.config.model_type == "llava" else paint.ReceivedAttention
+    original = readout.observe
+    readout.observe = spy
     try:
         with nograd.apply(model, "paint"):
             assert model.config.vision_config._attn_implementation.startswith("nograd_")
             with torch.no_grad():
                 model(**inputs)
-            features = tower_features(model, inputs["pixel_values"])
+            features = tower_features(model, inputs["pixel_values"]) if model.config.model_type == "llava" else None
     finally:
-        paint.ClsRows.observe = original
+        readout.observe = original
     return captured, features
 
 
@@ -170,7 +171,7 @@ def test_zero_margins_are_bit_identical(build):
         assert torch.equal(model(**inputs).logits, plain)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "llava_next"])
 def test_towers_without_one_cls_per_image_are_refused(build, family):
     model = build(family)
     names = attn_names(model)
@@ -251,3 +252,56 @@ def test_bad_head_options(build, options, words):
     with pytest.raises((ValueError, TypeError)) as info:
         nograd.apply(model, "paint", **options)
     assert all(word in str(info.value) for word in words) and attn_names(model) == names
+
+
+def received_attention_reference(model, inputs, blocks):
+    """Qwen2-VL: each image's received attention (mean over queries and heads) in ``blocks``, from an eager
+    re-computation of every per-image vision attention call."""
+    recorded = {block: [] for block in blocks}
+    modules = {id(model.model.visual.blocks[b].attn): b for b in blocks}
+    name = "paint_vision_reference"
+
+    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        weights = ((query.float() @ key.float().transpose(-1, -2)) * scaling).softmax(-1)
+        if id(module) in modules:
+            recorded[modules[id(module)]].append(weights.mean(dim=(1, 2))[0])
+        return (weights @ value.float()).to(query.dtype).transpose(1, 2).contiguous(), None
+
+    AttentionMaskInterface.register(name, eager_mask)
+    AttentionInterface.register(name, attention)
+    try:
+        model.set_attn_implementation({"vision_config": name})
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        model.set_attn_implementation({"vision_config": "sdpa"})
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
+    return recorded
+
+
+def test_qwen2_vl_received_attention_and_token_selection(build):
+    model = build("qwen2_vl")
+    inputs = make_inputs("qwen2_vl", model)
+    last = len(model.model.visual.blocks) - 1
+    want = received_attention_reference(model, inputs, [0, last])
+    store, _ = scores_seen_by_the_method(model, inputs)
+    assert len(store["local"]) == len(want[0]) == inputs["image_grid_thw"].shape[0]
+    for got, expected in zip(store["local"], want[0]):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    for got, expected in zip(store["summary"], want[last]):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    merge = model.config.vision_config.spatial_merge_size ** 2
+    with nograd.apply(model, "paint", layers=(0, None), local_ratio=0.5) as handle:
+        with torch.no_grad():
+            model(**inputs)
+        expected = [select_tokens(local.reshape(-1, merge).sum(-1), summary.reshape(-1, merge).sum(-1), 0.5)
+                    for local, summary in zip(want[0], want[last])]
+        assert handle.stats["local_tokens"] == [len(local) for local, _ in expected]
+        assert handle.stats["summary_tokens"] == [len(summary) for _, summary in expected]
+        cached = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_scores=True,
+                                return_dict_in_generate=True)
+        uncached = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_scores=True,
+                                  return_dict_in_generate=True, use_cache=False)
+    for a, b in zip(cached.scores, uncached.scores):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
