@@ -9,13 +9,20 @@ before a method touches the model.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import MISSING, dataclass, field, fields
+from numbers import Real
 from typing import Any, ClassVar
 
 
 def option(default: Any, doc: str, *, choices: tuple | None = None):
     """A config field with its default, its meaning (shown by ``nograd.methods()``) and optional allowed values."""
     return field(default=default, metadata={"doc": doc, "choices": choices})
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number (``bool`` excluded)."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def nearest(name: str, candidates) -> list[str]:

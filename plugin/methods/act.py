@@ -17,13 +17,12 @@ row alone, where the mean is over one query.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..attention import AttentionCall, Intervention, intervene
-from ..config import MethodConfig, option
+from ..config import MethodConfig, is_number, option
 from ..registry import register
 from .base import Method
 from .visual_edit import check_layers, layer_range
@@ -38,11 +37,9 @@ class ACTConfig(MethodConfig):
                                  "{layer: [heads]} (the official per-layer tables)")
 
     def validate(self) -> None:
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not (
-                math.isfinite(self.beta) and self.beta >= 0):
+        if not (is_number(self.beta) and self.beta >= 0):
             self.invalid("beta", "a finite number >= 0")
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
-                0 < self.threshold < 1):
+        if not (is_number(self.threshold) and 0 < self.threshold < 1):
             self.invalid("threshold", "a number in (0, 1)")
         check_layers(self)
         heads = self.heads

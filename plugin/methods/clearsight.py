@@ -9,10 +9,9 @@ shared edit ``s + m s`` it is ``m = enhance - 1`` and ``m = suppress - 1``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from ..config import MethodConfig, option
+from ..config import MethodConfig, is_number, option
 from ..registry import register
 from .visual_edit import ROWS, VisualEditMethod, check_layers
 
@@ -28,7 +27,7 @@ class ClearSightConfig(MethodConfig):
     def validate(self) -> None:
         for name in ("enhance", "suppress"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if not (is_number(value) and value > 0):
                 self.invalid(name, "a finite number > 0")
         check_layers(self)
 

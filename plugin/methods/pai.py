@@ -9,10 +9,9 @@ paper; off by default, as it costs one image-free forward per step).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from ..config import MethodConfig, option
+from ..config import MethodConfig, is_number, option
 from ..registry import register
 from .visual_edit import CFG_GAMMA_DOC, ROWS, VisualEditMethod, check_cfg_gamma, check_layers
 
@@ -27,7 +26,7 @@ class PAIConfig(MethodConfig):
                        choices=ROWS)
 
     def validate(self) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+        if not is_number(self.alpha):
             self.invalid("alpha", "a finite number")
         check_layers(self)
         check_cfg_gamma(self)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import AttentionCall, Intervention, intervene
-from ..config import MethodConfig, option
+from ..config import MethodConfig, is_number, option
 from ..errors import UnsupportedModelError
 from ..registry import register
 from .visual_edit import CFG_GAMMA_DOC, ROWS, VisualEditMethod, VisualPrompt, check_cfg_gamma, check_layers
@@ -121,10 +121,9 @@ class PAINTConfig(MethodConfig):
     def validate(self) -> None:
         for name in ("alpha", "beta"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not is_number(value):
                 self.invalid(name, "a finite number")
-        if isinstance(self.local_ratio, bool) or not isinstance(self.local_ratio, (int, float)) or not (
-                0 <= self.local_ratio <= 1):
+        if not (is_number(self.local_ratio) and 0 <= self.local_ratio <= 1):
             self.invalid("local_ratio", "a number in [0, 1]")
         check_layers(self)
         check_cfg_gamma(self)
@@ -136,9 +135,9 @@ class PAINTConfig(MethodConfig):
                 object.__setattr__(self, "heads", torch.as_tensor(self.heads, dtype=torch.float32))
             except (TypeError, ValueError, RuntimeError):
                 self.invalid("heads", f"one of {', '.join(map(repr, HEAD_MODES))} or an (L, H) gain table", TypeError)
-        if not 0 < self.head_ratio <= 1:
+        if not (is_number(self.head_ratio) and 0 < self.head_ratio <= 1):
             self.invalid("head_ratio", "a number in (0, 1]")
-        if not self.head_gain_max > 0:
+        if not (is_number(self.head_gain_max) and self.head_gain_max > 0):
             self.invalid("head_gain_max", "a number > 0")
         if self.head_stats is not None and not isinstance(self.head_stats, (str, torch.Tensor, list)):
             self.invalid("head_stats", "None, a path to a safetensors file, or an (L, H) table", TypeError)

@@ -13,13 +13,13 @@ to the rows from ``rows_from`` on: the prompt's last row and every generated row
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 
 import torch
 
 from .. import kernels
 from ..attention import AttentionCall, Intervention, intervene
+from ..config import is_number
 from ..kernels import ScoreEdit
 from .base import Method
 
@@ -220,8 +220,7 @@ class VisualEditMethod(Method):
 def check_cfg_gamma(config) -> None:
     """``cfg_gamma``: None (off) or a finite number > 0."""
     gamma = config.cfg_gamma
-    if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float))
-                              or not math.isfinite(gamma) or gamma <= 0):
+    if gamma is not None and not (is_number(gamma) and gamma > 0):
         config.invalid("cfg_gamma", "None or a finite number > 0 (1.1 in the published results)")
 
 

@@ -16,14 +16,13 @@ Algorithm (spec ``extras-and-patch-points.md`` §1.1):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from numbers import Real
 
 import torch
 
 from ..attention import AttentionCall, Intervention, intervene
-from ..config import MethodConfig, option
+from ..config import MethodConfig, is_number, option
 from ..registry import register
 from .base import Method
 
@@ -68,7 +67,7 @@ class ZeroTuningConfig(MethodConfig):
     def validate(self) -> None:
         gamma = self.gamma
         if isinstance(gamma, Real) and not isinstance(gamma, bool):
-            if not (math.isfinite(gamma) and gamma > 0):
+            if not (is_number(gamma) and gamma > 0):
                 self.invalid("gamma", "a finite number > 0")
             object.__setattr__(self, "gamma", float(gamma))
         else:
