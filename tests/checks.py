@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from tiny import text as tiny_text
@@ -46,3 +48,24 @@ def inputs(shape, dtype=torch.float32, seed=0):
     b, h, h_kv, m, n, d = shape
     return guarded((b, h, m, d), dtype, seed), guarded((b, h_kv, n, d), dtype, seed + 1), \
         guarded((b, h_kv, n, d), dtype, seed + 2)
+
+
+@contextlib.contextmanager
+def attention_function(model, function, sub_config: str | None = None, name: str = "nograd_test_reference"):
+    """Inside the block ``model`` runs ``function`` (registered with eager's mask) as the attention of its top
+    config, or of the sub-config ``sub_config`` ("text_config", "vision_config"); the implementation name and the
+    registrations are restored afterwards."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, eager_mask)
+    config = model.config if sub_config is None else getattr(model.config, sub_config)
+    before = config._attn_implementation
+    model.set_attn_implementation(name if sub_config is None else {sub_config: name})
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before if sub_config is None else {sub_config: before})
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)

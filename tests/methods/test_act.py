@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import nograd
-from checks import attn_names, same_state, snapshot
+from checks import attention_function, attn_names, same_state, snapshot
 
-REFERENCE = "act_reference"
 
 
 def official_act(layers, heads, beta=0.4, threshold=0.1):
@@ -46,21 +43,11 @@ def official_act(layers, heads, beta=0.4, threshold=0.1):
 
 @pytest.fixture
 def reference_logits():
-    AttentionMaskInterface.register(REFERENCE, eager_mask)
-
     def run(model, ids, **options):
-        AttentionInterface.register(REFERENCE, official_act(**options))
-        before = model.config._attn_implementation
-        model.set_attn_implementation(REFERENCE)
-        try:
-            with torch.no_grad():
-                return model(ids).logits
-        finally:
-            model.set_attn_implementation(before)
+        with attention_function(model, official_act(**options)), torch.no_grad():
+            return model(ids).logits
 
-    yield run
-    AttentionInterface._global_mapping.pop(REFERENCE, None)
-    AttentionMaskInterface._global_mapping.pop(REFERENCE, None)
+    return run
 
 
 def logits(model, ids, mask=None):

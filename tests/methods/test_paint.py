@@ -8,15 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import nograd
-from checks import attn_names, same_state, snapshot
+from checks import attention_function, attn_names, same_state, snapshot
 from nograd.methods.paint import select_tokens, tukey_outliers
 from tiny.vlm import make_inputs
 
-REFERENCE = "paint_reference"
 
 
 def test_tukey_outliers_match_numpy_percentiles():
@@ -127,16 +124,8 @@ def test_equals_the_official_edit_with_an_independent_selection(build):
             margins[row, positions[start:start + 16][sorted(summary)]] = beta
             image_index += 1
     prompt_end = torch.where(mask, torch.arange(ids.shape[1]), -1).amax(1)
-    AttentionMaskInterface.register(REFERENCE, eager_mask)
-    AttentionInterface.register(REFERENCE, official_paint(margins, prompt_end, {0, 1}))
-    try:
-        model.set_attn_implementation({"text_config": REFERENCE})
-        with torch.no_grad():
-            expected = model(**inputs).logits
-        model.set_attn_implementation({"text_config": "sdpa"})
-    finally:
-        AttentionInterface._global_mapping.pop(REFERENCE, None)
-        AttentionMaskInterface._global_mapping.pop(REFERENCE, None)
+    with attention_function(model, official_paint(margins, prompt_end, {0, 1}), "text_config"), torch.no_grad():
+        expected = model(**inputs).logits
     with torch.no_grad():
         plain = model(**inputs).logits
     with nograd.apply(model, "paint", alpha=alpha, beta=beta, local_ratio=ratio, layers=(0, None)) as handle:
@@ -259,7 +248,6 @@ def received_attention_reference(model, inputs, blocks):
     re-computation of every per-image vision attention call."""
     recorded = {block: [] for block in blocks}
     modules = {id(model.model.visual.blocks[b].attn): b for b in blocks}
-    name = "paint_vision_reference"
 
     def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         weights = ((query.float() @ key.float().transpose(-1, -2)) * scaling).softmax(-1)
@@ -267,16 +255,8 @@ def received_attention_reference(model, inputs, blocks):
             recorded[modules[id(module)]].append(weights.mean(dim=(1, 2))[0])
         return (weights @ value.float()).to(query.dtype).transpose(1, 2).contiguous(), None
 
-    AttentionMaskInterface.register(name, eager_mask)
-    AttentionInterface.register(name, attention)
-    try:
-        model.set_attn_implementation({"vision_config": name})
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        model.set_attn_implementation({"vision_config": "sdpa"})
-        AttentionInterface._global_mapping.pop(name, None)
-        AttentionMaskInterface._global_mapping.pop(name, None)
+    with attention_function(model, attention, "vision_config"), torch.no_grad():
+        model(**inputs)
     return recorded
 
 

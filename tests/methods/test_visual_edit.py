@@ -7,14 +7,11 @@ import math
 
 import pytest
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import nograd
-from checks import attn_names, same_state, snapshot
+from checks import attention_function, attn_names, same_state, snapshot
 from tiny.vlm import make_inputs
 
-REFERENCE = "visual_edit_reference"
 FAMILIES = ["llava", "qwen2_vl", "llava_onevision"]
 
 
@@ -50,8 +47,6 @@ def official_edit(image, system, prompt_end, image_end, layers, alpha=0.0, enhan
 
 @pytest.fixture
 def reference_logits():
-    AttentionMaskInterface.register(REFERENCE, eager_mask)
-
     def run(model, inputs, **edit):
         ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
         image = (ids == model.config.image_token_id) & mask
@@ -60,18 +55,11 @@ def reference_logits():
         system = mask & (positions[None, :] < first_image[:, None])
         prompt_end = torch.where(mask, positions, -1).amax(1)
         image_end = torch.where(image, positions + 1, 0).amax(1)
-        AttentionInterface.register(REFERENCE, official_edit(image, system, prompt_end, image_end, **edit))
-        before = model.config.text_config._attn_implementation
-        model.set_attn_implementation({"text_config": REFERENCE})
-        try:
-            with torch.no_grad():
-                return model(**inputs).logits
-        finally:
-            model.set_attn_implementation({"text_config": before})
+        reference = official_edit(image, system, prompt_end, image_end, **edit)
+        with attention_function(model, reference, "text_config"), torch.no_grad():
+            return model(**inputs).logits
 
-    yield run
-    AttentionInterface._global_mapping.pop(REFERENCE, None)
-    AttentionMaskInterface._global_mapping.pop(REFERENCE, None)
+    return run
 
 
 def logits(model, inputs):

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import nograd
-from checks import same_state, snapshot
+from checks import attention_function, same_state, snapshot
 
-REFERENCE = "zerotuning_reference"
 REFERENCE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma"]  # full causal attention in every layer
 
 
@@ -38,21 +35,12 @@ def post_softmax_reference(gamma: torch.Tensor):
 @pytest.fixture
 def reference_logits():
     """``reference_logits(model, gamma_table, ids, mask)``: logits of ``model`` under the post-softmax reference."""
-    AttentionMaskInterface.register(REFERENCE, eager_mask)
 
     def run(model, gamma, ids, mask):
-        AttentionInterface.register(REFERENCE, post_softmax_reference(gamma))
-        before = model.config._attn_implementation
-        model.set_attn_implementation(REFERENCE)
-        try:
-            with torch.no_grad():
-                return model(ids, attention_mask=mask).logits
-        finally:
-            model.set_attn_implementation(before)
+        with attention_function(model, post_softmax_reference(gamma)), torch.no_grad():
+            return model(ids, attention_mask=mask).logits
 
-    yield run
-    AttentionInterface._global_mapping.pop(REFERENCE, None)
-    AttentionMaskInterface._global_mapping.pop(REFERENCE, None)
+    return run
 
 
 def logits(model, ids, mask=None):
