@@ -103,6 +103,16 @@ class VLMAdapter(Adapter):
         return any(name.endswith("embeddings.class_embedding") for name, _ in self.vision_tower.named_parameters())
 
     @property
+    def vision_full_attention_layers(self) -> list[int]:
+        """The encoder layers that attend over whole images (all of them, except in windowed towers)."""
+        return list(range(len(self.vision_layers)))
+
+    def vision_token_order(self, grid_thw: torch.Tensor | None) -> torch.Tensor | None:
+        """Where the tower's merged-token units sit in the image-token order: ``None`` when it keeps that order,
+        else ``order`` with ``tokens[order] = tower_units``."""
+        return None
+
+    @property
     def vision_feature_layer(self) -> int:
         """Index of the encoder layer whose output the projector reads (``hidden_states[vision_feature_layer]``;
         a list of layers: the deepest)."""
@@ -276,6 +286,21 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
 
     family = "qwen2_5_vl"
     model_classes = ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLPreTrainedModel",)
+
+    @property
+    def vision_full_attention_layers(self) -> list[int]:
+        """``vision_config.fullatt_block_indexes``; the other blocks attend within windows."""
+        return list(self.model.config.vision_config.fullatt_block_indexes)
+
+    def vision_token_order(self, grid_thw):
+        """The tower permutes merged-token units into windows (``get_vision_window_index``) before its first block
+        and restores the order after the merger."""
+        from transformers.vision_utils import get_vision_window_index
+
+        tower = self.vision_tower
+        order, _ = get_vision_window_index(grid_thw, spatial_merge_size=tower.spatial_merge_size,
+                                           window_size=tower.window_size, patch_size=tower.patch_size)
+        return order
 
 
 class Idefics3Adapter(VLMAdapter):

@@ -18,7 +18,8 @@ head's measured visual share (the image's share of the prompt's last row, withou
 (``head_stats``) or on the current input. Qwen2-VL's tower has no CLS token: its local and summary scores are the
 attention each patch receives (mean over queries and heads) in the first and last blocks, summed over the patches
 the merger joins into one token (spec §5.6, our reconstruction). Not here yet: the optional spatial stream (off in
-the official code) and towers with a CLS per crop (LLaVA-NeXT / OneVision) or window attention (Qwen2.5-VL).
+the official code) and towers with a CLS per crop or none (LLaVA-NeXT / OneVision). Qwen2.5-VL reads its
+full-attention blocks and undoes its window permutation.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class PAINT(VisualEditMethod):
     summary = "boost ViT-selected local and summary image tokens in the LLM's attention (s + margin*|s|)"
     paper = "Fixing Imbalanced Attention to Mitigate In-Context Hallucination of Large Vision-Language Model"
     arxiv = "2501.12206"
-    families = ("llava", "qwen2_vl")
+    families = ("llava", "qwen2_vl", "qwen2_5_vl")
     Config = PAINTConfig
     default_layers = (2 / 32, 1.0)
 
@@ -201,12 +202,13 @@ class PAINT(VisualEditMethod):
         if isinstance(self.config.heads, torch.Tensor) and tuple(self.config.heads.shape) != shape:
             self.config.invalid("heads", f"an (L, H) = {shape} gain table for this model")
         family = self.adapter.family
-        if not ((family == "llava" and self.adapter.vision_has_cls) or family == "qwen2_vl"):
+        if not ((family == "llava" and self.adapter.vision_has_cls) or family in ("qwen2_vl", "qwen2_5_vl")):
             raise UnsupportedModelError(
-                f"paint needs one CLS-token vision tower per image (LLaVA-1.5 with CLIP) or Qwen2-VL's per-image "
-                f"tower; {type(self.adapter.model).__name__} ({family}) is not supported yet; supported: llava, qwen2_vl")
+                f"paint needs one CLS-token vision tower per image (LLaVA-1.5 with CLIP) or Qwen2-VL's / Qwen2.5-VL's "
+                f"per-image tower; {type(self.adapter.model).__name__} ({family}) is not supported yet; supported: "
+                f"{', '.join(self.families)}")
         vision_implementation = getattr(self.adapter.model.config, self.adapter.vision_attn_config_key)._attn_implementation
-        if family == "qwen2_vl" and "flash" in str(vision_implementation):
+        if not self.adapter.vision_has_cls and "flash" in str(vision_implementation):
             raise UnsupportedModelError("paint reads Qwen2-VL's vision attention per image, which its flash path "
                                         "packs into one call: load the vision tower with sdpa or eager")
 
@@ -215,13 +217,15 @@ class PAINT(VisualEditMethod):
 
     def attach(self, handle) -> None:
         self.stats = handle.stats
-        handle.stats.update(local_tokens=[], summary_tokens=[], heads_modulated={})
+        handle.stats.update(local_tokens=[], summary_tokens=[], selection=[], heads_modulated={})
         handle.expose("save_head_stats", self.save_head_stats)
         super().attach(handle)
         if self.is_neutral():
             return  # no edit, so no token selection to read
-        readouts = {0: ["local"]}
-        readouts.setdefault(self.adapter.vision_feature_layer, []).append("summary")
+        full = self.adapter.vision_full_attention_layers
+        feature = self.adapter.vision_feature_layer
+        readouts = {full[0]: ["local"]}
+        readouts.setdefault(feature if feature in full else full[-1], []).append("summary")
         vision = self.adapter.vision_attention_modules
         readout = ClsRows if self.adapter.vision_has_cls else ReceivedAttention
         intervene(handle, {vision[layer]: readout(self.scores, keys) for layer, keys in readouts.items()})
@@ -244,25 +248,35 @@ class PAINT(VisualEditMethod):
             self._selected = (prompt, self._margins(prompt))
         return self._selected[1], None
 
-    def _token_scores(self, key: str, image: int, tokens: int) -> torch.Tensor:
-        """One image's scores per LLM token: Qwen2-VL's merger turns each run of ``merge^2`` consecutive patches
-        into one token, so their scores add up."""
-        scores = self.scores[key][image]
-        return scores.reshape(tokens, -1).sum(dim=-1)
+    def _token_scores(self, key: str, sizes: list[int]) -> list[torch.Tensor]:
+        """Each image's scores per LLM token. A CLS tower gives one row per image; a Qwen tower gives per-image
+        patch scores in its own unit order: each run of ``merge^2`` patches is one token (their scores add up),
+        put back in image order (Qwen2.5-VL's windows) and split per image."""
+        scores = self.scores[key]
+        if self.adapter.vision_has_cls:
+            return list(scores)
+        units = torch.cat(list(scores))
+        units = units.reshape(sum(sizes), -1).sum(dim=-1)
+        order = self.adapter.vision_token_order(self.scores["image_inputs"].get("image_grid_thw"))
+        if order is not None:
+            tokens = torch.empty_like(units)
+            tokens[order.to(units.device)] = units
+            units = tokens
+        return list(units.split(sizes))
 
     def _margins(self, prompt: VisualPrompt) -> torch.Tensor:
         """(B, T): alpha on each image's local tokens, beta on its summary tokens, 0 elsewhere."""
         margins = torch.zeros(prompt.image.shape, dtype=torch.float32, device=prompt.image.device)
         grids = self.adapter.image_grids(prompt.input_ids, **{**self.scores["image_inputs"], **prompt.image_inputs})
-        local_counts, summary_counts = [], []
-        for index, grid in enumerate(grids):
-            positions = torch.cat([tile.positions for tile in grid.tiles])
-            local, summary = select_tokens(self._token_scores("local", index, len(positions)),
-                                           self._token_scores("summary", index, len(positions)),
-                                           self.config.local_ratio)
-            margins[grid.batch_row, positions[local]] = self.config.alpha
-            margins[grid.batch_row, positions[summary]] = self.config.beta
-            local_counts.append(len(local))
-            summary_counts.append(len(summary))
-        self.stats.update(local_tokens=local_counts, summary_tokens=summary_counts)
+        positions = [torch.cat([tile.positions for tile in grid.tiles]) for grid in grids]
+        sizes = [len(p) for p in positions]
+        local_scores, summary_scores = self._token_scores("local", sizes), self._token_scores("summary", sizes)
+        selection = []
+        for grid, where, local_score, summary_score in zip(grids, positions, local_scores, summary_scores):
+            local, summary = select_tokens(local_score, summary_score, self.config.local_ratio)
+            margins[grid.batch_row, where[local]] = self.config.alpha
+            margins[grid.batch_row, where[summary]] = self.config.beta
+            selection.append({"batch_row": grid.batch_row, "local": where[local], "summary": where[summary]})
+        self.stats.update(local_tokens=[len(s["local"]) for s in selection],
+                          summary_tokens=[len(s["summary"]) for s in selection], selection=selection)
         return margins
