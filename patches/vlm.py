@@ -180,11 +180,9 @@ class AnyResAdapter(VLMAdapter):
     def image_layouts(self, input_ids, image_sizes, **inputs):
         config = self.model.config
         side = config.vision_config.image_size // config.vision_config.patch_size
-        count_tiles = importlib.import_module(type(self.multimodal_model).__module__).image_size_to_num_patches
         image_sizes = torch.as_tensor(image_sizes).cpu()
         layouts = []
-        for size, split in zip(image_sizes, self.split_images(len(image_sizes), **inputs)):
-            tiles = count_tiles(size, config.image_grid_pinpoints, config.vision_config.image_size) if split else 1
+        for size, tiles in zip(image_sizes, self.tiles_per_image(image_sizes, **inputs)):
             (packed,), _ = self.pack([torch.zeros(tiles, side * side, 1)], size[None], torch.ones(1), **inputs)
             layouts.append(self.layout_from_probe(packed[:, 0] == 1, side))
         return layouts
@@ -198,6 +196,14 @@ class AnyResAdapter(VLMAdapter):
             return ImageLayout(len(offsets), (TileGrid(side, side, offsets[:base], newlines),))
         crop = TileGrid(len(newlines), len(patches) // len(newlines), patches, newlines, kind="crop")
         return ImageLayout(len(offsets), (raster(side, side), crop))
+
+    def tiles_per_image(self, image_sizes, **inputs) -> list[int]:
+        """How many tower tiles each image has (``image_size_to_num_patches``; 1 for an image left unsplit)."""
+        config = self.model.config
+        count_tiles = importlib.import_module(type(self.multimodal_model).__module__).image_size_to_num_patches
+        sizes = torch.as_tensor(image_sizes).cpu()
+        return [count_tiles(size, config.image_grid_pinpoints, config.vision_config.image_size) if split else 1
+                for size, split in zip(sizes, self.split_images(len(sizes), **inputs))]
 
     def split_images(self, num_images: int, **inputs) -> list[bool]:
         """Which images ``get_image_features`` splits into tiles."""
