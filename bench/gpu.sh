@@ -79,7 +79,7 @@ if ls tests/kernels/test_*.py >/dev/null 2>&1; then
   fi
   set -o pipefail
   PYTHONPATH="$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 "$TEST_TIMEOUT" \
-    "$PY" -m pytest tests/kernels -q -rfE -p no:cacheprovider "${CONFTEST[@]}" 2>&1 | tee -a "$OUT/pytest.log" \
+    "$PY" -m pytest tests/kernels -q -rfE -p no:cacheprovider -m "not slow" "${CONFTEST[@]}" 2>&1 | tee -a "$OUT/pytest.log" \
     | tail -n 25
   record pytest "$?"
   set +o pipefail
