@@ -17,8 +17,9 @@ The head-specific modulation of the paper's v1 abstract is absent from the relea
 head's measured visual share (the image's share of the prompt's last row, without the edit), on calibration data
 (``head_stats``) or on the current input. Qwen2-VL's tower has no CLS token: its local and summary scores are the
 attention each patch receives (mean over queries and heads) in the first and last blocks, summed over the patches
-the merger joins into one token (spec §5.6, our reconstruction). Not here yet: the optional spatial stream (off in
-the official code) and towers with a CLS per crop or none (LLaVA-NeXT / OneVision). Qwen2.5-VL reads its
+the merger joins into one token (spec §5.6, our reconstruction). The spatial stream (``spatial_ratio``, off in the
+official code) uses the attention each patch receives in the first vision layer: the official row sums are
+constant (spec §1.7). Not here yet: towers with a CLS per crop or none (LLaVA-NeXT / OneVision). Qwen2.5-VL reads its
 full-attention blocks and undoes its window permutation.
 """
 
@@ -44,11 +45,16 @@ def tukey_outliers(scores: torch.Tensor) -> torch.Tensor:
     return scores.topk(count).indices
 
 
-def select_tokens(local_scores: torch.Tensor, summary_scores: torch.Tensor, local_ratio: float):
-    """(local, summary) patch indices of one image: the top ``floor(N * local_ratio)`` by ``local_scores`` less the
-    summary tokens, and the Tukey outliers of ``summary_scores``. Disjoint."""
+def select_tokens(local_scores: torch.Tensor, summary_scores: torch.Tensor, local_ratio: float,
+                  spatial_scores: torch.Tensor | None = None, spatial_ratio: float = 0.0):
+    """(local, summary) patch indices of one image, disjoint: the Tukey outliers of ``summary_scores``, and the top
+    ``floor(N * local_ratio)`` by ``local_scores`` joined with the top ``floor(N * spatial_ratio)`` by
+    ``spatial_scores`` (the spatial stream), less the summary tokens (``Local <- (Local u Spatial) \ Summary``)."""
     summary = tukey_outliers(summary_scores)
     local = local_scores.topk(math.floor(local_scores.numel() * local_ratio)).indices
+    if spatial_scores is not None and spatial_ratio > 0:
+        spatial = spatial_scores.topk(math.floor(spatial_scores.numel() * spatial_ratio)).indices
+        local = torch.cat([local, spatial[~torch.isin(spatial, local)]])
     local = local[~torch.isin(local, summary)]
     return local, summary
 
@@ -85,18 +91,21 @@ HEAD_MODES = ("uniform", "proportional", "inverse", "topk")
 
 
 class ReceivedAttention(Intervention):
-    """Read-out for towers without a CLS token (spec ``paint.md`` §5.6, our reconstruction): the attention each
-    patch receives, averaged over the queries and the heads. Qwen2-VL's tower attends per image (one call each, in
-    order), so each call appends one image's (patches,) scores under each of ``keys``."""
+    """Read-out of the attention each patch receives, averaged over the queries and the heads: the scores of towers
+    without a CLS token (spec ``paint.md`` §5.6, our reconstruction) and of the spatial stream (the "received"
+    source of §6.2: the official row sums are constant). Each call appends one (patches,) row per image of its batch
+    under each of ``keys`` (Qwen2-VL's tower attends per image, one call each); ``skip`` leading tokens (a CLS) are
+    not patches."""
 
     observes = True
 
-    def __init__(self, store: dict, keys: list[str]):
+    def __init__(self, store: dict, keys: list[str], skip: int = 0):
         self.store = store
         self.keys = keys
+        self.skip = skip
 
     def observe(self, call: AttentionCall) -> None:
-        received = call.key_mass(reduce="mean").mean(dim=1)
+        received = call.key_mass(reduce="mean").mean(dim=1)[:, self.skip:]
         for key in self.keys:
             self.store.setdefault(key, []).extend(received)
 
@@ -106,6 +115,9 @@ class PAINTConfig(MethodConfig):
     alpha: float = option(0.7, "margin on local tokens, s + alpha*|s| (official 0.7)")
     beta: float = option(0.4, "margin on summary tokens, s + beta*|s| (paper setting 0.4; code default 0.3)")
     local_ratio: float = option(0.25, "share of the patches chosen as local tokens (official 0.25)")
+    spatial_ratio: float = option(0.0, "share added by the spatial stream: the patches that receive the most "
+                                       "attention in the first vision layer (official code default 0, off; 0.05 best "
+                                       "in the v1 ablation)")
     layers: object = option(None, "decoder layers (start, end); None = the official [2, 32) scaled to the depth")
     cfg_gamma: object = option(None, CFG_GAMMA_DOC)
     rows: str = option("prompt_end", "edited query rows: 'prompt_end' (official) or 'after_image'", choices=ROWS)
@@ -124,8 +136,9 @@ class PAINTConfig(MethodConfig):
             value = getattr(self, name)
             if not is_number(value):
                 self.invalid(name, "a finite number")
-        if not (is_number(self.local_ratio) and 0 <= self.local_ratio <= 1):
-            self.invalid("local_ratio", "a number in [0, 1]")
+        for name in ("local_ratio", "spatial_ratio"):
+            if not (is_number(getattr(self, name)) and 0 <= getattr(self, name) <= 1):
+                self.invalid(name, "a number in [0, 1]")
         check_layers(self)
         check_cfg_gamma(self)
         if isinstance(self.heads, str):
@@ -228,7 +241,12 @@ class PAINT(VisualEditMethod):
         readouts.setdefault(feature if feature in full else full[-1], []).append("summary")
         vision = self.adapter.vision_attention_modules
         readout = ClsRows if self.adapter.vision_has_cls else ReceivedAttention
-        intervene(handle, {vision[layer]: readout(self.scores, keys) for layer, keys in readouts.items()})
+        probes = {vision[layer]: [readout(self.scores, keys)] for layer, keys in readouts.items()}
+        if self.config.spatial_ratio > 0:
+            probes[vision[full[0]]].append(ReceivedAttention(self.scores, ["spatial"], int(self.adapter.vision_has_cls)))
+        for module, interventions in probes.items():
+            for probe in interventions:
+                intervene(handle, {module: probe})
         # generate() encodes the images before the prefill forward and drops the image inputs from it: keep what
         # the tower saw, for the image layout
         hook = self.adapter.vision_tower.register_forward_pre_hook(self._capture_images, with_kwargs=True)
@@ -271,9 +289,12 @@ class PAINT(VisualEditMethod):
         positions = [torch.cat([tile.positions for tile in grid.tiles]) for grid in grids]
         sizes = [len(p) for p in positions]
         local_scores, summary_scores = self._token_scores("local", sizes), self._token_scores("summary", sizes)
+        spatial_scores = self._token_scores("spatial", sizes) if "spatial" in self.scores else [None] * len(grids)
         selection = []
-        for grid, where, local_score, summary_score in zip(grids, positions, local_scores, summary_scores):
-            local, summary = select_tokens(local_score, summary_score, self.config.local_ratio)
+        for grid, where, local_score, summary_score, spatial_score in zip(grids, positions, local_scores,
+                                                                          summary_scores, spatial_scores):
+            local, summary = select_tokens(local_score, summary_score, self.config.local_ratio, spatial_score,
+                                           self.config.spatial_ratio)
             margins[grid.batch_row, where[local]] = self.config.alpha
             margins[grid.batch_row, where[summary]] = self.config.beta
             selection.append({"batch_row": grid.batch_row, "local": where[local], "summary": where[summary]})

@@ -307,3 +307,36 @@ def test_qwen_received_attention_and_token_selection(build, family):
                                   return_dict_in_generate=True, use_cache=False)
     for a, b in zip(cached.scores, uncached.scores):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_spatial_stream_joins_local_and_leaves_summary_out():
+    local_scores = torch.tensor([9.0, 8.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    spatial_scores = torch.tensor([0.0, 9.0, 0.0, 7.0, 0.0, 0.0, 0.0, 0.0])
+    summary_scores = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 50.0])
+    local, summary = select_tokens(local_scores, summary_scores, 0.25, spatial_scores, 0.25)
+    assert summary.tolist() == [7] and sorted(local.tolist()) == [0, 1, 3]
+    local, _ = select_tokens(local_scores, summary_scores, 0.25)
+    assert sorted(local.tolist()) == [0, 1]
+
+
+def test_spatial_scores_are_the_attention_patches_receive_in_the_first_layer(build):
+    model = build("llava")
+    inputs = make_inputs("llava", model)
+    tower = model.model.vision_tower
+    tower.set_attn_implementation("eager")
+    with torch.no_grad():
+        first = tower(inputs["pixel_values"], output_attentions=True).attentions[0]
+    tower.set_attn_implementation("sdpa")
+    received = first.mean(dim=(1, 2))[:, 1:]
+    rows = cls_rows(model, inputs["pixel_values"])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    chunks = ((ids == model.config.image_token_id) & mask).nonzero()[:, 1].split(16)  # one image per 16 tokens
+    expected = []
+    for index, where in enumerate(chunks):
+        local, summary = select_tokens(rows[0][index], rows[len(rows) - 2][index], 0.25, received[index], 0.25)
+        expected.append((sorted(where[local].tolist()), sorted(where[summary].tolist())))
+    with nograd.apply(model, "paint", spatial_ratio=0.25) as handle, torch.no_grad():
+        model(**inputs)
+        got = [(sorted(s["local"].tolist()), sorted(s["summary"].tolist())) for s in handle.stats["selection"]]
+    assert got == expected
+    assert any(len(local) > math.floor(16 * 0.25) - len(summary) for local, summary in got)
