@@ -26,7 +26,8 @@ Backends (one signature, results equal to the reference within float tolerance):
   read with broadcast strides, nothing of size M x N is allocated.
 - ``"flex"``: compiled FlexAttention with the bias as ``score_mod`` and a causal / window ``BlockMask``.
 - ``"sdpa"``: ``F.scaled_dot_product_attention`` with the bias as a broadcast (B, H, 1, N) mask where that is exact
-  (non-causal, or M == 1) and a dense mask otherwise (warned once).
+  (non-causal, or M == 1) and a dense mask otherwise (warned once). A GQA decode step runs each KV head's query
+  heads as rows of one call (``pack_gqa``), without repeating K/V.
 - ``"eager"``: the fp32 reference; materialises the matrix.
 - ``"auto"``: on CUDA the Triton kernel, except decode (M == 1), where SDPA's broadcast mask is already O(N); on
   CPU SDPA; the reference only for what no other backend does (``softcap``, LSE on CPU).
@@ -209,18 +210,34 @@ def attention_sdpa(q, k, v, *, key_bias=None, causal=False, scale=None, mask=Non
     needs_edge = (causal and m > 1) or window is not None
     if key_bias is None and mask is None and window is None:
         if not needs_edge:
+            if m == 1 and gqa:
+                return _decode_packed(q, k, v, None, scale)
             return F.scaled_dot_product_attention(q, k, v, scale=scale, **gqa)
         if m == n:  # top-left == bottom-right
             return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True, **gqa)
     if needs_edge or (mask is not None and mask.shape[-2] > 1):
         _warn_dense_once("causal block with a bias" if needs_edge else "a per-query mask")
     bias = logit_bias(q, k, key_bias=key_bias, causal=causal, mask=mask, window=window, dtype=q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, **gqa)
+    if m == 1 and gqa:
+        out = _decode_packed(q, k, v, bias, scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, **gqa)
     if mask is not None:
         dead = torch.isneginf(bias).all(dim=-1, keepdim=True)
     else:
         dead = dead_rows(key_bias, m, n, causal, window, q.device)
     return out.masked_fill(dead, 0.0) if bool(dead.any()) else out
+
+
+def _decode_packed(q, k, v, bias, scale):
+    """One query per head with GQA and a mask: the G query heads of each KV head become G query rows of that head
+    (transformers' ``pack_gqa``), so SDPA runs on the KV heads as they are instead of repeating them for the mask."""
+    b, h, _, d = q.shape
+    kv_heads = k.shape[1]
+    rows = q.reshape(b, kv_heads, h // kv_heads, d)
+    if bias is not None:
+        bias = bias.expand(bias.shape[0], h, 1, bias.shape[-1]).reshape(bias.shape[0], kv_heads, h // kv_heads, -1)
+    return F.scaled_dot_product_attention(rows, k, v, attn_mask=bias, scale=scale).reshape(b, h, 1, d)
 
 
 _PREFERRED = contextvars.ContextVar("nograd_attention_backend", default="auto")
