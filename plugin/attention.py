@@ -176,11 +176,14 @@ def _make_function(base: str) -> Callable:
     def nograd_attention(module, query, key, value, attention_mask, **kwargs):
         patch = _PATCH_OF_MODULE.get(module)
         interventions = patch.interventions.get(module) if patch is not None else None
+        def run_base():
+            return base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
+
         if interventions:
-            result = patch.run(module, interventions, query, key, value, attention_mask, kwargs)
+            result = patch.run(module, interventions, query, key, value, attention_mask, kwargs, run_base)
             if result is not None:
                 return result
-        return base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
+        return run_base()
 
     nograd_attention.__name__ = f"{PREFIX}{base}"
     return nograd_attention
@@ -321,23 +324,30 @@ class AttentionPatch(ModelPatch):
         mask = bound.get("attention_mask")
         self.batch.padding_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
-    def run(self, module, interventions, query, key, value, attention_mask, kwargs):
+    def run(self, module, interventions, query, key, value, attention_mask, kwargs, run_base):
         """Attention with the interventions of ``module`` in transformers' (B, M, H, D) output layout, or None."""
         call = AttentionCall(module=module, layer_idx=getattr(module, "layer_idx", -1), query=query, key=key,
                              value=value, scaling=kwargs.get("scaling") or query.shape[-1] ** -0.5,
                              batch=self.batch, softcap=kwargs.get("softcap"), window=kwargs.get("sliding_window"),
                              causal=kwargs.get("is_causal", getattr(module, "is_causal", True)))
-        out = attend(call, interventions, attention_mask, self.split_mask)
+        out = attend(call, interventions, attention_mask, self.split_mask, base=lambda: run_base()[0].transpose(1, 2))
         return None if out is None else (out.transpose(1, 2).contiguous(), None)
 
 
+EDITED_ROWS_OVER_BASE = 16
+"""A score edit on at most this many rows runs the base implementation and recomputes only those rows."""
+
+
 def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.Tensor | None = None,
-           split: Callable = split_mask):
+           split: Callable = split_mask, base: Callable | None = None):
     """Run ``call`` with ``interventions`` through ``nograd.kernels.attention``: (B, H, M, D), or None when none of
     them acts on this call (the caller then runs its base attention, bit-identical).
 
     ``mask`` is the caller's mask (transformers' 4-D format); ``call.causal`` says whether the layer is causal;
-    ``split`` reduces the mask (``split_mask``, or a caching wrapper of it).
+    ``split`` reduces the mask (``split_mask``, or a caching wrapper of it); ``base`` computes the caller's own
+    attention (B, H, M, D): when a score edit is all there is and it starts at the last few rows (the prompt's last
+    row at prefill, the new row at decode), the base runs and only the edited (row, head) entries are recomputed, so
+    every other entry is exactly the base's (spec ``paint.md`` §5.3, the torch path).
     Biases add up; blends compose as ``1 - prod(1 - u)``; at most one score edit and one set rescale; observers run
     after the attention (with read-outs only, the caller's base implementation computes the output).
     """
@@ -371,7 +381,10 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
         blend = 1 - keep
     common = dict(causal=call.causal, scale=call.scaling, mask=call.mask, softcap=call.softcap, window=call.window,
                   edit=call.edit)
-    if rescales:
+    if base is not None and call.edit is not None and not (biases or blends or rescales) \
+            and m - call.edit.first_row(m, n) <= EDITED_ROWS_OVER_BASE:
+        out = _edited_rows_over(base(), call)
+    elif rescales:
         (key_set, factor), = rescales
         out, _ = kernels.attention_rescaled_set(call.query, call.key, call.value, key_set=key_set, factor=factor,
                                                 key_bias=bias, **common)
@@ -382,6 +395,28 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
     for iv in observers:
         iv.observe(call)
     return out
+
+
+def _edited_rows_over(base_out: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+    """``base_out`` (B, H, M, D) with the rows and heads that ``call.edit`` changes recomputed explicitly."""
+    edit = call.edit
+    _, _, m, n = call.shape
+    first = edit.first_row(m, n)
+    if first >= m:
+        return base_out
+    mask = call.mask
+    tail_mask = None if mask is None else mask[..., first:, :] if mask.shape[-2] > 1 else mask
+    tail = kernels.attention(call.query[:, :, first:], call.key, call.value, key_bias=call.key_bias,
+                             causal=call.causal, scale=call.scaling, mask=tail_mask, softcap=call.softcap,
+                             window=call.window, edit=edit, backend="eager")
+    positions = torch.arange(first, m, device=tail.device) + (n - m)
+    if edit.rows_from is None:
+        rows = torch.ones(1, m - first, dtype=torch.bool, device=tail.device)
+    else:
+        rows = positions[None, :] >= edit.rows_from.to(tail.device)[:, None]
+    heads = sum((coef != 0).any(dim=-1) for coef in (edit.abs_coef, edit.mul_coef) if coef is not None) > 0
+    changed = rows[:, None, :, None] & heads.to(tail.device)[..., None, None]
+    return torch.cat([base_out[:, :, :first], torch.where(changed, tail, base_out[:, :, first:])], dim=2)
 
 
 def intervene(handle, interventions: dict[nn.Module, Intervention]) -> None:

@@ -8,6 +8,7 @@ import torch
 import nograd
 from checks import TEXT_FAMILIES
 from nograd.attention import Intervention, intervene, split_mask
+from nograd import kernels
 from nograd.kernels import causal_visibility
 from nograd.patches import adapter_for
 
@@ -162,3 +163,26 @@ def test_sliding_window_kwarg_reaches_the_kernels(build):
     plain = logits(model, ids)
     with attach(model, {m: ZeroBias() for m in adapter_for(model).attention_modules}):
         torch.testing.assert_close(logits(model, ids), plain, atol=1e-5, rtol=0)
+
+
+class HeadEdit(Intervention):
+    """A score edit on heads 1 and 3 of every row (``rows_from=None``)."""
+
+    def score_edit(self, call):
+        coef = torch.zeros(1, call.query.shape[1], call.key.shape[2])
+        coef[0, [1, 3]] = 0.5
+        return kernels.ScoreEdit(abs_coef=coef)
+
+
+def test_edited_rows_over_the_base_equal_the_fused_path(build, padded_batch, monkeypatch):
+    from nograd import attention
+
+    model = build("llama")
+    ids, mask = padded_batch
+    with attach(model, {m: HeadEdit() for m in adapter_for(model).attention_modules}):
+        over_base = logits(model, ids, mask)
+        monkeypatch.setattr(attention, "EDITED_ROWS_OVER_BASE", 0)
+        fused = logits(model, ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(over_base[real], fused[real], atol=1e-5, rtol=0)
+    assert (over_base - logits(model, ids, mask))[real].abs().max() > 1e-4
