@@ -25,7 +25,7 @@ from ..attention import AttentionCall, Intervention, intervene
 from ..config import MethodConfig, is_number, option
 from ..registry import register
 from .base import Method
-from .visual_edit import check_layers, layer_range
+from .visual_edit import check_layer_range, check_layers, layer_range
 
 
 @dataclass(frozen=True)
@@ -109,9 +109,7 @@ class ACT(Method):
 
     def check_model(self) -> None:
         depth, num_heads = self.adapter.num_layers, self.adapter.num_heads
-        layers = self.config.layers
-        if layers is not None and not 0 <= layers[0] < (depth if layers[1] is None else layers[1]) <= depth:
-            self.config.invalid("layers", f"(start, end) with 0 <= start < end <= {depth}")
+        check_layer_range(self.config, depth)
         heads = self.config.heads
         table = heads if isinstance(heads, dict) else {None: heads or []}
         if any(layer is not None and not 0 <= layer < depth for layer in table):

@@ -194,11 +194,7 @@ class VisualEditMethod(Method):
         return layer_range(self.config.layers, self.adapter.num_layers, self.default_layers)
 
     def check_model(self) -> None:
-        layers, depth = self.config.layers, self.adapter.num_layers
-        if layers is not None:
-            end = depth if layers[1] is None else layers[1]
-            if not 0 <= layers[0] < end <= depth:
-                self.config.invalid("layers", f"(start, end) with 0 <= start < end <= {depth} (end None = {depth})")
+        check_layer_range(self.config, self.adapter.num_layers)
 
     def attach(self, handle) -> None:
         edits = not self.is_neutral()
@@ -226,6 +222,15 @@ def check_cfg_gamma(config) -> None:
 
 CFG_GAMMA_DOC = ("PAI's image-free logits refine gamma*(z_img - z_free) + z_free with the 0.1 plausibility cutoff: "
                  "None = off, 1.1 = every published PAI / PAINT result (one image-free forward per step)")
+
+
+def check_layer_range(config, depth: int) -> None:
+    """``layers`` (start, end) fits a model of ``depth`` decoder layers."""
+    layers = config.layers
+    if layers is not None:
+        end = depth if layers[1] is None else layers[1]
+        if not 0 <= layers[0] < end <= depth:
+            config.invalid("layers", f"(start, end) with 0 <= start < end <= {depth} (end None = {depth})")
 
 
 def check_layers(config) -> None:
