@@ -112,15 +112,16 @@ class AttentionCall:
         b, h, m, _ = self.query.shape
         return b, h, m, self.key.shape[2]
 
-    def attention_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """The softmax rows (B, H, R, N) of the queries at indices ``rows`` (into M), as this call computed them."""
+    def attention_rows(self, rows: torch.Tensor, edited: bool = True) -> torch.Tensor:
+        """The softmax rows (B, H, R, N) of the queries at indices ``rows`` (into M), as this call computed them
+        (``edited=False``: without its score edit)."""
         _, _, m, n = self.shape
         rows = rows.to(self.query.device)
         positions = rows + (n - m) if self.causal else None
         mask = None if self.mask is None else self.mask[..., rows, :] if self.mask.shape[-2] > 1 else self.mask
         return kernels.attention_rows(self.query[:, :, rows], self.key, positions=positions, key_bias=self.key_bias,
                                       scale=self.scaling, mask=mask, softcap=self.softcap, window=self.window,
-                                      edit=self.edit, edit_positions=rows + (n - m))
+                                      edit=self.edit if edited else None, edit_positions=rows + (n - m))
 
     def key_mass(self, reduce: str = "sum") -> torch.Tensor:
         """Attention received by each key (B, H, N), summed (or averaged) over this call's queries."""

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import kernels
 from ..attention import AttentionCall, Intervention, intervene
 from ..config import is_number
 from ..kernels import ScoreEdit
@@ -134,10 +133,7 @@ class VisualScoreEdit(Intervention):
         _, _, m, n = call.shape
         if prompt is None or self.tracker.paused or m == 1:
             return
-        last = torch.tensor([m - 1], device=call.query.device)
-        rows = kernels.attention_rows(call.query[:, :, last], call.key, positions=last + (n - m) if call.causal else None,
-                                      key_bias=call.key_bias, scale=call.scaling, softcap=call.softcap,
-                                      window=call.window)[:, :, 0]
+        rows = call.attention_rows(torch.tensor([m - 1]), edited=False)[:, :, 0]
         image = prompt.key_classes(prompt.image.float(), n).to(rows.device)
         self.method.record_visual_share(self.layer, (rows * image[:, None, :]).sum(-1).mean(0))
 
