@@ -139,7 +139,7 @@ class VisualScoreEdit(Intervention):
 
     def score_edit(self, call: AttentionCall) -> ScoreEdit | None:
         prompt = self.tracker.prompt
-        if prompt is None or self.tracker.paused or not bool(prompt.image.any()):
+        if prompt is None or self.tracker.paused:  # the tracker keeps only prompts with image tokens
             return None
         n = call.shape[3]
         gains = self.method.head_gains(self.layer).to(call.query.device)[None, :, None]
