@@ -80,8 +80,15 @@ def _configs():
 
 
 def _builder(family):
-    def build(seed: int = 0, attn_implementation: str | None = None, dtype=torch.float32, **overrides):
+    def build(seed: int = 0, attn_implementation: str | None = None, dtype=torch.float32, text_layers: int = 0,
+              **overrides):
+        """``text_layers``: a deeper decoder than the default 2 layers (for methods that work in stages)."""
         model_cls, config = _configs()[family]
+        if text_layers:
+            text = config.text_config
+            text.num_hidden_layers = text_layers
+            if getattr(text, "layer_types", None) is not None:
+                text.layer_types = [text.layer_types[0]] * text_layers
         for key, value in overrides.items():
             setattr(config, key, value)
         torch.manual_seed(seed)

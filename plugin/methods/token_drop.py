@@ -1,0 +1,417 @@
+"""Staged visual-token dropping inside the decoder: the engine PyramidDrop and FastV share (spec ``pyramiddrop.md``
+§1.2-§1.4, §5.2-§5.4).
+
+At each stage boundary ``l_s`` of a prefill, the decoder's visual tokens are ranked by one softmax row: the query of
+each row's last prompt token over every visible key (``nograd.kernels.attention_rows``, fp32, the mean over heads),
+computed apart from the attention call so any attention implementation keeps working. PyramidDrop scores with the
+input norm, Q/K projections and RoPE of layer ``l_s`` itself on its input (the official ``rank_layer =
+layer_idx + 1``); FastV with those of layer ``l_s - 1`` on *its* input (the official code reads layer ``K - 1``'s
+``output_attentions``). The top ``K_{b,s}`` visual tokens of a row stay, in their original order; text tokens and
+pad slots always stay. The hidden states and the rotary cos/sin are gathered (one ``index_select`` each) into the
+stage's shorter sequence; rows that keep fewer slots get extra *left* pad slots, so the batch stays rectangular.
+
+Every layer from ``l_1`` on gets, through a forward pre-hook, its stage's hidden states, mask
+(``create_causal_mask(..., layer_idx=i)`` from the stage's 2-D padding mask, sized against that layer's own KV
+cache), position embeddings and ``position_ids=None`` (a gap in positions would read as a packed sequence, §5.1).
+A stage's layers therefore cache only its kept tokens; decode steps reuse the prefill's layouts. Positions:
+``"original"`` keeps each kept token's RoPE phase (correct for Qwen2-VL's M-RoPE as well); ``"compact"`` renumbers
+the kept tokens contiguously as the official code does (1-D RoPE only). A forward without a KV cache that re-runs
+the recorded prompt plus generated tokens (``generate(use_cache=False)``) reuses the prompt's keep sets.
+
+The final norm and ``lm_head`` see the last stage's shorter sequence: ``model(**inputs).logits`` has that length
+(the last position is still each row's last token, which is all ``generate()`` reads).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from .. import kernels
+from .base import Method
+from .drop_schedule import DropSchedule, kv_bytes_saved, paper_flops, prefill_macs, scoring_macs
+
+POSITIONS = ("original", "compact")
+
+
+@dataclass
+class Layout:
+    """One stage's prompt sequence: what each slot holds."""
+
+    index: torch.Tensor
+    """(B, n) long: the slot of the previous stage's layout each slot copies."""
+    origin: torch.Tensor
+    """(B, n) long: the original prompt position each slot holds."""
+    valid: torch.Tensor
+    """(B, n) bool: the slot holds a real token (not a pad)."""
+    visual: torch.Tensor
+    """(B, n) bool: the slot holds a visual token."""
+    dropped: torch.Tensor
+    """(B, L0) long: visual tokens dropped up to this stage at or before each original position (compact RoPE)."""
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+
+@dataclass
+class Prompt:
+    """The prefill of the current generation: its stages' layouts, built boundary by boundary."""
+
+    input_ids: torch.Tensor
+    layouts: list[Layout]
+    counts: torch.Tensor
+    """(B,) visual tokens per row."""
+
+
+@dataclass
+class Pass:
+    """One forward of the decoder: what its layers are given, stage by stage."""
+
+    kind: str
+    """"prefill" (builds the layouts), "rerun" (no cache: the prompt plus ``extra`` new tokens again) or "decode"."""
+    mask2d: torch.Tensor
+    """(B, L0 + tokens after the prompt) the model's 2-D padding mask."""
+    extra: int = 0
+    """Tokens after the prompt in this forward's sequence ("rerun")."""
+    position_embeddings: tuple | None = None
+    position_ids: torch.Tensor | None = None
+    scoring_input: tuple | None = None
+    """FastV: (hidden states, position embeddings) of the layer before the boundary."""
+    stage_inputs: dict | None = None
+    """stage -> (mask, position embeddings) for this forward."""
+
+
+def _flat_gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, j]]`` for (B|1, n, ...) ``x`` and (B, m) ``index``: one ``index_select``."""
+    b, m = index.shape
+    x = x.expand(b, *x.shape[1:])
+    rows = torch.arange(b, device=x.device)[:, None] * x.shape[1]
+    flat = (rows + index.to(x.device)).reshape(-1)
+    return x.reshape(b * x.shape[1], *x.shape[2:]).index_select(0, flat).reshape(b, m, *x.shape[2:])
+
+
+def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For (B, n) ``keep``: the (B, m) gather index that packs each row's kept slots, in order, to the right end,
+    and which of its slots are filled (the others are extra left pads, index 0). One host sync, for ``m``."""
+    b, n = keep.shape
+    counts = keep.sum(dim=1)
+    m = int(counts.max())
+    dest = torch.where(keep, keep.long().cumsum(dim=1) - 1 + (m - counts)[:, None], m)
+    source = torch.arange(n, device=keep.device).expand(b, n)
+    index = torch.zeros(b, m + 1, dtype=torch.long, device=keep.device).scatter_(1, dest, source)[:, :m]
+    filled = torch.zeros(b, m + 1, dtype=torch.bool, device=keep.device).scatter_(1, dest, keep)[:, :m]
+    return index, filled
+
+
+def top_visual(scores: torch.Tensor, visual: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B, n) bool: in each row, the ``counts[b]`` visual slots with the highest scores (ties: the earlier slot)."""
+    ranked = scores.masked_fill(~visual, -torch.inf).argsort(dim=1, descending=True, stable=True)
+    n = scores.shape[1]
+    rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(n, device=scores.device).expand_as(ranked))
+    return visual & (rank < counts.to(scores.device)[:, None])
+
+
+def query_rows(valid: torch.Tensor) -> torch.Tensor:
+    """(B,) each row's last real slot: the ranking query t* (the last prompt token under any padding)."""
+    slots = torch.arange(valid.shape[1], device=valid.device)
+    return torch.where(valid, slots, -1).amax(dim=1)
+
+
+@torch.no_grad()
+def rank_scores(layer: torch.nn.Module, hidden: torch.Tensor, position_embeddings: tuple, valid: torch.Tensor,
+                backend: str = "auto") -> torch.Tensor:
+    """(B, n) fp32: the head-averaged softmax row of each row's last real token over every real key, computed with
+    ``layer``'s input norm, Q/K projections (and Q/K norms) and RoPE (spec §5.4). Only one query row is projected."""
+    attn = layer.self_attn
+    rotate = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb
+    b, n, _ = hidden.shape
+    head_dim = attn.head_dim
+    x = layer.input_layernorm(hidden)
+    at = query_rows(valid).to(hidden.device)
+    x_query = x[torch.arange(b, device=x.device), at][:, None]
+    q = attn.q_proj(x_query).view(b, 1, -1, head_dim)
+    k = attn.k_proj(x).view(b, n, -1, head_dim)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    cos, sin = (t.expand(b, *t.shape[1:]) for t in position_embeddings)
+    rows = torch.arange(b, device=cos.device)
+    q, _ = rotate(q, q, cos[rows, at][:, None], sin[rows, at][:, None])
+    k, _ = rotate(k, k, cos, sin)
+    slots = torch.arange(n, device=valid.device)
+    visible = valid & (slots[None, :] <= at.to(valid.device)[:, None])
+    bias = torch.zeros(b, 1, n, device=q.device).masked_fill(~visible.to(q.device)[:, None, :], -torch.inf)
+    probs = kernels.attention_rows(q, k, key_bias=bias, scale=attn.scaling, backend=backend)
+    return probs.mean(dim=1)[:, 0]
+
+
+class TokenDropMethod(Method):
+    """Base of the token-dropping methods: subclasses give the schedule and which layer scores a boundary."""
+
+    kinds = ("vlm",)
+    families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+    resources = ("token_layout",)
+    scores_with_previous_layer = False
+    """FastV: score with layer ``l_s - 1`` on its input (else layer ``l_s`` on its input, PyramidDrop)."""
+
+    def schedule(self) -> DropSchedule:
+        raise NotImplementedError
+
+    def row_schedule(self, n_visual: int) -> DropSchedule:
+        """The schedule of a row with ``n_visual`` visual tokens (a token budget solves one per count)."""
+        return self.plan
+
+    # ---- validation ---------------------------------------------------------------------------------------------
+    def check_model(self) -> None:
+        schedule = self.schedule()  # raises ValueError naming the option on a bad schedule for this depth
+        config = self.adapter.text_config
+        first = schedule.boundaries[0] if schedule.boundaries else self.adapter.num_layers
+        layer_types = getattr(config, "layer_types", None)
+        sliding = ([i for i, kind in enumerate(layer_types) if kind != "full_attention" and i >= first]
+                   if layer_types is not None else
+                   list(range(first, self.adapter.num_layers)) if getattr(config, "sliding_window", None) else [])
+        if sliding:
+            raise ValueError(f"{self.name}: decoder layers {sliding} use sliding-window attention, whose window would "
+                             "count dropped tokens differently; drop only before the first sliding layer or load "
+                             "the model without sliding windows")
+        rope = getattr(config, "rope_parameters", None) or {}
+        if self.config.positions == "compact" and "mrope_section" in rope:
+            self.config.invalid("positions", "'original' on a multimodal-RoPE (Qwen2-VL) model: compact renumbering "
+                                             "of 3-D positions is not defined")
+
+    # ---- attach -------------------------------------------------------------------------------------------------
+    def attach(self, handle) -> None:
+        self.stats = handle.stats
+        self.plan = self.schedule()
+        self.prompt: Prompt | None = None
+        self.current: Pass | None = None
+        handle.stats.update(boundaries=list(self.plan.boundaries), visual_tokens=[], stage_lengths=[], kept=[])
+        if not self.plan.boundaries:
+            return
+        outer = self.adapter.multimodal_model
+        self._signature = inspect.signature(outer.forward)
+        hooks = [outer.register_forward_pre_hook(self._before_model, with_kwargs=True)]
+        if self.adapter.model is not outer:
+            hooks.append(self.adapter.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True))
+        layers = self.adapter.decoder_layers
+        first = self.plan.boundaries[0]
+        if self.scores_with_previous_layer:
+            hooks.append(layers[first - 1].register_forward_pre_hook(self._keep_scoring_input, with_kwargs=True))
+        for i in range(first, len(layers)):
+            hooks.append(layers[i].register_forward_pre_hook(self._stage_hook(i), with_kwargs=True))
+        for hook in hooks:
+            handle.on_remove(f"{self.name} hook", hook.remove)
+
+    def _refuse_labels(self, module, args, kwargs):
+        if kwargs.get("labels") is not None:
+            raise ValueError(f"{self.name} drops tokens at inference only: labels (a training loss) are not supported")
+
+    def _before_model(self, module, args, kwargs):
+        """H0 (spec §5.2): classify the forward, record the prompt at a prefill."""
+        inputs = self._signature.bind_partial(*args, **kwargs).arguments
+        inputs.update(inputs.pop("kwargs", {}))
+        input_ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+        cache = inputs.get("cache", inputs.get("past_key_values"))
+        cached = 0 if cache is None else int(cache.get_seq_length())
+        if input_ids is None:
+            self.current = None
+            if cached == 0:
+                raise ValueError(f"{self.name} finds the visual tokens in input_ids; call the model with input_ids, "
+                                 "not inputs_embeds")
+            return
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(f"{self.name} needs a 2-D attention_mask (padding), got shape {tuple(mask.shape)}")
+        b, length = input_ids.shape
+        mask = torch.ones(b, cached + length, dtype=torch.long, device=input_ids.device) if mask is None else mask
+        prompt = self.prompt
+        if cached > 0:
+            self.current = Pass("decode", mask) if prompt is not None else None
+        elif prompt is not None and self._reruns(prompt, input_ids):
+            self.current = Pass("rerun", mask, extra=length - prompt.input_ids.shape[1])
+        else:
+            self._record_prompt(input_ids, mask)
+
+    @staticmethod
+    def _reruns(prompt: Prompt, input_ids: torch.Tensor) -> bool:
+        old = prompt.input_ids
+        return (input_ids.shape[0] == old.shape[0] and input_ids.shape[1] > old.shape[1]
+                and bool(torch.equal(input_ids[:, :old.shape[1]], old)))
+
+    def _record_prompt(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        valid = mask.bool()
+        visual = self.adapter.image_token_mask(input_ids) & valid
+        counts = visual.sum(dim=1)
+        if not bool(counts.any()):
+            self.prompt, self.current = None, None
+            return
+        b, length = input_ids.shape
+        zeros = torch.zeros(b, length, dtype=torch.long, device=input_ids.device)
+        slots = torch.arange(length, device=input_ids.device).expand(b, length)
+        first = Layout(index=slots, origin=slots, valid=valid, visual=visual, dropped=zeros)
+        self.prompt = Prompt(input_ids=input_ids, layouts=[first], counts=counts)
+        self.current = Pass("prefill", mask)
+
+    # ---- the layer hooks ----------------------------------------------------------------------------------------
+    def _keep_scoring_input(self, module, args, kwargs):
+        if self.current is not None and self.current.kind == "prefill":
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.current.scoring_input = (hidden, kwargs["position_embeddings"])
+
+    def _stage_hook(self, i: int):
+        stage = self.plan.stage_of_layer(i)
+        boundary = i in self.plan.boundaries
+
+        def hook(module, args, kwargs):
+            run, prompt = self.current, self.prompt
+            if run is None or prompt is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if run.position_embeddings is None:  # the first hooked layer: the model's own inputs, full length
+                run.position_embeddings, run.position_ids = kwargs["position_embeddings"], kwargs.get("position_ids")
+                run.stage_inputs = {}
+            if boundary and run.kind == "prefill":
+                self._build_stage(stage, module, hidden, run)
+            layout = prompt.layouts[stage]
+            if layout is prompt.layouts[0]:
+                return None  # nothing dropped yet: the layer runs exactly as the plain model
+            if boundary and run.kind != "decode" and layout is not prompt.layouts[stage - 1]:
+                hidden = _flat_gather(hidden, self._extended(layout.index, prompt.layouts[stage - 1].length,
+                                                             run.extra))
+            if stage not in run.stage_inputs:
+                run.stage_inputs[stage] = self._stage_inputs(stage, hidden, kwargs, run)
+            mask, position_embeddings = run.stage_inputs[stage]
+            kwargs.update(attention_mask=mask, position_embeddings=position_embeddings, position_ids=None)
+            if args:
+                return (hidden, *args[1:]), kwargs
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    @staticmethod
+    def _extended(index: torch.Tensor, previous_length: int, extra: int) -> torch.Tensor:
+        """A layout index followed by the ``extra`` tokens after the prompt (a no-cache re-run)."""
+        if extra == 0:
+            return index
+        tail = previous_length + torch.arange(extra, device=index.device)
+        return torch.cat([index, tail.expand(index.shape[0], extra)], dim=1)
+
+    def _stage_inputs(self, stage: int, hidden: torch.Tensor, kwargs: dict, run: Pass):
+        """The stage's attention mask and position embeddings for this forward."""
+        layout, prompt_length = self.prompt.layouts[stage], self.prompt.layouts[0].length
+        after = run.mask2d[:, prompt_length:]
+        mask2d = torch.cat([layout.valid.to(after.dtype), after], dim=1).to(hidden.device)
+        layer_idx = self.plan.boundaries[stage - 1]
+        mask = create_causal_mask(config=self.adapter.text_config, inputs_embeds=hidden, attention_mask=mask2d,
+                                  cache=kwargs.get("cache", kwargs.get("past_key_values")), position_ids=None,
+                                  layer_idx=layer_idx)
+        return mask, self._position_embeddings(layout, hidden, run)
+
+    def _position_embeddings(self, layout: Layout, hidden: torch.Tensor, run: Pass):
+        """Original mode: each kept token's own cos/sin. Compact mode: RoPE at ``position - dropped before it``."""
+        extra = run.extra
+        prompt_length = self.prompt.layouts[0].length
+        if self.config.positions == "original":
+            if run.kind == "decode":
+                return run.position_embeddings
+            origin = self._extended(layout.origin, prompt_length, extra)
+            return tuple(_flat_gather(t, origin) for t in run.position_embeddings)
+        b = layout.valid.shape[0]
+        positions = run.position_ids.expand(b, -1).to(layout.dropped.device)
+        total = layout.dropped[:, -1:]
+        if run.kind == "decode":
+            compact_positions = positions - total
+        else:
+            prompt = _flat_gather(positions[..., None], layout.origin)[..., 0] - _flat_gather(
+                layout.dropped[..., None], layout.origin)[..., 0]
+            compact_positions = torch.cat([prompt, positions[:, prompt_length:] - total], dim=1)
+        rotary = self.adapter.text_model.rotary_emb
+        return rotary(hidden, position_ids=compact_positions.to(hidden.device))
+
+    def _build_stage(self, stage: int, layer: torch.nn.Module, hidden: torch.Tensor, run: Pass) -> None:
+        """Prefill, at boundary ``l_s``: rank the current visual tokens, keep the top ``K_{b,s}``, record the layout."""
+        prompt = self.prompt
+        previous = prompt.layouts[stage - 1]
+        del prompt.layouts[stage:]
+        keep_counts = torch.tensor([self.row_schedule(n).kept_counts(n)[stage] for n in prompt.counts.tolist()],
+                                   device=previous.visual.device)
+        if bool((previous.visual.sum(dim=1) <= keep_counts).all()):
+            prompt.layouts.append(previous)  # nothing to drop at this boundary
+            self._record_stats(stage)
+            return
+        if self.scores_with_previous_layer:
+            scoring_hidden, scoring_positions = run.scoring_input
+            scoring_layer = self.adapter.decoder_layers[self.plan.boundaries[stage - 1] - 1]
+        else:
+            scoring_hidden, scoring_positions = hidden, self._previous_position_embeddings(stage, run)
+            scoring_layer = layer
+        scores = rank_scores(scoring_layer, scoring_hidden, scoring_positions, previous.valid.to(hidden.device),
+                             self.config.backend).to(previous.visual.device)
+        kept_visual = top_visual(scores, previous.visual, keep_counts)
+        index, filled = compact(~previous.visual | kept_visual)
+        visual = kept_visual.gather(1, index) & filled
+        origin = previous.origin.gather(1, index)
+        dropped_now = torch.zeros_like(previous.dropped).scatter_add_(
+            1, previous.origin, (previous.visual & ~kept_visual).long())
+        prompt.layouts.append(Layout(index=index, origin=origin, valid=previous.valid.gather(1, index) & filled,
+                                     visual=visual, dropped=previous.dropped + dropped_now.cumsum(dim=1)))
+        self._record_stats(stage)
+
+    def _previous_position_embeddings(self, stage: int, run: Pass):
+        """The position embeddings the layers of stage ``stage - 1`` were given (the model's own for stage 0)."""
+        previous = self.prompt.layouts[stage - 1]
+        if previous is self.prompt.layouts[0]:
+            return run.position_embeddings
+        return run.stage_inputs[stage - 1][1]
+
+    # ---- statistics ---------------------------------------------------------------------------------------------
+    def _record_stats(self, stage: int) -> None:
+        """After each boundary of a prefill: tokens kept per row and stage, and, at the last one, the counters."""
+        prompt = self.prompt
+        layouts = prompt.layouts
+        self.stats["visual_tokens"] = [[int(layout.visual[b].sum()) for layout in layouts]
+                                       for b in range(len(prompt.counts))]
+        self.stats["stage_lengths"] = [layout.length for layout in layouts]
+        self.stats["kept"] = [[layout.origin[b][layout.visual[b]] for b in range(len(prompt.counts))]
+                              for layout in layouts[1:]]
+        if stage == len(self.plan.boundaries):
+            self._record_cost()
+
+    def _record_cost(self) -> None:
+        layouts = self.prompt.layouts
+        real = layouts[0].valid.sum(dim=1).tolist()
+        value_bytes = next(self.adapter.text_model.parameters()).element_size()
+        self.stats.update(drop_cost(self.adapter.text_config, self.plan, self.stats["visual_tokens"], real,
+                                    value_bytes))
+
+
+def drop_cost(text_config, plan: DropSchedule, visual_tokens: list[list[int]], real_lengths: list[int],
+              value_bytes: int) -> dict:
+    """The counters of one prefill, summed over rows: ``flops`` in the paper's convention (spec §1.5: image tokens
+    only, MACs counted once), ``macs`` over whole sequences plus the ranking rows (spec §5.6), both before and after,
+    and the KV-cache bytes saved. ``visual_tokens[b]``: row b's visual tokens per stage; ``real_lengths[b]``: its
+    non-pad prompt length."""
+    d, m = text_config.hidden_size, text_config.intermediate_size
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or d // heads
+    kv_dim = (getattr(text_config, "num_key_value_heads", None) or heads) * head_dim
+    before = after = macs_before = macs_after = saved = 0.0
+    for tokens, real in zip(visual_tokens, real_lengths):
+        n = tokens[0]
+        per_layer = [tokens[plan.stage_of_layer(i)] for i in range(plan.num_layers)]
+        before += paper_flops([n] * plan.num_layers, d, m)
+        after += paper_flops(per_layer, d, m)
+        macs_before += prefill_macs([real] * plan.num_layers, d, kv_dim, m)
+        macs_after += prefill_macs([real - n + k for k in per_layer], d, kv_dim, m)
+        macs_after += sum(scoring_macs(real - n + tokens[s], d, kv_dim, heads, head_dim)
+                          for s in range(len(plan.boundaries)))
+        saved += kv_bytes_saved([n - k for k in per_layer], kv_dim, value_bytes)
+    return {"flops": {"before": before, "after": after, "ratio": after / before if before else 1.0},
+            "macs": {"before": macs_before, "after": macs_after, "ratio": macs_after / macs_before if macs_before
+                     else 1.0},
+            "kv_bytes_saved": int(saved)}
