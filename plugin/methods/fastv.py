@@ -51,4 +51,4 @@ class FastV(TokenDropMethod):
         depth = self.adapter.num_layers
         if self.config.layer >= depth:
             self.config.invalid("layer", f"a decoder layer in 1..{depth - 1}")
-        return DropSchedule.one_stage(depth, self.config.layer, self.config.keep)
+        return DropSchedule.one_stage(depth, self.config.layer, self.config.keep, min_keep=self.config.min_keep)

@@ -230,6 +230,9 @@ class TokenDropMethod(Method):
         mask = torch.ones(b, cached + length, dtype=torch.long, device=input_ids.device) if mask is None else mask
         prompt = self.prompt
         if cached > 0:
+            if prompt is not None and bool(self.adapter.image_token_mask(input_ids).any()):
+                raise NotImplementedError(f"{self.name}: a cached continuation with new images (multi-turn) is not "
+                                          "supported; start a new prompt without the cache")
             self.current = Pass("decode", mask) if prompt is not None else None
         elif prompt is not None and self._reruns(prompt, input_ids):
             self.current = Pass("rerun", mask, extra=length - prompt.input_ids.shape[1])
