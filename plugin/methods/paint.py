@@ -19,8 +19,17 @@ head's measured visual share (the image's share of the prompt's last row, withou
 attention each patch receives (mean over queries and heads) in the first and last blocks, summed over the patches
 the merger joins into one token (spec §5.6, our reconstruction). The spatial stream (``spatial_ratio``, off in the
 official code) uses the attention each patch receives in the first vision layer: the official row sums are
-constant (spec §1.7). Not here yet: towers with a CLS per crop or none (LLaVA-NeXT / OneVision). Qwen2.5-VL reads its
-full-attention blocks and undoes its window permutation.
+constant (spec §1.7). Qwen2.5-VL reads its full-attention blocks and undoes its window permutation.
+
+LLaVA-NeXT and LLaVA-OneVision ("anyres") run their tower on every tile of every image (a base tile, then the
+crops): the read-out gives patch scores per tile, the CLS rows of NeXT's CLIP tower, the received attention of
+OneVision's SigLIP tower (no CLS). They reach the LLM tokens through the model's own ``pack_image_features``
+(``AnyResAdapter.pack``, as the adapter's layout probe): the image's (tiles, side^2, scores) go in, newline rows
+come out marked and are dropped, so the scores follow the image's tokens without a re-derived layout. Newline
+tokens are never selected; the ratios and the Tukey rule apply over all of an image's other tokens (spec §5.6 says
+"per crop"; one image's CLS rows are on one scale, each tile's summing to at most 1). ``generate()`` pops
+``image_sizes`` and the other image inputs before the prefill and encodes the images itself
+(``nograd.observe``): PAINT observes the calls of ``get_image_features`` to keep what the images were.
 """
 
 from __future__ import annotations
@@ -33,8 +42,13 @@ import torch
 from ..attention import AttentionCall, Intervention, intervene
 from ..config import MethodConfig, is_number, option
 from ..errors import UnsupportedModelError
+from ..observe import observe_calls
 from ..registry import register
-from .visual_edit import CFG_GAMMA_DOC, ROWS, VisualEditMethod, VisualPrompt, check_cfg_gamma, check_layers
+from .visual_edit import (CFG_GAMMA_DOC, IMAGE_INPUTS, ROWS, VisualEditMethod, VisualPrompt, check_cfg_gamma,
+                          check_layers)
+
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+ANYRES_FAMILIES = ("llava_next", "llava_onevision")
 
 
 def tukey_outliers(scores: torch.Tensor) -> torch.Tensor:
@@ -94,8 +108,8 @@ class ReceivedAttention(Intervention):
     """Read-out of the attention each patch receives, averaged over the queries and the heads: the scores of towers
     without a CLS token (spec ``paint.md`` §5.6, our reconstruction) and of the spatial stream (the "received"
     source of §6.2: the official row sums are constant). Each call appends one (patches,) row per image of its batch
-    under each of ``keys`` (Qwen2-VL's tower attends per image, one call each); ``skip`` leading tokens (a CLS) are
-    not patches."""
+    under each of ``keys`` (Qwen2-VL's tower attends per image, one call each; an anyres tower's batch is the
+    tiles); ``skip`` leading tokens (a CLS) are not patches."""
 
     observes = True
 
@@ -163,7 +177,7 @@ class PAINT(VisualEditMethod):
     summary = "boost ViT-selected local and summary image tokens in the LLM's attention (s + margin*|s|)"
     paper = "Fixing Imbalanced Attention to Mitigate In-Context Hallucination of Large Vision-Language Model"
     arxiv = "2501.12206"
-    families = ("llava", "qwen2_vl", "qwen2_5_vl")
+    families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
     Config = PAINTConfig
     default_layers = (2 / 32, 1.0)
 
@@ -177,6 +191,11 @@ class PAINT(VisualEditMethod):
         if config.head_stats is not None:
             self.share_sum, self.share_count[:] = load_head_stats(config.head_stats, shape).double(), 1
         self.measures_heads = isinstance(config.heads, str) and config.heads != "uniform" and config.head_stats is None
+        self.anyres = adapter.family in ANYRES_FAMILIES
+        self._pending_images: dict | None = None
+        """AnyRes: the image inputs of the ``get_image_features`` call whose tower run comes next."""
+        self._kept: dict | None = None
+        """AnyRes: the image scores, put aside while the tower runs for something else (OneVision's video)."""
 
     def head_gains(self, layer: int) -> torch.Tensor:
         """The spec's reconstruction of the v1 head modulation (paint.md §1.4), from the measured visual shares."""
@@ -215,13 +234,14 @@ class PAINT(VisualEditMethod):
         if isinstance(self.config.heads, torch.Tensor) and tuple(self.config.heads.shape) != shape:
             self.config.invalid("heads", f"an (L, H) = {shape} gain table for this model")
         family = self.adapter.family
-        if not ((family == "llava" and self.adapter.vision_has_cls) or family in ("qwen2_vl", "qwen2_5_vl")):
+        if not ((family == "llava" and self.adapter.vision_has_cls) or family in QWEN_FAMILIES + ANYRES_FAMILIES):
             raise UnsupportedModelError(
-                f"paint needs one CLS-token vision tower per image (LLaVA-1.5 with CLIP) or Qwen2-VL's / Qwen2.5-VL's "
-                f"per-image tower; {type(self.adapter.model).__name__} ({family}) is not supported yet; supported: "
+                f"paint needs one CLS-token vision tower per image (LLaVA-1.5 with CLIP), a tiled anyres tower "
+                f"(LLaVA-NeXT / OneVision) or Qwen2-VL's / Qwen2.5-VL's per-image tower; "
+                f"{type(self.adapter.model).__name__} ({family}) is not supported yet; supported: "
                 f"{', '.join(self.families)}")
         vision_implementation = getattr(self.adapter.model.config, self.adapter.vision_attn_config_key)._attn_implementation
-        if not self.adapter.vision_has_cls and "flash" in str(vision_implementation):
+        if family in QWEN_FAMILIES and "flash" in str(vision_implementation):
             raise UnsupportedModelError("paint reads Qwen2-VL's vision attention per image, which its flash path "
                                         "packs into one call: load the vision tower with sdpa or eager")
 
@@ -251,10 +271,40 @@ class PAINT(VisualEditMethod):
         # the tower saw, for the image layout
         hook = self.adapter.vision_tower.register_forward_pre_hook(self._capture_images, with_kwargs=True)
         handle.on_remove("vision tower input hook", hook.remove)
+        if self.anyres:
+            # the tower sees only the tiles; the image sizes (which the layout needs) reach get_image_features only
+            observe_calls(handle, self.adapter.multimodal_model, "get_image_features", self._observe_image_encoding)
+            hook = self.adapter.vision_tower.register_forward_hook(self._restore_image_scores)
+            handle.on_remove("vision tower output hook", hook.remove)
+
+    def _observe_image_encoding(self, arguments: dict) -> None:
+        """AnyRes: ``get_image_features`` is called (by the forward, or by ``generate()`` before the prefill): its
+        image inputs describe the tower run that follows. They alone give the layout (not the forward's: OneVision's
+        forward does not hand its ``vision_aspect_ratio`` on, generate does)."""
+        self._pending_images = {key: arguments[key] for key in IMAGE_INPUTS if arguments.get(key) is not None}
+
+    def _restore_image_scores(self, module, args, output):
+        """AnyRes: after a tower run that did not encode images, the image scores as they were before it."""
+        if self._kept is not None:
+            self.scores.clear()
+            self.scores.update(self._kept)
+            self._kept = None
 
     def _capture_images(self, module, args, kwargs):
-        """A new tower run: clear the read-outs, keep its pixels (and Qwen2-VL's ``grid_thw``)."""
+        """A new tower run: clear the read-outs, keep its pixels (and Qwen2-VL's ``grid_thw``); AnyRes: keep the
+        image inputs of its ``get_image_features`` call, or, for a run outside one (OneVision's video frames), put
+        the image scores aside until it ends."""
+        if self.anyres:
+            if self._pending_images is None:
+                self._kept = dict(self.scores)
+                self.scores.clear()
+                return
+            self.scores.clear()
+            self.scores["image_inputs"], self._pending_images = self._pending_images, None
+            self._selected = None
+            return
         self.scores.clear()
+        self._selected = None  # new images: select again, even for a forward the tracker takes as a continuation
         inputs = {"pixel_values": args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))}
         grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
         if grid is not None:
@@ -282,19 +332,59 @@ class PAINT(VisualEditMethod):
             units = tokens
         return list(units.split(sizes))
 
+    def _anyres_token_scores(self, keys: list[str], sizes: list[int], image_sizes, **inputs):
+        """AnyRes: key -> each image's scores per LLM image token, newlines left out, in the order of its tiles'
+        positions (the base raster, then the crop raster row-major).
+
+        The tower's tiles are split per image (``adapter.tiles_per_image``; OneVision leaves the images of a
+        multi-image row unsplit) and each image's (tiles, side^2, scores + 1) tensor goes through the model's own
+        ``pack_image_features`` (``adapter.pack``) with a newline of zeros and a last channel 1, which marks the
+        newline rows; ``adapter.layout_from_probe`` reads the layout off that channel. OneVision's
+        ``vision_aspect_ratio`` may shrink a large crop raster bilinearly: its tokens then get the interpolated
+        patch scores, which is the analogue we take (our reconstruction) for tokens that are no single patch."""
+        vision = self.adapter.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        image_sizes = torch.as_tensor(image_sizes).cpu()
+        tiles = self.adapter.tiles_per_image(image_sizes, **inputs)
+        per_tile = torch.stack([torch.stack(list(self.scores[key])).float().cpu() for key in keys], dim=-1)
+        if tuple(per_tile.shape[:2]) != (sum(tiles), side * side):
+            raise RuntimeError(f"paint: the vision tower scored {tuple(per_tile.shape[:2])} (tiles, patches); the "
+                               f"images' sizes give {(sum(tiles), side * side)}")
+        per_tile = torch.cat([per_tile, per_tile.new_zeros(*per_tile.shape[:2], 1)], dim=-1)
+        newline = torch.zeros(len(keys) + 1)
+        newline[-1] = 1
+        scores = {key: [] for key in keys}
+        for size, chunk, count in zip(image_sizes, per_tile.split(tiles), sizes):
+            (packed,), _ = self.adapter.pack([chunk], size[None], newline, **inputs)
+            layout = self.adapter.layout_from_probe(packed[:, -1] == 1, side)
+            tokens = packed[torch.cat([tile.positions for tile in layout.tiles])]
+            if len(tokens) != count:
+                raise RuntimeError(f"paint: an image has {count} image tokens but its packed scores {len(tokens)}")
+            for index, key in enumerate(keys):
+                scores[key].append(tokens[:, index])
+        return scores
+
     def _margins(self, prompt: VisualPrompt) -> torch.Tensor:
         """(B, T): alpha on each image's local tokens, beta on its summary tokens, 0 elsewhere."""
         margins = torch.zeros(prompt.image.shape, dtype=torch.float32, device=prompt.image.device)
-        grids = self.adapter.image_grids(prompt.input_ids, **{**self.scores["image_inputs"], **prompt.image_inputs})
+        image_inputs = self.scores["image_inputs"]
+        if not self.anyres:
+            image_inputs = {**image_inputs, **prompt.image_inputs}
+        grids = self.adapter.image_grids(prompt.input_ids, **image_inputs)
         positions = [torch.cat([tile.positions for tile in grid.tiles]) for grid in grids]
         sizes = [len(p) for p in positions]
-        local_scores, summary_scores = self._token_scores("local", sizes), self._token_scores("summary", sizes)
-        spatial_scores = self._token_scores("spatial", sizes) if "spatial" in self.scores else [None] * len(grids)
+        keys = ["local", "summary"] + (["spatial"] if "spatial" in self.scores else [])
+        if self.anyres:
+            scores = self._anyres_token_scores(keys, sizes, **image_inputs)
+        else:
+            scores = {key: self._token_scores(key, sizes) for key in keys}
+        spatial_scores = scores["spatial"] if "spatial" in scores else [None] * len(grids)
         selection = []
-        for grid, where, local_score, summary_score, spatial_score in zip(grids, positions, local_scores,
-                                                                          summary_scores, spatial_scores):
+        for grid, where, local_score, summary_score, spatial_score in zip(grids, positions, scores["local"],
+                                                                          scores["summary"], spatial_scores):
             local, summary = select_tokens(local_score, summary_score, self.config.local_ratio, spatial_score,
                                            self.config.spatial_ratio)
+            local, summary = local.to(where.device), summary.to(where.device)
             margins[grid.batch_row, where[local]] = self.config.alpha
             margins[grid.batch_row, where[summary]] = self.config.beta
             selection.append({"batch_row": grid.batch_row, "local": where[local], "summary": where[summary]})

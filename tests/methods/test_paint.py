@@ -160,8 +160,8 @@ def test_zero_margins_are_bit_identical(build):
         assert torch.equal(model(**inputs).logits, plain)
 
 
-@pytest.mark.parametrize("family", ["llava_onevision", "llava_next"])
-def test_towers_without_one_cls_per_image_are_refused(build, family):
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_towers_without_a_patch_grid_per_image_are_refused(build, family):
     model = build(family)
     names = attn_names(model)
     with pytest.raises(nograd.UnsupportedModelError, match="paint needs one CLS-token vision tower"):
@@ -340,3 +340,261 @@ def test_spatial_scores_are_the_attention_patches_receive_in_the_first_layer(bui
         got = [(sorted(s["local"].tolist()), sorted(s["summary"].tolist())) for s in handle.stats["selection"]]
     assert got == expected
     assert any(len(local) > math.floor(16 * 0.25) - len(summary) for local, summary in got)
+
+
+# ---- LLaVA-NeXT / LLaVA-OneVision: tiled towers ------------------------------------------------------------------
+ANYRES = ["llava_next", "llava_onevision"]
+
+
+def crop_grid(size, pinpoints, tile):
+    """(rows, cols) of crop tiles of an image of ``size`` (H, W): the pinpoint that keeps the most of the image after
+    an aspect-preserving downscale, then wastes the least (LLaVA-NeXT's ``select_best_resolution``), in tiles."""
+    height, width = size
+    best, best_key = None, None
+    for pin_height, pin_width in pinpoints:
+        scale = min(pin_width / width, pin_height / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        key = (effective, -(pin_height * pin_width - effective))
+        if best_key is None or key > best_key:
+            best, best_key = (pin_height, pin_width), key
+    return best[0] // tile, best[1] // tile
+
+
+def unpad(raster, size):
+    """Cut the processor's padding off a (rows, cols) raster of an image of ``size`` (H, W), centred."""
+    height, width = size
+    rows, cols = raster.shape
+    if width / height > cols / rows:
+        padding = (rows - int(round(height * cols / width, 7))) // 2
+        return raster[padding:rows - padding]
+    padding = (cols - int(round(width * rows / height, 7))) // 2
+    return raster[:, padding:cols - padding]
+
+
+def anyres_images(model, inputs):
+    """Per image, in batch order: (tower tiles, size, (rows, cols) of crops; (0, 0) for an image left unsplit)."""
+    config = model.config
+    counts = inputs.get("batch_num_images")
+    split = [True] * len(inputs["image_sizes"]) if counts is None else [int(n) == 1 for n in counts for _ in range(n)]
+    images = []
+    for pixels, size, tiles in zip(inputs["pixel_values"], inputs["image_sizes"].tolist(), split):
+        rows, cols = crop_grid(size, config.image_grid_pinpoints, config.vision_config.image_size) if tiles else (0, 0)
+        images.append((pixels[:1 + rows * cols], size, (rows, cols)))
+    return images
+
+
+def packed_scores(tile_scores, size, grid, side, aspect):
+    """One image's LLM tokens as transformers packs them (the base tile's patches; then the crops stitched into one
+    raster, unpadded, OneVision: bilinearly shrunk to at most ``anyres_max_<n>`` tiles' area, a newline after each
+    raster row; an unsplit image: the base and one newline): (the patch scores of its non-newline tokens in token
+    order, their offsets among the image's tokens, its token count)."""
+    base = tile_scores[0]
+    rows, cols = grid
+    if rows == 0:
+        return base, torch.arange(side * side), side * side + 1
+    raster = tile_scores[1:].reshape(rows, cols, side, side).permute(0, 2, 1, 3).reshape(rows * side, cols * side)
+    raster = unpad(raster, size)
+    if aspect is not None:
+        height, width = raster.shape
+        ratio = math.sqrt(height * width / (int(aspect.removeprefix("anyres_max_")) * side * side))
+        if ratio > 1.1:
+            raster = torch.nn.functional.interpolate(raster[None, None], [int(height // ratio), int(width // ratio)],
+                                                     mode="bilinear")[0, 0]
+    height, width = raster.shape
+    crop_offsets = side * side + torch.arange(height)[:, None] * (width + 1) + torch.arange(width)[None, :]
+    return (torch.cat([base, raster.flatten()]), torch.cat([torch.arange(side * side), crop_offsets.flatten()]),
+            side * side + height * (width + 1))
+
+
+def tower_scores(model, pixels):
+    """Per tile (tiles, patches): local, summary and spatial scores from the tower's eager attentions: the CLS row
+    summed over heads (CLIP), or the attention each patch receives, mean over queries and heads (SigLIP, no CLS)."""
+    tower = model.model.vision_tower
+    before = tower.config._attn_implementation
+    tower.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attentions = tower(pixels, output_attentions=True).attentions
+    finally:
+        tower.set_attn_implementation(before)
+    feature = len(attentions) + model.config.vision_feature_layer  # hidden_states[-k] is the output of layer L-k
+    cls = model.config.vision_config.model_type == "clip_vision_model"
+    if cls:
+        local, summary = attentions[0][:, :, 0, 1:].sum(1), attentions[feature][:, :, 0, 1:].sum(1)
+    else:
+        local, summary = attentions[0].mean(dim=(1, 2)), attentions[feature].mean(dim=(1, 2))
+    return local, summary, attentions[0].mean(dim=(1, 2))[:, int(cls):]
+
+
+def reference_selection(local_scores, summary_scores, ratio, spatial_scores=None, spatial_ratio=0.0):
+    """Tukey outliers by numpy percentiles; the top floor(N * ratio) local (joined with the spatial top), less them."""
+    q1, q3 = np.percentile(summary_scores.numpy(), [25, 75])
+    summary = set(np.nonzero(summary_scores.numpy() > q3 + 1.5 * (q3 - q1))[0].tolist())
+    local = local_scores.topk(math.floor(len(local_scores) * ratio)).indices.tolist()
+    if spatial_ratio:
+        local += [p for p in spatial_scores.topk(math.floor(len(local_scores) * spatial_ratio)).indices.tolist()
+                  if p not in local]
+    return sorted(p for p in local if p not in summary), sorted(summary)
+
+
+def anyres_reference(model, inputs, ratio, spatial_ratio=0.0):
+    """Per image: (batch row, local positions, summary positions), all from an independent read-out and packing."""
+    images = anyres_images(model, inputs)
+    local, summary, spatial = tower_scores(model, torch.cat([pixels for pixels, _, _ in images]))
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    aspect = getattr(model.config, "vision_aspect_ratio", None)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    image_positions = [((row == model.config.image_token_id) & real).nonzero().flatten() for row, real in zip(ids, mask)]
+    counts = inputs.get("batch_num_images", torch.ones(len(ids), dtype=torch.long)).tolist()
+    expected, tile, image = [], 0, 0
+    for row, positions in enumerate(image_positions):
+        start = 0
+        for _ in range(counts[row]):
+            pixels, size, grid = images[image]
+            n = len(pixels)
+            scores = [packed_scores(s[tile:tile + n], size, grid, side, aspect) for s in (local, summary, spatial)]
+            (local_tokens, offsets, length), (summary_tokens, _, _), (spatial_tokens, _, _) = scores
+            where = positions[start:start + length][offsets]
+            chosen_local, chosen_summary = reference_selection(local_tokens, summary_tokens, ratio, spatial_tokens,
+                                                               spatial_ratio)
+            expected.append((row, where[chosen_local].tolist(), where[chosen_summary].tolist()))
+            tile, image, start = tile + n, image + 1, start + length
+        assert start == len(positions)  # the reference packing fills each row's image tokens exactly
+    assert tile == sum(len(pixels) for pixels, _, _ in images) and image == len(images)
+    return expected
+
+
+def selection_of(handle):
+    return [(s["batch_row"], sorted(s["local"].tolist()), sorted(s["summary"].tolist()))
+            for s in handle.stats["selection"]]
+
+
+@pytest.mark.parametrize("spatial_ratio", [0.0, 0.25])
+@pytest.mark.parametrize("family", ANYRES)
+def test_anyres_selection_and_edit_equal_an_independent_reference(build, family, spatial_ratio):
+    """Scores from eager tower attentions on every tile, packed by hand (unpad, OneVision's bilinear shrink,
+    newlines dropped), selected per image; the logits equal the dense reference edit on those positions."""
+    model = build(family)
+    inputs = make_inputs(family, model)
+    alpha, beta, ratio = 0.9, 0.5, 0.25
+    expected = anyres_reference(model, inputs, ratio, spatial_ratio)
+    assert any(summary for _, _, summary in expected) and all(local for _, local, _ in expected)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    margins = torch.zeros(ids.shape)
+    for row, local, summary in expected:
+        margins[row, local], margins[row, summary] = alpha, beta
+    prompt_end = torch.where(mask, torch.arange(ids.shape[1]), -1).amax(1)
+    with attention_function(model, official_paint(margins, prompt_end, {0, 1}), "text_config"), torch.no_grad():
+        want = model(**inputs).logits
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    with nograd.apply(model, "paint", alpha=alpha, beta=beta, local_ratio=ratio, spatial_ratio=spatial_ratio,
+                      layers=(0, None)) as handle:
+        with torch.no_grad():
+            got = model(**inputs).logits
+        assert selection_of(handle) == [(row, sorted(local), sorted(summary)) for row, local, summary in expected]
+    torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=0)
+    assert (got - plain)[mask].abs().max() > 1e-4
+
+
+def test_the_anyres_reference_packing_counts_the_models_tokens(build):
+    """The facts the references above rely on, against the models' own image token counts: the tiny inputs split
+    NeXT's images (one unpadded to 2 of 4 raster rows), shrink OneVision's first crop raster (``anyres_max_1``: 4x3
+    tokens, not the 8x6 unpadded patches) and leave its multi-image row unsplit (a base tile and a newline each)."""
+    side = 4
+    for family, unsplit in (("llava_next", []), ("llava_onevision", [1, 2])):
+        model = build(family)
+        inputs = make_inputs(family, model)
+        images = anyres_images(model, inputs)
+        with torch.no_grad():
+            counts = [len(f) for f in model.model.get_image_features(**{k: v for k, v in inputs.items()
+                                                                        if k not in ("input_ids", "attention_mask")}
+                                                                     ).pooler_output]
+        aspect = getattr(model.config, "vision_aspect_ratio", None)
+        lengths = [packed_scores(torch.zeros(len(pixels), side * side), size, grid, side, aspect)[2]
+                   for pixels, size, grid in images]
+        assert lengths == counts
+        assert [i for i, (_, _, grid) in enumerate(images) if grid == (0, 0)] == unsplit
+    assert counts[0] == side * side + 4 * (3 + 1)  # OneVision's first image: unpadded 8x6, shrunk to 4x3
+
+
+@pytest.mark.parametrize("family", ANYRES)
+def test_anyres_generate_equals_the_forward_path(build, family):
+    """generate() encodes the images before the prefill and pops image_sizes: the selection it uses (from the
+    observed get_image_features call) is the forward path's, and its cached greedy steps equal an uncached loop of
+    full forwards (every image input given)."""
+    model = build(family)
+    inputs = make_inputs(family, model)
+    kwargs = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    plain = model.generate(**inputs, **kwargs)
+    image_inputs = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
+    with nograd.apply(model, "paint", alpha=0.9, beta=0.5, local_ratio=0.5, layers=(0, None)) as handle:
+        with torch.no_grad():
+            model(**inputs)
+        forward = selection_of(handle)
+        handle.stats["selection"] = []
+        out = model.generate(**inputs, **kwargs)
+        assert selection_of(handle) == forward and forward
+        seq, mask = inputs["input_ids"], inputs["attention_mask"]
+        for step in range(3):
+            with torch.no_grad():
+                logits = model(input_ids=seq, attention_mask=mask, use_cache=False, **image_inputs).logits[:, -1]
+            torch.testing.assert_close(out.scores[step], logits, atol=1e-5, rtol=0)
+            token = logits.argmax(-1, keepdim=True)
+            assert torch.equal(token[:, 0], out.sequences[:, seq.shape[1]])
+            seq, mask = torch.cat([seq, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+        assert selection_of(handle) == forward
+    assert (out.scores[0] - plain.scores[0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ANYRES)
+def test_anyres_zero_margins_are_bit_identical_and_remove_restores(build, family):
+    model = build(family)
+    inputs = make_inputs(family, model)
+    names, saved = attn_names(model), snapshot(model)
+    kwargs = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    plain_out = model.generate(**inputs, **kwargs)
+    with nograd.apply(model, "paint", alpha=0, beta=0), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, plain)
+    with nograd.apply(model, "paint", layers=(0, None)), torch.no_grad():
+        assert "get_image_features" in vars(model.model)
+        assert not torch.equal(model(**inputs).logits, plain)
+    assert "get_image_features" not in vars(model.model)
+    assert attn_names(model) == names and same_state(model, saved)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, plain)
+    out = model.generate(**inputs, **kwargs)
+    assert torch.equal(out.sequences, plain_out.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.scores, plain_out.scores))
+
+
+def test_onevision_video_frames_leave_the_image_selection_alone(build):
+    """OneVision's video frames run through the same tower after the images: the selection of a prompt with a video
+    after its images is the one without it (the image positions are the same), in forward and generate."""
+    from tiny.vlm import VIDEO
+
+    model = build("llava_onevision")
+    inputs = make_inputs("llava_onevision", model)
+    videos = torch.randn(2, 2, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        count = model.model.get_video_features(videos).pooler_output.shape[1]
+    with_video = dict(inputs, pixel_values_videos=videos,
+                      input_ids=torch.cat([inputs["input_ids"], torch.full((2, count), VIDEO)], 1),
+                      attention_mask=torch.cat([inputs["attention_mask"], torch.ones(2, count, dtype=torch.long)], 1))
+    with nograd.apply(model, "paint", local_ratio=0.5, layers=(0, None)) as handle, torch.no_grad():
+        model(**inputs)
+        alone = selection_of(handle)
+    runs = []
+    hook = model.model.vision_tower.register_forward_pre_hook(lambda module, args: runs.append(args[0].shape[0]))
+    try:
+        with nograd.apply(model, "paint", local_ratio=0.5, layers=(0, None)) as handle:
+            with torch.no_grad():
+                model(**with_video)
+            assert selection_of(handle) == alone and runs == [7, 4]  # 5 + 1 + 1 image tiles, then 2 x 2 frames
+            handle.stats["selection"] = []
+            model.generate(**with_video, max_new_tokens=2, do_sample=False)
+            assert selection_of(handle) == alone and runs == [7, 4, 7, 4]
+    finally:
+        hook.remove()

@@ -1,0 +1,66 @@
+"""Observing a method call of one object: see its arguments, change nothing.
+
+Why this exists: some inputs never reach a module hook. In transformers 5.24, ``generate()`` encodes the images
+before the first forward: ``GenerationMixin._prepare_multimodal_encoder_kwargs_for_generation``
+(``transformers/generation/utils.py``) calls ``model.base_model.get_image_features(pixel_values=..., image_sizes=...,
+...)`` directly, hands the prefill ``mm_encoder_outputs`` instead, and pops the image inputs (``pixel_values``,
+``image_sizes``, ``vision_feature_select_strategy``, LLaVA-OneVision's ``vision_aspect_ratio`` and
+``batch_num_images``) from the forward kwargs. ``get_image_features`` is a method, not a module; only the modules
+it calls (the vision tower, the projector) have hooks, and those never see ``image_sizes``.
+
+``observe_calls`` is the call point for such inputs: an instance attribute that shadows the method, hands the
+named arguments of every call to a callback, then calls the original bound method with the same arguments and
+returns its result as is. It observes only: the model's code is neither copied nor altered, the arguments are not
+changed, and ``handle.remove()`` deletes the instance attribute again (or puts back the exact object the instance
+held before).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+_ACTIVE = "__nograd_observing__"
+
+
+def observe_calls(handle, obj: Any, name: str, callback: Callable[[dict], None]) -> None:
+    """Call ``callback(arguments)`` on every call of ``obj.<name>(...)``, before the original runs; undone by
+    ``handle.remove()``.
+
+    ``arguments`` maps parameter names to the values passed (``inspect.signature(original).bind_partial``; defaults
+    are not filled in, and the entries of a ``**kwargs`` parameter are merged in by their own names). The call
+    itself goes to the original with the caller's own ``args`` and ``kwargs``; its result is returned unchanged.
+    Observers stack, and each ``remove()`` undoes only its own, in any order.
+    """
+    own = vars(obj)
+    had_own, previous = name in own, own.get(name)
+    original = getattr(obj, name)
+    signature = inspect.signature(original)
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    @functools.wraps(original)
+    def observed(*args, **kwargs):
+        if getattr(observed, _ACTIVE):
+            arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
+            if var_keyword is not None:
+                arguments.update(arguments.pop(var_keyword, {}))
+            callback(arguments)
+        return original(*args, **kwargs)
+
+    setattr(observed, _ACTIVE, True)
+    observed.__nograd_before__ = (had_own, previous)
+    object.__setattr__(obj, name, observed)
+
+    def undo():
+        setattr(observed, _ACTIVE, False)
+        # Unwind from the top every observer that is no longer active: an observer removed while another one
+        # stacked on it stays as a pass-through until that one is removed too.
+        while (top := vars(obj).get(name)) is not None and getattr(top, _ACTIVE, True) is False:
+            had, before = top.__nograd_before__
+            if had:
+                object.__setattr__(obj, name, before)
+            else:
+                object.__delattr__(obj, name)
+
+    handle.on_remove(f"observe {type(obj).__name__}.{name}", undo)
