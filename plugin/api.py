@@ -66,7 +66,7 @@ def apply(target: Any, method: str, /, **options) -> Handle:
                 f"cannot attach {method_cls.name!r} to {type(model).__name__}: the attached {other.method!r} "
                 f"already holds {', '.join(sorted(shared))}; remove that handle first"
             )
-    handle = Handle(model, adapter, method_cls.name, config, processor)
+    handle = Handle(model, adapter, method_cls.name, config, processor, target)
     try:
         instance.attach(handle)
     except BaseException:

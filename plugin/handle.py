@@ -17,8 +17,10 @@ class Handle:
     ``method`` and ``config`` say what is attached; ``stats`` is a dict the method updates as it runs.
     """
 
-    def __init__(self, model: nn.Module, adapter, method: str, config, processor: Any = None):
+    def __init__(self, model: nn.Module, adapter, method: str, config, processor: Any = None, target: Any = None):
         self.model = model
+        self.target = model if target is None else target
+        """What ``nograd.apply`` was given: the model, or the pipeline that holds it."""
         self.adapter = adapter
         self.method = method
         self.config = config
