@@ -1,0 +1,74 @@
+"""Where an image's LLM tokens lie in its pixels: token maps -> (H, W) saliency for CARVE (spec ``carve.md`` §5.2).
+
+One ``View`` per raster of an image's tokens (``adapter.image_grids``): which of the image's tokens it holds (its
+patch tokens, newlines left out), its rows x cols and the pixel box of the original image it covers. A map over the
+image's tokens is reshaped row-major onto each view, upsampled bilinearly (``align_corners=False``, as PIL's
+``BILINEAR`` the official code uses) into the view's box and summed; pixels no view covers get the map's minimum, so
+they are never kept.
+
+- Qwen2-VL / Qwen2.5-VL: one raster of ``h/merge x w/merge`` merged tokens over the whole image (the processor's
+  ``smart_resize`` keeps the aspect ratio), read from ``image_grid_thw``: never a square guess (the official code's
+  table of square sizes mis-shapes e.g. an 8x32 grid).
+- LLaVA-1.5: the CLIP processor resizes the short side and centre-crops a square, so the raster covers the central
+  ``min(H, W)`` square (``geometry="processor"``); the official code stretches it over the whole image
+  (``geometry="official"``).
+- LLaVA-NeXT / OneVision "anyres": the high-resolution raster (the crops stitched, unpadded, without newlines) over
+  the whole image; an image left unsplit has only its base raster, also over the whole image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GEOMETRIES = ("processor", "official")
+
+
+@dataclass(frozen=True)
+class View:
+    index: torch.Tensor
+    """(rows * cols,) indices into the image's token map, row-major."""
+    rows: int
+    cols: int
+    box: tuple[int, int, int, int]
+    """(x0, y0, x1, y1) in the original image's pixels, x1 / y1 exclusive."""
+
+
+def image_views(adapter, grid, size: tuple[int, int], geometry: str = "processor",
+                center_crop: bool = True) -> tuple[torch.Tensor, list[View]]:
+    """The token positions of one image (``ImageGrid``) whose map CARVE reads, and its views, for an original image
+    of ``size`` = (W, H). ``center_crop``: whether the LLaVA-1.5 processor crops (``image_processor.do_center_crop``)."""
+    width, height = size
+    tiles = list(grid.tiles)
+    if adapter.family in ("llava_next", "llava_onevision"):
+        tiles = [t for t in tiles if t.kind == "crop"] or tiles[:1]
+    positions = torch.cat([tile.positions for tile in tiles])
+    views, start = [], 0
+    for tile in tiles:
+        box = (0, 0, width, height)
+        if adapter.family == "llava" and geometry == "processor" and center_crop:
+            side = min(width, height)
+            x0, y0 = (width - side) // 2, (height - side) // 2
+            box = (x0, y0, x0 + side, y0 + side)
+        count = tile.rows * tile.cols
+        views.append(View(torch.arange(start, start + count), tile.rows, tile.cols, box))
+        start += count
+    return positions, views
+
+
+def to_pixels(token_map: torch.Tensor, views: list[View], size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) fp32: ``token_map`` (N,) spread over the image through ``views``."""
+    width, height = size
+    canvas = torch.zeros(height, width, dtype=torch.float32, device=token_map.device)
+    covered = torch.zeros(height, width, dtype=torch.bool, device=token_map.device)
+    for view in views:
+        x0, y0, x1, y1 = view.box
+        raster = token_map.float()[view.index.to(token_map.device)].reshape(1, 1, view.rows, view.cols)
+        canvas[y0:y1, x0:x1] += F.interpolate(raster, size=(y1 - y0, x1 - x0), mode="bilinear",
+                                              align_corners=False)[0, 0]
+        covered[y0:y1, x0:x1] = True
+    if not bool(covered.all()):
+        canvas[~covered] = canvas[covered].min()
+    return canvas

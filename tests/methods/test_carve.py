@@ -1,0 +1,219 @@
+"""CARVE: the captured rows equal eager attention (prefill and decode steps) with the model's outputs unchanged, a
+planted attention pattern lands in its pixel box on non-square images, identical prompts leave the image as it is,
+the general pass is cached, the pipeline form equals ``handle.generate``, restore is bit-exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+import nograd
+from checks import attn_names, same_state, snapshot
+from nograd.attention import Intervention, intervene
+from nograd.methods.base import Method
+from nograd.methods.carve_geometry import image_views, to_pixels
+from tiny.processor import PROCESSORS, image
+from tiny.vlm import BUILDERS, IMAGE, make_inputs
+
+LAYERS = 6
+QUESTION = "What is on the left?"
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache = {}
+
+    def get(family, attn="sdpa"):
+        if (family, attn) not in cache:
+            cache[family, attn] = BUILDERS[family](seed=2, attn_implementation=attn, text_layers=LAYERS)
+        return cache[family, attn]
+
+    return get
+
+
+class PlantedKey(Intervention):
+    """+bias on one key of batch row 0 (the task prompt of a probe batch) in every call: a known attention peak."""
+
+    def __init__(self, method):
+        self.method = method
+
+    def key_bias(self, call):
+        at = self.method.key
+        if at is None or call.shape[0] < 2:
+            return None
+        bias = torch.zeros(call.shape[0], 1, call.shape[3])
+        bias[0, 0, at] = 6.0
+        return bias
+
+
+@nograd.register
+class PlantKey(Method):
+    name, summary, kinds = "test_plant_key", "a test-only attention peak", ("vlm",)
+
+    def attach(self, handle):
+        self.key = None
+        handle.expose("plant", lambda key: setattr(self, "key", key))
+        intervene(handle, {m: PlantedKey(self) for m in self.adapter.attention_modules})
+
+
+def eager_rows(model, inputs, layers, positions):
+    """Head-mean last-row eager attention at the image keys, per layer: (B, L, N_v)."""
+    with torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions
+    return torch.stack([attentions[layer][:, :, -1].mean(dim=1).gather(1, positions) for layer in layers], dim=1)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_rows_equal_eager_attention_and_outputs_are_unchanged(models, family):
+    model, eager = models(family), models(family, "eager")
+    processor = PROCESSORS[family]()
+    picture = image(70, 42)
+    handle = nograd.apply(model, "carve", processor=processor, answer_suffix=None, general_prompt="Describe it.")
+    method_layers = handle.stats["layers"]
+    inputs = handle.build_inputs([picture, picture], [QUESTION, "Describe it."])
+    with torch.no_grad():
+        plain = eager.generate(**inputs, max_new_tokens=3, do_sample=False)
+    out = handle.generate(picture, QUESTION)
+    task, general = out.maps["task"], out.maps["general"]
+    positions = out.maps["positions"]
+    for step in range(3):
+        grown = dict(inputs, input_ids=plain[:, :inputs["input_ids"].shape[1] + step],
+                     attention_mask=torch.cat([inputs["attention_mask"], torch.ones(2, step, dtype=torch.long)], 1))
+        if "mm_token_type_ids" in inputs:
+            grown["mm_token_type_ids"] = (grown["input_ids"] == IMAGE).int()
+        expected = eager_rows(eager, grown, method_layers, positions)
+        torch.testing.assert_close(task[step], expected[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(general[step], expected[1], atol=1e-6, rtol=0)
+    first_tokens = processor.batch_decode(plain[:1, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    assert bool((task.sum(-1) <= 1 + 1e-6).all()) and out.original_text.startswith(first_tokens.strip())
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, models(family)(**inputs).logits)
+    handle.remove()
+
+
+@pytest.mark.parametrize("family, size, token, box", [
+    # LLaVA-1.5: the 4x4 raster covers the central 42x42 square of a 70x42 image (the processor's centre crop)
+    ("llava", (70, 42), (1, 2), (14 + 2 * 42 / 4, 1 * 42 / 4, 14 + 3 * 42 / 4, 2 * 42 / 4)),
+    # Qwen2-VL: 70x42 -> 6x10 patches of 7 -> a 3x5 merged raster over the whole image
+    ("qwen2_vl", (70, 42), (2, 1), (14, 28, 28, 42)),
+])
+def test_a_planted_peak_lands_in_its_pixel_box(models, family, size, token, box):
+    model = models(family)
+    processor = PROCESSORS[family]()
+    picture = image(*size)
+    carve = nograd.apply(model, "carve", processor=processor, steps="first", answer_suffix=None)
+    plant = nograd.apply(model, "test_plant_key")
+    inputs = carve.build_inputs([picture] * 2, [QUESTION, carve.config.general_prompt])  # the probe batch
+    grid = model_grid(carve, inputs)
+    positions, views = image_views(carve.adapter, grid, picture.size)
+    (view,) = views
+    r, c = token
+    plant.plant(int(positions[view.index[r * view.cols + c]]))
+    try:
+        saliency = carve.saliency(picture, QUESTION)
+    finally:
+        plant.remove()
+        carve.remove()
+    y, x = divmod(int(saliency.argmax()), saliency.shape[1])
+    x0, y0, x1, y1 = box
+    assert saliency.shape == (size[1], size[0]) and x0 <= x < x1 and y0 <= y < y1
+    if family == "llava":  # outside the centre crop: the map's minimum, never kept
+        assert bool((saliency[:, :14] == saliency.min()).all())
+
+
+def model_grid(handle, inputs):
+    image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    return handle.adapter.image_grids(inputs["input_ids"], **image_inputs)[0]
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_anyres_views_put_a_token_in_its_box(models, family):
+    """The high-resolution raster (newlines left out) covers the whole image: a one-hot map lands in its cell."""
+    model = models(family)
+    inputs = make_inputs(family, model, batch=1)
+    image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    (grid,) = nograd.patches.adapter_for(model).image_grids(inputs["input_ids"], **image_inputs)
+    adapter = nograd.patches.adapter_for(model)
+    size = (120, 60)
+    positions, (view,) = image_views(adapter, grid, size)
+    crop = [t for t in grid.tiles if t.kind == "crop"][0]
+    assert torch.equal(positions, crop.positions) and (view.rows, view.cols) == (crop.rows, crop.cols)
+    r, c = view.rows - 1, 0
+    token_map = torch.zeros(len(positions))
+    token_map[view.index[r * view.cols + c]] = 1.0
+    pixels = to_pixels(token_map, [view], size)
+    y, x = divmod(int(pixels.argmax()), size[0])
+    assert r * 60 / view.rows <= y < (r + 1) * 60 / view.rows and c * 120 / view.cols <= x < (c + 1) * 120 / view.cols
+
+
+def test_identical_prompts_give_a_flat_map_and_the_original_image(models):
+    model = models("llava")
+    picture = image(70, 42, seed=3)
+    with nograd.apply(model, "carve", processor=PROCESSORS["llava"](), general_prompt=QUESTION) as handle:
+        out = handle.generate(picture, QUESTION)
+    assert out.flat and out.refined_image.tobytes() == picture.tobytes() and bool(out.mask.all())
+
+
+def test_regions_follow_the_options_and_the_general_pass_is_cached(models):
+    model = models("llava")
+    picture = image(70, 42, seed=4)
+    with nograd.apply(model, "carve", processor=PROCESSORS["llava"](), top_p=0.3, min_regions=1,
+                      keep_rule="paper") as handle:
+        first = handle.generate(picture, QUESTION)
+        passes = handle.stats["passes"]
+        second = handle.generate(picture, "Is it red?")
+    assert first.mask.shape == (42, 70) and first.regions == 1 and not first.flat
+    assert handle.stats["general_cache_hits"] == 1 and handle.stats["passes"] == 2 * passes
+    assert first.mask.sum() <= 0.3 * 70 * 42 + 1 and second.saliency.shape == (42, 70)
+    refined = first.refined_image
+    assert refined.size[0] == 70 and refined.size[1] >= 42 or refined.size[1] == 42 and refined.size[0] >= 70
+
+
+def test_pipeline_gives_the_same_answer_as_generate(models):
+    model = models("llava")
+    processor = PROCESSORS["llava"]()
+    picture = image(70, 42, seed=5)
+    with nograd.apply(model, "carve", processor=processor) as handle:
+        expected = handle.generate(picture, QUESTION).text
+    pipe = tf.pipeline("image-text-to-text", model=model, processor=processor)
+    chat = [{"role": "user", "content": [{"type": "image", "image": picture}, {"type": "text", "text": QUESTION}]}]
+    with nograd.apply(pipe, "carve") as handle:
+        got = pipe(images=picture, text=QUESTION, return_full_text=False)
+        with_token = pipe(images=picture, text=processor.image_token + QUESTION, return_full_text=False)
+        chatted = pipe(text=chat, return_full_text=False)
+        with pytest.raises(NotImplementedError, match="one image and one question"):
+            pipe(images=[picture, picture], text=QUESTION)
+    assert handle.stats["general_cache_hits"] == 2
+    assert got[0]["generated_text"].strip() == expected == with_token[0]["generated_text"].strip()
+    assert chatted[0]["generated_text"] == got[0]["generated_text"]
+    assert "_forward" not in vars(pipe) and "preprocess" not in vars(pipe)
+
+
+def test_remove_restores_the_model_and_bad_options_raise(models):
+    model = models("qwen2_vl")
+    saved, names = snapshot(model), attn_names(model)
+    inputs = make_inputs("qwen2_vl", model)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    handle = nograd.apply(model, "carve", processor=PROCESSORS["qwen2_vl"]())
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, plain)
+    assert same_state(model, saved) and attn_names(model) == names
+    for options, name in [(dict(top_p=0), "top_p"), (dict(layers=[99]), "layers"), (dict(steps="middle"), "steps"),
+                          (dict(preset="best"), "preset"), (dict(min_regions=0), "min_regions")]:
+        with pytest.raises(ValueError, match=name):
+            nograd.apply(model, "carve", processor=PROCESSORS["qwen2_vl"](), **options)
+    with pytest.raises(ValueError, match="processor"):
+        nograd.apply(model, "carve")
+    assert not nograd.attached(model)
+
+
+@pytest.mark.parametrize("depth, layers", [(28, range(20, 26)), (32, range(20, 26)), (6, [4, 5]), (4, [3]),
+                                           (2, [1]), (1, [0])])
+def test_the_paper_layer_window_scales_to_the_depth(depth, layers):
+    """Official range(20, 26) of 28 layers; shallower models read the same relative window, inside the model."""
+    model = BUILDERS["llava"](seed=0, text_layers=depth)
+    with nograd.apply(model, "carve", processor=PROCESSORS["llava"]()) as handle:
+        assert handle.stats["layers"] == list(layers)
