@@ -513,6 +513,7 @@ def one_provider_main(spec_json: str):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = fn()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    del out
     print(json.dumps({"peak_mb": (after - before) / 1024}))
 
 

@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU machine (bench/README.md): environment, nograd import, the kernel tests, then
-# bench/attention.py with its CUDA defaults. Every step is time-boxed; a failing step is reported, not fatal.
+# One prepared run for a lent GPU machine (bench/README.md): environment, nograd import, the kernel tests,
+# bench/attention.py with its CUDA defaults, then bench/pyramiddrop.py on a LLaVA-1.5-7B-shaped model. Every step is
+# time-boxed; a failing step is reported, not fatal.
 #
-#   bash bench/gpu.sh                       # from anywhere; logs and attention.md go to $OUT (else bench/out)
+#   bash bench/gpu.sh                # from anywhere; logs, attention.md and pyramiddrop.md go to $OUT (else bench/out)
 #
-# Worst case about 8 minutes: TEST_TIMEOUT (100 s) + BENCH_TIMEOUT (360 s, the bench stops starting new cases
-# after BENCH_BUDGET = 280 s) + a few seconds of setup. Override any of these, PYTHON, or add BENCH_ARGS, through
-# the environment. The image needs torch + triton (+ transformers, which `import nograd` pulls in); no diffusers.
+# Worst case about 9.3 minutes: TEST_TIMEOUT (100 s) + BENCH_TIMEOUT (260 s, the bench stops starting new cases
+# after BENCH_BUDGET = 190 s) + PD_TIMEOUT (140 s, no new case or timed round after PD_BUDGET = 90 s) + up to
+# 10 + 15 + 15 s of kill grace + a few seconds of setup. Override any of these, PYTHON, or add BENCH_ARGS / PD_ARGS
+# (default --shape llava-7b), through the environment. The image needs torch + triton (+ transformers, which
+# `import nograd` pulls in); no diffusers.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/bench/out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 TEST_TIMEOUT=${TEST_TIMEOUT:-100}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-360}
-BENCH_BUDGET=${BENCH_BUDGET:-280}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-260}
+BENCH_BUDGET=${BENCH_BUDGET:-190}
 BENCH_ARGS=${BENCH_ARGS:-}
+PD_TIMEOUT=${PD_TIMEOUT:-140}
+PD_BUDGET=${PD_BUDGET:-90}
+PD_ARGS=${PD_ARGS:---shape llava-7b}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 START=$(date +%s)
 STEPS=()
@@ -93,6 +99,12 @@ set -o pipefail
 timeout -k 15 "$BENCH_TIMEOUT" "$PY" bench/attention.py --markdown "$OUT/attention.md" --budget-s "$BENCH_BUDGET" \
   $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"
 record bench "$?"
+
+# 5. PyramidDrop / FastV against the plain model (prefill, decode, KV cache) ---------------------------------------
+# shellcheck disable=SC2086
+timeout -k 15 "$PD_TIMEOUT" "$PY" bench/pyramiddrop.py --device cuda --dtype bfloat16 --budget-s "$PD_BUDGET" \
+  --markdown "$OUT/pyramiddrop.md" $PD_ARGS 2>&1 | tee "$OUT/pyramiddrop.log"
+record pyramiddrop "$?"
 set +o pipefail
 
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>/dev/null || true

@@ -13,6 +13,7 @@ from .errors import IncompatibleMethodsError, NogradError, UnsupportedModelError
 from .handle import Handle
 from .handle import attached as _attached
 from .handle import remove_all as _remove_all
+from .merge import merge
 from .methods.base import Method
 from .registry import MethodInfo, methods, register
 
@@ -40,6 +41,7 @@ __all__ = [
     "UnsupportedModelError",
     "apply",
     "attached",
+    "merge",
     "methods",
     "option",
     "register",

@@ -62,6 +62,11 @@ class Intervention:
         """SoftPAG weights u, (H,) or (B, H): ``out = (1 - u) * attention + u * v_self``; or None."""
         return None
 
+    def output_edit(self, call: "AttentionCall") -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A function applied to this call's attention output (B, H, M, D) after the blend (targets no logit bias
+        can express, e.g. SoftPAG's image-only identity on joint attention), or None."""
+        return None
+
     def observe(self, call: "AttentionCall") -> None:
         """Read statistics of the call (``call.attention_rows``, ``call.key_mass``) after it ran."""
 
@@ -355,6 +360,7 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
     biases = [b for iv in interventions if (b := iv.key_bias(call)) is not None]
     edits = [e for iv in interventions if (e := iv.score_edit(call)) is not None]
     blends = [u for iv in interventions if (u := iv.blend(call)) is not None]
+    output_edits = [f for iv in interventions if (f := iv.output_edit(call)) is not None]
     observers = [iv for iv in interventions if iv.observes]
     if len(edits) > 1:
         raise RuntimeError("two interventions edit the scores of one layer; methods that edit scores must claim "
@@ -370,7 +376,7 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
     rescales = [r for iv in interventions if (r := iv.set_rescale(call)) is not None]
     if len(rescales) > 1:
         raise RuntimeError("two interventions rescale key sets of one layer; such methods must claim 'score_edit'")
-    if not (biases or edits or blends or rescales):
+    if not (biases or edits or blends or rescales or output_edits):
         for iv in observers:
             iv.observe(call)
         return None  # nothing changes the output: the caller's base implementation computes it
@@ -393,6 +399,8 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
             out = kernels.soft_identity_blend(out, call.value, blend)
     else:
         out = kernels.attention(call.query, call.key, call.value, key_bias=bias, blend=blend, **common)
+    for edit_output in output_edits:
+        out = edit_output(out)
     for iv in observers:
         iv.observe(call)
     return out

@@ -1,3 +1,3 @@
 """One file per method; importing this package registers them all."""
 
-from . import act, carve, clearsight, fastv, pai, paint, pyramiddrop, softpag, zerotuning  # noqa: F401
+from . import act, carve, clearsight, fastv, frank, pai, paint, pyramiddrop, refam, softpag, zerotuning  # noqa: F401

@@ -1,0 +1,249 @@
+"""Perturbed-branch guidance around a diffusers DiT, with the user's pipeline code unchanged.
+
+PAG-style methods (PAG, SoftPAG, HeadHunter; spec ``headhunter.md`` §1.4, §5.5) need, at every denoising step, the
+transformer's prediction with a perturbed attention (``eps_ptb``) next to the conditional one, and the guided
+prediction ``eps_uncond + g (eps_cond - eps_uncond) + w (eps_cond - eps_ptb)`` (paper Eq. 5 in the diffusers
+convention, as ``PAGMixin._apply_perturbed_attention_guidance`` and the official HeadHunter pipeline compute it).
+
+``PerturbedGuidance`` does this with a forward pre-hook / forward hook pair on the transformer:
+
+1. Pre-hook: find the conditional rows of the incoming batch (diffusers orders a CFG batch ``[uncond, cond]``, so
+   the last ``n/2`` rows; every row when CFG is off, FLUX's distilled guidance included) and append a copy of them to
+   every batched input (``hidden_states``, ``encoder_hidden_states``, ``pooled_projections``, ``timestep``,
+   ``guidance``); ``state.ptb`` names the appended rows, which the attention interventions perturb.
+   With ``batch=False`` nothing is appended: the forward hook runs a second call on the conditional rows instead.
+2. Forward hook: fold the perturbation term into the conditional rows so the pipeline's own formula gives the right
+   result, ``cond' = cond + (w / g) (cond - ptb)`` (``g`` = the pipeline's CFG scale, or FLUX's ``true_cfg_scale``;
+   1 without CFG), and return the original ``n`` rows.
+
+Calls that must not be perturbed pass through untouched: SD3's skip-layer-guidance call (``skip_layers=``), FLUX's
+true-CFG ``cache_context("uncond")`` call, and steps outside the ``[start, stop)`` window (step index from the
+pipeline's scheduler). Everything installed is recorded on the handle and removed by ``handle.remove()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+BATCHED_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+"""Transformer inputs with a batch axis (SD3 and FLUX); ``txt_ids`` / ``img_ids`` are unbatched (S, 3)."""
+
+
+@dataclass
+class GuidanceState:
+    """Per forward pass: which rows of the current transformer call run perturbed (None: no row)."""
+
+    ptb: slice | None = None
+    row_weights: torch.Tensor | None = None
+    """Optional per-perturbed-row head weights (R, L, H) (the search's candidate batching); None: the method's."""
+    perturb_only: bool = False
+    """Every row of every call runs perturbed and no guidance is folded (``handle.perturbed_only()``)."""
+
+
+@dataclass
+class _Frame:
+    n: int
+    cond: slice
+    factor: float
+    batched: bool
+    kwargs: dict = field(default_factory=dict)
+
+
+def _is_pipeline(obj) -> bool:
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(obj, DiffusionPipeline)
+
+
+def _true_cfg_scale(pipe) -> float | None:
+    """FLUX's ``true_cfg_scale`` of the running ``FluxPipeline.__call__`` (a local there), or None when true CFG is
+    off. Read from the caller frames, since the pipeline keeps it nowhere else."""
+    frame = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            break
+        local = frame.f_locals
+        if local.get("self") is pipe and "true_cfg_scale" in local:
+            return float(local["true_cfg_scale"]) if local.get("do_true_cfg") else None
+        frame = frame.f_back
+    return None
+
+
+class PerturbedGuidance:
+    """The hook pair on one transformer (see the module doc). ``stats`` is the handle's stats dict."""
+
+    def __init__(self, model: nn.Module, target, scale: float, *, batch: bool = True, start: float = 0.0,
+                 stop: float = 1.0, stats: dict | None = None):
+        self.model = model
+        self.pipe = target if _is_pipeline(target) else None
+        self.scale = float(scale)
+        self.batch = batch
+        self.start, self.stop = start, stop
+        self.state = GuidanceState()
+        self.stats = stats if stats is not None else {}
+        self.stats.setdefault("perturbed_calls", 0)
+        self.stats.setdefault("perturbed_rows", 0)
+        self.stats.setdefault("extra_flops", 0)
+        self._signature = inspect.signature(model.forward)
+        self._frames: list[_Frame | None] = []
+        self._inner = False
+        self._context: str | None = None
+        self._params = sum(p.numel() for p in model.parameters())
+
+    # ---- install / remove --------------------------------------------------------------------------------------
+    def install(self, handle) -> None:
+        pre = self.model.register_forward_pre_hook(self._pre, with_kwargs=True)
+        post = self.model.register_forward_hook(self._post, with_kwargs=True, always_call=True)
+        handle.on_remove("perturbed-guidance hooks on the transformer", lambda: (post.remove(), pre.remove()))
+        if hasattr(self.model, "cache_context"):
+            had = "cache_context" in self.model.__dict__
+            previous = self.model.__dict__.get("cache_context")
+            original = self.model.cache_context
+
+            @contextlib.contextmanager
+            def cache_context(name, **kwargs):
+                outer, self._context = self._context, name
+                try:
+                    with original(name, **kwargs):
+                        yield
+                finally:
+                    self._context = outer
+
+            self.model.cache_context = cache_context
+
+            def restore():
+                if had:
+                    self.model.cache_context = previous
+                else:
+                    del self.model.cache_context
+
+            handle.on_remove("cache_context wrapper (FLUX true-CFG calls)", restore)
+
+    @contextlib.contextmanager
+    def perturbed_only(self):
+        """Within the block every transformer call returns the perturbed prediction of every row (no guidance)."""
+        outer, self.state.perturb_only = self.state.perturb_only, True
+        try:
+            yield
+        finally:
+            self.state.perturb_only = outer
+
+    # ---- per call -----------------------------------------------------------------------------------------------
+    def _in_window(self) -> bool:
+        if self.start <= 0.0 and self.stop >= 1.0:
+            return True
+        pipe = self.pipe
+        total = getattr(pipe, "_num_timesteps", None) if pipe is not None else None
+        if not total:
+            return self.start < self.stop
+        step = getattr(pipe.scheduler, "step_index", None) or 0
+        return self.start <= step / total < self.stop
+
+    def _guidance_rows(self, n: int) -> tuple[slice, float] | None:
+        """(conditional rows, fold factor w / g) for a call of ``n`` rows, or None if it must not be perturbed."""
+        pipe = self.pipe
+        if self._context == "uncond":
+            return None
+        if pipe is not None and getattr(pipe, "do_classifier_free_guidance", False):
+            g = float(pipe.guidance_scale)
+            if n % 2 or abs(g) < 1e-8:
+                return None
+            return slice(n // 2, n), self.scale / g
+        if pipe is not None and self._context == "cond":
+            true_cfg = _true_cfg_scale(pipe)
+            if true_cfg is not None and abs(true_cfg) > 1e-8:
+                return slice(0, n), self.scale / true_cfg
+        return slice(0, n), self.scale
+
+    def _pre(self, module, args, kwargs):
+        if self._inner:  # the perturbed-only second call of batch=False
+            self._frames.append(None)
+            self.state.ptb = slice(0, self._batch_of(kwargs))
+            return None
+        bound = self._bind(args, kwargs)
+        n = self._batch_of(bound)
+        if self.state.perturb_only:
+            self._frames.append(None)
+            self.state.ptb = slice(0, n)
+            return None
+        rows = None
+        if bound.get("skip_layers") is None and self._in_window():
+            rows = self._guidance_rows(n)
+        if rows is None:
+            self._frames.append(None)
+            return None
+        cond, factor = rows
+        if self.batch:
+            grown = dict(bound)
+            for name in BATCHED_INPUTS:
+                value = bound.get(name)
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+                    grown[name] = torch.cat([value, value[cond]], dim=0)
+            self._frames.append(_Frame(n, cond, factor, True))
+            self.state.ptb = slice(n, n + cond.stop - cond.start)
+            self._count(bound, cond)
+            return (), grown
+        ptb_kwargs = dict(bound)
+        for name in BATCHED_INPUTS:
+            value = bound.get(name)
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+                ptb_kwargs[name] = value[cond]
+        self._frames.append(_Frame(n, cond, factor, False, ptb_kwargs))
+        self._count(bound, cond)
+        return None
+
+    def _post(self, module, args, kwargs, output):
+        frame = self._frames.pop() if self._frames else None
+        self.state.ptb = None
+        if frame is None or output is None:
+            return None
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        if frame.batched:
+            ptb = sample[frame.n:]
+        else:
+            self._inner = True
+            try:
+                result = module(**frame.kwargs)
+            finally:
+                self._inner = False
+            ptb = result[0] if isinstance(result, tuple) else result.sample
+        guided = sample[: frame.n].clone()
+        cond = sample[frame.cond]
+        guided[frame.cond] = cond + frame.factor * (cond - ptb)
+        if isinstance(output, tuple):
+            return (guided, *output[1:])
+        return type(output)(sample=guided)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------------------
+    def _bind(self, args, kwargs) -> dict:
+        """The call's arguments as keyword arguments (a ``**kwargs`` parameter flattened)."""
+        bound = dict(self._signature.bind_partial(*args, **kwargs).arguments)
+        for name, parameter in self._signature.parameters.items():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
+                bound.update(bound.pop(name))
+        return bound
+
+    @staticmethod
+    def _batch_of(bound: dict) -> int:
+        return int(bound["hidden_states"].shape[0])
+
+    def _count(self, bound: dict, cond: slice) -> None:
+        rows = cond.stop - cond.start
+        hidden, text = bound["hidden_states"], bound.get("encoder_hidden_states")
+        if hidden.dim() == 4:  # SD3 latents (B, C, H, W) -> patches
+            patch = getattr(getattr(self.model, "config", None), "patch_size", 1) or 1
+            tokens = hidden.shape[2] * hidden.shape[3] // (patch * patch)
+        else:
+            tokens = hidden.shape[1]
+        tokens += text.shape[1] if isinstance(text, torch.Tensor) and text.dim() == 3 else 0
+        self.stats["perturbed_calls"] += 1
+        self.stats["perturbed_rows"] += rows
+        self.stats["extra_flops"] += 2 * self._params * tokens * rows

@@ -1,0 +1,142 @@
+"""The demo without a browser: the app builds with its four tabs, and each tab's computation, called directly on the
+built-in tiny models, gives the plain and the method outputs, heatmaps the size of the image, masks, kept tokens,
+stats and timings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nograd
+from demo import compare, tiny
+
+QUESTION = "What is in the picture?"
+
+
+def enlarged(image):
+    """The display size of ``image`` (small images are enlarged by an integer factor)."""
+    return compare._enlarge(image).size
+
+
+def test_app_builds_with_one_tab_per_family_and_binds_to_localhost():
+    gr = pytest.importorskip("gradio")
+    from demo import app
+
+    blocks = app.build_app()
+    tabs = [block.label for block in blocks.blocks.values() if isinstance(block, gr.Tab)]
+    assert tabs == ["VLM", "LLM", "Diffusion", "Merge"]
+    options = app.launch_options(app.parse_args([]))
+    assert options["server_name"] == "127.0.0.1" and options["share"] is False and options["max_file_size"]
+    assert app.launch_options(app.parse_args(["--share", "--host", "0.0.0.0"]))["share"] is True
+
+
+def test_vlm_carve_side_by_side():
+    picture = tiny.image(70, 42)
+    r = compare.vlm_compare("", "carve", picture, QUESTION, 2)
+    assert r["label"] == tiny.LABEL and isinstance(r["plain_text"], str) and isinstance(r["method_text"], str)
+    assert r["plain_heat"].size == r["method_heat"].size == enlarged(picture)  # heatmaps over the whole image
+    captions = [caption for _, caption in r["gallery"]]
+    assert captions[0].startswith("CARVE mask") and "refined" in captions[1]
+    assert r["gallery"][0][0].size == enlarged(picture)
+    assert r["stats"]["passes"] >= 2 and set(r["timing"]) == {"plain_s", "method_s"}
+
+
+def test_vlm_pyramiddrop_draws_the_kept_tokens_of_every_stage():
+    picture = tiny.image(56, 56, 1)
+    r = compare.vlm_compare("", "pyramiddrop", picture, QUESTION, 2)
+    stats = r["stats"]
+    assert len(r["gallery"]) == len(stats["boundaries"]) == 3
+    for (overlay, caption), count in zip(r["gallery"], stats["visual_tokens"][0][1:]):
+        assert overlay.size == enlarged(picture) and f": {count} of 16" in caption
+    assert stats["flops"]["ratio"] < 1 and r["method_heat"] is None and r["plain_heat"] is not None
+
+
+class Progress(list):
+    """Records the progress calls; empty, it is falsy, as a gr.Progress is."""
+
+    def __call__(self, fraction, desc=None):
+        self.append((fraction, desc))
+
+
+def test_vlm_score_edit_method_has_its_own_heatmap():
+    picture = tiny.image(56, 56, 1)
+    progress = Progress()
+    r = compare.vlm_compare("", "pai", picture, QUESTION, 2, {"alpha": 0.5}, progress)
+    assert [desc for _, desc in progress] == ["loading the model", "plain model", "pai", "done"]
+    assert r["plain_heat"].size == r["method_heat"].size == enlarged(picture)
+    assert r["stats"]["edited_calls"] > 0
+
+
+def test_the_read_out_is_the_models_own_attention():
+    model, tokenizer = tiny.llm()
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    with compare.last_row_attention(model) as sink, torch.no_grad():
+        model(**inputs)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions
+    assert sorted(sink["rows"]) == [2, 3]  # the later half of the 4 layers
+    for layer, row in sink["rows"].items():
+        torch.testing.assert_close(row, attentions[layer][:, :, -1].mean(dim=1), atol=1e-5, rtol=0)
+    assert not nograd.attached(model)
+
+
+def test_llm_zerotuning_moves_attention_to_the_first_token():
+    prompt = "The capital of France is"
+    r = compare.llm_compare("", "zerotuning", prompt, 4, {"gamma": 4.0})
+    plain, steered = r["plain_attention"], r["method_attention"]
+    assert [t for t, _ in plain] == [t for t, _ in steered] == list(prompt)  # one character per token
+    assert steered[0][1] == 1.0 and sum(s for _, s in steered[1:]) < sum(s for _, s in plain[1:])
+    assert r["stats"]["biased_calls"] > 0 and isinstance(r["method_text"], str)
+
+
+def test_diffusion_tab():
+    pytest.importorskip("diffusers")
+    r = compare.diffusion_compare("", "softpag", "a red car", None, 1)
+    assert r["plain_image"].size == r["method_image"].size == (256, 256)
+    assert r["stats"]["heads_touched"] == 6 and r["stats"]["perturbed_calls"] == 1
+    assert r["stats"]["mean_abs_change"] > 0 and len(r["gallery"]) == 1  # the guidance changed the image
+    picture = tiny.image(48, 32, 2)
+    g = compare.diffusion_compare("", "refam", "the red car", picture, 1)
+    assert g["method_image"].size == enlarged(picture) and len(g["gallery"]) == 2 and g["stats"]["grounds"] == 1
+
+
+def test_merge_tab():
+    r = compare.merge_compare(tiny.image(56, 56, 3), QUESTION, {"rule": "linear", "lambda_r": 0.5}, max_new_tokens=2)
+    assert r["table"]["layer"] == list(range(8)) and r["table"]["lambda_r"] == [0.5] * 8
+    assert isinstance(r["plain_text"], str) and isinstance(r["method_text"], str)
+
+
+def test_inputs_are_checked_with_clear_messages(monkeypatch):
+    with pytest.raises(ValueError, match="upload an image"):
+        compare.check_image(None)
+    monkeypatch.setattr(compare, "MAX_PIXELS", 100)
+    with pytest.raises(ValueError, match="accepts up to 100 pixels"):
+        compare.check_image(tiny.image(20, 20))
+    with pytest.raises(ValueError, match="JSON object"):
+        compare.parse_options("gamma=2")
+    with pytest.raises(ValueError, match="could not load"):
+        compare.load("llm", "/nonexistent/model")
+    assert compare.parse_options(' {"gamma": 1.5} ') == {"gamma": 1.5} and compare.parse_options("") == {}
+
+
+def test_a_method_missing_from_the_build_is_named_not_faked(monkeypatch):
+    from demo import app
+
+    monkeypatch.setitem(compare.FAMILIES, "Merge", ("frank", "no_such_method"))
+    assert compare.available("Merge") == ["frank"] and compare.missing("Merge") == ["no_such_method"]
+    assert "Not available in this build of nograd: no_such_method" in app._not_available("Merge")
+    assert "not available" in compare.method_doc("no_such_method")
+
+
+def test_a_model_folder_loads_from_safetensors_only(tmp_path):
+    model, tokenizer = tiny.llm(seed=3)
+    model.save_pretrained(tmp_path / "safe")
+    tokenizer.save_pretrained(tmp_path / "safe")
+    r = compare.llm_compare(str(tmp_path / "safe"), "act", "The capital of France is", 2)
+    assert r["label"] == str(tmp_path / "safe") and r["stats"]["sinks"]
+    model.config.save_pretrained(tmp_path / "pickled")  # the same weights as a pickle: refused, never unpickled
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    tokenizer.save_pretrained(tmp_path / "pickled")
+    with pytest.raises(ValueError, match="could not load"):
+        compare.load("llm", str(tmp_path / "pickled"))

@@ -1,0 +1,298 @@
+"""SoftPAG / PAG / HeadHunter head sets on tiny SD3(.5) and FLUX pipelines: identities, diffusers oracles, guidance."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nograd
+from checks import same_state, snapshot
+from nograd.methods.softpag import image_identity_target, layer_modules, layer_names, reference_perturbed
+from nograd.patches import adapter_for
+from tiny.dit import BUILDERS, build_pipeline, transformer_inputs
+
+STEPS = dict(num_inference_steps=2, height=32, width=32)
+
+
+def pipeline(family, **transformer_overrides):
+    pipe = build_pipeline(family)
+    if transformer_overrides:
+        pipe.transformer = BUILDERS[family](**transformer_overrides)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def images(pipe, prompt="a cat", seed=0, **kwargs):
+    kwargs = {**STEPS, "output_type": "latent", **kwargs}
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return pipeline("sd3")
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return pipeline("flux")
+
+
+def untouched(model) -> bool:
+    return (not model._forward_pre_hooks and not model._forward_hooks and "cache_context" not in model.__dict__
+            and all(type(m.processor).__name__ != "NogradProcessor" for m in adapter_for(model).attention_modules))
+
+
+# ---- identities ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_u0_no_heads_zero_scale_are_bit_identical_and_remove_restores(family, request):
+    pipe = request.getfixturevalue(family)
+    model, saved = pipe.transformer, snapshot(pipe.transformer)
+    plain = images(pipe)
+    for options in (dict(heads=None), dict(heads={0: "all"}, u=0.0), dict(heads=[(0, 1)], u=1.0, scale=0.0)):
+        with nograd.apply(pipe, "softpag", **options) as handle:
+            assert torch.equal(images(pipe), plain), options
+            assert handle.stats["perturbed_calls"] == 0
+    handle = nograd.apply(pipe, "softpag", heads={0: [1]}, u=1.0)
+    perturbed = images(pipe)
+    assert handle.stats["heads_touched"] == 1 and handle.stats["perturbed_calls"] == 2
+    assert handle.stats["extra_flops"] > 0 and not torch.equal(perturbed, plain)
+    handle.remove()
+    assert untouched(model) and same_state(model, saved) and pipe.transformer is model
+    assert torch.equal(images(pipe), plain)
+
+
+# ---- oracle A: diffusers' legacy SD3 PAG pipeline (image_identity) -------------------------------------------------
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
+def test_pag_image_identity_equals_diffusers_sd3_pag_pipeline(guidance_scale):
+    """Precondition of the oracle: an SD3.0-shaped model without qk-norm (diffusers' PAG processors skip it)."""
+    from diffusers import StableDiffusion3PAGPipeline
+
+    pipe = pipeline("sd3", dual_attention_layers=(), qk_norm=None)
+    components = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+    oracle = StableDiffusion3PAGPipeline(**components, pag_applied_layers=["blocks.0"])
+    oracle.set_progress_bar_config(disable=True)
+    want = images(oracle, guidance_scale=guidance_scale, pag_scale=3.0)
+    with nograd.apply(pipe, "pag", layers=["blocks.0"], mode="image_identity", scale=3.0) as handle:
+        got = images(pipe, guidance_scale=guidance_scale)
+        assert handle.stats["layers"] == ["transformer_blocks.0"] and handle.stats["heads_touched"] == 4
+    plain = images(pipe, guidance_scale=guidance_scale)
+    assert (want - plain).abs().max() > 1e-3  # the PAG effect is real
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+# ---- oracle B: diffusers' attention-score skip hook (joint_identity) -----------------------------------------------
+def skip_hooked(model, fqn, index):
+    """A copy of ``model`` under ``LayerSkipConfig(skip_attention_scores=True)`` (diffusers' PAG guider), with the
+    0.42 workarounds applied only where needed (spec §4.2)."""
+    from diffusers.hooks._helpers import AttentionProcessorMetadata, AttentionProcessorRegistry
+    from diffusers.hooks.layer_skip import LayerSkipConfig, _apply_layer_skip_hook
+
+    hooked = copy.deepcopy(model)
+    for module in hooked.modules():
+        if type(module).__name__ == "FluxAttention" and not hasattr(module, "is_cross_attention"):
+            module.is_cross_attention = False
+        processor = getattr(module, "processor", None)
+        if processor is not None:
+            try:
+                AttentionProcessorRegistry.get(type(processor))
+            except ValueError:
+                AttentionProcessorRegistry.register(type(processor), AttentionProcessorMetadata(lambda *a, **k: a[1]))
+    config = LayerSkipConfig(indices=[index], fqn=fqn, skip_attention=False, skip_attention_scores=True,
+                             skip_ff=False)
+    _apply_layer_skip_hook(hooked, config)
+    return hooked
+
+
+@pytest.mark.parametrize("family, fqn, index, layer, overrides", [
+    ("sd3", "transformer_blocks", 0, 0, {"dual_attention_layers": ()}),
+    ("sd3", "transformer_blocks", 1, 1, {"dual_attention_layers": ()}),  # the context_pre_only block
+    ("flux", "transformer_blocks", 1, 1, {}),
+    ("flux", "single_transformer_blocks", 0, 2, {}),
+])
+def test_pag_joint_identity_equals_diffusers_skip_attention_scores(family, fqn, index, layer, overrides):
+    model = BUILDERS[family](**overrides)
+    inputs = transformer_inputs(family, model)
+    with torch.no_grad():
+        want = skip_hooked(model, fqn, index)(**inputs).sample
+        with nograd.apply(model, "pag", layers=[layer]) as handle:
+            with handle.perturbed_only():
+                got = model(**inputs).sample
+            guided = model(**inputs).sample
+        plain = model(**inputs).sample
+    assert (want - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+    # no pipeline, no CFG: the guided output is cond + w (cond - ptb), w = the family default
+    w = {"sd3": 3.0, "flux": 8.0}[family]
+    torch.testing.assert_close(guided, plain + w * (plain - want), atol=2e-5, rtol=0)
+
+
+# ---- only the selected heads change -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family, layer", [("sd3", 0), ("flux", 0), ("flux", 2)])
+@pytest.mark.parametrize("u", [0.25, 1.0])
+def test_only_selected_heads_change_by_the_softpag_lerp(family, layer, u):
+    """Planted: head 1 of one block; pre-output-projection per-head outputs (``to_out[0]`` / ``to_add_out`` made
+    identities) equal ``(1-u) O + u V`` there, the explicit ``((1-u) A + u I) V``, and the plain output elsewhere."""
+    model = BUILDERS[family]()
+    adapter = adapter_for(model)
+    attn = layer_modules(adapter)[layer]
+    if getattr(attn, "to_out", None) is not None:  # (FLUX single blocks project outside the attention)
+        attn.to_out[0] = nn.Identity()
+    if getattr(attn, "to_add_out", None) is not None:
+        attn.to_add_out = nn.Identity()
+    seen = {}
+    attn.register_forward_hook(lambda m, a, k, out: seen.__setitem__("out", out), with_kwargs=True)
+    inputs = transformer_inputs(family, model)
+    heads, head_dim = attn.heads, adapter.head_dim
+    with torch.no_grad():
+        model(**inputs)
+        plain = seen["out"]
+        with nograd.apply(model, "softpag", heads=[(layer, 1)], u=u) as handle, handle.perturbed_only():
+            original = handle.adapter.joint_qkv
+
+            def capture(*args):
+                seen["qkv"] = original(*args)
+                return seen["qkv"]
+
+            handle.adapter.joint_qkv = capture
+            model(**inputs)
+            perturbed = seen["out"]
+            del handle.adapter.joint_qkv
+
+    def joint(out):  # (B, S, H*D) in the module's own token order
+        if isinstance(out, tuple):
+            image, text = out
+            return torch.cat([text, image] if family == "flux" else [image, text], dim=1)
+        return out
+
+    plain, perturbed = joint(plain), joint(perturbed)
+    q, k, v = seen["qkv"]
+    per_head = lambda x: x.unflatten(-1, (heads, head_dim))  # noqa: E731
+    changed = (per_head(perturbed) != per_head(plain)).any(dim=-1).any(dim=1)[0]
+    assert changed.tolist() == [h == 1 for h in range(heads)]
+    sdpa = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    expected = torch.lerp(sdpa[:, :, 1], v.transpose(1, 2)[:, :, 1], u)
+    torch.testing.assert_close(per_head(perturbed)[:, :, 1], expected, atol=1e-6, rtol=0)
+    weight = torch.tensor([[0.0, u] + [0.0] * (heads - 2)])
+    explicit = reference_perturbed(q, k, v, weight, "joint_identity", {}, head_dim ** -0.5).transpose(1, 2)
+    torch.testing.assert_close(per_head(perturbed), explicit, atol=1e-5, rtol=0)
+
+
+def test_image_identity_target_equals_dense_masked_attention():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 11, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    image, text = slice(0, 7), slice(7, 11)
+    allowed = torch.ones(11, 11, dtype=torch.bool)
+    allowed[image, image] = torch.eye(7, dtype=torch.bool)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    target = image_identity_target(q, k, v, image, text, 0.5)
+    torch.testing.assert_close(target.double(), F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.5)
+                               [:, :, image], atol=1e-6, rtol=0)
+    assert dense.shape == (2, 3, 11, 4)
+
+
+# ---- reference path == fast path; batched == separate calls; window ---------------------------------------------------
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("mode", ["joint_identity", "image_identity"])
+def test_reference_path_equals_fast_path(family, mode, request):
+    pipe = request.getfixturevalue(family)
+    heads = {0: [0, 1], 1: [1]}
+    out = {}
+    for path in ("fast", "reference"):
+        with nograd.apply(pipe, "softpag", heads=heads, u=0.5, mode=mode, path=path):
+            out[path] = images(pipe)
+    torch.testing.assert_close(out["reference"], out["fast"], atol=1e-5, rtol=0)
+
+
+def test_batched_branch_equals_separate_call_and_window_limits_steps(sd3):
+    out = {}
+    for batch in (True, False):
+        with nograd.apply(sd3, "softpag", heads={0: "all"}, u=1.0, batch=batch) as handle:
+            out[batch] = images(sd3)
+            assert handle.stats["perturbed_calls"] == 2
+    torch.testing.assert_close(out[False], out[True], atol=1e-5, rtol=0)
+    with nograd.apply(sd3, "softpag", heads={0: "all"}, u=1.0, start=0.0, stop=1.0):
+        assert torch.equal(images(sd3), out[True])
+    plain = images(sd3)
+    with nograd.apply(sd3, "softpag", heads={0: "all"}, u=1.0, start=0.5, stop=0.5) as handle:
+        assert torch.equal(images(sd3), plain) and handle.stats["perturbed_calls"] == 0
+    with nograd.apply(sd3, "softpag", heads={0: "all"}, u=1.0, start=0.5) as handle:
+        late = images(sd3)
+        assert handle.stats["perturbed_calls"] == 1  # step 1 of 2 only
+    assert not torch.equal(late, out[True]) and not torch.equal(late, plain)
+
+
+def test_flux_true_cfg_folds_w_over_true_cfg_scale(flux):
+    """One Euler step is linear in the prediction: the perturbation term must be w (cond - ptb) with and without
+    FLUX's true CFG (a fold by w instead of w / true_cfg_scale would multiply it by true_cfg_scale)."""
+    one = dict(num_inference_steps=1)
+    plain = images(flux, **one)
+    plain_cfg = images(flux, negative_prompt="a dog", true_cfg_scale=3.0, **one)
+    assert not torch.equal(plain, plain_cfg)
+    with nograd.apply(flux, "softpag", heads={0: "all"}, u=1.0, scale=2.0) as handle:
+        term = images(flux, **one) - plain
+        term_cfg = images(flux, negative_prompt="a dog", true_cfg_scale=3.0, **one) - plain_cfg
+        assert handle.stats["perturbed_calls"] == 2  # the "uncond" call is never perturbed
+    assert term.abs().max() > 1e-4
+    torch.testing.assert_close(term_cfg, term, atol=2e-5, rtol=0)
+
+
+# ---- addressing and validation ------------------------------------------------------------------------------------------
+def test_layer_names_match_exactly_where_diffusers_regex_overmatches():
+    model = BUILDERS["sd3"](num_layers=12, dual_attention_layers=())
+    names = [n for n, m in model.named_modules() if n.endswith(".attn")]
+    assert [n for n in names if re.search("blocks.1", n)] == [f"transformer_blocks.{i}.attn" for i in (1, 10, 11)]
+    with nograd.apply(model, "pag", layers=["blocks.1"]) as handle:
+        assert handle.stats["layers"] == ["transformer_blocks.1"]
+    flux = BUILDERS["flux"]()
+    modules = [n.removesuffix(".attn") for n, m in flux.named_modules() if n.endswith(".attn")]
+    assert layer_names(adapter_for(flux)) == modules  # the paper's FLUX "layer" = forward order, dual then single
+    with nograd.apply(flux, "pag", layers=["single_transformer_blocks.1", 0]) as handle:
+        assert handle.stats["layers"] == ["transformer_blocks.0", "single_transformer_blocks.1"]
+        assert {h[0] for h in handle.stats["heads"]} == {0, 3}
+
+
+def test_sd35_dual_attention_and_qk_norm_block_runs(sd3):
+    """diffusers' PAG crashes on SD3.5's attn2 for "blocks.0"; here attn2 is left alone and attn is perturbed."""
+    block = sd3.transformer.transformer_blocks[0]
+    assert block.attn2 is not None and block.attn.norm_q is not None
+    plain = images(sd3)
+    with nograd.apply(sd3, "pag", layers=["blocks.0"]) as handle:
+        assert not torch.equal(images(sd3), plain)
+        assert handle.stats["perturbed_attention_calls"] == 2  # attn only, once per step
+
+
+def test_options_are_validated_before_touching_the_model():
+    model = BUILDERS["sd3"]()
+    with pytest.raises(ValueError, match=r"softpag: option mode='identity' is not allowed; expected one of"):
+        nograd.apply(model, "softpag", heads=[(0, 0)], mode="identity")
+    with pytest.raises(ValueError, match=r"option u=1.5"):
+        nograd.apply(model, "softpag", heads=[(0, 0)], u=1.5)
+    with pytest.raises(ValueError, match=r"head 7 of layer 0 is out of range; .* 2 layers x 4 heads"):
+        nograd.apply(model, "softpag", heads=[(0, 7)])
+    with pytest.raises(ValueError, match=r"no layer named 'blocks.5'"):
+        nograd.apply(model, "pag", layers=["blocks.5"])
+    with pytest.raises(ValueError, match=r"headhunter: option heads=None"):
+        nograd.apply(model, "headhunter")
+    with pytest.raises(ValueError, match=r"made for SD3Transformer2DModel with 24 layers x 24 heads"):
+        nograd.apply(model, "headhunter", heads="paper:sd3-medium/darkness")
+    assert untouched(model)
+    info = nograd.methods()
+    assert {"softpag", "pag", "headhunter"} <= set(info) and info["softpag"].arxiv == "2506.10978"
+
+
+def test_per_head_u_dict_and_headhunter_top(sd3, tmp_path):
+    from nograd.headhunter import HeadSet
+
+    adapter = adapter_for(sd3.transformer)
+    path = tmp_path / "heads.json"
+    HeadSet([(1, 2), (0, 3), (0, 0)], "SD3Transformer2DModel", 2, 4, 8).save(path)
+    with nograd.apply(sd3, "headhunter", heads=str(path), top=2) as handle:
+        assert handle.stats["heads"] == [(0, 3), (1, 2)] and handle.stats["u"] == {"0,3": 0.5, "1,2": 0.5}
+    with nograd.apply(sd3, "softpag", heads={(0, 1): 0.25, (1, 3): 1.0}) as handle:
+        assert handle.stats["u"] == {"0,1": 0.25, "1,3": 1.0}
+    assert len(layer_modules(adapter)) == 2
