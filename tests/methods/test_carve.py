@@ -97,6 +97,7 @@ def test_rows_equal_eager_attention_and_outputs_are_unchanged(models, family):
     ("llava", (70, 42), (1, 2), (14 + 2 * 42 / 4, 1 * 42 / 4, 14 + 3 * 42 / 4, 2 * 42 / 4)),
     # Qwen2-VL: 70x42 -> 6x10 patches of 7 -> a 3x5 merged raster over the whole image
     ("qwen2_vl", (70, 42), (2, 1), (14, 28, 28, 42)),
+    ("qwen2_5_vl", (70, 42), (2, 1), (14, 28, 28, 42)),  # the same merged raster; its ViT's window order is undone
 ])
 def test_a_planted_peak_lands_in_its_pixel_box(models, family, size, token, box):
     model = models(family)
