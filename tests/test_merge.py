@@ -15,6 +15,7 @@ import nograd
 import tiny
 from checks import same_state, snapshot
 from tiny import vlm
+from tiny.trio import make_trio, noisy
 
 M = importlib.import_module("nograd.merge")
 LAYERS = 4
@@ -22,31 +23,10 @@ T = dict(vlm.TEXT)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 
-def noisy(module, scale, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-def make_trio(layers=LAYERS):
-    base = tiny.build("qwen2", vocab_size=160, num_hidden_layers=layers, max_position_embeddings=512,
-                      rms_norm_eps=1e-5)
-    mllm = tiny.build("qwen2_5_vl", text_layers=layers)
-    decoder = mllm.get_decoder()
-    decoder.load_state_dict(base.model.state_dict())
-    with torch.no_grad():
-        mllm.lm_head.weight.copy_(base.lm_head.weight)
-    noisy(decoder.layers, 0.01, 1)
-    reasoning = copy.deepcopy(base)
-    noisy(reasoning.model.layers, 0.02, 2)
-    return mllm, reasoning, base
-
-
 @pytest.fixture(scope="module")
 def saved_trio(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trio")
-    mllm, reasoning, base = make_trio()
+    mllm, reasoning, base = make_trio(LAYERS)
     mllm.save_pretrained(folder / "mllm")
     reasoning.save_pretrained(folder / "reasoning", max_shard_size="100KB")
     base.save_pretrained(folder / "base")

@@ -9,9 +9,8 @@ import torch
 import transformers as tf
 
 import nograd
+import planting  # noqa: F401  (registers "test_plant_key")
 from checks import attn_names, same_state, snapshot
-from nograd.attention import Intervention, intervene
-from nograd.methods.base import Method
 from nograd.methods.carve_geometry import image_views, to_pixels
 from tiny.processor import PROCESSORS, image
 from tiny.vlm import BUILDERS, IMAGE, make_inputs
@@ -30,31 +29,6 @@ def models():
         return cache[family, attn]
 
     return get
-
-
-class PlantedKey(Intervention):
-    """+bias on one key of batch row 0 (the task prompt of a probe batch) in every call: a known attention peak."""
-
-    def __init__(self, method):
-        self.method = method
-
-    def key_bias(self, call):
-        at = self.method.key
-        if at is None or call.shape[0] < 2:
-            return None
-        bias = torch.zeros(call.shape[0], 1, call.shape[3])
-        bias[0, 0, at] = 6.0
-        return bias
-
-
-@nograd.register
-class PlantKey(Method):
-    name, summary, kinds = "test_plant_key", "a test-only attention peak", ("vlm",)
-
-    def attach(self, handle):
-        self.key = None
-        handle.expose("plant", lambda key: setattr(self, "key", key))
-        intervene(handle, {m: PlantedKey(self) for m in self.adapter.attention_modules})
 
 
 def eager_rows(model, inputs, layers, positions):

@@ -10,8 +10,7 @@ import torch
 from PIL import Image
 
 import nograd
-from nograd.attention import Intervention, intervene
-from nograd.methods.base import Method
+import planting  # noqa: F401  (registers "test_plant_key")
 from nograd.methods.carve_geometry import image_views
 from tiny.processor import PROCESSORS, image
 from tiny.vlm import BUILDERS
@@ -30,31 +29,6 @@ def models():
         return cache[family]
 
     return get
-
-
-class PlantedKey(Intervention):
-    """+bias on one key of batch row 0 (the task prompt of a probe batch) in every call: a known attention peak."""
-
-    def __init__(self, method):
-        self.method = method
-
-    def key_bias(self, call):
-        at = self.method.key
-        if at is None or call.shape[0] < 2:
-            return None
-        bias = torch.zeros(call.shape[0], 1, call.shape[3])
-        bias[0, 0, at] = 6.0
-        return bias
-
-
-@nograd.register
-class PlantKeyAnyres(Method):
-    name, summary, kinds = "test_plant_key_anyres", "a test-only attention peak (anyres tests)", ("vlm",)
-
-    def attach(self, handle):
-        self.key = None
-        handle.expose("plant", lambda key: setattr(self, "key", key))
-        intervene(handle, {m: PlantedKey(self) for m in self.adapter.attention_modules})
 
 
 # (family, image (W, H), high-res raster rows x cols, planted token (r, c), its pixel box (x0, y0, x1, y1)).
@@ -89,7 +63,7 @@ def test_a_planted_peak_lands_in_its_pixel_box(models, family, size, shape, toke
     model = models(family)
     picture = image(*size)
     carve = nograd.apply(model, "carve", processor=PROCESSORS[family](), steps="first", answer_suffix=None)
-    plant = nograd.apply(model, "test_plant_key_anyres")
+    plant = nograd.apply(model, "test_plant_key")
     inputs = carve.build_inputs([picture] * 2, [QUESTION, carve.config.general_prompt])  # the probe batch
     image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     grid = carve.adapter.image_grids(inputs["input_ids"], **image_inputs)[0]  # batch row 0's image

@@ -19,35 +19,15 @@ import tiny
 from checks import attn_names, same_state, snapshot
 from nograd.methods.frank import coefficients, depth_prior, fit_decay, FrankConfig
 from tiny import vlm
+from tiny.trio import make_trio, noisy
 
 M = importlib.import_module("nograd.merge")
 LAYERS = 4
 
 
-def noisy(module, scale, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-def make_trio(layers=LAYERS, **text_overrides):
-    base = tiny.build("qwen2", vocab_size=160, num_hidden_layers=layers, max_position_embeddings=512,
-                      rms_norm_eps=1e-5, **text_overrides)
-    mllm = tiny.build("qwen2_5_vl", text_layers=layers)
-    decoder = mllm.get_decoder()
-    decoder.load_state_dict(base.model.state_dict())
-    with torch.no_grad():
-        mllm.lm_head.weight.copy_(base.lm_head.weight)
-    noisy(decoder.layers, 0.01, 1)
-    reasoning = copy.deepcopy(base)
-    noisy(reasoning.model.layers, 0.02, 2)
-    return mllm, reasoning, base
-
-
 @pytest.fixture(scope="module")
 def trio():
-    return make_trio()
+    return make_trio(LAYERS)
 
 
 def fresh(trio):
@@ -285,7 +265,7 @@ def test_validation_and_config_warnings(trio):
         nograd.apply(mllm, "frank", reasoning=reasoning, base=base, prior=[1.0, 0.0])
     with pytest.raises(ValueError, match="option layers"):
         nograd.apply(mllm, "frank", reasoning=reasoning, base=base, layers=(2, 9))
-    _, other, other_base = make_trio(rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    _, other, other_base = make_trio(LAYERS, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     with pytest.warns(UserWarning, match="rope_theta"):
         h = nograd.apply(mllm, "frank", reasoning=other, base=base, prior=[1.0, 0.5, 0.5, 0.0])
     assert any("rope_theta" in m for m in h.stats["mismatches"])

@@ -1,0 +1,33 @@
+"""A homologous trio for FRANK and the merge: base = a tiny Qwen2; the MLLM = a tiny Qwen2.5-VL whose language model
+is the base plus 0.01 noise; the reasoning LLM = the base plus 0.02 noise (spec ``frank.md`` §5.7)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from . import build
+
+
+def noisy(module, scale, seed):
+    """Add seeded Gaussian noise of std ``scale`` to every parameter of ``module``, in place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def make_trio(layers: int, **text_overrides):
+    """(mllm, reasoning, base) with ``layers`` decoder layers; ``text_overrides`` go to the base's text config."""
+    base = build("qwen2", vocab_size=160, num_hidden_layers=layers, max_position_embeddings=512, rms_norm_eps=1e-5,
+                 **text_overrides)
+    mllm = build("qwen2_5_vl", text_layers=layers)
+    decoder = mllm.get_decoder()
+    decoder.load_state_dict(base.model.state_dict())
+    with torch.no_grad():
+        mllm.lm_head.weight.copy_(base.lm_head.weight)
+    noisy(decoder.layers, 0.01, 1)
+    reasoning = copy.deepcopy(base)
+    noisy(reasoning.model.layers, 0.02, 2)
+    return mllm, reasoning, base
