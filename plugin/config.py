@@ -25,6 +25,11 @@ def is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def is_int(value: Any) -> bool:
+    """An ``int`` (``bool`` excluded)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def nearest(name: str, candidates) -> list[str]:
     return difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
 

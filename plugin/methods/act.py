@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import AttentionCall, Intervention, intervene
-from ..config import MethodConfig, is_number, option
+from ..config import MethodConfig, is_int, is_number, option
 from ..registry import register
 from .base import Method
 from .visual_edit import check_layer_range, check_layers, layer_range
@@ -47,7 +47,7 @@ class ACTConfig(MethodConfig):
             return
         table = heads if isinstance(heads, dict) else {None: heads}
         ok = all((layer is None or isinstance(layer, int)) and isinstance(chosen, (list, tuple))
-                 and all(isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in chosen)
+                 and all(is_int(h) and h >= 0 for h in chosen)
                  for layer, chosen in table.items())
         if not ok:
             self.invalid("heads", "None, a list of head indices, or {layer index: [head indices]}", TypeError)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import AttentionCall, Intervention, intervene
-from ..config import MethodConfig, is_number, option
+from ..config import MethodConfig, is_int, is_number, option
 from ..registry import register
 from .base import Method
 from .carve_geometry import GEOMETRIES, image_views, to_pixels
@@ -79,7 +79,7 @@ class CARVEConfig(MethodConfig):
 
     def validate(self) -> None:
         if not (self.layers == "paper" or isinstance(self.layers, (list, tuple, range)) and self.layers
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in self.layers)):
+                and all(is_int(v) for v in self.layers)):
             self.invalid("layers", "'paper' or a non-empty list of decoder layer indices")
         if not (is_number(self.lam) and self.lam >= 0):
             self.invalid("lam", "a number >= 0")
@@ -87,7 +87,7 @@ class CARVEConfig(MethodConfig):
             self.invalid("top_p", "a fraction in (0, 1]")
         for name in ("min_regions", "probe_max_new_tokens", "max_new_tokens"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            if not (is_int(value) and value >= 1):
                 self.invalid(name, "an int >= 1")
         if not isinstance(self.general_prompt, str) or not self.general_prompt:
             self.invalid("general_prompt", "a non-empty string")

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import is_int
+
 STRATEGIES = ("attention_sum", "size", "remove_small")
 KEEP_RULES = ("official", "paper")
 REFINE_MODES = ("mask_crop_resize", "crop_resize", "mask")
@@ -30,10 +32,6 @@ REFINE_MODES = ("mask_crop_resize", "crop_resize", "mask")
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _choice(name: str, value, allowed: tuple[str, ...]) -> None:
@@ -187,7 +185,7 @@ def _check_selection(saliency, top_p, min_regions, keep_rule, strategy, outlier_
         raise ValueError("carve_regions: saliency must be a finite floating-point map (test is_flat first)")
     if not (_number(top_p) and 0 < top_p <= 1):
         raise ValueError(f"carve_regions: top_p must be a number in (0, 1]; got {top_p!r}")
-    if not (_integer(min_regions) and min_regions >= 1):
+    if not (is_int(min_regions) and min_regions >= 1):
         raise ValueError(f"carve_regions: min_regions must be an integer >= 1; got {min_regions!r}")
     _choice("keep_rule", keep_rule, KEEP_RULES)
     _choice("strategy", strategy, STRATEGIES)
@@ -252,7 +250,7 @@ def refine_image(image, regions: Regions, mode: str = "mask_crop_resize", bbox_m
     from PIL import Image
 
     _choice("mode", mode, REFINE_MODES)
-    if not (_integer(bbox_margin) and bbox_margin >= 0):
+    if not (is_int(bbox_margin) and bbox_margin >= 0):
         raise ValueError(f"carve_regions: bbox_margin must be an integer >= 0; got {bbox_margin!r}")
     if not isinstance(image, Image.Image):
         raise ValueError(f"carve_regions: image must be a PIL image; got {type(image).__name__}")

@@ -16,14 +16,10 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from fractions import Fraction
 
-from ..config import is_number
+from ..config import is_int, is_number
 
 BUDGET_BOUNDARIES = (2, 10, 20)
 """Boundaries of a token budget on the 32 layers of LLaVA-1.5-7B (a public third-party script, spec §1.5)."""
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _invalid(name: str, value, allowed: str):
@@ -49,14 +45,14 @@ class DropSchedule:
     """Spec A5: a stage keeps at least this many visual tokens when the row has any (never more than it has)."""
 
     def __post_init__(self):
-        if not (_is_int(self.num_layers) and self.num_layers >= 1):
+        if not (is_int(self.num_layers) and self.num_layers >= 1):
             _invalid("num_layers", self.num_layers, "an int >= 1")
         for name in ("boundaries", "keep"):
             if not isinstance(getattr(self, name), (list, tuple)):
                 _invalid(name, getattr(self, name), "a tuple")
             object.__setattr__(self, name, tuple(getattr(self, name)))
         bounds, depth = self.boundaries, self.num_layers
-        if not (all(_is_int(b) and 1 <= b < depth for b in bounds) and all(a < b for a, b in zip(bounds, bounds[1:]))):
+        if not (all(is_int(b) and 1 <= b < depth for b in bounds) and all(a < b for a, b in zip(bounds, bounds[1:]))):
             _invalid("boundaries", bounds, f"strictly increasing layer indices in [1, {depth})")
         if len(self.keep) != len(bounds):
             _invalid("keep", self.keep, f"{len(bounds)} fractions, one per stage after the first")
@@ -64,7 +60,7 @@ class DropSchedule:
             _invalid("keep", self.keep, "fractions in (0, 1]")
         if any(a < b for a, b in zip(self.keep, self.keep[1:])):
             _invalid("keep", self.keep, "non-increasing fractions (of the original tokens)")
-        if not (_is_int(self.min_keep) and self.min_keep >= 0):
+        if not (is_int(self.min_keep) and self.min_keep >= 0):
             _invalid("min_keep", self.min_keep, "an int >= 0")
 
     @classmethod
@@ -72,7 +68,7 @@ class DropSchedule:
         """The paper's rule: S stages of ``L // S`` layers (the last one takes the rest), keep ``ratio ** s``.
         On 32 layers this gives the official [8, 16, 24] and the ablation's [10, 20] (S = 3) and [6, 12, 18, 24]
         (S = 5), whose FLOPs the paper reports (spec §1.5)."""
-        if not (_is_int(stages) and 1 <= stages <= num_layers):
+        if not (is_int(stages) and 1 <= stages <= num_layers):
             raise ValueError(f"DropSchedule: stages={stages!r} is not allowed; expected an int in [1, {num_layers}]")
         width = num_layers // stages
         return cls(num_layers, tuple(width * s for s in range(1, stages)),
@@ -97,7 +93,7 @@ class DropSchedule:
                 if b < num_layers:
                     boundaries.append(b)
         whole = cls(num_layers, tuple(boundaries), (1.0,) * len(boundaries), min_keep)
-        if not (_is_int(n_visual) and n_visual >= 0):
+        if not (is_int(n_visual) and n_visual >= 0):
             _invalid("n_visual", n_visual, "an int >= 0")
         if not (is_number(tokens) and 0 < tokens <= n_visual):
             _invalid("tokens", tokens, f"a mean number of visual tokens per layer in (0, {n_visual}]")
@@ -121,7 +117,7 @@ class DropSchedule:
         return [n_visual] + [kept_count(n_visual, r, self.min_keep) for r in self.keep]
 
     def stage_of_layer(self, layer: int) -> int:
-        if not (_is_int(layer) and 0 <= layer < self.num_layers):
+        if not (is_int(layer) and 0 <= layer < self.num_layers):
             raise ValueError(f"DropSchedule: layer={layer!r} is not a decoder layer in [0, {self.num_layers})")
         return bisect_right(self.boundaries, layer)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import MethodConfig, is_number, option
+from ..config import MethodConfig, is_int, is_number, option
 from ..registry import register
 from .drop_schedule import DropSchedule
 from .pyramiddrop import BACKENDS, check_min_keep
@@ -30,7 +30,7 @@ class FastVConfig(MethodConfig):
     backend: str = option("auto", "kernel of the ranking row (nograd.kernels.attention_rows)", choices=BACKENDS)
 
     def validate(self) -> None:
-        if not (isinstance(self.layer, int) and not isinstance(self.layer, bool) and self.layer >= 1):
+        if not (is_int(self.layer) and self.layer >= 1):
             self.invalid("layer", "an int >= 1 (layer K - 1 scores the tokens)")
         if not (is_number(self.keep) and 0 < self.keep <= 1):
             self.invalid("keep", "a fraction in (0, 1]")

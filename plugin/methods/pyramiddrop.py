@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..config import MethodConfig, is_number, option
+from ..config import MethodConfig, is_int, is_number, option
 from ..registry import register
 from .drop_schedule import DropSchedule
 from .token_drop import POSITIONS, TokenDropMethod
@@ -27,7 +27,7 @@ BACKENDS = ("auto", "triton", "torch")
 def check_int_list(config: MethodConfig, name: str) -> None:
     value = getattr(config, name)
     if value is not None and not (isinstance(value, (list, tuple)) and value
-                                  and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+                                  and all(is_int(v) for v in value)):
         config.invalid(name, "None or a non-empty list of layer indices")
 
 
@@ -39,7 +39,7 @@ def check_fractions(config: MethodConfig, name: str) -> None:
 
 
 def check_min_keep(config: MethodConfig) -> None:
-    if not (isinstance(config.min_keep, int) and not isinstance(config.min_keep, bool) and config.min_keep >= 0):
+    if not (is_int(config.min_keep) and config.min_keep >= 0):
         config.invalid("min_keep", "an int >= 0 (spec A5: the official floor can reach 0 tokens)")
 
 
@@ -62,7 +62,7 @@ class PyramidDropConfig(MethodConfig):
         check_int_list(self, "boundaries")
         check_fractions(self, "keep")
         check_min_keep(self)
-        if not (isinstance(self.stages, int) and not isinstance(self.stages, bool) and self.stages >= 1):
+        if not (is_int(self.stages) and self.stages >= 1):
             self.invalid("stages", "an int >= 1")
         if not (is_number(self.ratio) and 0 < self.ratio <= 1):
             self.invalid("ratio", "a number in (0, 1]")

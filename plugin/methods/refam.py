@@ -38,7 +38,7 @@ import torch
 
 from .. import kernels
 from ..attention import AttentionCall, Intervention
-from ..config import MethodConfig, is_number, option
+from ..config import MethodConfig, is_int, is_number, option
 from ..registry import register
 from . import refam_mask as rm
 from .base import Method
@@ -90,15 +90,15 @@ class RefAMConfig(MethodConfig):
 
     def validate(self) -> None:
         if not (self.layers == "paper" or isinstance(self.layers, (list, tuple, range)) and len(self.layers) > 0
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in self.layers)):
+                and all(is_int(v) for v in self.layers)):
             self.invalid("layers", "'paper' or a non-empty list of block indices", TypeError)
         if not (is_number(self.sigma) and 0 < self.sigma <= 1):
             self.invalid("sigma", "a number in (0, 1]")
         for name in ("num_samples", "resolution", "lse_chunk"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            if not (is_int(value) and value >= 1):
                 self.invalid(name, "an int >= 1")
-        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
+        if not (is_int(self.seed)):
             self.invalid("seed", "an int")
         if not is_number(self.guidance):
             self.invalid("guidance", "a finite number")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import AttentionCall, Intervention, intervene
-from ..config import MethodConfig, is_number, option
+from ..config import MethodConfig, is_int, is_number, option
 from ..guidance import GuidanceState, PerturbedGuidance
 from ..headhunter import HeadSet, load_heads
 from ..registry import register
@@ -118,7 +118,7 @@ class PAGConfig(GuidanceOptions):
     def validate(self) -> None:
         super().validate()
         layers = self.layers if isinstance(self.layers, (list, tuple)) else [self.layers]
-        if not layers or not all(isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool))
+        if not layers or not all(isinstance(x, str) or (is_int(x))
                                  for x in layers):
             self.invalid("layers", "a layer index, a block name, or a non-empty list of them", TypeError)
 
@@ -133,7 +133,7 @@ class HeadHunterConfig(SoftPAGConfig):
         if self.heads is None:
             self.invalid("heads", "a HeadSet, a .json head-set file from nograd.headhunter.search, "
                                   "'paper:<model>/<name>' or a list of (layer, head) pairs")
-        if self.top is not None and not (isinstance(self.top, int) and not isinstance(self.top, bool)
+        if self.top is not None and not (is_int(self.top)
                                          and self.top >= 0):
             self.invalid("top", "None or an integer >= 0")
 

@@ -22,7 +22,7 @@ from numbers import Real
 import torch
 
 from ..attention import AttentionCall, Intervention, intervene
-from ..config import MethodConfig, is_number, option
+from ..config import MethodConfig, is_int, is_number, option
 from ..registry import register
 from .base import Method
 
@@ -30,10 +30,10 @@ from .base import Method
 def _int_tuple(value) -> tuple[int, ...] | None:
     if value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         return (value,)
     items = tuple(value)
-    if not items or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+    if not items or not all(is_int(i) and i >= 0 for i in items):
         raise ValueError
     if len(set(items)) != len(items):
         raise ValueError
@@ -88,7 +88,7 @@ class ZeroTuningConfig(MethodConfig):
         target = self.target
         if target != "first_token":
             ok = (isinstance(target, (tuple, list)) and len(target) == 2
-                  and all(isinstance(i, int) and not isinstance(i, bool) for i in target) and 0 <= target[0] < target[1])
+                  and all(is_int(i) for i in target) and 0 <= target[0] < target[1])
             if not ok:
                 self.invalid("target", "'first_token' or a pair (start, end) with 0 <= start < end")
             object.__setattr__(self, "target", tuple(target))
