@@ -35,17 +35,21 @@ def test_selection_counts_and_disjointness():
     assert set(local.tolist()) <= set(local_scores.topk(16).indices.tolist())
 
 
-def cls_rows(model, pixel_values):
-    """CLS->patch attention, summed over heads, of every vision layer, from eager ``output_attentions``."""
+def eager_tower_attentions(model, pixel_values):
+    """Every vision layer's attention, from eager ``output_attentions`` (the tower's implementation put back)."""
     tower = model.model.vision_tower
     before = tower.config._attn_implementation
     tower.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            attentions = tower(pixel_values, output_attentions=True).attentions
+            return tower(pixel_values, output_attentions=True).attentions
     finally:
         tower.set_attn_implementation(before)
-    return [a[:, :, 0, 1:].sum(1) for a in attentions]
+
+
+def cls_rows(model, pixel_values):
+    """CLS->patch attention, summed over heads, of every vision layer, from eager ``output_attentions``."""
+    return [a[:, :, 0, 1:].sum(1) for a in eager_tower_attentions(model, pixel_values)]
 
 
 def tower_features(model, pixel_values):
@@ -409,14 +413,7 @@ def packed_scores(tile_scores, size, grid, side, aspect):
 def tower_scores(model, pixels):
     """Per tile (tiles, patches): local, summary and spatial scores from the tower's eager attentions: the CLS row
     summed over heads (CLIP), or the attention each patch receives, mean over queries and heads (SigLIP, no CLS)."""
-    tower = model.model.vision_tower
-    before = tower.config._attn_implementation
-    tower.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            attentions = tower(pixels, output_attentions=True).attentions
-    finally:
-        tower.set_attn_implementation(before)
+    attentions = eager_tower_attentions(model, pixels)
     feature = len(attentions) + model.config.vision_feature_layer  # hidden_states[-k] is the output of layer L-k
     cls = model.config.vision_config.model_type == "clip_vision_model"
     if cls:
