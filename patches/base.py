@@ -91,6 +91,11 @@ class Adapter:
         return self.text_model.config
 
     @property
+    def padding_mask_module(self) -> nn.Module:
+        """The module whose forward receives the batch's 2-D ``attention_mask`` (1 = real token)."""
+        return self.text_model
+
+    @property
     def decoder_layers(self) -> list[nn.Module]:
         return list(self.text_model.layers)
 

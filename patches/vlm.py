@@ -1,4 +1,5 @@
-"""Vision-language models: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Idefics3 and SmolVLM.
+"""Vision-language models: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Idefics3, SmolVLM,
+InternVL (transformers' ``InternVLForConditionalGeneration``, "InternVL-hf"), Mistral3 and Gemma3.
 
 Each is a vision tower and a projector in front of a decoder-only LM; nograd's methods act on that decoder. What all
 of them share (transformers 5.24, paths under ``transformers/models/``):
@@ -353,5 +354,140 @@ class Idefics3Adapter(VLMAdapter):
         return layouts
 
 
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    """Qwen3-VL (``qwen3_vl/modeling_qwen3_vl.py``): Qwen2-VL's layout (``get_image_features``' ``split_sizes`` =
+    t*h*w / m^2, ``get_vision_position_ids`` over the (t, h/m, w/m) grid) and its ``model.visual`` tower of
+    ``blocks`` (no window attention). The decoder ``Qwen3VLTextModel`` (``model.language_model``, config
+    ``text_config``) is a Qwen3 decoder with interleaved multimodal RoPE; its ``Qwen3VLTextAttention`` calls
+    ``ALL_ATTENTION_FUNCTIONS``. Deepstack: after each of its first ``len(vision_config.deepstack_visual_indexes)``
+    layers the decoder adds visual features at the image-token positions (``_deepstack_process``), outside
+    attention, so the attention path sees ordinary hidden states; token surgery (dropping image tokens) would break that
+    position mask, which is why the token-drop methods do not list this family."""
+
+    family = "qwen3_vl"
+    model_classes = ("transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLPreTrainedModel",)
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+class InternVLAdapter(VLMAdapter):
+    """InternVL-hf (``internvl/modeling_internvl.py``): tiles of a fixed token count.
+
+    ``get_image_features`` runs the tower on every tile of ``pixel_values`` (tiles, C, H, W), drops the CLS feature
+    (``vision_feature_select_strategy="default"``), folds the (H/p) x (W/p) patch grid with ``pixel_shuffle`` by
+    ``downsample_ratio`` into a row-major (H/p * r) x (W/p * r) raster (``image_seq_length`` tokens) and projects
+    it. The processor (``processing_internvl.py``) writes each image as ``<img>``, its tiles' image tokens, ``</img>``;
+    the image processor (``got_ocr2``'s ``crop_to_patches``) gives the R x C crops row-major and then, when it
+    split the image, a thumbnail of the whole image. So an image is one unbroken run of image tokens, a whole number
+    of tiles: a single tile is the "base" tile, several are "crop" tiles and the thumbnail last as "base". R and C
+    are not in the inputs; a video frame (also written ``<img>...</img>``) looks like an unsplit image.
+    The decoder is a Qwen2/Llama ``...Model`` at ``model.language_model`` (config ``text_config``).
+    The vision tower keeps its layers at ``encoder.layer``, each with ``.attention``, and prepends a CLS token.
+    """
+
+    family = "internvl"
+    model_classes = ("transformers.models.internvl.modeling_internvl:InternVLPreTrainedModel",)
+
+    @property
+    def vision_layers(self) -> list[nn.Module]:
+        return list(self.vision_tower.encoder.layer)
+
+    @property
+    def vision_attention_modules(self) -> list[nn.Module]:
+        return [layer.attention for layer in self.vision_layers]
+
+    @property
+    def vision_has_cls(self) -> bool:
+        return True
+
+    def tile_shape(self) -> tuple[int, int]:
+        """(rows, cols) of one tile's tokens."""
+        config = self.model.config
+        vision = config.vision_config
+        return tuple(int(side // patch * config.downsample_ratio)
+                     for side, patch in zip(_pair(vision.image_size), _pair(vision.patch_size)))
+
+    def image_layouts(self, input_ids, **inputs):
+        rows, cols = self.tile_shape()
+        tile = rows * cols
+        layouts = []
+        for row, positions in enumerate(self.image_token_positions(input_ids)):
+            runs = torch.tensor_split(positions, ((positions.diff() != 1).nonzero().flatten() + 1).tolist())
+            for run in (r for r in runs if r.numel()):
+                if run.numel() % tile:
+                    raise ValueError(f"batch row {row}: a run of {run.numel()} image tokens is not a whole number of "
+                                     f"{tile}-token InternVL tiles")
+                crops = run.numel() // tile - 1
+                tiles = tuple(raster(rows, cols, k * tile, "crop") for k in range(crops))
+                layouts.append(ImageLayout(run.numel(), tiles + (raster(rows, cols, crops * tile),)))
+        return layouts
+
+
+class Mistral3Adapter(VLMAdapter):
+    """Mistral3 (``mistral3/modeling_mistral3.py``; Mistral-Small-3.x): a Pixtral tower, one raster per image.
+
+    ``image_sizes[i] = (H, W)`` is image i's size in pixels; ``Mistral3PatchMerger`` unfolds its (H/p) x (W/p) patch
+    grid in ``spatial_merge_size`` blocks, row-major, so the image has (H/(p*m)) x (W/(p*m)) tokens
+    (``get_image_features``' ``split_sizes``). The Pixtral processor (``pixtral/processing_pixtral.py``) ends each
+    row of them with ``[IMG_BREAK]`` and the last with ``[IMG_END]``: token ids the model config does not know, so
+    a tile's ``newline_positions`` stay ``None`` and its ``positions`` are the image tokens only. The config names
+    the image token ``image_token_index`` (``attribute_map`` gives ``image_token_id``). The decoder is a
+    ``MistralModel`` at ``model.language_model`` (config ``text_config``); the tower keeps its layers at
+    ``transformer.layers``, each with ``.attention``, and has no CLS token.
+    """
+
+    family = "mistral3"
+    model_classes = ("transformers.models.mistral3.modeling_mistral3:Mistral3PreTrainedModel",)
+
+    @property
+    def vision_layers(self) -> list[nn.Module]:
+        return list(self.vision_tower.transformer.layers)
+
+    @property
+    def vision_attention_modules(self) -> list[nn.Module]:
+        return [layer.attention for layer in self.vision_layers]
+
+    def image_layouts(self, input_ids, image_sizes, **inputs):
+        config = self.model.config
+        step = config.vision_config.patch_size * config.spatial_merge_size
+        layouts = []
+        for height, width in torch.as_tensor(image_sizes).tolist():
+            rows, cols = height // step, width // step
+            layouts.append(ImageLayout(rows * cols, (raster(rows, cols),)))
+        return layouts
+
+
+class Gemma3Adapter(VLMAdapter):
+    """Gemma3 (``gemma3/modeling_gemma3.py``): a SigLIP tower, one square raster of ``mm_tokens_per_image`` per image.
+
+    ``Gemma3MultiModalProjector`` average-pools each image's (image_size / patch_size)^2 patch grid to
+    ``tokens_per_side = sqrt(mm_tokens_per_image)`` per side and flattens it row-major; every entry of
+    ``pixel_values`` is one image (pan-and-scan crops are written as images of their own, after the original).
+    The decoder ``Gemma3TextModel`` (``model.language_model``, config ``text_config``) calls
+    ``ALL_ATTENTION_FUNCTIONS`` with ``scaling = query_pre_attn_scalar**-0.5`` and its ``sliding_window`` on sliding
+    layers, and passes no ``softcap`` (``attn_logit_softcapping`` is ``None`` in Gemma3's configs and unused by
+    ``Gemma3Attention``, unlike Gemma2); with ``token_type_ids`` the model builds a mask in which
+    image tokens see each other bidirectionally (``create_masks_for_vision_model``), which nograd's attention path
+    passes through as a residual mask. The decoder receives those masks as a dict, so the batch's 2-D padding mask
+    is read where ``Gemma3Model`` receives it (``padding_mask_module``). Only the multimodal classes are matched: a
+    text-only ``Gemma3ForCausalLM`` is no VLM.
+    """
+
+    family = "gemma3"
+    model_classes = ("transformers.models.gemma3.modeling_gemma3:Gemma3ForConditionalGeneration",
+                     "transformers.models.gemma3.modeling_gemma3:Gemma3Model")
+
+    @property
+    def padding_mask_module(self) -> nn.Module:
+        """``Gemma3Model``: it turns the 2-D ``attention_mask`` into a dict of 4-D masks for the decoder."""
+        return self.multimodal_model
+
+    def image_layouts(self, input_ids, pixel_values, **inputs):
+        side = int(self.model.config.mm_tokens_per_image ** 0.5)
+        return [ImageLayout(side * side, (raster(side, side),))] * len(pixel_values)
+
+
 VLM_ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter,
-                Idefics3Adapter)
+                Qwen3VLAdapter, Idefics3Adapter, InternVLAdapter, Mistral3Adapter, Gemma3Adapter)

@@ -296,9 +296,9 @@ class AttentionPatch(ModelPatch):
         self._saved = _config_implementations(model)
         self.names = [self._switch(adapter.attn_config_key, adapter.attn_implementation, adapter.attention_modules)]
         self._vision: set[nn.Module] = set()
-        text_model = adapter.text_model
-        self._signature = inspect.signature(text_model.forward)
-        self._hook = text_model.register_forward_pre_hook(self._capture_batch, with_kwargs=True)
+        batch_module = adapter.padding_mask_module
+        self._signature = inspect.signature(batch_module.forward)
+        self._hook = batch_module.register_forward_pre_hook(self._capture_batch, with_kwargs=True)
 
     def _switch(self, config_key: str | None, base: str, modules) -> str:
         name = _register(base)

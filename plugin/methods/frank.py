@@ -27,6 +27,7 @@ import importlib
 import math
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,8 +120,8 @@ class FrankConfig(MethodConfig):
         elif not (isinstance(prior, (list, tuple)) and prior and all(is_number(p) and 0 <= p <= 1 for p in prior)):
             self.invalid("prior", f"one of {', '.join(map(repr, PRIORS))} or a list of numbers in [0, 1]")
         cal = self.calibration
-        if cal is not None and not (isinstance(cal, dict) or (isinstance(cal, (list, tuple)) and cal
-                                                              and all(isinstance(c, dict) for c in cal))):
+        if cal is not None and not (isinstance(cal, Mapping) or (isinstance(cal, (list, tuple)) and cal
+                                                                 and all(isinstance(c, Mapping) for c in cal))):
             self.invalid("calibration", "None, a dict of model inputs, or a non-empty list of such dicts", TypeError)
         if not (is_number(self.prior_beta) and self.prior_beta >= 0):
             self.invalid("prior_beta", "a finite number >= 0")
@@ -195,7 +196,7 @@ def measure_visual_attention(model: nn.Module, adapter, calibration, *, query_to
                              max_samples: int = 64) -> list[float]:
     """r_l per decoder layer: the share of attention that text queries give to image tokens, averaged over heads,
     queries and samples, on ``model`` as it is (read through nograd's attention path; nothing is changed)."""
-    samples = [calibration] if isinstance(calibration, dict) else list(calibration)
+    samples = [calibration] if isinstance(calibration, Mapping) else list(calibration)  # a BatchFeature too
     samples = samples[:max_samples]
     layers = adapter.num_layers
     state: dict[str, Any] = {"mass": [0.0] * layers, "count": [0] * layers}

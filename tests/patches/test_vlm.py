@@ -75,7 +75,7 @@ def case(request):
 
 def test_supported_families_lists_vlm_families():
     assert set(supported_families("vlm")) == {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl",
-                                              "idefics3"}
+                                              "qwen3_vl", "idefics3", "internvl", "mistral3", "gemma3"}
 
 
 def test_adapter_facts(case):
