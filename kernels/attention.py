@@ -15,7 +15,8 @@ method reaches attention through (spec: ``shared/specs/kernels.md`` §3.3). Conv
 - ``window``: sliding-window attention as transformers defines it: a query sees only the ``window`` most recent
   keys, itself included (key j is visible to query i iff ``i + N - M - window < j``).
 - ``blend`` (H,) or (B, H): SoftPAG's per-head weight u, ``out = (1 - u) * attn + u * v_self`` where ``v_self`` is
-  the value at the query's own position ``i + N - M`` (needs M <= N).
+  the value at the query's own position ``i + N - M`` (needs M <= N). Heads with u = 1 skip the attention product
+  (Triton: an empty key loop; SDPA / flex: ``identity_skip.py``); the reference computes it.
 - ``softcap``: Gemma2's ``tanh`` logit soft-capping, applied before the bias.
 - ``edit``: a ``ScoreEdit``, the per-key pointwise edit ``s + a|s| + m s`` of the scaled (soft-capped) scores of
   the query rows at or after a position (PAI / PAINT / ClearSight), applied before the bias and the masks.
@@ -174,10 +175,22 @@ def self_values(v: torch.Tensor, heads: int, m: int) -> torch.Tensor:
 
 
 def soft_identity_blend(out: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """SoftPAG: ``(1 - u) * out + u * v_self`` per head, in fp32, returned in ``out.dtype``; u = 0 returns ``out`` exactly."""
+    """SoftPAG: ``(1 - u) * out + u * v_self`` per head, in fp32, in ``out.dtype``, written into ``out`` (a fresh
+    attention output) and returned. Only the (batch, head) pairs with u != 0 are read and written, so u = 0 leaves
+    ``out`` exactly as it was (a perturbed row among unperturbed ones costs one row's lerp)."""
+    from .identity_skip import per_pair_blend
+
     b, h, m, _ = out.shape
-    weight = u.float().reshape(-1 if u.dim() == 2 else 1, h, 1, 1)
-    return torch.lerp(out.float(), self_values(v, h, m).float(), weight).to(out.dtype)
+    weight = per_pair_blend(u, b, h)
+    rows, heads = torch.nonzero(weight != 0, as_tuple=True)
+    if rows.numel() == b * h:
+        return torch.lerp(out.float(), self_values(v, h, m).float(), weight[..., None, None]).to(out.dtype)
+    if rows.numel():
+        n, groups = v.shape[2], h // v.shape[1]
+        own = v[rows.to(v.device), (heads // groups).to(v.device), n - m:].float()
+        rows, heads = rows.to(out.device), heads.to(out.device)
+        out[rows, heads] = torch.lerp(out[rows, heads].float(), own, weight[rows, heads][:, None, None]).to(out.dtype)
+    return out
 
 
 def attention_eager(q, k, v, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None, window=None,
@@ -288,6 +301,16 @@ def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, r
         from .triton_attention import attention_triton
 
         return attention_triton(q, k, v, blend=blend, return_lse=return_lse, edit=edit, **args)
+    if blend is not None and backend in ("sdpa", "flex") and edit is None and not return_lse:
+        from .identity_skip import attention_skipping_identity, per_pair_blend
+
+        u = per_pair_blend(blend, q.shape[0], q.shape[1])
+        if bool((u == 1).any()):
+            def run(q_, k_, v_, bias_, mask_, blend_):
+                return attention(q_, k_, v_, key_bias=bias_, mask=mask_, blend=blend_, backend=backend,
+                                 causal=causal, scale=scale, window=window)
+
+            return attention_skipping_identity(q, k, v, u, key_bias, mask, run)
     if edit is not None and backend != "eager":
         out, lse = _attention_with_edited_tail(q, k, v, backend=backend, mask=mask, edit=edit,
                                                return_lse=return_lse, **args)

@@ -7,7 +7,8 @@ Triton 3.9). Per key tile it applies the score edit ``s + a|s| + m s`` to the ro
 (homogeneous, so valid on log2-scaled scores), adds ``key_bias * log2(e)`` (broadcast strides, 0 for broadcast
 dimensions: the bias is never materialised), masks keys past the bottom-right causal edge or outside the window,
 and keeps running max / sum. The epilogue writes the natural-log LSE and applies the SoftPAG blend
-``(1 - u) * out + u * v_self``; a row that sees no key gives 0 and -inf.
+``(1 - u) * out + u * v_self``; a head with u = 1 reads no key tile (unless the LSE is asked for) and outputs
+``v_self`` exactly; a row that sees no key gives 0 and -inf.
 
 Memory: inputs, the output and the (B, H, M) LSE; nothing of size M x N. The PyTorch reference is
 ``nograd.kernels.attention(..., backend="eager")``; ``tests/kernels/test_triton_attention.py`` holds them equal under
@@ -19,6 +20,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from .identity_skip import per_pair_blend
 
 try:
     import triton
@@ -118,6 +121,10 @@ if triton is not None:
         if HAS_WINDOW:
             lo = tl.maximum(0, pid_m * BLOCK_M + shift - window + 1)
             lo = (lo // BLOCK_N) * BLOCK_N
+        if HAS_BLEND:
+            u = tl.load(Blend + b * stride_ub + h * stride_uh)
+            if not RETURN_LSE:
+                hi = tl.where(u == 1.0, lo, hi)  # a u = 1 head outputs its own value: no key tile is read
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -162,7 +169,6 @@ if triton is not None:
         seen = l_i > 0.0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
         if HAS_BLEND:
-            u = tl.load(Blend + b * stride_ub + h * stride_uh)
             self_rows = rows + shift
             v_self = tl.load(v_base + self_rows[:, None] * stride_vn + dims[None, :],
                              mask=row_ok[:, None] & dim_ok[None, :] & (self_rows >= 0)[:, None], other=0.0)
@@ -207,7 +213,7 @@ def attention_triton(q, k, v, *, key_bias=None, causal=False, scale=None, blend=
     mul_coef, mul_strides = _bias_strides(edit_mul, b, h, n) if edit_mul is not None else (out, (0, 0, 0))
     rows_from = edit_from.to(device=q.device, dtype=torch.int64).contiguous() if edit_from is not None else out
     if blend is not None:
-        u = blend.float().reshape(-1 if blend.dim() == 2 else 1, h).expand(b, h)
+        u = per_pair_blend(blend, b, h)
         blend_strides = u.stride()
     else:
         u, blend_strides = out, (0, 0)

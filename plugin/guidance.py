@@ -12,6 +12,10 @@ convention, as ``PAGMixin._apply_perturbed_attention_guidance`` and the official
    every batched input (``hidden_states``, ``encoder_hidden_states``, ``pooled_projections``, ``timestep``,
    ``guidance``); ``state.ptb`` names the appended rows, which the attention interventions perturb.
    With ``batch=False`` nothing is appended: the forward hook runs a second call on the conditional rows instead.
+   **Late fork** (spec §5.5; ``fork`` given): the perturbed rows equal the conditional rows until the first perturbed
+   block, so the copy is appended there instead: pre-hooks on the ``fork`` modules (the blocks from the first
+   perturbed one on, and ``norm_out``, which reads ``temb``) append the conditional rows to every tensor argument
+   that still has the call's ``n`` rows. Earlier blocks run at the plain batch size.
 2. Forward hook: fold the perturbation term into the conditional rows so the pipeline's own formula gives the right
    result, ``cond' = cond + (w / g) (cond - ptb)`` (``g`` = the pipeline's CFG scale, or FLUX's ``true_cfg_scale``;
    1 without CFG), and return the original ``n`` rows.
@@ -81,7 +85,7 @@ class PerturbedGuidance:
     """The hook pair on one transformer (see the module doc). ``stats`` is the handle's stats dict."""
 
     def __init__(self, model: nn.Module, target, scale: float, *, batch: bool = True, start: float = 0.0,
-                 stop: float = 1.0, stats: dict | None = None):
+                 stop: float = 1.0, stats: dict | None = None, fork: list[nn.Module] | None = None):
         self.model = model
         self.pipe = target if _is_pipeline(target) else None
         self.scale = float(scale)
@@ -96,13 +100,20 @@ class PerturbedGuidance:
         self._frames: list[_Frame | None] = []
         self._inner = False
         self._context: str | None = None
-        self._params = sum(p.numel() for p in model.parameters())
+        self.fork = fork if batch else None
+        self._forking: tuple[int, slice] | None = None
+        """(n, conditional rows) while a late-forked call runs."""
+        branch = fork if self.fork else [model]
+        self._params = sum(p.numel() for module in branch for p in module.parameters())
 
     # ---- install / remove --------------------------------------------------------------------------------------
     def install(self, handle) -> None:
         pre = self.model.register_forward_pre_hook(self._pre, with_kwargs=True)
         post = self.model.register_forward_hook(self._post, with_kwargs=True, always_call=True)
         handle.on_remove("perturbed-guidance hooks on the transformer", lambda: (post.remove(), pre.remove()))
+        if self.fork:
+            hooks = [m.register_forward_pre_hook(self._grow, with_kwargs=True) for m in self.fork]
+            handle.on_remove(f"late-fork hooks on {len(hooks)} modules", lambda: [h.remove() for h in hooks])
         if hasattr(self.model, "cache_context"):
             had = "cache_context" in self.model.__dict__
             previous = self.model.__dict__.get("cache_context")
@@ -181,6 +192,12 @@ class PerturbedGuidance:
             self._frames.append(None)
             return None
         cond, factor = rows
+        if self.fork:
+            self._forking = (n, cond)
+            self._frames.append(_Frame(n, cond, factor, True))
+            self.state.ptb = slice(n, n + cond.stop - cond.start)
+            self._count(bound, cond)
+            return None
         if self.batch:
             grown = dict(bound)
             for name in BATCHED_INPUTS:
@@ -200,14 +217,29 @@ class PerturbedGuidance:
         self._count(bound, cond)
         return None
 
+    def _grow(self, module, args, kwargs):
+        """Late fork: append the conditional rows to every tensor argument that still has the call's ``n`` rows."""
+        if self._forking is None:
+            return None
+        n, cond = self._forking
+
+        def grow(value):
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+                return torch.cat([value, value[cond]], dim=0)
+            return value
+
+        return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
+
     def _post(self, module, args, kwargs, output):
         frame = self._frames.pop() if self._frames else None
         self.state.ptb = None
+        self._forking = None
         if frame is None or output is None:
             return None
         sample = output[0] if isinstance(output, tuple) else output.sample
         if frame.batched:
-            ptb = sample[frame.n:]
+            # a late fork whose blocks were all skipped never grew the batch: the perturbed rows are the cond rows
+            ptb = sample[frame.n:] if sample.shape[0] > frame.n else sample[frame.cond]
         else:
             self._inner = True
             try:

@@ -59,6 +59,9 @@ class GuidanceOptions(MethodConfig):
     stop: float = option(1.0, "perturb while step / steps < stop (paper: every step)")
     batch: bool = option(True, "run the perturbed rows in the cond/uncond transformer call (one call, diffusers PAG "
                                "layout); False = a second call on the conditional rows (lower peak memory)")
+    late_fork: bool = option(True, "with batch=True, append the perturbed rows at the first perturbed block, not at "
+                                   "the transformer's input: earlier blocks run at the plain batch size (spec §5.5; "
+                                   "equal up to batch-size-dependent rounding)")
     path: str = option("fast", "'fast': SDPA + per-head lerp toward V (kernels' blend); 'reference': the explicit "
                                "map (1-u)A + uI, for checking", choices=PATHS)
 
@@ -69,8 +72,9 @@ class GuidanceOptions(MethodConfig):
             value = getattr(self, name)
             if not (is_number(value) and 0 <= value <= 1):
                 self.invalid(name, "a number in [0, 1]")
-        if not isinstance(self.batch, bool):
-            self.invalid("batch", "True or False", TypeError)
+        for name in ("batch", "late_fork"):
+            if not isinstance(getattr(self, name), bool):
+                self.invalid(name, "True or False", TypeError)
 
 
 def _check_heads_syntax(config: MethodConfig, name: str) -> None:
@@ -267,7 +271,14 @@ class HeadPerturbation(Intervention):
     def blend(self, call: AttentionCall) -> torch.Tensor | None:
         if self.mode != "joint_identity" or self.path != "fast":
             return None
-        return self._u(call)
+        u = self._u(call)
+        if u is not None:  # u = 1 heads skip the attention product (nograd.kernels' blend): count what that saves
+            skipped = int((u == 1).sum())
+            _, _, m, n = call.shape
+            self.stats["identity_heads_skipped"] = self.stats.get("identity_heads_skipped", 0) + skipped
+            self.stats["attention_flops_saved"] = (self.stats.get("attention_flops_saved", 0)
+                                                   + 4 * m * n * call.query.shape[-1] * skipped)
+        return u
 
     def output_edit(self, call: AttentionCall):
         if self.mode == "joint_identity" and self.path == "fast":
@@ -316,6 +327,15 @@ class _HeadGuidance(Method):
         scale = self.config.scale
         return float(DEFAULT_SCALE.get(self.adapter.family, 3.0) if scale is None else scale)
 
+    def fork_modules(self, first: int) -> list | None:
+        """The modules whose inputs carry the perturbed rows under a late fork: the blocks from ``first`` on and the
+        output norm (which reads ``temb``); None (fork at the input) when ``late_fork`` is off or the model has no
+        ``norm_out`` (SD3 and FLUX have one)."""
+        norm_out = getattr(self.adapter.model, "norm_out", None)
+        if not self.config.late_fork or norm_out is None:
+            return None
+        return list(self.adapter.decoder_layers[first:]) + [norm_out]
+
     def attach(self, handle) -> None:
         table, config, adapter = self._table, self.config, self.adapter
         heads = [(int(l), int(h)) for l, h in torch.nonzero(table > 0).tolist()]
@@ -324,16 +344,18 @@ class _HeadGuidance(Method):
         scale = self.scale()
         handle.stats.update(heads=heads, layers=[names[l] for l in layers], scale=scale, mode=config.mode,
                             u={f"{l},{h}": float(table[l, h]) for l, h in heads},
-                            perturbed_calls=0, perturbed_rows=0, extra_flops=0)
+                            perturbed_calls=0, perturbed_rows=0, extra_flops=0, identity_heads_skipped=0,
+                            attention_flops_saved=0)
         handle.stats["heads_touched"] = len(heads)
         if not heads or scale == 0 or config.start >= config.stop:
             return  # nothing to perturb: the model is untouched (bit-identical)
         guidance = PerturbedGuidance(adapter.model, handle.target, scale, batch=config.batch, start=config.start,
-                                     stop=config.stop, stats=handle.stats)
+                                     stop=config.stop, stats=handle.stats, fork=self.fork_modules(layers[0]))
         modules = layer_modules(adapter)
         intervene(handle, {modules[l]: HeadPerturbation(l, table[l], config.mode, config.path, guidance.state,
                                                         handle.stats) for l in layers})
         guidance.install(handle)
+        handle.stats["fork_block"] = layers[0] if guidance.fork else 0
         handle.expose("perturbed_only", guidance.perturbed_only)
         handle.expose("guidance", guidance)
 

@@ -304,3 +304,39 @@ def test_score_edit_only_touches_rows_from_the_start():
     torch.testing.assert_close(edited[0, :, :8], plain[0, :, :8], atol=1e-6, rtol=0)
     torch.testing.assert_close(edited[1, :, :2], plain[1, :, :2], atol=1e-6, rtol=0)
     assert (edited[0, :, 8] - plain[0, :, 8]).abs().max() > 1e-4 and (edited[1, :, 2] - plain[1, :, 2]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("shape, causal, bias_shape, use_mask", [
+    ((3, 4, 4, 9, 9, 16), False, None, False),          # DiT-like: M == N, no GQA
+    ((3, 4, 2, 7, 11, 16), True, (3, 1, 11), False),    # GQA, bottom-right causal, padding-like bias
+    ((3, 4, 4, 9, 9, 16), False, (3, 4, 9), True),      # per-head bias and a dense per-head mask
+])
+def test_blend_skips_identity_heads(monkeypatch, shape, causal, bias_shape, use_mask):
+    """u = 1 heads give exactly their own values and SDPA never computes them; the rest equals the reference."""
+    b, h, h_kv, m, n, _ = shape
+    q, k, v = inputs(shape)
+    g = torch.Generator().manual_seed(1)
+    bias = None if bias_shape is None else torch.randn(bias_shape, generator=g)
+    mask = torch.rand(b, h, m, n, generator=g) > 0.3 if use_mask else None
+    if mask is not None:
+        mask[..., -1] = True
+    u = torch.zeros(b, h)
+    u[1, [0, 2]] = 1.0       # a row with some u = 1 heads (SoftPAG)
+    u[1, 3] = 0.25
+    u[2] = 1.0               # a row with every head at u = 1 (layer-level PAG's perturbed row)
+    computed = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(query, *args, **kwargs):
+        computed.append(query.shape[0] * query.shape[1])
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    got = kernels.attention(q, k, v, key_bias=bias, mask=mask, causal=causal, blend=u, backend="sdpa")
+    monkeypatch.undo()
+    want = kernels.attention(q, k, v, key_bias=bias, mask=mask, causal=causal, blend=u, backend="eager")
+    own = v.repeat_interleave(h // h_kv, 1)[:, :, n - m:]
+    identity = u == 1
+    assert torch.equal(got[identity], own[identity])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert sum(computed) == int((~identity).sum())  # 4 + 2 of 12 (batch, head) pairs: none with u = 1

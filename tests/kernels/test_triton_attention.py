@@ -96,6 +96,19 @@ def test_blend():
           torch.lerp(plain, v.repeat_interleave(2, 1)[:, :, 2:], u[..., None, None]).float().cpu(), 1e-6)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_blend_identity_heads_read_no_keys(causal):
+    """A head with u = 1 reads no key tile: NaN keys of that head leave its output exactly its own values."""
+    q, k, v = inputs((2, 3, 3, 21, 21, 16))
+    k = k.clone()
+    k[1, 0] = float("nan")
+    u = torch.tensor([[0.0, 0.3, 1.0], [1.0, 0.0, 0.7]], device=DEVICE)
+    got = kernels.attention(q, k, v, causal=causal, backend="triton", blend=u)
+    assert torch.equal(got[1, 0], v[1, 0]) and torch.equal(got[0, 2], v[0, 2])
+    k[1, 0] = 0.0
+    close(got, kernels.attention(q, k, v, causal=causal, backend="eager", blend=u).float().cpu(), 1e-5)
+
+
 @pytest.mark.parametrize("dtype, atol", [(torch.float16, 2e-3), (torch.bfloat16, 3e-2)])
 def test_half_precision(dtype, atol):
     """bf16 goes through the kernel's upcast-before-dot switch in the interpreter (spec kernels.md §7)."""

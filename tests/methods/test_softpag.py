@@ -208,6 +208,61 @@ def test_reference_path_equals_fast_path(family, mode, request):
     torch.testing.assert_close(out["reference"], out["fast"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_u1_heads_skip_the_attention_product(family, request, monkeypatch):
+    """Heads at u = 1 never reach SDPA: against u = 0.5 on the same heads, exactly ``identity_heads_skipped`` fewer
+    (row, head) pairs are computed; the reference path (which computes them) gives the same images."""
+    pipe = request.getfixturevalue(family)
+    heads = {0: [1], 1: "all"}
+    sdpa = F.scaled_dot_product_attention
+    computed = []
+
+    def counting(query, *args, **kwargs):
+        computed.append(query.shape[0] * query.shape[1])
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    runs = {}
+    for u, path in ((0.5, "fast"), (1.0, "fast"), (1.0, "reference")):
+        computed.clear()
+        with nograd.apply(pipe, "softpag", heads=heads, u=u, path=path) as handle:
+            runs[u, path] = images(pipe), sum(computed), dict(handle.stats)
+    monkeypatch.undo()
+    stats = runs[1.0, "fast"][2]
+    per_call = len(heads[0]) + layer_modules(adapter_for(pipe.transformer))[1].heads
+    assert stats["identity_heads_skipped"] == stats["perturbed_calls"] * per_call > 0
+    assert runs[0.5, "fast"][1] - runs[1.0, "fast"][1] == stats["identity_heads_skipped"]
+    assert runs[0.5, "fast"][2]["identity_heads_skipped"] == 0 and stats["attention_flops_saved"] > 0
+    torch.testing.assert_close(runs[1.0, "fast"][0], runs[1.0, "reference"][0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_late_fork_runs_earlier_blocks_at_the_plain_batch(family, request):
+    """Spec §5.5: the perturbed rows join at the first perturbed block (FLUX: a single-stream one); blocks before it
+    see only the pipeline's rows, the result equals the input-forked branch."""
+    pipe = request.getfixturevalue(family)
+    blocks = adapter_for(pipe.transformer).decoder_layers
+    first = len(blocks) - 1
+    out, seen, flops = {}, {}, {}
+    for late in (False, True):
+        with nograd.apply(pipe, "softpag", heads={first: "all"}, u=1.0, late_fork=late) as handle:
+            hooks = [b.register_forward_pre_hook(
+                lambda m, a, k, i=i: seen.setdefault((late, i), set()).add(k["hidden_states"].shape[0]),
+                with_kwargs=True) for i, b in enumerate(blocks)]
+            out[late] = images(pipe, guidance_scale=5.0)
+            for hook in hooks:
+                hook.remove()
+            stats = dict(handle.stats)
+        assert stats["fork_block"] == (first if late else 0)
+        flops[late] = stats["extra_flops"] / stats["perturbed_calls"]
+    assert flops[True] < flops[False] / 2  # one block (and norm_out) of the branch instead of all of them
+    plain, grown = (2, 3) if family == "sd3" else (1, 2)  # CFG's [uncond, cond]; FLUX's distilled guidance: [cond]
+    assert all(seen[False, i] == {grown} for i in range(len(blocks)))
+    assert all(seen[True, i] == ({grown} if i == first else {plain}) for i in range(len(blocks)))
+    torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=0)
+    assert untouched(pipe.transformer)
+
+
 def test_batched_branch_equals_separate_call_and_window_limits_steps(sd3):
     out = {}
     for batch in (True, False):
