@@ -57,6 +57,11 @@ def apply(target: Any, method: str, /, **options) -> Handle:
             f"{method_cls.name} does not support {type(model).__name__} (a {adapter.kind} model, family "
             f"{adapter.family}); it supports: {families}"
         )
+    if method_cls.families and adapter.family not in method_cls.families:
+        raise UnsupportedModelError(
+            f"{method_cls.name} supports the families {', '.join(method_cls.families)}; {type(model).__name__} "
+            f"({adapter.family}) is not one of them yet"
+        )
     instance = method_cls(adapter, config)
     instance.check_model()
     for other in _LIVE.get(model, []):

@@ -21,7 +21,8 @@ class Method:
     kinds: ClassVar[tuple[str, ...]] = ()
     """Adapter kinds the method works on: "text", "vlm", "dit"."""
     families: ClassVar[tuple[str, ...]] = ()
-    """For ``nograd.methods()``: the families it supports (filled from ``kinds`` when left empty)."""
+    """The families it supports, checked by ``nograd.apply`` before anything else (left empty: every family of
+    ``kinds``)."""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     resources: ClassVar[tuple[str, ...]] = ()
     """What the method needs for itself on a model. Two methods claiming the same resource cannot share a model;

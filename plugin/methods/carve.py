@@ -188,11 +188,6 @@ class CARVE(Method):
         return list(range(first, min(max(round(depth * 25 / 28), first), depth - 1) + 1))
 
     def check_model(self) -> None:
-        if self.adapter.family not in self.families:
-            from ..errors import UnsupportedModelError
-
-            raise UnsupportedModelError(f"carve maps image tokens to pixels for {', '.join(self.families)}; "
-                                        f"{type(self.adapter.model).__name__} ({self.adapter.family}) is not one")
         depth = self.adapter.num_layers
         if any(not 0 <= layer < depth for layer in self.layers()):
             self.config.invalid("layers", f"decoder layer indices in 0..{depth - 1}")

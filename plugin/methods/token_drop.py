@@ -32,7 +32,6 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from .. import kernels
-from ..errors import UnsupportedModelError
 from .base import Method
 from .drop_schedule import DropSchedule, kv_bytes_saved, paper_flops, prefill_macs, scoring_macs
 
@@ -169,10 +168,6 @@ class TokenDropMethod(Method):
 
     # ---- validation ---------------------------------------------------------------------------------------------
     def check_model(self) -> None:
-        if self.adapter.family not in self.families:
-            raise UnsupportedModelError(
-                f"{self.name} drops image tokens of {', '.join(self.families)} (their masks, RoPE positions and "
-                f"image features it rebuilds); {type(self.adapter.model).__name__} ({self.adapter.family}) is not one")
         schedule = self.schedule()  # raises ValueError naming the option on a bad schedule for this depth
         config = self.adapter.text_config
         first = schedule.boundaries[0] if schedule.boundaries else self.adapter.num_layers
