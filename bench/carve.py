@@ -38,8 +38,8 @@ sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests")]
 
 import nograd  # noqa: E402
 from attention import Memory  # noqa: E402  (bench/attention.py)
-from tiny.processor import QwenProcessor, image  # noqa: E402
-from tiny.vlm import IMAGE, QWEN_TOKENS  # noqa: E402
+from nograd.tiny.processors import QwenProcessor, image  # noqa: E402
+from nograd.tiny.vlms import IMAGE, QWEN_TOKENS  # noqa: E402
 
 QUESTION = "What is on the left of the sign?"
 

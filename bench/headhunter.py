@@ -8,8 +8,11 @@ correct on it), identical prompt, seed and steps for every case, cases timed rou
 - ``diffusers PAG``: ``StableDiffusion3PAGPipeline(pag_applied_layers=["blocks.1"])``, ``pag_scale=3``;
 - ``nograd pag image_identity``: ``nograd.apply(pipe, "pag", layers=["blocks.1"], mode="image_identity")``, the
   same weak model as diffusers' (their outputs are compared and the max difference printed);
-- ``nograd pag joint_identity``: the paper's / diffusers guider's identity (a different weak model);
-- ``nograd softpag 4 heads u=0.5``: head-level SoftPAG, batched with cond/uncond (one transformer call per step);
+- ``nograd pag joint_identity``: the paper's / diffusers guider's identity (a different weak model); its perturbed
+  row runs no attention in the PAG layer (u = 1 heads skip the product) and joins at that layer (late fork);
+- ``nograd pag joint_identity, late_fork=False``: the same with the perturbed row appended at the transformer input;
+- ``nograd softpag 4 heads u=0.5`` and ``u=1``: head-level SoftPAG, batched with cond/uncond (one transformer call
+  per step); at u = 1 the 4 heads skip their attention product;
 - ``nograd softpag, batch=False``: the perturbed rows in a second transformer call.
 
 Expected: every PAG variant costs about one extra row-set of the transformer per step (+50 % transformer FLOPs with
@@ -35,7 +38,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
 
 import nograd  # noqa: E402
-from tiny.dit import build_pipeline  # noqa: E402
+from nograd.tiny.dits import build_pipeline  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -90,7 +93,10 @@ def main(argv=None):
         "nograd pag image_identity": nograd_case("pag", layers=["blocks.1"], mode="image_identity",
                                                  scale=3.0),
         "nograd pag joint_identity": nograd_case("pag", layers=["blocks.1"], scale=3.0),
+        "nograd pag joint_identity, late_fork=False": nograd_case("pag", layers=["blocks.1"], scale=3.0,
+                                                                  late_fork=False),
         "nograd softpag 4 heads u=0.5": nograd_case("softpag", heads=heads, u=0.5, scale=3.0),
+        "nograd softpag 4 heads u=1": nograd_case("softpag", heads=heads, u=1.0, scale=3.0),
         "nograd softpag, batch=False": nograd_case("softpag", heads=heads, u=0.5, scale=3.0, batch=False),
     }
     outputs = {name: case() for name, case in cases.items()}  # warm-up, and outputs for the parity check
@@ -121,6 +127,41 @@ def main(argv=None):
     effect = (outputs["diffusers PAG"] - outputs["plain CFG"]).abs().max().item()
     print()
     print(f"nograd pag image_identity vs diffusers PAG: max |diff| {diff:.2e} (PAG effect {effect:.2e})")
+    print()
+    layer_costs(args, tokens + 333)
+
+
+def layer_costs(args, n: int) -> None:
+    """One joint-attention call of a PAG layer, [uncond, cond, perturbed] rows: what the perturbed row's blend costs
+    at u = 0.5 and at u = 1 (whose heads skip the attention product), on the backend ``auto`` picks."""
+    from nograd import kernels
+
+    b, h, d = 3, args.heads, args.head_dim
+    q, k, v = (torch.randn(b, h, n, d, device=args.device) for _ in range(3))
+    cases = {"no perturbed head (plain attention)": None}
+    for u, count in ((0.5, h), (1.0, h), (0.5, max(h // 4, 1)), (1.0, max(h // 4, 1))):
+        blend = torch.zeros(b, h, device=args.device)
+        blend[2, :count] = u
+        cases[f"perturbed row: {count} of {h} heads at u={u:g}"] = blend
+    times = {name: [] for name in cases}
+    for _ in range(max(args.repeats, 1) * 10):
+        for name, blend in cases.items():
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            kernels.attention(q, k, v, blend=blend)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    plain = statistics.median(times["no perturbed head (plain attention)"])
+    print(f"# One attention call, {b} rows x {h} heads x {n} tokens x {d}, backend "
+          f"{kernels.choose_backend(q)}, median of {len(times[name])}")
+    print()
+    print("| case | ms | vs plain attention |")
+    print("|---|---|---|")
+    for name in cases:
+        t = statistics.median(times[name])
+        print(f"| {name} | {t * 1e3:.2f} | {t / plain:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     nograd demo --port 7861              # --host 0.0.0.0 / --share only when you ask for them
 
 It binds to 127.0.0.1 unless ``--host`` says otherwise and makes no public link unless ``--share`` is given.
-With no model given, every tab runs on built-in tiny models with random weights (``demo/tiny.py``): they show the
+With no model given, every tab runs on built-in tiny models with random weights (``nograd.tiny``): they show the
 mechanics only. Uploads: images only (PNG, JPEG, WebP, ...), at most ``MAX_FILE_SIZE`` and ``MAX_PIXELS``; models
 load from safetensors only. Without gradio installed, this prints every method with its options instead.
 """
@@ -24,8 +24,9 @@ if __package__ in (None, ""):  # python demo/app.py: make the repository root im
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import nograd  # noqa: E402
+from nograd import tiny  # noqa: E402
 
-from demo import compare, tiny  # noqa: E402
+from demo import compare  # noqa: E402
 
 MAX_FILE_SIZE = "10mb"
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860

@@ -2,7 +2,7 @@
 
 Every ``*_compare`` function returns a plain dict (answers, PIL images, token scores, ``h.stats`` made
 JSON-safe, timings), so the tests call them directly and the Gradio app only lays them out. Models are loaded once
-per source and cached; an empty source means the built-in tiny models (``demo.tiny``). Only safetensors weights
+per source and cached; an empty source means the built-in tiny models (``nograd.tiny``). Only safetensors weights
 are loaded (``use_safetensors=True``: nothing is unpickled) and no remote code runs.
 """
 
@@ -20,9 +20,8 @@ import nograd
 from nograd.attention import Intervention, intervene
 from nograd.handle import Handle
 from nograd.methods.carve_geometry import image_views, to_pixels
+from nograd import tiny
 from nograd.patches import adapter_for
-
-from . import tiny
 
 FAMILIES = {
     "VLM": ("carve", "pyramiddrop", "fastv", "paint", "pai", "clearsight"),
@@ -353,7 +352,7 @@ def load_pipeline(source: str | None):
     key = ("diffusion", source)
     if key not in _MODELS:
         if not source:
-            pipe, label = tiny.sd3_pipeline(), tiny.LABEL
+            pipe, label = tiny.sd3(), tiny.LABEL
         else:
             from diffusers import DiffusionPipeline
 
@@ -441,14 +440,11 @@ def diffusion_compare(source: str | None, method: str, prompt: str, image=None, 
 
 # ---- Merge --------------------------------------------------------------------------------------------------------
 def merge_models():
-    """FRANK's trio, tiny and homologous: a LLaVA whose decoder starts as the base Llama, a reasoning Llama
-    fine-tuned from nowhere (another seed) and the base; cached."""
+    """FRANK's trio, tiny and homologous (``nograd.tiny.trio``): a LLaVA whose decoder starts as the base Llama, a
+    reasoning Llama fine-tuned from nowhere (another seed) and the base; cached."""
     key = ("merge", "")
     if key not in _MODELS:
-        base, _ = tiny.llm(seed=0, layers=8)
-        mllm, processor = tiny.vlm(seed=0)
-        mllm.model.language_model.load_state_dict(base.model.state_dict())
-        reasoning, _ = tiny.llm(seed=1, layers=8)
+        mllm, processor, reasoning, base = tiny.trio(seed=0, layers=8)
         _MODELS[key] = ((mllm, reasoning, base), processor, tiny.LABEL)
     return _MODELS[key]
 

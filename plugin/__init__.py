@@ -3,6 +3,8 @@
     h = nograd.apply(model, "zerotuning", gamma=1.5)   # a transformers model or pipeline, a diffusers pipeline
     ...                                                 # unchanged user code
     h.remove()                                          # the model is bit-for-bit what it was
+
+``nograd.tiny`` builds tiny random-weight models for trying the methods offline (imported on first use).
 """
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
@@ -18,6 +20,15 @@ from .methods.base import Method
 from .registry import MethodInfo, methods, register
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``nograd.tiny`` is imported on first use."""
+    if name == "tiny":
+        import importlib
+
+        return importlib.import_module(".tiny", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def attached(target) -> list[Handle]:

@@ -234,12 +234,10 @@ class PAINT(VisualEditMethod):
         if isinstance(self.config.heads, torch.Tensor) and tuple(self.config.heads.shape) != shape:
             self.config.invalid("heads", f"an (L, H) = {shape} gain table for this model")
         family = self.adapter.family
-        if not ((family == "llava" and self.adapter.vision_has_cls) or family in QWEN_FAMILIES + ANYRES_FAMILIES):
+        if family == "llava" and not self.adapter.vision_has_cls:  # (nograd.apply checked the family)
             raise UnsupportedModelError(
-                f"paint needs one CLS-token vision tower per image (LLaVA-1.5 with CLIP), a tiled anyres tower "
-                f"(LLaVA-NeXT / OneVision) or Qwen2-VL's / Qwen2.5-VL's per-image tower; "
-                f"{type(self.adapter.model).__name__} ({family}) is not supported yet; supported: "
-                f"{', '.join(self.families)}")
+                f"paint needs one CLS-token vision tower per image on LLaVA-1.5 (CLIP); this "
+                f"{type(self.adapter.model).__name__}'s tower has none")
         vision_implementation = getattr(self.adapter.model.config, self.adapter.vision_attn_config_key)._attn_implementation
         if family in QWEN_FAMILIES and "flash" in str(vision_implementation):
             raise UnsupportedModelError("paint reads Qwen2-VL's vision attention per image, which its flash path "

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import nograd
-from demo import compare, tiny
+from demo import compare
+from nograd import tiny
 
 QUESTION = "What is in the picture?"
 

@@ -270,7 +270,7 @@ def test_chair_arguments():
 
 # ---- the chair CLI end to end, on a tiny LLaVA with an offline processor ---------------------------------------
 def tiny_llava_folder(folder: Path) -> Path:
-    """A tiny LLaVA-1.5 (tests/tiny/vlm.py) and a LlavaProcessor built offline, saved with save_pretrained."""
+    """A tiny LLaVA-1.5 (``nograd.tiny.vlms``) and a LlavaProcessor built offline, saved with save_pretrained."""
     import tiny
     import transformers as tf
     from tiny import vlm
