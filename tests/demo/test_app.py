@@ -141,3 +141,31 @@ def test_a_model_folder_loads_from_safetensors_only(tmp_path):
     tokenizer.save_pretrained(tmp_path / "pickled")
     with pytest.raises(ValueError, match="could not load"):
         compare.load("llm", str(tmp_path / "pickled"))
+
+
+def test_the_vlm_tab_loads_a_saved_folder_with_its_processor(tmp_path):
+    """A local folder (what a hub id resolves to) loads through AutoModelForImageTextToText / AutoProcessor: the same
+    weights and the same answer as the model that was saved."""
+    model, processor = tiny.vlm(seed=4)
+    model.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    loaded, loaded_processor, label = compare.load("vlm", str(tmp_path / "llava"))
+    assert label == str(tmp_path / "llava") and type(loaded) is type(model)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    picture = tiny.image(56, 56, 5)
+    inputs = compare.vlm_inputs(processor, picture, QUESTION)
+    assert torch.equal(compare.vlm_inputs(loaded_processor, picture, QUESTION)["input_ids"], inputs["input_ids"])
+    r = compare.vlm_compare(str(tmp_path / "llava"), "fastv", picture, QUESTION, 2)
+    assert r["label"] == str(tmp_path / "llava") and r["stats"]["kept"] and r["stats"]["kv_bytes_saved"] > 0
+
+
+def test_the_diffusion_tab_loads_a_saved_pipeline_folder(tmp_path):
+    pytest.importorskip("diffusers")
+    pipe = tiny.sd3()
+    pipe.save_pretrained(tmp_path / "sd3")
+    loaded, _, label = compare.load_pipeline(str(tmp_path / "sd3"))
+    assert label == str(tmp_path / "sd3") and type(loaded) is type(pipe)
+    saved = pipe.transformer.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in loaded.transformer.state_dict().items())
+    r = compare.diffusion_compare(str(tmp_path / "sd3"), "pag", "a red car", None, 1, {"layers": [0]})
+    assert r["label"] == str(tmp_path / "sd3") and r["stats"]["perturbed_calls"] == 1
