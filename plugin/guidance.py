@@ -15,7 +15,8 @@ convention, as ``PAGMixin._apply_perturbed_attention_guidance`` and the official
    **Late fork** (spec §5.5; ``fork`` given): the perturbed rows equal the conditional rows until the first perturbed
    block, so the copy is appended there instead: pre-hooks on the ``fork`` modules (the blocks from the first
    perturbed one on, and ``norm_out``, which reads ``temb``) append the conditional rows to every tensor argument
-   that still has the call's ``n`` rows. Earlier blocks run at the plain batch size.
+   that still has the call's ``n`` rows. Earlier blocks run at the plain batch size. A call with ControlNet
+   residuals (added by the transformer between its blocks) forks at the input, its residual lists grown too.
 2. Forward hook: fold the perturbation term into the conditional rows so the pipeline's own formula gives the right
    result, ``cond' = cond + (w / g) (cond - ptb)`` (``g`` = the pipeline's CFG scale, or FLUX's ``true_cfg_scale``;
    1 without CFG), and return the original ``n`` rows.
@@ -37,6 +38,23 @@ from torch import nn
 
 BATCHED_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
 """Transformer inputs with a batch axis (SD3 and FLUX); ``txt_ids`` / ``img_ids`` are unbatched (S, 3)."""
+RESIDUAL_INPUTS = ("block_controlnet_hidden_states", "controlnet_block_samples", "controlnet_single_block_samples")
+"""ControlNet residuals (lists of batched tensors) that the transformer adds between its blocks (SD3, FLUX): they
+take the perturbed rows at the input, so a call that has them is not late-forked."""
+
+
+def _batched(bound: dict, n: int, rows) -> dict:
+    """``bound`` with ``rows(tensor)`` applied to every batched input of ``n`` rows (ControlNet residual lists too)."""
+    out = dict(bound)
+    for name in BATCHED_INPUTS:
+        value = bound.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+            out[name] = rows(value)
+    for name in RESIDUAL_INPUTS:
+        value = bound.get(name)
+        if isinstance(value, (list, tuple)):
+            out[name] = type(value)(rows(t) if isinstance(t, torch.Tensor) and t.shape[0] == n else t for t in value)
+    return out
 
 
 @dataclass
@@ -103,8 +121,9 @@ class PerturbedGuidance:
         self.fork = fork if batch else None
         self._forking: tuple[int, slice] | None = None
         """(n, conditional rows) while a late-forked call runs."""
-        branch = fork if self.fork else [model]
-        self._params = sum(p.numel() for module in branch for p in module.parameters())
+        self._all_params = sum(p.numel() for p in model.parameters())
+        self._params = sum(p.numel() for m in fork for p in m.parameters()) if self.fork else self._all_params
+        """Parameters the extra rows run through: the forked blocks under a late fork, else the whole model."""
 
     # ---- install / remove --------------------------------------------------------------------------------------
     def install(self, handle) -> None:
@@ -192,29 +211,17 @@ class PerturbedGuidance:
             self._frames.append(None)
             return None
         cond, factor = rows
-        if self.fork:
-            self._forking = (n, cond)
-            self._frames.append(_Frame(n, cond, factor, True))
-            self.state.ptb = slice(n, n + cond.stop - cond.start)
-            self._count(bound, cond)
-            return None
         if self.batch:
-            grown = dict(bound)
-            for name in BATCHED_INPUTS:
-                value = bound.get(name)
-                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
-                    grown[name] = torch.cat([value, value[cond]], dim=0)
             self._frames.append(_Frame(n, cond, factor, True))
             self.state.ptb = slice(n, n + cond.stop - cond.start)
-            self._count(bound, cond)
-            return (), grown
-        ptb_kwargs = dict(bound)
-        for name in BATCHED_INPUTS:
-            value = bound.get(name)
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
-                ptb_kwargs[name] = value[cond]
-        self._frames.append(_Frame(n, cond, factor, False, ptb_kwargs))
-        self._count(bound, cond)
+            late = self.fork is not None and all(bound.get(name) is None for name in RESIDUAL_INPUTS)
+            self._count(bound, cond, self._params if late else self._all_params)
+            if late:
+                self._forking = (n, cond)
+                return None
+            return (), _batched(bound, n, lambda value: torch.cat([value, value[cond]], dim=0))
+        self._frames.append(_Frame(n, cond, factor, False, _batched(bound, n, lambda value: value[cond])))
+        self._count(bound, cond, self._all_params)
         return None
 
     def _grow(self, module, args, kwargs):
@@ -267,7 +274,7 @@ class PerturbedGuidance:
     def _batch_of(bound: dict) -> int:
         return int(bound["hidden_states"].shape[0])
 
-    def _count(self, bound: dict, cond: slice) -> None:
+    def _count(self, bound: dict, cond: slice, params: int) -> None:
         rows = cond.stop - cond.start
         hidden, text = bound["hidden_states"], bound.get("encoder_hidden_states")
         if hidden.dim() == 4:  # SD3 latents (B, C, H, W) -> patches
@@ -278,4 +285,4 @@ class PerturbedGuidance:
         tokens += text.shape[1] if isinstance(text, torch.Tensor) and text.dim() == 3 else 0
         self.stats["perturbed_calls"] += 1
         self.stats["perturbed_rows"] += rows
-        self.stats["extra_flops"] += 2 * self._params * tokens * rows
+        self.stats["extra_flops"] += 2 * params * tokens * rows

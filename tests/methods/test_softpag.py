@@ -14,7 +14,7 @@ import nograd
 from checks import same_state, snapshot
 from nograd.methods.softpag import image_identity_target, layer_modules, layer_names, reference_perturbed
 from nograd.patches import adapter_for
-from tiny.dit import BUILDERS, build_pipeline, transformer_inputs
+from tiny.dit import BUILDERS, COLS, ROWS, build_pipeline, transformer_inputs
 
 STEPS = dict(num_inference_steps=2, height=32, width=32)
 
@@ -261,6 +261,37 @@ def test_late_fork_runs_earlier_blocks_at_the_plain_batch(family, request):
     assert all(seen[True, i] == ({grown} if i == first else {plain}) for i in range(len(blocks)))
     torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=0)
     assert untouched(pipe.transformer)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_controlnet_residuals_reach_the_perturbed_rows(family):
+    """ControlNet residuals (added by the transformer between blocks) get the perturbed rows too: batched (forked at
+    the input, not late), a second call, and the explicit ``cond + w (cond - ptb)`` agree."""
+    model = BUILDERS[family](num_layers=3) if family == "sd3" else BUILDERS[family]()
+    adapter = adapter_for(model)
+    first, second = transformer_inputs(family, model), transformer_inputs(family, model, 1, 1)
+    inputs = {k: torch.cat([v, second[k]]) if k not in ("img_ids", "txt_ids") else v for k, v in first.items()}
+    tokens = ROWS * COLS
+    g = torch.Generator().manual_seed(3)
+    width = adapter.num_heads * adapter.head_dim
+    residuals = lambda count: [torch.randn(2, tokens, width, generator=g) for _ in range(count)]  # noqa: E731
+    if family == "sd3":
+        inputs["block_controlnet_hidden_states"] = residuals(3)
+    else:
+        inputs["controlnet_block_samples"] = residuals(1)
+        inputs["controlnet_single_block_samples"] = residuals(1)
+    heads = {1: "all"}  # (a late fork at block 1 would meet the residuals of 2 rows after it with 4)
+    out = {}
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+        for batch in (True, False):
+            with nograd.apply(model, "softpag", heads=heads, u=1.0, scale=2.0, batch=batch):
+                out[batch] = model(**inputs)[0]
+        with nograd.apply(model, "softpag", heads=heads, u=1.0, scale=2.0) as handle, handle.perturbed_only():
+            ptb = model(**inputs)[0]
+    torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[True], plain + 2.0 * (plain - ptb), atol=1e-5, rtol=0)
+    assert not torch.equal(ptb, plain) and untouched(model)
 
 
 def test_batched_branch_equals_separate_call_and_window_limits_steps(sd3):
