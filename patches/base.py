@@ -26,7 +26,9 @@ class TileGrid:
     ``positions`` holds the sequence positions of the ``rows * cols`` patch tokens in raster order;
     ``newline_positions`` the positions of the row-end tokens some models insert (LLaVA-NeXT, -OneVision),
     ``None`` where the model has none. ``kind`` says what the tile shows: ``"base"`` (the whole image, resized),
-    ``"crop"`` (one crop of a high-resolution split) or ``"frame"`` (a video frame / temporal slice).
+    ``"crop"`` (one crop of a high-resolution split) or ``"frame"`` (a video frame / temporal slice). ``cell`` is a
+    crop's place in a uniform split of the image, ``(row, col, rows, cols)``, where the model keeps crops apart
+    (Idefics3 / SmolVLM); ``None`` elsewhere.
     """
 
     rows: int
@@ -34,6 +36,7 @@ class TileGrid:
     positions: torch.Tensor
     newline_positions: torch.Tensor | None = None
     kind: str = "base"
+    cell: tuple[int, int, int, int] | None = None
 
 
 @dataclass(frozen=True)

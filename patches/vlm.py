@@ -322,7 +322,10 @@ class Idefics3Adapter(VLMAdapter):
     replace_image_token``, SmolVLM's ``get_image_prompt_string``; SmolVLM writes video frames as unsplit images).
     So a batch row's tiles are consecutive runs of image_seq_len image tokens, and an image ends with each run
     tagged like the row's last run, ``<global-img>``. Tiles: one "crop" tile per crop (row-major), then the global
-    image as the "base" tile; R and C themselves have no place in an ``ImageGrid``.
+    image as the "base" tile. A crop's ``cell`` is its (r, c, R, C): inside a row of crops a tile starts two tokens
+    after the previous one ends (``<fake_token_around_image><row_r_col_c>``), a new row one token later (the ``"\n"``
+    the processor writes after each row), which gives C; the processor's resize makes the split uniform over the
+    original image (``Idefics3ImageProcessor.resize_for_vision_encoder``, ``split_images``).
     """
 
     family = "idefics3"
@@ -348,10 +351,23 @@ class Idefics3Adapter(VLMAdapter):
             previous = -1
             for last in (tags == tags[-1]).nonzero().flatten().tolist():
                 crops = last - previous - 1
-                tiles = tuple(raster(side, side, k * tile, "crop") for k in range(crops))
+                cols = self._crops_per_row(starts[previous + 1:last], ends[previous + 1:last], row)
+                tiles = tuple(replace(raster(side, side, k * tile, "crop"), cell=(k // cols, k % cols, crops // cols,
+                                                                                  cols)) for k in range(crops))
                 layouts.append(ImageLayout((crops + 1) * tile, tiles + (raster(side, side, crops * tile),)))
                 previous = last
         return layouts
+
+    @staticmethod
+    def _crops_per_row(starts: torch.Tensor, ends: torch.Tensor, row: int) -> int:
+        """C of an image's R x C crops, from the gaps between its crop tiles (2 tokens inside a row, 3 between rows)."""
+        if starts.numel() <= 1:
+            return max(starts.numel(), 1)
+        breaks = ((starts[1:] - ends[:-1] - 1) > 2).nonzero().flatten()
+        cols = int(breaks[0]) + 1 if breaks.numel() else starts.numel()
+        if starts.numel() % cols:
+            raise ValueError(f"batch row {row}: {starts.numel()} crops do not fill rows of {cols}")
+        return cols
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):

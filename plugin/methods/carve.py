@@ -175,7 +175,7 @@ class CARVE(Method):
     paper = "Focusing by Contrastive Attention: Enhancing VLMs' Visual Reasoning"
     arxiv = "2509.06461"
     kinds = ("vlm",)
-    families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+    families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3")
     Config = CARVEConfig
 
     def layers(self) -> list[int]:

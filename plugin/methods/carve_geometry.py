@@ -14,6 +14,8 @@ they are never kept.
   (``geometry="official"``).
 - LLaVA-NeXT / OneVision "anyres": the high-resolution raster (the crops stitched, unpadded, without newlines) over
   the whole image; an image left unsplit has only its base raster, also over the whole image.
+- Idefics3 / SmolVLM: one raster per crop, over its cell of the uniform R x C split (the processor stretches the
+  image to whole tiles before cutting it); an unsplit image has only its global image, over the whole image.
 """
 
 from __future__ import annotations
@@ -42,13 +44,16 @@ def image_views(adapter, grid, size: tuple[int, int], geometry: str = "processor
     of ``size`` = (W, H). ``center_crop``: whether the LLaVA-1.5 processor crops (``image_processor.do_center_crop``)."""
     width, height = size
     tiles = list(grid.tiles)
-    if adapter.family in ("llava_next", "llava_onevision"):
-        tiles = [t for t in tiles if t.kind == "crop"] or tiles[:1]
+    if adapter.family in ("llava_next", "llava_onevision", "idefics3"):
+        tiles = [t for t in tiles if t.kind == "crop"] or [t for t in tiles if t.kind == "base"][:1]
     positions = torch.cat([tile.positions for tile in tiles])
     views, start = [], 0
     for tile in tiles:
         box = (0, 0, width, height)
-        if adapter.family == "llava" and geometry == "processor" and center_crop:
+        if tile.cell is not None:
+            r, c, rows, cols = tile.cell
+            box = (c * width // cols, r * height // rows, (c + 1) * width // cols, (r + 1) * height // rows)
+        elif adapter.family == "llava" and geometry == "processor" and center_crop:
             side = min(width, height)
             x0, y0 = (width - side) // 2, (height - side) // 2
             box = (x0, y0, x0 + side, y0 + side)

@@ -5,7 +5,8 @@ so ``QwenProcessor`` does what it does for images: ``<|image_pad|>`` repeated pe
 LLaVA-NeXT gets the real ``LlavaNextProcessor``; LLaVA-OneVision the real ``LlavaOnevisionProcessor`` without its video
 processor (``OnevisionProcessor``: the video processor needs torchvision, and ``ProcessorMixin`` rejects ``None`` for
 it; images never touch it). Both with their PIL image processors at the tiny models' sizes (``nograd.tiny.vlms``: 28x28
-tiles of 7x7 patches, ``PINPOINTS``), so their image-token counts are the models' own.
+tiles of 7x7 patches, ``PINPOINTS``), so their image-token counts are the models' own. Idefics3 and SmolVLM get
+the real ``Idefics3Processor`` with its PIL image processor.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import string
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (BatchFeature, CLIPImageProcessorPil, LlavaNextImageProcessorPil, LlavaNextProcessor,
-                          LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor, LlavaProcessor,
+from transformers import (BatchFeature, CLIPImageProcessorPil, Idefics3Processor, LlavaNextImageProcessorPil,
+                          LlavaNextProcessor, LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor, LlavaProcessor,
                           PreTrainedTokenizerFast)
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .vlms import IMAGE, PINPOINTS, VIDEO, VISION_END, VISION_START
+from .vlms import FAKE, GLOBAL, IMAGE, PINPOINTS, ROW_COL_TAGS, VIDEO, VISION_END, VISION_START
 
 CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,?!:'-"
 LETTERS = "".join(map(chr, range(0x410, 0x450))) + "".join(map(chr, range(0x3B1, 0x3BD)))
@@ -114,8 +116,21 @@ class QwenProcessor:
         return self.tokenizer.batch_decode(tokens, **kwargs)
 
 
+def idefics3_processor() -> Idefics3Processor:
+    """The real ``Idefics3Processor`` at the tiny models' sizes: the longest edge resized to 56, split into up to 2 x 2
+    crops of 28 plus the global image, 4 image tokens per tile (``image_seq_len``); the tags ``<row_r_col_c>`` of a
+    2 x 2 split take the vocabulary's last ids. SmolVLM writes images the same way (its own processor needs
+    torchvision for its video processor), so the tiny SmolVLM uses this one too."""
+    tags = {f"<row_{r}_col_{c}>": ROW_COL_TAGS + 2 * (r - 1) + (c - 1) for r in (1, 2) for c in (1, 2)}
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 56}, max_image_size={"longest_edge": 28})
+    tokens = tokenizer({"<image>": IMAGE, "<fake_token_around_image>": FAKE, "<global-img>": GLOBAL, **tags})
+    return Idefics3Processor(image_processor=images, tokenizer=tokens, image_seq_len=4,
+                             chat_template=TEMPLATE.replace("{{ image }}", "<image>"))
+
+
 PROCESSORS = {"llava": llava_processor, "llava_next": llava_next_processor,
-              "llava_onevision": llava_onevision_processor, "qwen2_vl": QwenProcessor, "qwen2_5_vl": QwenProcessor}
+              "llava_onevision": llava_onevision_processor, "qwen2_vl": QwenProcessor, "qwen2_5_vl": QwenProcessor,
+              "idefics3": idefics3_processor, "smolvlm": idefics3_processor}
 
 
 def image(width: int, height: int, seed: int = 0):

@@ -27,7 +27,8 @@ PAD, BOS, EOS = 0, 1, 2
 IMAGE, VIDEO = 150, 151
 VISION_START, VISION_END = 152, 153  # Qwen: <|vision_start|> <|vision_end|>
 FAKE, GLOBAL, NEWLINE = 154, 155, 13  # Idefics3/SmolVLM: <fake_token_around_image>, <global-img>, "\n"
-ROW_COL = 120  # Idefics3/SmolVLM: <row_r_col_c> is ROW_COL + 6 * (r - 1) + (c - 1)
+ROW_COL = 120  # Idefics3/SmolVLM: <row_r_col_c> is ROW_COL + 6 * (r - 1) + (c - 1) in hand-built prompts
+ROW_COL_TAGS = 156  # ... and ROW_COL_TAGS + 2 * (r - 1) + (c - 1) (up to 2 x 2) in the tiny processor's vocabulary
 LEFT_PAD = 3
 
 TEXT = dict(
