@@ -23,7 +23,7 @@ import importlib
 import torch
 
 LABEL = "built-in tiny model (random weights): shows the mechanics only, not the quality of any method"
-VLM_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+VLM_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
 """The VLM families ``vlm()`` builds with a processor."""
 
 
