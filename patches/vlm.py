@@ -113,6 +113,12 @@ class VLMAdapter(Adapter):
         else ``order`` with ``tokens[order] = tower_units``."""
         return None
 
+    def patch_scores_to_tokens(self, scores: list[torch.Tensor], image_inputs: dict) -> torch.Tensor:
+        """Per-patch scores of a tower without a CLS token, one (patches,) row per tower run unit in the tower's
+        order (an image, a tile), as one score per LLM image token in image-token order: the patches the projector
+        folds into one token add up."""
+        raise NotImplementedError(f"{self.family}: no patch -> token map for a tower without a CLS token")
+
     @property
     def vision_feature_layer(self) -> int:
         """Index of the encoder layer whose output the projector reads (``hidden_states[vision_feature_layer]``;
@@ -277,6 +283,18 @@ class Qwen2VLAdapter(VLMAdapter):
         """The merger reads the last block."""
         return len(self.vision_layers) - 1
 
+    def patch_scores_to_tokens(self, scores, image_inputs):
+        """The tower orders each image's patches so that every run of ``spatial_merge_size^2`` is one merged token;
+        windowed towers (Qwen2.5-VL) permute those units (``vision_token_order``), undone here."""
+        merge = self.vision_tower.spatial_merge_size ** 2
+        units = torch.cat(list(scores)).reshape(-1, merge).sum(dim=-1)
+        order = self.vision_token_order(image_inputs.get("image_grid_thw"))
+        if order is None:
+            return units
+        tokens = torch.empty_like(units)
+        tokens[order.to(units.device)] = units
+        return tokens
+
     def image_layouts(self, input_ids, image_grid_thw, **inputs):
         merge = self.model.config.vision_config.spatial_merge_size
         layouts = []
@@ -334,6 +352,23 @@ class Idefics3Adapter(VLMAdapter):
         "transformers.models.smolvlm.modeling_smolvlm:SmolVLMPreTrainedModel",
     )
     language_model_attr = "text_model"
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        """``Idefics3Model.vision_model``: a SigLIP-like tower (no CLS token) run once on every real tile."""
+        return self.multimodal_model.vision_model
+
+    @property
+    def vision_feature_layer(self) -> int:
+        """The connector reads the tower's ``last_hidden_state``: its last layer."""
+        return len(self.vision_layers) - 1
+
+    def patch_scores_to_tokens(self, scores, image_inputs):
+        """One row per tile: the connector's own ``pixel_shuffle`` puts each token's ``scale_factor^2`` patches side
+        by side (``Idefics3Connector``), where they add up."""
+        connector = self.multimodal_model.connector
+        tiles = torch.stack(list(scores)).float()
+        return connector.pixel_shuffle(tiles[..., None], connector.scale_factor).sum(dim=-1).flatten()
 
     def image_layouts(self, input_ids, **inputs):
         config = self.model.config

@@ -17,7 +17,8 @@ The head-specific modulation of the paper's v1 abstract is absent from the relea
 head's measured visual share (the image's share of the prompt's last row, without the edit), on calibration data
 (``head_stats``) or on the current input. Qwen2-VL's tower has no CLS token: its local and summary scores are the
 attention each patch receives (mean over queries and heads) in the first and last blocks, summed over the patches
-the merger joins into one token (spec §5.6, our reconstruction). The spatial stream (``spatial_ratio``, off in the
+the merger joins into one token (spec §5.6, our reconstruction); Idefics3 / SmolVLM likewise, per tile, summed over
+the ``scale_factor^2`` patches the connector's ``pixel_shuffle`` folds into one token. The spatial stream (``spatial_ratio``, off in the
 official code) uses the attention each patch receives in the first vision layer: the official row sums are
 constant (spec §1.7). Qwen2.5-VL reads its full-attention blocks and undoes its window permutation.
 
@@ -177,7 +178,7 @@ class PAINT(VisualEditMethod):
     summary = "boost ViT-selected local and summary image tokens in the LLM's attention (s + margin*|s|)"
     paper = "Fixing Imbalanced Attention to Mitigate In-Context Hallucination of Large Vision-Language Model"
     arxiv = "2501.12206"
-    families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+    families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3")
     Config = PAINTConfig
     default_layers = (2 / 32, 1.0)
 
@@ -315,20 +316,16 @@ class PAINT(VisualEditMethod):
         return self._selected[1], None
 
     def _token_scores(self, key: str, sizes: list[int]) -> list[torch.Tensor]:
-        """Each image's scores per LLM token. A CLS tower gives one row per image; a Qwen tower gives per-image
-        patch scores in its own unit order: each run of ``merge^2`` patches is one token (their scores add up),
-        put back in image order (Qwen2.5-VL's windows) and split per image."""
+        """Each image's scores per LLM token. A CLS tower gives one row per image; a tower without one gives patch
+        scores per run (a Qwen image, an Idefics3 tile), which the adapter folds into tokens as its projector does
+        (``patch_scores_to_tokens``), split per image."""
         scores = self.scores[key]
         if self.adapter.vision_has_cls:
             return list(scores)
-        units = torch.cat(list(scores))
-        units = units.reshape(sum(sizes), -1).sum(dim=-1)
-        order = self.adapter.vision_token_order(self.scores["image_inputs"].get("image_grid_thw"))
-        if order is not None:
-            tokens = torch.empty_like(units)
-            tokens[order.to(units.device)] = units
-            units = tokens
-        return list(units.split(sizes))
+        tokens = self.adapter.patch_scores_to_tokens(list(scores), self.scores["image_inputs"])
+        if len(tokens) != sum(sizes):
+            raise RuntimeError(f"paint: the images have {sum(sizes)} image tokens but the tower scored {len(tokens)}")
+        return list(tokens.split(sizes))
 
     def _anyres_token_scores(self, keys: list[str], sizes: list[int], image_sizes, **inputs):
         """AnyRes: key -> each image's scores per LLM image token, newlines left out, in the order of its tiles'

@@ -164,15 +164,6 @@ def test_zero_margins_are_bit_identical(build):
         assert torch.equal(model(**inputs).logits, plain)
 
 
-@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
-def test_towers_without_a_patch_grid_per_image_are_refused(build, family):
-    model = build(family)
-    names = attn_names(model)
-    with pytest.raises(nograd.UnsupportedModelError, match=r"paint supports the families .* \(idefics3\) is not one"):
-        nograd.apply(model, "paint")
-    assert attn_names(model) == names
-
-
 def test_zero_gain_heads_are_untouched_and_others_change(build):
     model = build("llava")
     inputs = make_inputs("llava", model)
