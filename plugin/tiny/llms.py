@@ -1,4 +1,8 @@
-"""Tiny decoder-only LLMs: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2 (GQA, 3 layers, vocab 128)."""
+"""Tiny decoder-only LLMs: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 text (GQA, 3 layers, vocab 128).
+
+``gemma3_text`` (``Gemma3ForCausalLM``) has sliding layers 0 and 2 with a window of 4 around a full layer 1, so the
+window matters on a 10-12 token prompt, and ``query_pre_attn_scalar`` 32 (scaling 32**-0.5, not head_dim**-0.5).
+"""
 
 from __future__ import annotations
 
@@ -25,14 +29,24 @@ CONFIGS = {
     "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 16}),
     "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, {"head_dim": 16}),
     "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {"head_dim": 16, "sliding_window": 8}),
+    "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {
+        "head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 32}),
 }
+
+
+def _layer_types(family: str, settings: dict) -> dict:
+    """Gemma3 text: sliding and full layers alternate (sliding first) over however many layers are asked for."""
+    if family == "gemma3_text" and "layer_types" not in settings:
+        layers = settings["num_hidden_layers"]
+        settings["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(layers)]
+    return settings
 
 
 def _builder(family):
     config_cls, model_cls, extra = CONFIGS[family]
 
     def build(seed: int = 0, attn_implementation: str | None = None, dtype=torch.float32, **overrides):
-        config = config_cls(**{**COMMON, **extra, **overrides})
+        config = config_cls(**_layer_types(family, {**COMMON, **extra, **overrides}))
         torch.manual_seed(seed)
         model = model_cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
         return model.eval()

@@ -7,10 +7,11 @@ import torch
 
 from checks import TEXT_FAMILIES
 from nograd.patches import adapter_for, supported_families
-from nograd.patches.text_lm import GemmaAdapter, LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter
+from nograd.patches.text_lm import (Gemma3TextAdapter, GemmaAdapter, LlamaAdapter, MistralAdapter, Qwen2Adapter,
+                                   Qwen3Adapter)
 
 EXPECTED = {"llama": LlamaAdapter, "mistral": MistralAdapter, "qwen2": Qwen2Adapter, "qwen3": Qwen3Adapter,
-            "gemma": GemmaAdapter, "gemma2": GemmaAdapter}
+            "gemma": GemmaAdapter, "gemma2": GemmaAdapter, "gemma3_text": Gemma3TextAdapter}
 
 
 @pytest.mark.parametrize("family", TEXT_FAMILIES)
@@ -33,4 +34,4 @@ def test_adapter_facts(build, family):
 
 
 def test_supported_families_lists_text_families():
-    assert {"llama", "mistral", "qwen2", "qwen3", "gemma"} <= set(supported_families("text"))
+    assert {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text"} <= set(supported_families("text"))
