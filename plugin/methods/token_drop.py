@@ -20,6 +20,16 @@ the recorded prompt plus generated tokens (``generate(use_cache=False)``) reuses
 
 The final norm and ``lm_head`` see the last stage's shorter sequence: ``model(**inputs).logits`` has that length
 (the last position is still each row's last token, which is all ``generate()`` reads).
+
+Families: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL / 2.5-VL, Idefics3 / SmolVLM (a Llama decoder; only the
+``<image>`` tokens are visual, the ``<fake_token_around_image>``, ``<row_r_col_c>`` and ``<global-img>`` tags are
+text and stay), InternVL-hf (a Qwen2 decoder; ``<img>`` ``</img>`` stay) and Mistral3 (a Mistral decoder,
+refused by ``check_model`` when its ``sliding_window`` is set; ``[IMG_BREAK]`` ``[IMG_END]`` stay): all with 1-D
+RoPE over padding-aware ``position_ids`` that ``generate()`` passes, so both ``positions`` modes hold. Qwen3-VL and
+Gemma3 stay refused: Qwen3-VL's deepstack adds visual features at the full-length image-token positions after each
+of its first decoder layers, which a drop at or before those layers would misalign, and Gemma3 interleaves
+sliding-window layers and lets image tokens attend to each other bidirectionally, which the causal stage masks
+built here do not reproduce.
 """
 
 from __future__ import annotations
@@ -154,7 +164,7 @@ class TokenDropMethod(Method):
     """Base of the token-dropping methods: subclasses give the schedule and which layer scores a boundary."""
 
     kinds = ("vlm",)
-    families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+    families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "internvl", "mistral3")
     resources = ("token_layout",)
     scores_with_previous_layer = False
     """FastV: score with layer ``l_s - 1`` on its input (else layer ``l_s`` on its input, PyramidDrop)."""

@@ -17,7 +17,7 @@ from checks import attn_names, same_state, snapshot
 from nograd.attention import Intervention, intervene
 from nograd.errors import UnsupportedModelError
 from nograd.patches import adapter_for, supported_families
-from nograd.patches.text_lm import MistralAdapter, Qwen2Adapter
+from nograd.patches.text_lm import Gemma3TextAdapter, MistralAdapter, Qwen2Adapter
 from nograd.patches.vlm import Gemma3Adapter, InternVLAdapter, Mistral3Adapter, Qwen3VLAdapter
 from tiny import vlm as tiny_vlm
 from tiny import vlm_families as tiny_families
@@ -74,14 +74,13 @@ def test_adapter_facts(case):
 
 
 def test_decoder_alone_goes_to_its_text_family():
-    """Qwen3-VL's decoder is a Qwen3VLPreTrainedModel (as Qwen2-VL's); the others are plain text decoders, except
-    Gemma3's Gemma3TextModel, which nograd has no text adapter for (it is not taken for a VLM)."""
-    expected = {"qwen3_vl": Qwen3VLAdapter, "internvl": Qwen2Adapter, "mistral3": MistralAdapter}
+    """Qwen3-VL's decoder is a Qwen3VLPreTrainedModel (as Qwen2-VL's); the others are plain text decoders (Gemma3's
+    Gemma3TextModel goes to the text-only ``gemma3_text`` adapter, never to the VLM one)."""
+    expected = {"qwen3_vl": Qwen3VLAdapter, "internvl": Qwen2Adapter, "mistral3": MistralAdapter,
+                "gemma3": Gemma3TextAdapter}
     for family, adapter_cls in expected.items():
         decoder = tiny_families.build(family).model.language_model
         assert type(adapter_for(decoder)) is adapter_cls and adapter_for(decoder).text_model is decoder
-    with pytest.raises(UnsupportedModelError, match="Gemma3TextModel"):
-        adapter_for(tiny_families.build("gemma3").model.language_model)
 
 
 def test_attn_implementation_request_switches_the_decoder_only(case):
@@ -229,12 +228,23 @@ def test_gemma3_tile_is_the_pooled_raster():
         torch.testing.assert_close(tokens[..., k], patch_mean, atol=1e-6, rtol=0)
 
 
+REFUSED = {"pyramiddrop": {"qwen3_vl", "gemma3"}, "fastv": {"qwen3_vl", "gemma3"}, "paint": set(FAMILIES),
+           "carve": set(FAMILIES)}
+"""The families each image-layout method refuses; PyramidDrop and FastV run on InternVL-hf and Mistral3
+(``tests/methods/test_pyramiddrop_families.py``)."""
+
+
 @pytest.mark.parametrize("method", ["pyramiddrop", "fastv", "paint", "carve"])
 def test_image_layout_methods_refuse_before_touching_the_model(case, method):
-    family, model, _ = case
+    family, model, inputs = case
     saved, names = snapshot(model), attn_names(model)
-    with pytest.raises(UnsupportedModelError, match=rf"\({family}\)"):
-        nograd.apply(model, method)
+    if family in REFUSED[method]:
+        with pytest.raises(UnsupportedModelError, match=rf"\({family}\)"):
+            nograd.apply(model, method)
+    else:  # the 2-layer decoder: one boundary, after layer 0
+        with nograd.apply(model, method, **({"stages": 2} if method == "pyramiddrop" else {"layer": 1})) as handle:
+            logits(model, inputs)
+            assert handle.stats["boundaries"] == [1] and handle.stats["visual_tokens"]
     assert same_state(model, saved) and attn_names(model) == names and nograd.attached(model) == []
 
 

@@ -1,0 +1,94 @@
+"""The physical-removal reference of PyramidDrop and FastV, shared by ``tests/methods/test_pyramiddrop.py`` and
+``tests/methods/test_pyramiddrop_families.py``: the plain decoder layers run one by one, without a cache, on rows
+rebuilt by hand from the text tokens and the kept visual tokens, with hand-made causal + padding masks."""
+
+from __future__ import annotations
+
+import torch
+
+from nograd.patches import adapter_for
+from tiny.vlm import IMAGE
+
+
+def decoder(model):
+    """The model's decoder (``model.language_model``, Idefics3's ``model.text_model``)."""
+    return adapter_for(model).text_model
+
+
+def generate(model, inputs, steps=4, **kwargs):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, dim=1)
+
+
+# ---- the reference: physical removal, the plain layers run one by one, no cache ---------------------------------
+def language_model_inputs(model, inputs, ids):
+    """What the plain model gives its decoder for ``ids`` (prompt + generated tokens): embeddings, positions, mask."""
+    seen = {}
+    lm = decoder(model)
+
+    def grab(module, args, kwargs):
+        seen.update(kwargs)
+
+    mask = torch.cat([inputs["attention_mask"],
+                      torch.ones(ids.shape[0], ids.shape[1] - inputs["input_ids"].shape[1], dtype=torch.long)], 1)
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if "mm_token_type_ids" in inputs:
+        extra["mm_token_type_ids"] = (ids == IMAGE).int()
+    hook = lm.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.model(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
+    finally:
+        hook.remove()
+    positions = seen.get("position_ids")
+    if positions is None:
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return seen["inputs_embeds"], positions, mask
+
+
+def reference_logits(model, inputs, ids, kept, boundaries, positions_mode):
+    """Last-token logits of ``ids`` with, from each boundary on, only the text tokens and the kept visual tokens:
+    the rows are rebuilt by hand (left-padded), and every layer gets a hand-made causal + padding mask."""
+    lm = decoder(model)
+    embeds, positions, mask = language_model_inputs(model, inputs, ids)
+    rope = positions[1:] if positions.dim() == 3 and positions.shape[0] == 4 else positions
+    b, n = ids.shape
+    rope = rope.expand(*rope.shape[:-2], b, n)
+    prompt_len = inputs["input_ids"].shape[1]
+    visual = torch.zeros(b, n, dtype=torch.bool)
+    visual[:, :prompt_len] = (inputs["input_ids"] == IMAGE) & inputs["attention_mask"].bool()
+    full_cos, full_sin = lm.rotary_emb(embeds, rope)
+    held = torch.arange(n).expand(b, n)  # the original position each slot holds; -1: an extra pad slot
+    h, cos, sin = embeds, full_cos, full_sin
+    for i, layer in enumerate(lm.layers):
+        if i in boundaries:
+            s = boundaries.index(i)
+            dropped = visual.clone()
+            for r in range(b):
+                dropped[r, kept[s][r]] = False
+            rows = [[j for j, o in enumerate(held[r].tolist()) if o < 0 or not dropped[r, o]] for r in range(b)]
+            width = max(map(len, rows))
+            index = torch.tensor([[0] * (width - len(row)) + row for row in rows])
+            filled = torch.tensor([[False] * (width - len(row)) + [True] * len(row) for row in rows])
+            held = torch.where(filled, held.gather(1, index), -1)
+            h = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))
+            origin = held.clamp(min=0)
+            if positions_mode == "original":
+                cos, sin = (t.gather(1, origin[..., None].expand(-1, -1, t.shape[-1])) for t in (full_cos, full_sin))
+            else:
+                before = dropped.long().cumsum(1)
+                cos, sin = lm.rotary_emb(h, rope.gather(1, origin) - before.gather(1, origin))
+        valid = (held >= 0) & mask.gather(1, held.clamp(min=0)).bool()
+        length = h.shape[1]
+        allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))[None] & valid[:, None, :]
+        bias = torch.zeros(b, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+        with torch.no_grad():
+            h = layer(h, attention_mask=bias, position_embeddings=(cos, sin), position_ids=None)
+    with torch.no_grad():
+        return model.lm_head(lm.norm(h[:, -1]))
+
+
+def visual_counts(inputs):
+    return ((inputs["input_ids"] == IMAGE) & inputs["attention_mask"].bool()).sum(1).tolist()

@@ -1,0 +1,189 @@
+"""PyramidDrop and FastV on Idefics3 / SmolVLM, InternVL-hf and Mistral3 (tiny random models, 8 decoder layers):
+keeping everything is bit-identical, ``generate()`` (KV cache, a left-padded batch of 2) equals the reference that
+physically removes the dropped tokens (``drop_reference.py``, shared with ``test_pyramiddrop.py``), only image tokens
+are dropped (never Idefics3's ``<fake_token_around_image>`` / ``<row_r_col_c>`` / ``<global-img>`` tags, InternVL's
+``<img>`` ``</img>`` or Mistral3's ``[IMG_BREAK]`` ``[IMG_END]``) and as many as the schedule says, the KV-cache
+saving in the stats is the one measured on the caches, and ``remove()`` restores the model bit for bit.
+
+Qwen3-VL and Gemma3 stay refused (``tests/patches/test_vlm_families.py``); why: ``token_drop.py``'s docstring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nograd
+from checks import same_state, snapshot
+from drop_reference import decoder, generate, reference_logits, visual_counts
+from nograd.methods.drop_schedule import DropSchedule
+from nograd.patches import adapter_for
+from tiny import vlm as tiny_vlm
+from tiny import vlm_families as tiny_families
+from tiny.vlm import IMAGE
+
+LAYERS = 8
+SCHEDULE = dict(boundaries=[2, 4, 6], keep=[0.5, 0.25, 0.125])
+PLAN = DropSchedule(LAYERS, (2, 4, 6), (0.5, 0.25, 0.125))
+FAMILIES = ["idefics3", "smolvlm", "internvl", "mistral3"]  # smolvlm: the "idefics3" adapter family, its own classes
+OPTIONS = {"pyramiddrop": SCHEDULE, "fastv": dict(layer=2, keep=0.5)}
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            if family in tiny_vlm.BUILDERS:
+                model = tiny_vlm.BUILDERS[family](seed=1, attn_implementation="sdpa", text_layers=LAYERS)
+                cache[family] = model, tiny_vlm.make_inputs(family, model)
+            else:
+                model = tiny_families.build(family, seed=1, text_layers=LAYERS, attn_implementation="sdpa")
+                cache[family] = model, tiny_families.make_inputs(family, model)
+        return cache[family]
+
+    return get
+
+
+def row_alone(family: str, inputs: dict, row: int) -> dict:
+    """Batch row ``row`` by itself, without its pads, with its own image inputs."""
+    real = inputs["attention_mask"][row].bool()
+    alone = {"input_ids": inputs["input_ids"][row:row + 1, real],
+             "attention_mask": torch.ones(1, int(real.sum()), dtype=torch.long)}
+    if family in ("idefics3", "smolvlm"):  # (rows, tiles, ...): one entry per row
+        return {**alone, "pixel_values": inputs["pixel_values"][row:row + 1],
+                "pixel_attention_mask": inputs["pixel_attention_mask"][row:row + 1]}
+    if family == "internvl":  # one entry per tile
+        tiles = [sum(tiny_families.INTERNVL_TILES[r % 2]) for r in range(row + 1)]
+        return {**alone, "pixel_values": inputs["pixel_values"][sum(tiles[:-1]):sum(tiles)]}
+    images = [len(tiny_families.MISTRAL3_SIZES[r % 2]) for r in range(row + 1)]  # mistral3: one entry per image
+    start, end = sum(images[:-1]), sum(images)
+    return {**alone, "pixel_values": inputs["pixel_values"][start:end], "image_sizes": inputs["image_sizes"][start:end]}
+
+
+def cache_bytes(model, inputs) -> tuple[int, list[int]]:
+    """The prefill's KV-cache bytes and each layer's cached length."""
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    cache = getattr(out, "past_key_values", None) or out.cache
+    layers = cache.layers
+    size = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
+    return size, [layer.keys.shape[-2] for layer in layers]
+
+
+# ---- tests ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keeping_everything_is_bit_identical(models, family):
+    model, inputs = models(family)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    tokens, scores = generate(model, inputs)
+    for method, options in [("pyramiddrop", dict(boundaries=[2, 4, 6], keep=[1.0, 1.0, 1.0])),
+                            ("fastv", dict(layer=2, keep=1.0))]:
+        with nograd.apply(model, method, **options) as handle:
+            with torch.no_grad():
+                assert torch.equal(model(**inputs).logits, plain)
+            got_tokens, got_scores = generate(model, inputs)
+            stages = len(options.get("boundaries", [2])) + 1
+            assert handle.stats["visual_tokens"] == [[n] * stages for n in visual_counts(inputs)]
+        assert torch.equal(got_tokens, tokens) and torch.equal(got_scores, scores)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_only_image_tokens_drop_as_the_schedule_says(models, family):
+    """The visual tokens are the adapter's image tokens only; every stage keeps floor(N * r_s) of each row's N of
+    them, in order, and every other real token (the tags around the images included)."""
+    model, inputs = models(family)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    assert torch.equal(adapter_for(model).image_token_mask(ids), ids == IMAGE)
+    tags = set(ids[mask & (ids != IMAGE)].tolist()) - set(range(4, 100)) - {tiny_vlm.BOS}
+    assert tags  # the family's image tags are in the prompt: they must survive every stage
+    with nograd.apply(model, "pyramiddrop", **SCHEDULE) as handle, torch.no_grad():
+        logits = model(**inputs).logits
+    counts = visual_counts(inputs)
+    assert handle.stats["visual_tokens"] == [PLAN.kept_counts(n) for n in counts]
+    for kept in handle.stats["kept"]:
+        for row, positions in enumerate(kept):
+            assert bool((positions.diff() > 0).all()) and bool((ids[row, positions] == IMAGE).all())
+    dropped = [n - PLAN.kept_counts(n)[-1] for n in counts]
+    assert handle.stats["stage_lengths"][-1] == max(ids.shape[1] - d for d in dropped) == logits.shape[1]
+    with nograd.apply(model, "fastv", layer=3, keep=0.5) as handle, torch.no_grad():
+        model(**inputs)
+    assert handle.stats["visual_tokens"] == [[n, n // 2] for n in counts]
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+@pytest.mark.parametrize("method", ["pyramiddrop", "fastv"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_equals_physical_removal(models, family, method, positions):
+    model, inputs = models(family)
+    options = OPTIONS[method]
+    with nograd.apply(model, method, positions=positions, **options) as handle:
+        tokens, scores = generate(model, inputs)
+        kept = handle.stats["kept"]
+    ids = inputs["input_ids"]
+    for step in range(tokens.shape[1]):
+        expected = reference_logits(model, inputs, ids, kept, options.get("boundaries", [2]), positions)
+        torch.testing.assert_close(scores[:, step], expected, atol=1e-5, rtol=0)
+        ids = torch.cat([ids, tokens[:, step:step + 1]], dim=1)
+    with nograd.apply(model, method, positions=positions, **options):
+        uncached, _ = generate(model, inputs, use_cache=False)
+    assert torch.equal(uncached, tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_bytes_saved_is_the_measured_cache_saving(models, family):
+    """Each row alone (no pads): plain cache bytes - cache bytes with PyramidDrop, summed over the rows, is the
+    batch's ``kv_bytes_saved``; the batch's layers cache their stage's length, and its rows generate as alone."""
+    model, inputs = models(family)
+    with nograd.apply(model, "pyramiddrop", **SCHEDULE) as handle:
+        _, lengths = cache_bytes(model, inputs)
+        stats = dict(handle.stats)
+        batch_tokens, _ = generate(model, inputs)
+    stage = stats["stage_lengths"]
+    assert lengths == [stage[PLAN.stage_of_layer(i)] for i in range(LAYERS)] and stats["kv_bytes_saved"] > 0
+    measured = 0
+    for row in range(2):
+        alone = row_alone(family, inputs, row)
+        plain, _ = cache_bytes(model, alone)
+        with nograd.apply(model, "pyramiddrop", **SCHEDULE) as handle:
+            dropped, _ = cache_bytes(model, alone)
+            assert handle.stats["visual_tokens"] == stats["visual_tokens"][row:row + 1]
+            tokens, _ = generate(model, alone)
+        measured += plain - dropped
+        assert torch.equal(tokens[0], batch_tokens[row])
+    assert stats["kv_bytes_saved"] == measured
+
+
+@pytest.mark.parametrize("method", ["pyramiddrop", "fastv"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_remove_restores_the_logits_bit_for_bit(models, family, method):
+    model, inputs = models(family)
+    saved = snapshot(model)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    handle = nograd.apply(model, method, **OPTIONS[method])
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[1] < plain.shape[1]
+    generate(model, inputs, steps=2)
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, plain)
+    layers = decoder(model).layers
+    assert same_state(model, saved) and not nograd.attached(model)
+    assert not any(layer._forward_pre_hooks for layer in layers) and not model.model._forward_pre_hooks
+
+
+def test_mistral3_with_a_sliding_window_is_refused(models):
+    """A Mistral decoder with ``sliding_window`` set masks by window in every layer: refused, the model untouched."""
+    model, _ = models("mistral3")
+    saved, text = snapshot(model), model.config.text_config
+    text.sliding_window = 8
+    try:
+        for method in ("pyramiddrop", "fastv"):
+            with pytest.raises(ValueError, match="sliding-window"):
+                nograd.apply(model, method)
+    finally:
+        text.sliding_window = None
+    assert same_state(model, saved) and not nograd.attached(model)
+    assert not any(layer._forward_pre_hooks for layer in decoder(model).layers)
