@@ -4,7 +4,7 @@ Methods never look at a model's class, attribute names or config keys: they ask 
 for a *loaded* model (weights, config and current attention implementation as they are now) and changes nothing.
 
 Three kinds share the contract:
-- ``"text"``: decoder-only LLMs (Llama, Mistral, Qwen2/3, Gemma/Gemma2).
+- ``"text"``: decoder-only LLMs (Llama, Mistral, Qwen2/3, Gemma/Gemma2, text-only Gemma3).
 - ``"vlm"``: a vision tower, a projector and one of those decoders; adds image-token positions and grid layout.
 - ``"dit"``: diffusers MM-DiT transformers (SD3, FLUX); adds the joint-attention token order.
 """
