@@ -34,7 +34,7 @@ import torch
 import transformers as tf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "bench")]
 
 import nograd  # noqa: E402
 from attention import Memory  # noqa: E402  (bench/attention.py)

@@ -26,19 +26,14 @@ CFG); the VAE and text encoders are not repeated.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests")]
-
-import nograd  # noqa: E402
-from nograd.tiny.dits import build_pipeline  # noqa: E402
+import nograd
+from nograd.tiny.dits import build_pipeline
 
 
 def parse_args(argv=None):
