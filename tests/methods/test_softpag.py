@@ -28,8 +28,8 @@ def pipeline(family, **transformer_overrides):
 
 
 def images(pipe, prompt="a cat", seed=0, **kwargs):
-    kwargs = {**STEPS, "output_type": "latent", **kwargs}
-    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images
+    kwargs = {**STEPS, "output_type": "latent", "generator": torch.Generator().manual_seed(seed), **kwargs}
+    return pipe(prompt, **kwargs).images
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +292,20 @@ def test_controlnet_residuals_reach_the_perturbed_rows(family):
     torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=0)
     torch.testing.assert_close(out[True], plain + 2.0 * (plain - ptb), atol=1e-5, rtol=0)
     assert not torch.equal(ptb, plain) and untouched(model)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_batch_of_prompts_equals_each_prompt_alone(family, request):
+    """Two prompts x two images each: every image equals its prompt run alone with its seed (SD3 with CFG: the
+    batch is [uncond x 4, cond x 4] and the four cond rows are perturbed)."""
+    pipe = request.getfixturevalue(family)
+    seeds = [torch.Generator().manual_seed(i) for i in range(4)]
+    with nograd.apply(pipe, "softpag", heads={1: "all"}, u=1.0) as handle:
+        both = images(pipe, ["a cat", "a dog"], generator=seeds, num_images_per_prompt=2)
+        assert handle.stats["perturbed_rows"] == 2 * 4  # two steps, four conditional rows each
+        for index, prompt in enumerate(["a cat", "a cat", "a dog", "a dog"]):
+            alone = images(pipe, prompt, seed=index)
+            torch.testing.assert_close(both[index:index + 1], alone, atol=2e-5, rtol=0)
 
 
 def test_batched_branch_equals_separate_call_and_window_limits_steps(sd3):
