@@ -170,6 +170,10 @@ class LlavaAdapter(VLMAdapter):
         side = config.vision_config.image_size // config.vision_config.patch_size
         return [ImageLayout(leading + side * side, (raster(side, side, leading),))] * len(pixel_values)
 
+    def patch_scores_to_tokens(self, scores, image_inputs):
+        """One (patches,) row per image: the projector maps patch i to the raster's token i (no folding)."""
+        return torch.cat(list(scores))
+
 
 class AnyResAdapter(VLMAdapter):
     """LLaVA-NeXT and -OneVision "anyres": per image a base tile, then a high-resolution raster with newlines.
@@ -418,6 +422,13 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     model_classes = ("transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLPreTrainedModel",)
 
+    @property
+    def vision_feature_layer(self) -> int:
+        """The merger (``Qwen3VLVisionModel.merger``, whose output fills the image tokens) reads the last block;
+        the deepstack mergers read ``vision_config.deepstack_visual_indexes`` and are added to the decoder's hidden
+        states at the image tokens, outside the image tokens' own features: the last block is the feature layer."""
+        return len(self.vision_layers) - 1
+
 
 def _pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
@@ -452,6 +463,16 @@ class InternVLAdapter(VLMAdapter):
     @property
     def vision_has_cls(self) -> bool:
         return True
+
+    def patch_scores_to_tokens(self, scores, image_inputs):
+        """One (patches,) row per tile (the CLS left out), in ``pixel_values`` order: the model's own
+        ``pixel_shuffle`` by ``downsample_ratio`` puts each token's patches side by side, where they add up (the
+        square (patches^0.5)^2 grid ``get_image_features`` reshapes to); the tiles' tokens follow one another."""
+        tiles = torch.stack(list(scores)).float()
+        side = int(tiles.shape[1] ** 0.5)
+        shuffled = self.multimodal_model.pixel_shuffle(tiles.reshape(len(tiles), side, side, 1),
+                                                       scale_factor=self.model.config.downsample_ratio)
+        return shuffled.sum(dim=-1).flatten()
 
     def tile_shape(self) -> tuple[int, int]:
         """(rows, cols) of one tile's tokens."""
@@ -500,6 +521,23 @@ class Mistral3Adapter(VLMAdapter):
     def vision_attention_modules(self) -> list[nn.Module]:
         return [layer.attention for layer in self.vision_layers]
 
+    def patch_scores_to_tokens(self, scores, image_inputs):
+        """The tower runs every image of the call as one sequence (``PixtralVisionModel``: each image's (H/p) x
+        (W/p) patches row-major, the images one after the other, a block-diagonal mask): one (patches,) row per
+        tower call. Split per image by ``image_sizes`` and folded as ``Mistral3PatchMerger`` does, ``unfold`` in
+        ``spatial_merge_size`` blocks, where a block's patches add up."""
+        merger = self.multimodal_model.multi_modal_projector.patch_merger
+        merge, patch = merger.spatial_merge_size, merger.patch_size
+        grids = [(int(h) // patch, int(w) // patch) for h, w in torch.as_tensor(image_inputs["image_sizes"]).tolist()]
+        patches = torch.cat(list(scores)).float()
+        if len(patches) != sum(h * w for h, w in grids):
+            raise RuntimeError(f"mistral3: {len(patches)} patch scores for images of {grids} patches")
+        tokens = []
+        for (h, w), image in zip(grids, patches.split([h * w for h, w in grids])):
+            blocks = torch.nn.functional.unfold(image.view(1, 1, h, w), kernel_size=merge, stride=merge)
+            tokens.append(blocks[0].sum(dim=0))
+        return torch.cat(tokens)
+
     def image_layouts(self, input_ids, image_sizes, **inputs):
         config = self.model.config
         step = config.vision_config.patch_size * config.spatial_merge_size
@@ -534,6 +572,22 @@ class Gemma3Adapter(VLMAdapter):
     def padding_mask_module(self) -> nn.Module:
         """``Gemma3Model``: it turns the 2-D ``attention_mask`` into a dict of 4-D masks for the decoder."""
         return self.multimodal_model
+
+    @property
+    def vision_feature_layer(self) -> int:
+        """The projector reads the tower's ``last_hidden_state`` (``get_image_features``): its last layer (the
+        config has no ``vision_feature_layer``)."""
+        return len(self.vision_layers) - 1
+
+    def patch_scores_to_tokens(self, scores, image_inputs):
+        """One (patches,) row per image: the projector's own ``avg_pool`` over its (patches_per_image)^2 grid
+        (``kernel_size``^2 patches per token, row-major as ``Gemma3MultiModalProjector.forward`` reshapes them),
+        times ``kernel_size``^2, so that a token's score is the sum of its patches' (as the other families)."""
+        projector = self.multimodal_model.multi_modal_projector
+        images = torch.stack(list(scores)).float()
+        side = projector.patches_per_image
+        pooled = projector.avg_pool(images.reshape(len(images), 1, side, side)) * projector.kernel_size ** 2
+        return pooled.flatten()
 
     def image_layouts(self, input_ids, pixel_values, **inputs):
         side = int(self.model.config.mm_tokens_per_image ** 0.5)

@@ -33,7 +33,7 @@ from ..attention import AttentionCall, Intervention, intervene
 from ..config import MethodConfig, is_int, is_number, option
 from ..registry import register
 from .base import Method
-from .carve_geometry import GEOMETRIES, image_views, to_pixels
+from .carve_geometry import GEOMETRIES, crop_split, image_views, to_pixels
 from .carve_regions import KEEP_RULES, REFINE_MODES, STRATEGIES, is_flat, refine_image, select_regions
 
 GENERAL_PROMPT = "Write a general description of the image."
@@ -156,11 +156,20 @@ class RowProbe:
         self.index: torch.Tensor | None = None
         self.records: list[list[torch.Tensor]] = []
 
-    def start(self, index: torch.Tensor) -> None:
-        self.index, self.records = index, [[] for _ in range(self.num_layers)]
+    def start(self, index: torch.Tensor, length: int) -> None:
+        """``index``: (B, N_v) key positions in the prompt of ``length`` tokens."""
+        self.index, self.length, self.records = index, length, [[] for _ in range(self.num_layers)]
 
     def record(self, slot: int, probs: torch.Tensor) -> None:
-        self.records[slot].append(probs.float().gather(1, self.index.to(probs.device)).cpu())
+        """``probs`` (B, K): the row over the keys the layer sees. A sliding-window layer's cache (Gemma3; dynamic,
+        or static once full) holds only the last K of the ``length + t`` positions at decoding step t, in order: the
+        image keys are shifted into it, and those it no longer holds (which the window masks anyway) read 0. A
+        static cache not yet full (K > length + t) holds position j at key j."""
+        offset = max(self.length + len(self.records[slot]) - probs.shape[1], 0)
+        index = self.index.to(probs.device) - offset
+        kept = index >= 0
+        rows = probs.float().gather(1, index.clamp(min=0)) * kept
+        self.records[slot].append(rows.cpu())
 
     def stop(self) -> torch.Tensor:
         """(B, T, L, N_v): the rows recorded since ``start``."""
@@ -175,7 +184,8 @@ class CARVE(Method):
     paper = "Focusing by Contrastive Attention: Enhancing VLMs' Visual Reasoning"
     arxiv = "2509.06461"
     kinds = ("vlm",)
-    families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3")
+    families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "qwen3_vl", "gemma3",
+                "mistral3", "internvl")
     Config = CARVEConfig
 
     def layers(self) -> list[int]:
@@ -276,7 +286,9 @@ class CARVE(Method):
         return question + (self.config.answer_suffix or "")
 
     def build_inputs(self, images: list, texts: list[str], images_per_text: int = 1):
-        """Processor inputs for ``texts`` (one chat turn each, ``images_per_text`` images first), left-padded."""
+        """Processor inputs for ``texts`` (one chat turn each, ``images_per_text`` images first), left-padded. The
+        images go to the processor nested per text (a list per prompt): processors that check the images of each
+        prompt (Gemma3) need it, and LLaVA-OneVision reads a two-image prompt from it (``batch_num_images``)."""
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         chats = [[{"role": "user", "content": [{"type": "image"}] * images_per_text + [{"type": "text", "text": t}]}]
                  for t in texts]
@@ -285,7 +297,8 @@ class CARVE(Method):
         side = tokenizer.padding_side
         tokenizer.padding_side = "left"
         try:
-            inputs = self.processor(text=prompts, images=images, padding=True, return_tensors="pt")
+            nested = [list(images[i * images_per_text:(i + 1) * images_per_text]) for i in range(len(texts))]
+            inputs = self.processor(text=prompts, images=nested, padding=True, return_tensors="pt")
         finally:
             tokenizer.padding_side = side
         return inputs.to(self.model.device)
@@ -305,12 +318,18 @@ class CARVE(Method):
         inputs = self.build_inputs([image] * len(questions), questions)
         image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         grids = self.adapter.image_grids(inputs["input_ids"], **image_inputs)
-        crop = bool(getattr(getattr(self.processor, "image_processor", None), "do_center_crop", False))
-        located = [image_views(self.adapter, grid, image.size, self.config.geometry, crop) for grid in grids]
+        if len(grids) != len(questions):
+            raise NotImplementedError(f"carve: the processor wrote {len(grids)} images for {len(questions)} prompts "
+                                      "of one image each (e.g. Gemma3's pan-and-scan crops, written as images of "
+                                      "their own); carve reads one image per prompt")
+        image_processor = getattr(self.processor, "image_processor", None)
+        crop = bool(getattr(image_processor, "do_center_crop", False))
+        split = crop_split(self.adapter, image_processor, image.size)
+        located = [image_views(self.adapter, grid, image.size, self.config.geometry, crop, split) for grid in grids]
         index = torch.stack([positions for positions, _ in located])
         self.positions = index
         steps = 1 if self.config.steps == "first" else self.config.probe_max_new_tokens
-        self.probe.start(index)
+        self.probe.start(index, inputs["input_ids"].shape[1])
         try:
             tokens = self._generate(inputs, steps)
         finally:

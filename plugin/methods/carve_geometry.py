@@ -16,11 +16,23 @@ they are never kept.
   the whole image; an image left unsplit has only its base raster, also over the whole image.
 - Idefics3 / SmolVLM: one raster per crop, over its cell of the uniform R x C split (the processor stretches the
   image to whole tiles before cutting it); an unsplit image has only its global image, over the whole image.
+- Qwen3-VL: as Qwen2-VL (its processor uses Qwen2-VL's image processor and ``smart_resize``; ``image_grid_thw``).
+- Gemma3: one square raster of ``mm_tokens_per_image`` over the whole image: ``Gemma3ImageProcessor`` resizes
+  (stretches) every image to the square ``size``; pan-and-scan (crops written as extra images) is not handled.
+- Mistral3 (Pixtral processor): one raster over the whole image: ``PixtralImageProcessor.resize`` shrinks the image
+  keeping its aspect and rounds each side up to a multiple of ``patch_size * spatial_merge_size`` (a slight
+  stretch), and ``image_sizes`` holds the result, whose ``[IMG_BREAK]``-ended rows the adapter's raster leaves out.
+- InternVL-hf (``GotOcr2ImageProcessor.crop_to_patches``): one raster per crop, over its cell of the uniform R x C
+  split (the image is stretched to C x R tiles and cut row-major), the thumbnail left out; an unsplit image is one
+  raster over the whole image. R and C are not in the inputs: ``crop_split`` re-derives them from the image size and
+  the image processor's ``size``, ``min_patches`` and ``max_patches`` with the processor's own
+  ``get_optimal_tiled_canvas``, checked against the number of crops the tokens hold.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -38,14 +50,40 @@ class View:
     """(x0, y0, x1, y1) in the original image's pixels, x1 / y1 exclusive."""
 
 
+def crop_split(adapter, image_processor, size: tuple[int, int]) -> tuple[int, int] | None:
+    """InternVL-hf: (R, C) of the crops ``crop_to_patches`` cuts an image of ``size`` = (W, H) into, as the image
+    processor decides it (``get_optimal_tiled_canvas`` over its ``size``, ``min_patches``, ``max_patches``); None for
+    the other families. Whether the image was split at all is read from its tokens (``image_views``)."""
+    if adapter.family != "internvl":
+        return None
+    module = importlib.import_module(type(image_processor).__module__)
+    canvas = getattr(module, "get_optimal_tiled_canvas", None)
+    tile = getattr(image_processor, "size", None)
+    tile = {k: tile.get(k) if isinstance(tile, dict) else getattr(tile, k, None) for k in ("height", "width")}
+    if canvas is None or not tile["height"] or not tile["width"]:
+        raise NotImplementedError(f"carve: InternVL crops need the GotOcr2 image processor's tiling rules; "
+                                  f"{type(image_processor).__name__} has none")
+    width, height = size
+    cols, rows = canvas((height, width), (tile["height"], tile["width"]), image_processor.min_patches,
+                        image_processor.max_patches)
+    return rows, cols
+
+
 def image_views(adapter, grid, size: tuple[int, int], geometry: str = "processor",
-                center_crop: bool = True) -> tuple[torch.Tensor, list[View]]:
+                center_crop: bool = True, split: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[View]]:
     """The token positions of one image (``ImageGrid``) whose map CARVE reads, and its views, for an original image
-    of ``size`` = (W, H). ``center_crop``: whether the LLaVA-1.5 processor crops (``image_processor.do_center_crop``)."""
+    of ``size`` = (W, H). ``center_crop``: whether the LLaVA-1.5 processor crops (``image_processor.do_center_crop``).
+    ``split``: InternVL-hf's (R, C) (``crop_split``)."""
     width, height = size
     tiles = list(grid.tiles)
-    if adapter.family in ("llava_next", "llava_onevision", "idefics3"):
+    if adapter.family in ("llava_next", "llava_onevision", "idefics3", "internvl"):
         tiles = [t for t in tiles if t.kind == "crop"] or [t for t in tiles if t.kind == "base"][:1]
+    if adapter.family == "internvl" and tiles[0].kind == "crop":
+        if split is None or split[0] * split[1] != len(tiles):
+            raise ValueError(f"carve: an InternVL image of {len(tiles)} crops, but its image processor splits an "
+                             f"image of {width}x{height} into {split} crops")
+        rows, cols = split
+        tiles = [replace(t, cell=(k // cols, k % cols, rows, cols)) for k, t in enumerate(tiles)]
     positions = torch.cat([tile.positions for tile in tiles])
     views, start = [], 0
     for tile in tiles:

@@ -65,9 +65,20 @@ class ImageFreeContrast:
             self._cache = DynamicCache()
         extra = {"mm_token_type_ids": torch.zeros_like(new_ids)} if "mm_token_type_ids" in self._signature.parameters \
             else {}
-        with torch.no_grad():
-            out = self.model(input_ids=new_ids, attention_mask=self._mask, use_cache=True,
-                             **{self._cache_arg: self._cache}, **extra)
+        # Qwen-VL models keep the image prompt's M-RoPE offsets (``rope_deltas``) and, on a forward with a KV cache
+        # and no position_ids, build positions from them and the whole attention mask: wrong for the image-free
+        # copy (and of the wrong length). Without them a text-only forward counts positions on from its cache.
+        holder = getattr(self.model, "model", self.model)
+        deltas = getattr(holder, "rope_deltas", None)
+        if deltas is not None:
+            holder.rope_deltas = None
+        try:
+            with torch.no_grad():
+                out = self.model(input_ids=new_ids, attention_mask=self._mask, use_cache=True,
+                                 **{self._cache_arg: self._cache}, **extra)
+        finally:
+            if deltas is not None:
+                holder.rope_deltas = deltas
         return out.logits[:, -1]
 
     def _without_image(self, input_ids, attention_mask, prompt):

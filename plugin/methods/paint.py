@@ -18,9 +18,24 @@ head's measured visual share (the image's share of the prompt's last row, withou
 (``head_stats``) or on the current input. Qwen2-VL's tower has no CLS token: its local and summary scores are the
 attention each patch receives (mean over queries and heads) in the first and last blocks, summed over the patches
 the merger joins into one token (spec §5.6, our reconstruction); Idefics3 / SmolVLM likewise, per tile, summed over
-the ``scale_factor^2`` patches the connector's ``pixel_shuffle`` folds into one token. The spatial stream (``spatial_ratio``, off in the
-official code) uses the attention each patch receives in the first vision layer: the official row sums are
-constant (spec §1.7). Qwen2.5-VL reads its full-attention blocks and undoes its window permutation.
+the ``scale_factor^2`` patches the connector's ``pixel_shuffle`` folds into one token. The spatial stream
+(``spatial_ratio``, off in the official code) uses the attention each patch receives in the first vision layer: the
+official row sums are constant (spec §1.7). Qwen2.5-VL reads its full-attention blocks and undoes its window
+permutation. How the patch scores reach the LLM's tokens is the adapter's (``patch_scores_to_tokens``, the
+projector's own geometry; a token's score is the sum of its patches'):
+- Qwen3-VL: as Qwen2-VL (received attention per image, the merger's runs of ``spatial_merge_size^2`` patches); the
+  summary layer is the last block, which the merger reads (the deepstack mergers' taps are added to the decoder's
+  hidden states, not the image features).
+- Gemma3: SigLIP (no CLS), received attention per image, the projector's ``avg_pool`` (times its
+  ``kernel_size^2``: the sum over the pooled block); the summary layer is the last (``last_hidden_state``).
+- InternVL-hf: a CLS tower run on every tile: the CLS row per tile, folded by the model's ``pixel_shuffle``
+  (``downsample_ratio``); an image's tiles (crops, then the thumbnail) are one run of tokens, over which the ratio
+  and the Tukey rule apply; the summary layer is ``vision_feature_layer``.
+- Mistral3: the Pixtral tower runs all images of a call as one sequence with a block-diagonal mask: the received
+  attention is averaged over all of its queries, which for an image's patches is its own queries' mean times a
+  positive factor (the selection is unchanged); split per image by ``image_sizes`` and folded as
+  ``Mistral3PatchMerger``'s ``unfold``.
+Towers that pack all images in one flash call (Qwen, Pixtral) are refused with flash attention.
 
 LLaVA-NeXT and LLaVA-OneVision ("anyres") run their tower on every tile of every image (a base tile, then the
 crops): the read-out gives patch scores per tile, the CLS rows of NeXT's CLIP tower, the received attention of
@@ -48,7 +63,9 @@ from ..registry import register
 from .visual_edit import (CFG_GAMMA_DOC, IMAGE_INPUTS, ROWS, VisualEditMethod, VisualPrompt, check_cfg_gamma,
                           check_layers)
 
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+PACKED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mistral3")
+"""Towers that run all images in one sequence: flash attention packs them (cu_seqlens) where the read-outs need
+each image's attention (Qwen's per-image calls, Pixtral's block-diagonal mask)."""
 ANYRES_FAMILIES = ("llava_next", "llava_onevision")
 
 
@@ -178,7 +195,8 @@ class PAINT(VisualEditMethod):
     summary = "boost ViT-selected local and summary image tokens in the LLM's attention (s + margin*|s|)"
     paper = "Fixing Imbalanced Attention to Mitigate In-Context Hallucination of Large Vision-Language Model"
     arxiv = "2501.12206"
-    families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3")
+    families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3",
+                "internvl", "mistral3", "gemma3")
     Config = PAINTConfig
     default_layers = (2 / 32, 1.0)
 
@@ -240,9 +258,10 @@ class PAINT(VisualEditMethod):
                 f"paint needs one CLS-token vision tower per image on LLaVA-1.5 (CLIP); this "
                 f"{type(self.adapter.model).__name__}'s tower has none")
         vision_implementation = getattr(self.adapter.model.config, self.adapter.vision_attn_config_key)._attn_implementation
-        if family in QWEN_FAMILIES and "flash" in str(vision_implementation):
-            raise UnsupportedModelError("paint reads Qwen2-VL's vision attention per image, which its flash path "
-                                        "packs into one call: load the vision tower with sdpa or eager")
+        if family in PACKED_FAMILIES and "flash" in str(vision_implementation):
+            raise UnsupportedModelError(f"paint reads the vision attention of {family} per image (Qwen: a call per "
+                                        "image; Mistral3: a block-diagonal mask), which its flash path packs into "
+                                        "one call without a mask: load the vision tower with sdpa or eager")
 
     def is_neutral(self) -> bool:
         return self.config.alpha == 0 and self.config.beta == 0
@@ -290,9 +309,9 @@ class PAINT(VisualEditMethod):
             self._kept = None
 
     def _capture_images(self, module, args, kwargs):
-        """A new tower run: clear the read-outs, keep its pixels (and Qwen2-VL's ``grid_thw``); AnyRes: keep the
-        image inputs of its ``get_image_features`` call, or, for a run outside one (OneVision's video frames), put
-        the image scores aside until it ends."""
+        """A new tower run: clear the read-outs, keep its pixels (and Qwen's ``grid_thw``, Pixtral's
+        ``image_sizes``); AnyRes: keep the image inputs of its ``get_image_features`` call, or, for a run outside
+        one (OneVision's video frames), put the image scores aside until it ends."""
         if self.anyres:
             if self._pending_images is None:
                 self._kept = dict(self.scores)
@@ -308,6 +327,8 @@ class PAINT(VisualEditMethod):
         grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
         if grid is not None:
             inputs["image_grid_thw"] = grid
+        if kwargs.get("image_sizes") is not None:  # Mistral3's Pixtral tower: the images' sizes, for their patches
+            inputs["image_sizes"] = kwargs["image_sizes"]
         self.scores["image_inputs"] = inputs
 
     def coefficients(self, prompt: VisualPrompt):
@@ -316,12 +337,11 @@ class PAINT(VisualEditMethod):
         return self._selected[1], None
 
     def _token_scores(self, key: str, sizes: list[int]) -> list[torch.Tensor]:
-        """Each image's scores per LLM token. A CLS tower gives one row per image; a tower without one gives patch
-        scores per run (a Qwen image, an Idefics3 tile), which the adapter folds into tokens as its projector does
-        (``patch_scores_to_tokens``), split per image."""
+        """Each image's scores per LLM token. The tower gives patch scores per run unit (a LLaVA / Qwen / Gemma3
+        image, an Idefics3 or InternVL tile: CLS rows or received attention), which the adapter folds into tokens as
+        its projector does (``patch_scores_to_tokens``: LLaVA one token per patch, Qwen's merger units, Idefics3's
+        and InternVL's ``pixel_shuffle``, Gemma3's average pool), split per image."""
         scores = self.scores[key]
-        if self.adapter.vision_has_cls:
-            return list(scores)
         tokens = self.adapter.patch_scores_to_tokens(list(scores), self.scores["image_inputs"])
         if len(tokens) != sum(sizes):
             raise RuntimeError(f"paint: the images have {sum(sizes)} image tokens but the tower scored {len(tokens)}")

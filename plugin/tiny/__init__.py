@@ -78,8 +78,9 @@ def vlm(family: str = "llava", seed: int = 0, layers: int = 8):
     use ``processor.apply_chat_template``."""
     from . import processors, vlms
 
-    if family not in processors.PROCESSORS:
-        raise KeyError(f"no tiny VLM with a processor for {family!r}; known: {sorted(processors.PROCESSORS)}")
+    if family not in processors.PROCESSORS or family not in vlms.BUILDERS:
+        known = sorted(set(processors.PROCESSORS) & set(vlms.BUILDERS))
+        raise KeyError(f"no tiny VLM with a processor for {family!r}; known: {known}")
     model = vlms.BUILDERS[family](seed=seed, attn_implementation="sdpa", text_layers=layers)
     return model, processors.PROCESSORS[family]()
 

@@ -7,6 +7,11 @@ processor (``OnevisionProcessor``: the video processor needs torchvision, and ``
 it; images never touch it). Both with their PIL image processors at the tiny models' sizes (``nograd.tiny.vlms``: 28x28
 tiles of 7x7 patches, ``PINPOINTS``), so their image-token counts are the models' own. Idefics3 and SmolVLM get
 the real ``Idefics3Processor`` with its PIL image processor.
+
+Qwen3-VL, Gemma3, Mistral3 and InternVL-hf get their real processors (``Qwen3VLProcessor`` and ``InternVLProcessor``
+without a video processor, the ``NoVideo`` mixin; ``Gemma3Processor``; ``PixtralProcessor``, whose module needs a
+stand-in for a torchvision import) with PIL image processors, at the sizes of the tiny models of those families
+(``tests/tiny/vlm_families.py``, which ``nograd.tiny`` does not build): their special tokens take ids 156 and 157.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import string
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (BatchFeature, CLIPImageProcessorPil, Idefics3Processor, LlavaNextImageProcessorPil,
-                          LlavaNextProcessor, LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor, LlavaProcessor,
-                          PreTrainedTokenizerFast)
+from transformers import (BatchFeature, CLIPImageProcessorPil, Gemma3Processor, Idefics3Processor, InternVLProcessor,
+                          LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaOnevisionImageProcessorPil,
+                          LlavaOnevisionProcessor, LlavaProcessor, PreTrainedTokenizerFast, Qwen3VLProcessor)
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -31,9 +38,10 @@ TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['ty
             "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT:")
 
 
-def tokenizer(special: dict[str, int] | None = None) -> PreTrainedTokenizerFast:
+def tokenizer(special: dict[str, int] | None = None, **named: str) -> PreTrainedTokenizerFast:
     """One token per character of ``CHARS`` (ids 4..73) and ``LETTERS`` (74..149), pad 0, BOS 1, EOS 2, unk 3, and
-    the ``special`` tokens; left padding, and decoding joins the characters back into the text."""
+    the ``special`` tokens; left padding, and decoding joins the characters back into the text. ``named``: model
+    specific token attributes (``image_token="<image>"`` gives ``tokenizer.image_token`` and ``.image_token_id``)."""
     special = special or {}
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: 4 + i for i, c in enumerate(CHARS + LETTERS)},
              **special}
@@ -41,7 +49,7 @@ def tokenizer(special: dict[str, int] | None = None) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", padding_side="left")
+                                   unk_token="<unk>", padding_side="left", **named)
     if special:
         fast.add_special_tokens({"additional_special_tokens": list(special)})
     return fast
@@ -64,14 +72,18 @@ def llava_next_processor() -> LlavaNextProcessor:
                               chat_template=TEMPLATE.replace("{{ image }}", "<image>"), image_token="<image>")
 
 
-class OnevisionProcessor(LlavaOnevisionProcessor):
-    """The real ``LlavaOnevisionProcessor`` with no video processor: ``ProcessorMixin`` checks each sub-processor's
+class NoVideo:
+    """Mixin for a real processor built without its video processor: ``ProcessorMixin`` checks each sub-processor's
     class, and looking up the video processor's class fails without torchvision; images never use it."""
 
     def check_argument_for_proper_class(self, argument_name, argument):
         if argument_name == "video_processor" and argument is None:
             return None
         return super().check_argument_for_proper_class(argument_name, argument)
+
+
+class OnevisionProcessor(NoVideo, LlavaOnevisionProcessor):
+    """The real ``LlavaOnevisionProcessor`` with no video processor."""
 
 
 def llava_onevision_processor() -> OnevisionProcessor:
@@ -128,9 +140,92 @@ def idefics3_processor() -> Idefics3Processor:
                              chat_template=TEMPLATE.replace("{{ image }}", "<image>"))
 
 
+# ---- Qwen3-VL, Gemma3, Mistral3, InternVL-hf (the tiny models of tests/tiny/vlm_families.py) --------------------
+BEGIN, END = 156, 157
+"""Gemma3 ``<start_of_image>`` / ``<end_of_image>``, Mistral3 ``[IMG_BREAK]`` / ``[IMG_END]``, InternVL ``<img>`` /
+``</img>``: the ids the tiny configs of those families give them."""
+
+
+class Qwen3VLImagesProcessor(NoVideo, Qwen3VLProcessor):
+    """The real ``Qwen3VLProcessor`` with no video processor."""
+
+
+def qwen3_vl_processor() -> Qwen3VLImagesProcessor:
+    """The tiny Qwen3-VL (7x7 patches, merge 2): Qwen2-VL's PIL image processor (Qwen3-VL's own image processor
+    class), ``smart_resize`` to multiples of 14 between 4 and 64 merged tokens, ``<|image_pad|>`` per merged token
+    between ``<|vision_start|>`` and ``<|vision_end|>``."""
+    images = Qwen2VLImageProcessorPil(patch_size=7, merge_size=2, temporal_patch_size=2, min_pixels=14 * 14 * 4,
+                                      max_pixels=14 * 14 * 64)
+    tokens = tokenizer({"<|image_pad|>": IMAGE, "<|video_pad|>": VIDEO, "<|vision_start|>": VISION_START,
+                        "<|vision_end|>": VISION_END})
+    return Qwen3VLImagesProcessor(image_processor=images, tokenizer=tokens, video_processor=None,
+                                  chat_template=TEMPLATE.replace("{{ image }}",
+                                                                 "<|vision_start|><|image_pad|><|vision_end|>"))
+
+
+def gemma3_processor() -> Gemma3Processor:
+    """The real ``Gemma3Processor``: every image stretched to 28x28 (``Gemma3ImageProcessorPil``, pan-and-scan off)
+    and written ``<start_of_image>`` + 4 ``<image_soft_token>`` + ``<end_of_image>`` (``mm_tokens_per_image``)."""
+    tokens = tokenizer({"<image_soft_token>": IMAGE, "<start_of_image>": BEGIN, "<end_of_image>": END},
+                       boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>")
+    return Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 28, "width": 28}),
+                           tokenizer=tokens, image_seq_length=4,
+                           chat_template=TEMPLATE.replace("{{ image }}", "<start_of_image>"))
+
+
+def _pixtral_processor_class():
+    """``PixtralProcessor``: its module imports a helper from the torchvision image processor module, which fails
+    without torchvision; the PIL module holds the same helper, put in its place when that import fails."""
+    import importlib
+    import sys
+    import types
+
+    from transformers.models.pixtral import image_processing_pil_pixtral
+
+    name = "transformers.models.pixtral.image_processing_pixtral"
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        stub = types.ModuleType(name)
+        stub.get_resize_output_image_size = image_processing_pil_pixtral.get_resize_output_image_size
+        sys.modules[name] = stub
+    return importlib.import_module("transformers.models.pixtral.processing_pixtral").PixtralProcessor
+
+
+def mistral3_processor():
+    """The real ``PixtralProcessor`` (Mistral3's) with ``PixtralImageProcessorPil``: the longest edge shrunk to at
+    most 28 keeping the aspect, each side rounded up to a multiple of 14 (patch 7 x merge 2); per row of tokens
+    ``[IMG]`` x cols + ``[IMG_BREAK]``, the last row ending in ``[IMG_END]``."""
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tokens = tokenizer({"[IMG]": IMAGE, "[IMG_BREAK]": BEGIN, "[IMG_END]": END})
+    images = PixtralImageProcessorPil(size={"longest_edge": 28}, patch_size={"height": 7, "width": 7})
+    return _pixtral_processor_class()(image_processor=images, tokenizer=tokens, patch_size=7, spatial_merge_size=2,
+                                      chat_template=TEMPLATE.replace("{{ image }}", "[IMG]"))
+
+
+class InternVLImagesProcessor(NoVideo, InternVLProcessor):
+    """The real ``InternVLProcessor`` with no video processor."""
+
+
+def internvl_processor() -> InternVLImagesProcessor:
+    """The real ``InternVLProcessor`` with ``GotOcr2ImageProcessorPil`` at the tiny model's sizes: ``crop_to_patches``
+    into R x C tiles of 28x28 (1 to 4 tiles; R x C from ``get_optimal_tiled_canvas``) plus a thumbnail when split,
+    4 ``<IMG_CONTEXT>`` tokens per tile (``image_seq_length``) between ``<img>`` and ``</img>``."""
+    tokens = tokenizer({"<IMG_CONTEXT>": IMAGE, "<video>": VIDEO, "<img>": BEGIN, "</img>": END},
+                       start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>",
+                       video_token="<video>")
+    images = GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=True, min_patches=1,
+                                      max_patches=4)
+    return InternVLImagesProcessor(image_processor=images, tokenizer=tokens, video_processor=None,
+                                   image_seq_length=4, chat_template=TEMPLATE.replace("{{ image }}", "<IMG_CONTEXT>"))
+
+
 PROCESSORS = {"llava": llava_processor, "llava_next": llava_next_processor,
               "llava_onevision": llava_onevision_processor, "qwen2_vl": QwenProcessor, "qwen2_5_vl": QwenProcessor,
-              "idefics3": idefics3_processor, "smolvlm": idefics3_processor}
+              "idefics3": idefics3_processor, "smolvlm": idefics3_processor,
+              "qwen3_vl": qwen3_vl_processor, "gemma3": gemma3_processor, "mistral3": mistral3_processor,
+              "internvl": internvl_processor}
 
 
 def image(width: int, height: int, seed: int = 0):

@@ -228,10 +228,11 @@ def test_gemma3_tile_is_the_pooled_raster():
         torch.testing.assert_close(tokens[..., k], patch_mean, atol=1e-6, rtol=0)
 
 
-REFUSED = {"pyramiddrop": {"qwen3_vl", "gemma3"}, "fastv": {"qwen3_vl", "gemma3"}, "paint": set(FAMILIES),
-           "carve": set(FAMILIES)}
+REFUSED = {"pyramiddrop": {"qwen3_vl", "gemma3"}, "fastv": {"qwen3_vl", "gemma3"}, "paint": set(),
+           "carve": set()}
 """The families each image-layout method refuses; PyramidDrop and FastV run on InternVL-hf and Mistral3
-(``tests/methods/test_pyramiddrop_families.py``)."""
+(``tests/methods/test_pyramiddrop_families.py``), PAINT on all four
+(``tests/methods/test_paint_families.py``), CARVE on all four (``tests/methods/test_carve_families.py``)."""
 
 
 @pytest.mark.parametrize("method", ["pyramiddrop", "fastv", "paint", "carve"])
@@ -241,6 +242,16 @@ def test_image_layout_methods_refuse_before_touching_the_model(case, method):
     if family in REFUSED[method]:
         with pytest.raises(UnsupportedModelError, match=rf"\({family}\)"):
             nograd.apply(model, method)
+    elif method == "paint":
+        with nograd.apply(model, method, layers=(0, None)) as handle:
+            logits(model, inputs)
+            assert len(handle.stats["selection"]) == len(LAYOUTS[family]) and any(handle.stats["local_tokens"])
+    elif method == "carve":  # it needs the processor, and reads attention only while it probes
+        from tiny.processor import PROCESSORS
+
+        plain = logits(model, inputs)
+        with nograd.apply(model, method, processor=PROCESSORS[family]()) as handle:
+            assert handle.stats["layers"] == [1] and torch.equal(logits(model, inputs), plain)
     else:  # the 2-layer decoder: one boundary, after layer 0
         with nograd.apply(model, method, **({"stages": 2} if method == "pyramiddrop" else {"layer": 1})) as handle:
             logits(model, inputs)
