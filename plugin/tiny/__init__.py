@@ -12,8 +12,9 @@ fresh objects. The answers and images they give are noise: use them to see what 
     picture = nograd.tiny.image(56, 56)                       # a smooth random RGB PIL image
 
 ``build(family, **overrides)`` builds a bare model of any family in ``FAMILIES``. The configs live in the
-submodules: ``llms`` (text LLMs), ``vlms`` (VLMs and hand-built batches for them), ``processors`` (their offline
-processors; no torchvision) and ``dits`` (MM-DiTs and their pipelines; needs diffusers).
+submodules: ``llms`` (text LLMs), ``vlms`` (VLMs and hand-built batches for them), ``vlm_families`` (Qwen3-VL,
+InternVL-hf, Mistral3, Gemma3: models, batches and FRANK trios), ``processors`` (their offline processors; no
+torchvision) and ``dits`` (MM-DiTs and their pipelines; needs diffusers).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import importlib
 import torch
 
 LABEL = "built-in tiny model (random weights): shows the mechanics only, not the quality of any method"
-VLM_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
+VLM_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm",
+                "qwen3_vl", "internvl", "mistral3", "gemma3")
 """The VLM families ``vlm()`` builds with a processor."""
 
 
@@ -76,12 +78,14 @@ def vlm(family: str = "llava", seed: int = 0, layers: int = 8):
     of 7x7 patches, a ``layers``-layer decoder) and its offline processor, whose image-token counts are the model's
     own. Prompts put the image where ``<image>`` stands (Qwen: ``<|vision_start|><|image_pad|><|vision_end|>``), or
     use ``processor.apply_chat_template``."""
-    from . import processors, vlms
+    from . import processors, vlm_families, vlms
 
-    if family not in processors.PROCESSORS or family not in vlms.BUILDERS:
-        known = sorted(set(processors.PROCESSORS) & set(vlms.BUILDERS))
-        raise KeyError(f"no tiny VLM with a processor for {family!r}; known: {known}")
-    model = vlms.BUILDERS[family](seed=seed, attn_implementation="sdpa", text_layers=layers)
+    if family not in VLM_FAMILIES:
+        raise KeyError(f"no tiny VLM with a processor for {family!r}; known: {', '.join(VLM_FAMILIES)}")
+    if family in vlm_families.FAMILIES:
+        model = vlm_families.build(family, seed=seed, attn_implementation="sdpa", text_layers=layers)
+    else:
+        model = vlms.BUILDERS[family](seed=seed, attn_implementation="sdpa", text_layers=layers)
     return model, processors.PROCESSORS[family]()
 
 

@@ -11,7 +11,7 @@ the real ``Idefics3Processor`` with its PIL image processor.
 Qwen3-VL, Gemma3, Mistral3 and InternVL-hf get their real processors (``Qwen3VLProcessor`` and ``InternVLProcessor``
 without a video processor, the ``NoVideo`` mixin; ``Gemma3Processor``; ``PixtralProcessor``, whose module needs a
 stand-in for a torchvision import) with PIL image processors, at the sizes of the tiny models of those families
-(``tests/tiny/vlm_families.py``, which ``nograd.tiny`` does not build): their special tokens take ids 156 and 157.
+(``nograd.tiny.vlm_families``): their special tokens take its ids ``BEGIN`` and ``END``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from .vlm_families import BEGIN, END
 from .vlms import FAKE, GLOBAL, IMAGE, PINPOINTS, ROW_COL_TAGS, VIDEO, VISION_END, VISION_START
 
 CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,?!:'-"
@@ -141,9 +142,6 @@ def idefics3_processor() -> Idefics3Processor:
 
 
 # ---- Qwen3-VL, Gemma3, Mistral3, InternVL-hf (the tiny models of tests/tiny/vlm_families.py) --------------------
-BEGIN, END = 156, 157
-"""Gemma3 ``<start_of_image>`` / ``<end_of_image>``, Mistral3 ``[IMG_BREAK]`` / ``[IMG_END]``, InternVL ``<img>`` /
-``</img>``: the ids the tiny configs of those families give them."""
 
 
 class Qwen3VLImagesProcessor(NoVideo, Qwen3VLProcessor):

@@ -7,15 +7,9 @@ import copy
 
 import torch
 
+from nograd.tiny.vlm_families import noisy
+
 from . import build
-
-
-def noisy(module, scale, seed):
-    """Add seeded Gaussian noise of std ``scale`` to every parameter of ``module``, in place."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def make_trio(layers: int, **text_overrides):
