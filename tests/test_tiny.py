@@ -1,0 +1,38 @@
+"""``nograd.tiny``, the public tiny models: every text family and every VLM family (with its real offline processor)
+builds and generates, and a VLM's processor writes exactly as many image tokens as the model's features fill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nograd
+from nograd.tiny import llms
+
+
+@pytest.mark.parametrize("family", sorted(llms.BUILDERS))
+def test_every_text_family_generates(family):
+    model, tokenizer = nograd.tiny.llm(family=family, layers=2)
+    inputs = tokenizer(["The capital", "of France is"], return_tensors="pt", padding=True)
+    out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
+
+
+@pytest.mark.parametrize("family", nograd.tiny.VLM_FAMILIES)
+def test_every_vlm_family_generates_from_its_processor(family):
+    model, processor = nograd.tiny.vlm(family, layers=2)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[[nograd.tiny.image(60, 40)]], return_tensors="pt")
+    image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert image_tokens > 0 and out.shape[1] == inputs["input_ids"].shape[1] + 2
+    assert image_tokens == sum(len(grid.positions) for grid in
+                               nograd.patches.adapter_for(model).image_grids(inputs["input_ids"], **{
+                                   k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}))
+
+
+def test_an_unknown_family_is_named():
+    with pytest.raises(KeyError, match="no tiny VLM with a processor for 'nope'"):
+        nograd.tiny.vlm("nope")
