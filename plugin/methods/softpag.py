@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from ..attention import AttentionCall, Intervention, intervene
 from ..config import MethodConfig, is_int, is_number, option
 from ..guidance import GuidanceState, PerturbedGuidance
@@ -256,6 +257,10 @@ class HeadPerturbation(Intervention):
         self.stats = stats
 
     def _u(self, call: AttentionCall) -> torch.Tensor | None:
+        """(B, H) weights of this call (0 outside the perturbed rows), or None; computed once per call."""
+        if getattr(self, "_call", None) is call:
+            return self._weights
+        self._call, self._weights = call, None
         rows = self.state.ptb
         if rows is None:
             return None
@@ -266,19 +271,33 @@ class HeadPerturbation(Intervention):
         if not bool((u > 0).any()):
             return None
         self.stats["perturbed_attention_calls"] = self.stats.get("perturbed_attention_calls", 0) + 1
-        return u.to(call.query.device)
+        self._weights = u.to(call.query.device)
+        return self._weights
+
+    def _count_skipped(self, call: AttentionCall, u: torch.Tensor, queries: int) -> None:
+        skipped = int((u == 1).sum())
+        n = call.shape[3]
+        self.stats["identity_heads_skipped"] = self.stats.get("identity_heads_skipped", 0) + skipped
+        self.stats["attention_flops_saved"] = (self.stats.get("attention_flops_saved", 0)
+                                               + 4 * queries * n * call.query.shape[-1] * skipped)
 
     def blend(self, call: AttentionCall) -> torch.Tensor | None:
-        if self.mode != "joint_identity" or self.path != "fast":
+        """``joint_identity``: u itself (u = 1 heads skip the attention product, nograd.kernels' blend).
+        ``image_identity``: 1 on the u = 1 heads, whose image rows the edit replaces by the target and whose text
+        rows it recomputes alone, so their full attention product is skipped; 0 elsewhere."""
+        if self.path != "fast":
             return None
         u = self._u(call)
-        if u is not None:  # u = 1 heads skip the attention product (nograd.kernels' blend): count what that saves
-            skipped = int((u == 1).sum())
-            _, _, m, n = call.shape
-            self.stats["identity_heads_skipped"] = self.stats.get("identity_heads_skipped", 0) + skipped
-            self.stats["attention_flops_saved"] = (self.stats.get("attention_flops_saved", 0)
-                                                   + 4 * m * n * call.query.shape[-1] * skipped)
-        return u
+        if u is None:
+            return None
+        if self.mode == "joint_identity":
+            self._count_skipped(call, u, call.shape[2])
+            return u
+        if not bool((u == 1).any()):
+            return None
+        image = call.extras["spans"]["image"]
+        self._count_skipped(call, u, image.stop - image.start)
+        return (u == 1).float()
 
     def output_edit(self, call: AttentionCall):
         if self.mode == "joint_identity" and self.path == "fast":
@@ -298,15 +317,33 @@ class HeadPerturbation(Intervention):
                 chosen = (weight > 0)[:, :, None, None]
                 edited[rows] = torch.where(chosen, full.to(out.dtype), out[rows])
                 return edited
-            image = spans["image"]
-            target = image_identity_target(q, k, v, image, spans["text"], call.scaling)
-            part = out[rows][:, :, image]
+            image, text = spans["image"], spans["text"]
             edited_rows = edited[rows]
+            skipped = weight == 1  # their attention was skipped (``blend``): the text rows are computed here
+            if bool(skipped.any()):
+                text_rows = kernels.attention(q[:, :, text], k, v, scale=call.scaling, key_bias=_rows_of(call.key_bias,
+                                              rows), mask=_text_mask(call.mask, rows, text))
+                edited_rows[:, :, text] = torch.where(skipped[:, :, None, None], text_rows, edited_rows[:, :, text])
+            target = image_identity_target(q, k, v, image, text, call.scaling)
+            part = edited_rows[:, :, image]
             edited_rows[:, :, image] = torch.lerp(part.float(), target, weight.float()[:, :, None, None]).to(out.dtype)
             edited[rows] = edited_rows
             return edited
 
         return edit
+
+
+def _rows_of(bias: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    """A (B or 1, H or 1, N) key bias restricted to the batch ``rows``."""
+    return bias if bias is None or bias.shape[0] == 1 else bias[rows]
+
+
+def _text_mask(mask: torch.Tensor | None, rows: torch.Tensor, text: slice) -> torch.Tensor | None:
+    """A 4-D mask restricted to the batch ``rows`` and the text queries."""
+    if mask is None:
+        return None
+    mask = mask if mask.shape[0] == 1 else mask[rows]
+    return mask[..., text, :] if mask.shape[-2] > 1 else mask
 
 
 # ---- the methods -----------------------------------------------------------------------------------------------------

@@ -237,6 +237,25 @@ def test_u1_heads_skip_the_attention_product(family, request, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_image_identity_u1_heads_skip_the_product_and_equal_the_reference(family, request):
+    """image_identity at u = 1: the full attention of those heads is skipped (their text rows are recomputed alone,
+    their image rows are the target), the images equal the explicit map's."""
+    pipe = request.getfixturevalue(family)
+    heads = {0: [1], 1: "all"}
+    out = {}
+    for path in ("fast", "reference"):
+        with nograd.apply(pipe, "softpag", heads=heads, u=1.0, mode="image_identity", path=path) as handle:
+            out[path] = images(pipe)
+            stats = dict(handle.stats)
+    per_call = len(heads[0]) + layer_modules(adapter_for(pipe.transformer))[1].heads
+    assert stats["identity_heads_skipped"] == 0  # the reference path computes everything
+    with nograd.apply(pipe, "softpag", heads=heads, u=1.0, mode="image_identity") as handle:
+        images(pipe)
+        assert handle.stats["identity_heads_skipped"] == handle.stats["perturbed_calls"] * per_call > 0
+    torch.testing.assert_close(out["fast"], out["reference"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_late_fork_runs_earlier_blocks_at_the_plain_batch(family, request):
     """Spec §5.5: the perturbed rows join at the first perturbed block (FLUX: a single-stream one); blocks before it
     see only the pipeline's rows, the result equals the input-forked branch."""
