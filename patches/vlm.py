@@ -416,8 +416,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     ``text_config``) is a Qwen3 decoder with interleaved multimodal RoPE; its ``Qwen3VLTextAttention`` calls
     ``ALL_ATTENTION_FUNCTIONS``. Deepstack: after each of its first ``len(vision_config.deepstack_visual_indexes)``
     layers the decoder adds visual features at the image-token positions (``_deepstack_process``), outside
-    attention, so the attention path sees ordinary hidden states; token surgery (dropping image tokens) would break that
-    position mask, which is why the token-drop methods do not list this family."""
+    attention, so the attention path sees ordinary hidden states; token surgery (dropping image tokens) before those
+    layers would break that position mask, which is why the token-drop methods (``methods/token_drop.py``) refuse
+    any boundary at or before the last deepstack layer."""
 
     family = "qwen3_vl"
     model_classes = ("transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLPreTrainedModel",)

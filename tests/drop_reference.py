@@ -1,6 +1,8 @@
 """The physical-removal reference of PyramidDrop and FastV, shared by ``tests/methods/test_pyramiddrop.py`` and
 ``tests/methods/test_pyramiddrop_families.py``: the plain decoder layers run one by one, without a cache, on rows
-rebuilt by hand from the text tokens and the kept visual tokens, with hand-made causal + padding masks."""
+rebuilt by hand from the text tokens and the kept visual tokens, with hand-made causal + padding masks. Qwen3-VL's
+deepstack features are added as its decoder adds them: at the image positions, to the outputs of its first layers
+(before every boundary; the other families pass none, so nothing changes for them)."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ def generate(model, inputs, steps=4, **kwargs):
 
 # ---- the reference: physical removal, the plain layers run one by one, no cache ---------------------------------
 def language_model_inputs(model, inputs, ids):
-    """What the plain model gives its decoder for ``ids`` (prompt + generated tokens): embeddings, positions, mask."""
+    """What the plain model gives its decoder for ``ids`` (prompt + generated tokens): embeddings, positions, mask,
+    and Qwen3-VL's deepstack inputs (``visual_pos_masks``, ``deepstack_visual_embeds``; None for other families)."""
     seen = {}
     lm = decoder(model)
 
@@ -45,14 +48,15 @@ def language_model_inputs(model, inputs, ids):
     positions = seen.get("position_ids")
     if positions is None:
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-    return seen["inputs_embeds"], positions, mask
+    deepstack = seen.get("deepstack_visual_embeds")
+    return seen["inputs_embeds"], positions, mask, None if deepstack is None else (seen["visual_pos_masks"], deepstack)
 
 
 def reference_logits(model, inputs, ids, kept, boundaries, positions_mode):
     """Last-token logits of ``ids`` with, from each boundary on, only the text tokens and the kept visual tokens:
     the rows are rebuilt by hand (left-padded), and every layer gets a hand-made causal + padding mask."""
     lm = decoder(model)
-    embeds, positions, mask = language_model_inputs(model, inputs, ids)
+    embeds, positions, mask, deepstack = language_model_inputs(model, inputs, ids)
     rope = positions[1:] if positions.dim() == 3 and positions.shape[0] == 4 else positions
     b, n = ids.shape
     rope = rope.expand(*rope.shape[:-2], b, n)
@@ -86,6 +90,10 @@ def reference_logits(model, inputs, ids, kept, boundaries, positions_mode):
         bias = torch.zeros(b, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
         with torch.no_grad():
             h = layer(h, attention_mask=bias, position_embeddings=(cos, sin), position_ids=None)
+        if deepstack is not None and i < len(deepstack[1]):  # Qwen3-VL: the full-length sequence, as the decoder
+            assert i < boundaries[0], "a deepstack layer after a boundary"
+            h = h.clone()
+            h[deepstack[0]] += deepstack[1][i]
     with torch.no_grad():
         return model.lm_head(lm.norm(h[:, -1]))
 

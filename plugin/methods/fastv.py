@@ -47,6 +47,9 @@ class FastV(TokenDropMethod):
     Config = FastVConfig
     scores_with_previous_layer = True
 
+    def boundary_option(self) -> str:
+        return "layer"
+
     def schedule(self) -> DropSchedule:
         depth = self.adapter.num_layers
         if self.config.layer >= depth:

@@ -97,6 +97,10 @@ class PyramidDrop(TokenDropMethod):
             name = "boundaries" if "boundar" in str(error) else "keep" if c.keep is not None else "stages"
             c.invalid(name, f"a schedule valid for {depth} decoder layers ({error})")
 
+    def boundary_option(self) -> str:
+        c = self.config
+        return "stages" if c.boundaries is None and c.tokens is None else "boundaries"
+
     def row_schedule(self, n_visual: int) -> DropSchedule:
         if self.config.tokens is None:
             return self.plan

@@ -25,11 +25,16 @@ Families: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL / 2.5-VL, Idefics3 / 
 ``<image>`` tokens are visual, the ``<fake_token_around_image>``, ``<row_r_col_c>`` and ``<global-img>`` tags are
 text and stay), InternVL-hf (a Qwen2 decoder; ``<img>`` ``</img>`` stay) and Mistral3 (a Mistral decoder,
 refused by ``check_model`` when its ``sliding_window`` is set; ``[IMG_BREAK]`` ``[IMG_END]`` stay): all with 1-D
-RoPE over padding-aware ``position_ids`` that ``generate()`` passes, so both ``positions`` modes hold. Qwen3-VL and
-Gemma3 stay refused: Qwen3-VL's deepstack adds visual features at the full-length image-token positions after each
-of its first decoder layers, which a drop at or before those layers would misalign, and Gemma3 interleaves
-sliding-window layers and lets image tokens attend to each other bidirectionally, which the causal stage masks
-built here do not reproduce.
+RoPE over padding-aware ``position_ids`` that ``generate()`` passes, so both ``positions`` modes hold. Qwen3-VL
+(a Qwen3 decoder with interleaved M-RoPE: ``positions="original"`` only) runs when every boundary comes after its
+deepstack layers: ``Qwen3VLTextModel.forward`` adds visual features at the full-length image-token positions
+(``visual_pos_masks``) to the outputs of layers ``0 .. D - 1``, ``D = len(vision_config.deepstack_visual_indexes)``,
+and reads neither ``visual_pos_masks`` nor the features later (``generate()`` passes no pixels at decode steps, so a
+decode step adds none). A boundary is the first layer that sees the shorter sequence, so with every boundary
+``>= D`` the gather takes layer ``D - 1``'s output or a later one, after every addition on the full sequence;
+``check_model`` refuses an earlier boundary, naming the option that places it. Gemma3 stays refused: it interleaves sliding-window
+layers and lets image tokens attend to each other bidirectionally, which the causal stage masks built here do not
+reproduce.
 """
 
 from __future__ import annotations
@@ -164,10 +169,15 @@ class TokenDropMethod(Method):
     """Base of the token-dropping methods: subclasses give the schedule and which layer scores a boundary."""
 
     kinds = ("vlm",)
-    families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "internvl", "mistral3")
+    families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "internvl",
+                "mistral3")
     resources = ("token_layout",)
     scores_with_previous_layer = False
     """FastV: score with layer ``l_s - 1`` on its input (else layer ``l_s`` on its input, PyramidDrop)."""
+
+    def boundary_option(self) -> str:
+        """The option that places the boundaries, named when a model refuses where they fall."""
+        return "boundaries"
 
     def schedule(self) -> DropSchedule:
         raise NotImplementedError
@@ -193,6 +203,25 @@ class TokenDropMethod(Method):
         if self.config.positions == "compact" and "mrope_section" in rope:
             self.config.invalid("positions", "'original' on a multimodal-RoPE (Qwen2-VL) model: compact renumbering "
                                              "of 3-D positions is not defined")
+        self._check_deepstack(schedule)
+
+    def _check_deepstack(self, schedule: DropSchedule) -> None:
+        """Qwen3-VL: every boundary after the deepstack layers (the decoder adds visual features to the outputs of
+        its first ``len(vision_config.deepstack_visual_indexes)`` layers, at the full-length image positions)."""
+        if self.adapter.family != "qwen3_vl" or not schedule.boundaries:
+            return
+        vision = getattr(getattr(self.adapter.model, "config", None), "vision_config", None)
+        if vision is None:
+            raise ValueError(f"{self.name}: the Qwen3-VL decoder alone does not say how many of its layers receive "
+                             "deepstack features (vision_config.deepstack_visual_indexes); apply it to the whole "
+                             "model")
+        deep = len(getattr(vision, "deepstack_visual_indexes", None) or ())
+        if schedule.boundaries[0] < deep:
+            self.config.invalid(
+                self.boundary_option(),
+                f"every boundary at layer {deep} or later: Qwen3-VL's deepstack adds visual features at the "
+                f"full-length image positions after decoder layers 0..{deep - 1} (vision_config."
+                f"deepstack_visual_indexes), and boundary {schedule.boundaries[0]} would drop tokens before the last addition")
 
     # ---- attach -------------------------------------------------------------------------------------------------
     def attach(self, handle) -> None:

@@ -1,11 +1,16 @@
-"""PyramidDrop and FastV on Idefics3 / SmolVLM, InternVL-hf and Mistral3 (tiny random models, 8 decoder layers):
+"""PyramidDrop and FastV on Idefics3 / SmolVLM, InternVL-hf, Mistral3 and Qwen3-VL (tiny random models, 8 decoder
+layers):
 keeping everything is bit-identical, ``generate()`` (KV cache, a left-padded batch of 2) equals the reference that
 physically removes the dropped tokens (``drop_reference.py``, shared with ``test_pyramiddrop.py``), only image tokens
 are dropped (never Idefics3's ``<fake_token_around_image>`` / ``<row_r_col_c>`` / ``<global-img>`` tags, InternVL's
 ``<img>`` ``</img>`` or Mistral3's ``[IMG_BREAK]`` ``[IMG_END]``) and as many as the schedule says, the KV-cache
 saving in the stats is the one measured on the caches, and ``remove()`` restores the model bit for bit.
 
-Qwen3-VL and Gemma3 stay refused (``tests/patches/test_vlm_families.py``); why: ``token_drop.py``'s docstring."""
+Qwen3-VL runs with every boundary after its deepstack layers: ``qwen3_vl`` has one (deepstack after vision block 0:
+features added to decoder layer 0's output), ``qwen3_vl_deep`` two (vision blocks 0 and 1: layers 0 and 1), so its
+boundary 2 is the earliest allowed; the reference adds the deepstack features as the decoder does. Compact positions
+(M-RoPE) and a boundary at or before the last deepstack layer are refused, naming the option, the model untouched.
+Gemma3 stays refused (``tests/patches/test_vlm_families.py``); why: ``token_drop.py``'s docstring."""
 
 from __future__ import annotations
 
@@ -24,7 +29,9 @@ from tiny.vlm import IMAGE
 LAYERS = 8
 SCHEDULE = dict(boundaries=[2, 4, 6], keep=[0.5, 0.25, 0.125])
 PLAN = DropSchedule(LAYERS, (2, 4, 6), (0.5, 0.25, 0.125))
-FAMILIES = ["idefics3", "smolvlm", "internvl", "mistral3"]  # smolvlm: the "idefics3" adapter family, its own classes
+FAMILIES = ["idefics3", "smolvlm", "internvl", "mistral3", "qwen3_vl", "qwen3_vl_deep"]
+"""smolvlm: the "idefics3" adapter family, its own classes; qwen3_vl_deep: Qwen3-VL with two deepstack layers."""
+QWEN3 = ("qwen3_vl", "qwen3_vl_deep")
 OPTIONS = {"pyramiddrop": SCHEDULE, "fastv": dict(layer=2, keep=0.5)}
 
 
@@ -34,7 +41,10 @@ def models():
 
     def get(family):
         if family not in cache:
-            if family in tiny_vlm.BUILDERS:
+            if family == "qwen3_vl_deep":
+                model = build_qwen3_vl_deep(seed=1)
+                cache[family] = model, tiny_families.make_inputs("qwen3_vl", model)
+            elif family in tiny_vlm.BUILDERS:
                 model = tiny_vlm.BUILDERS[family](seed=1, attn_implementation="sdpa", text_layers=LAYERS)
                 cache[family] = model, tiny_vlm.make_inputs(family, model)
             else:
@@ -45,6 +55,16 @@ def models():
     return get
 
 
+def build_qwen3_vl_deep(seed: int = 1):
+    """The tiny Qwen3-VL with deepstack after both vision blocks: features added to decoder layers 0 and 1."""
+    from nograd.tiny.vlm_families import _config  # the star re-export in tiny/ leaves the private builder out
+
+    model_cls, config = _config("qwen3_vl", LAYERS)
+    config.vision_config.deepstack_visual_indexes = [0, 1]
+    torch.manual_seed(seed)
+    return model_cls._from_config(config, attn_implementation="sdpa").eval()
+
+
 def row_alone(family: str, inputs: dict, row: int) -> dict:
     """Batch row ``row`` by itself, without its pads, with its own image inputs."""
     real = inputs["attention_mask"][row].bool()
@@ -53,6 +73,12 @@ def row_alone(family: str, inputs: dict, row: int) -> dict:
     if family in ("idefics3", "smolvlm"):  # (rows, tiles, ...): one entry per row
         return {**alone, "pixel_values": inputs["pixel_values"][row:row + 1],
                 "pixel_attention_mask": inputs["pixel_attention_mask"][row:row + 1]}
+    if family in QWEN3:  # patches of each row's image grid, in row order
+        grids = inputs["image_grid_thw"]
+        patches = [int(g.prod()) for g in grids[:row + 1]]
+        return {**alone, "pixel_values": inputs["pixel_values"][sum(patches[:-1]):sum(patches)],
+                "image_grid_thw": grids[row:row + 1],
+                "mm_token_type_ids": inputs["mm_token_type_ids"][row:row + 1, real]}
     if family == "internvl":  # one entry per tile
         tiles = [sum(tiny_families.INTERNVL_TILES[r % 2]) for r in range(row + 1)]
         return {**alone, "pixel_values": inputs["pixel_values"][sum(tiles[:-1]):sum(tiles)]}
@@ -118,6 +144,11 @@ def test_only_image_tokens_drop_as_the_schedule_says(models, family):
 def test_generate_equals_physical_removal(models, family, method, positions):
     model, inputs = models(family)
     options = OPTIONS[method]
+    if family in QWEN3 and positions == "compact":  # M-RoPE: compact renumbering is refused
+        with pytest.raises(ValueError, match="option positions='compact'"):
+            nograd.apply(model, method, positions=positions, **options)
+        assert not nograd.attached(model)
+        return
     with nograd.apply(model, method, positions=positions, **options) as handle:
         tokens, scores = generate(model, inputs)
         kept = handle.stats["kept"]
@@ -187,3 +218,63 @@ def test_mistral3_with_a_sliding_window_is_refused(models):
         text.sliding_window = None
     assert same_state(model, saved) and not nograd.attached(model)
     assert not any(layer._forward_pre_hooks for layer in decoder(model).layers)
+
+
+@pytest.mark.parametrize("family", QWEN3)
+def test_qwen3_vl_boundary_at_or_before_a_deepstack_layer_is_refused(models, family):
+    """Qwen3-VL adds deepstack features after decoder layers 0..D-1 (D = len(deepstack_visual_indexes)): a boundary
+    < D is refused, naming the option that placed it; boundary D runs. The model is left untouched."""
+    model, inputs = models(family)
+    vision = model.config.vision_config
+    deep = len(vision.deepstack_visual_indexes)
+    assert len(model.model.visual.deepstack_merger_list) == deep == (2 if family == "qwen3_vl_deep" else 1)
+    saved, indexes = snapshot(model), list(vision.deepstack_visual_indexes)
+    if family == "qwen3_vl":  # one deepstack layer: no boundary (>= 1) can precede it; pretend three
+        vision.deepstack_visual_indexes = [0, 0, 0]
+    try:
+        deep = len(vision.deepstack_visual_indexes)
+        refused = [("pyramiddrop", dict(boundaries=[deep - 1, 6], keep=[0.5, 0.25]), "boundaries"),
+                   ("pyramiddrop", dict(stages=8), "stages"),  # the even split: boundaries 1..7
+                   ("pyramiddrop", dict(tokens=2.0), "boundaries"),  # a budget's default boundaries: 1, 2, 5
+                   ("fastv", dict(layer=deep - 1), "layer")]
+        for method, options, name in refused:
+            with pytest.raises(ValueError, match=rf"option {name}=.*deepstack"):
+                nograd.apply(model, method, **options)
+        with pytest.raises(ValueError, match="decoder alone"):  # no vision_config: the deepstack depth is unknown
+            nograd.apply(decoder(model), "fastv", layer=7)
+    finally:
+        vision.deepstack_visual_indexes = indexes
+    assert same_state(model, saved) and not nograd.attached(model)
+    assert not any(layer._forward_pre_hooks for layer in decoder(model).layers) and not model.model._forward_pre_hooks
+    deep = len(indexes)
+    with nograd.apply(model, "fastv", layer=deep, keep=0.5) as handle, torch.no_grad():
+        model(**inputs)
+    assert handle.stats["boundaries"] == [deep]
+    assert handle.stats["visual_tokens"] == [[n, n // 2] for n in visual_counts(inputs)]
+
+
+@pytest.mark.parametrize("family", QWEN3)
+def test_qwen3_vl_deepstack_reaches_the_decoder_at_prefill_only(models, family):
+    """What the boundaries-after-deepstack argument rests on: under ``generate()`` with the cache, only the prefill
+    (full length) carries deepstack features; the decode steps carry none. Without the cache every step re-runs the
+    whole prompt with them (again full length before the first boundary)."""
+    model, inputs = models(family)
+    decoder_model, seen = decoder(model), []
+
+    def record(module, args, kwargs):
+        embeds = kwargs.get("deepstack_visual_embeds")
+        seen.append((kwargs["inputs_embeds"].shape[1], None if embeds is None else len(embeds),
+                     None if kwargs.get("visual_pos_masks") is None else kwargs["visual_pos_masks"].shape[1]))
+
+    deep = len(model.config.vision_config.deepstack_visual_indexes)
+    length = inputs["input_ids"].shape[1]
+    hook = decoder_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with nograd.apply(model, "pyramiddrop", **SCHEDULE):
+            generate(model, inputs, steps=3)
+            assert seen == [(length, deep, length), (1, None, None), (1, None, None)]
+            seen.clear()
+            generate(model, inputs, steps=3, use_cache=False)
+            assert seen == [(length + k, deep, length + k) for k in range(3)]
+    finally:
+        hook.remove()
