@@ -257,7 +257,8 @@ class PAINT(VisualEditMethod):
             raise UnsupportedModelError(
                 f"paint needs one CLS-token vision tower per image on LLaVA-1.5 (CLIP); this "
                 f"{type(self.adapter.model).__name__}'s tower has none")
-        vision_implementation = getattr(self.adapter.model.config, self.adapter.vision_attn_config_key)._attn_implementation
+        vision_config = getattr(self.adapter.model.config, self.adapter.vision_attn_config_key)
+        vision_implementation = vision_config._attn_implementation
         if family in PACKED_FAMILIES and "flash" in str(vision_implementation):
             raise UnsupportedModelError(f"paint reads the vision attention of {family} per image (Qwen: a call per "
                                         "image; Mistral3: a block-diagonal mask), which its flash path packs into "
@@ -281,7 +282,8 @@ class PAINT(VisualEditMethod):
         readout = ClsRows if self.adapter.vision_has_cls else ReceivedAttention
         probes = {vision[layer]: [readout(self.scores, keys)] for layer, keys in readouts.items()}
         if self.config.spatial_ratio > 0:
-            probes[vision[full[0]]].append(ReceivedAttention(self.scores, ["spatial"], int(self.adapter.vision_has_cls)))
+            spatial = ReceivedAttention(self.scores, ["spatial"], int(self.adapter.vision_has_cls))
+            probes[vision[full[0]]].append(spatial)
         for module, interventions in probes.items():
             for probe in interventions:
                 intervene(handle, {module: probe})

@@ -145,7 +145,8 @@ class HeadHunterConfig(SoftPAGConfig):
 
 # ---- head addressing -------------------------------------------------------------------------------------------------
 def layer_names(adapter) -> list[str]:
-    """The block name of every layer, in forward order (``transformer_blocks.0``, ..., ``single_transformer_blocks.0``)."""
+    """The block name of every layer, in forward order (``transformer_blocks.0``, ...,
+    ``single_transformer_blocks.0``)."""
     return [f"{name}.{i}" for name in adapter.block_lists for i in range(len(getattr(adapter.model, name)))]
 
 

@@ -32,9 +32,9 @@ deepstack layers: ``Qwen3VLTextModel.forward`` adds visual features at the full-
 and reads neither ``visual_pos_masks`` nor the features later (``generate()`` passes no pixels at decode steps, so a
 decode step adds none). A boundary is the first layer that sees the shorter sequence, so with every boundary
 ``>= D`` the gather takes layer ``D - 1``'s output or a later one, after every addition on the full sequence;
-``check_model`` refuses an earlier boundary, naming the option that places it. Gemma3 stays refused: it interleaves sliding-window
-layers and lets image tokens attend to each other bidirectionally, which the causal stage masks built here do not
-reproduce.
+``check_model`` refuses an earlier boundary, naming the option that places it. Gemma3 stays refused: it
+interleaves sliding-window layers and lets image tokens attend to each other bidirectionally, which the causal stage
+masks built here do not reproduce.
 """
 
 from __future__ import annotations
@@ -221,7 +221,8 @@ class TokenDropMethod(Method):
                 self.boundary_option(),
                 f"every boundary at layer {deep} or later: Qwen3-VL's deepstack adds visual features at the "
                 f"full-length image positions after decoder layers 0..{deep - 1} (vision_config."
-                f"deepstack_visual_indexes), and boundary {schedule.boundaries[0]} would drop tokens before the last addition")
+                f"deepstack_visual_indexes), and boundary {schedule.boundaries[0]} would drop tokens before the last "
+                "addition")
 
     # ---- attach -------------------------------------------------------------------------------------------------
     def attach(self, handle) -> None:

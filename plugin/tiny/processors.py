@@ -1,6 +1,6 @@
 """Processors for the tiny VLMs, built offline: a character-level tokenizer whose ids fit the tiny vocabularies
-(characters 4..149, the image and vision tokens of ``nograd.tiny.vlms``), a one-turn chat template, and the family's PIL image
-processor. LLaVA gets the real ``LlavaProcessor``; Qwen2-VL's own processor needs torchvision (its video processor),
+(characters 4..149, the image and vision tokens of ``nograd.tiny.vlms``), a one-turn chat template, and the
+family's PIL image processor. LLaVA gets the real ``LlavaProcessor``; Qwen2-VL's own processor needs torchvision (its video processor),
 so ``QwenProcessor`` does what it does for images: ``<|image_pad|>`` repeated per merged patch, ``mm_token_type_ids``.
 LLaVA-NeXT gets the real ``LlavaNextProcessor``; LLaVA-OneVision the real ``LlavaOnevisionProcessor`` without its video
 processor (``OnevisionProcessor``: the video processor needs torchvision, and ``ProcessorMixin`` rejects ``None`` for
