@@ -1,12 +1,12 @@
 """Processors for the tiny VLMs, built offline: a character-level tokenizer whose ids fit the tiny vocabularies
-(characters 4..149, the image and vision tokens of ``nograd.tiny.vlms``), a one-turn chat template, and the
-family's PIL image processor. LLaVA gets the real ``LlavaProcessor``; Qwen2-VL's own processor needs torchvision (its video processor),
-so ``QwenProcessor`` does what it does for images: ``<|image_pad|>`` repeated per merged patch, ``mm_token_type_ids``.
-LLaVA-NeXT gets the real ``LlavaNextProcessor``; LLaVA-OneVision the real ``LlavaOnevisionProcessor`` without its video
-processor (``OnevisionProcessor``: the video processor needs torchvision, and ``ProcessorMixin`` rejects ``None`` for
-it; images never touch it). Both with their PIL image processors at the tiny models' sizes (``nograd.tiny.vlms``: 28x28
-tiles of 7x7 patches, ``PINPOINTS``), so their image-token counts are the models' own. Idefics3 and SmolVLM get
-the real ``Idefics3Processor`` with its PIL image processor.
+(characters 4..149, the image and vision tokens of ``nograd.tiny.vlms``), a one-turn chat template, and the family's PIL
+image processor. LLaVA gets the real ``LlavaProcessor``; Qwen2-VL's own processor needs torchvision (its video
+processor), so ``QwenProcessor`` does what it does for images: ``<|image_pad|>`` repeated per merged patch,
+``mm_token_type_ids``. LLaVA-NeXT gets the real ``LlavaNextProcessor``; LLaVA-OneVision the real
+``LlavaOnevisionProcessor`` without its video processor (``OnevisionProcessor``: the video processor needs torchvision,
+and ``ProcessorMixin`` rejects ``None`` for it; images never touch it). Both with their PIL image processors at the tiny
+models' sizes (``nograd.tiny.vlms``: 28x28 tiles of 7x7 patches, ``PINPOINTS``), so their image-token counts are the
+models' own. Idefics3 and SmolVLM get the real ``Idefics3Processor`` with its PIL image processor.
 
 Qwen3-VL, Gemma3, Mistral3 and InternVL-hf get their real processors (``Qwen3VLProcessor`` and ``InternVLProcessor``
 without a video processor, the ``NoVideo`` mixin; ``Gemma3Processor``; ``PixtralProcessor``, whose module needs a
