@@ -350,8 +350,8 @@ class TokenDropMethod(Method):
         after = run.mask2d[:, prompt_length:]
         mask2d = torch.cat([layout.valid.to(after.dtype), after], dim=1).to(hidden.device)
         layer_idx = self.plan.boundaries[stage - 1]
-        mask = create_causal_mask(config=self.adapter.text_config, inputs_embeds=hidden, attention_mask=mask2d,
-                                  cache=kwargs.get("cache", kwargs.get("past_key_values")), position_ids=None,
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (transformers < 5.24 names it past_key_values)
+        mask = create_causal_mask(self.adapter.text_config, hidden, mask2d, cache, position_ids=None,
                                   layer_idx=layer_idx)
         return mask, self._position_embeddings(layout, hidden, run)
 

@@ -38,8 +38,9 @@ def _text(family: str, layers: int) -> dict:
         text["rope_parameters"]["mrope_section"] = [2, 3, 3]
     if family == "mistral3":
         text["sliding_window"] = None
-    if family == "gemma3":
-        text.update(sliding_window=SLIDING_WINDOW,
+    if family == "gemma3":  # one RoPE per layer type (transformers 5.17 reads no flat rope_parameters here)
+        text.update(sliding_window=SLIDING_WINDOW, rope_parameters={"full_attention": dict(ROPE),
+                                                                   "sliding_attention": dict(ROPE)},
                     layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (
                         layers % 2))
     return text

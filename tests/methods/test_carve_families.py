@@ -150,10 +150,15 @@ def test_generate_runs_end_to_end_and_restores(models, family):
 
 
 def test_gemma3_pan_and_scan_is_refused(models):
-    """Pan-and-scan (off by default: ``Gemma3Processor.images_kwargs``) writes crops as images of their own after
-    the original: carve refuses, before generating."""
+    """Pan-and-scan (off by default) writes crops as images of their own after the original: carve refuses, before
+    generating."""
     processor = PROCESSORS["gemma3"]()
-    processor.images_kwargs = {**processor.images_kwargs, "do_pan_and_scan": True, "pan_and_scan_min_crop_size": 14}
+
+    class PanAndScan(type(processor)):  # the call's own kwargs win over the processor's defaults, in every version
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, do_pan_and_scan=True, pan_and_scan_min_crop_size=14, **kwargs)
+
+    processor.__class__ = PanAndScan
     with nograd.apply(models("gemma3"), "carve", processor=processor) as carve:
         with pytest.raises(NotImplementedError, match="pan-and-scan"):
             carve.generate(image(120, 30), QUESTION)

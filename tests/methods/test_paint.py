@@ -3,6 +3,7 @@ dense re-implementation of the official edit, generate, restore, refusals."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -568,6 +569,8 @@ def test_onevision_video_frames_leave_the_image_selection_alone(build):
     videos = torch.randn(2, 2, 3, 28, 28, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         count = model.model.get_video_features(videos).pooler_output.shape[1]
+    if "image_newline" not in inspect.getsource(type(model.model).get_video_features):
+        count += 1  # transformers < 5.24 appends the newline in the forward, not in get_video_features
     with_video = dict(inputs, pixel_values_videos=videos,
                       input_ids=torch.cat([inputs["input_ids"], torch.full((2, count), VIDEO)], 1),
                       attention_mask=torch.cat([inputs["attention_mask"], torch.ones(2, count, dtype=torch.long)], 1))
