@@ -76,7 +76,8 @@ def build_app():
 
     def model_box(what: str):
         return gr.Textbox(label=f"{what}: a local folder or a hub id (safetensors only)", value="",
-                          placeholder="empty = the built-in tiny model (random weights)")
+                          placeholder="empty = the built-in tiny model (random weights); tiny:<family> another one, "
+                                      "e.g. tiny:qwen2_vl")
 
     def method_picker(tab: str, default: str):
         names = compare.available(tab)

@@ -19,7 +19,7 @@ import torch
 import nograd
 from nograd.attention import Intervention, intervene
 from nograd.handle import Handle
-from nograd.methods.carve_geometry import image_views, to_pixels
+from nograd.methods.carve_geometry import processor_views, to_pixels
 from nograd import tiny
 from nograd.patches import adapter_for
 
@@ -93,14 +93,24 @@ def _no_progress(*args, **kwargs) -> None:
 
 
 # ---- models ---------------------------------------------------------------------------------------------------
+TINY_PREFIX = "tiny:"
+"""``tiny:<family>`` in a model box picks another built-in tiny family (``nograd.tiny.VLM_FAMILIES``, or a text
+family for the LLM tab), e.g. ``tiny:qwen2_vl``."""
+
+
 def load(kind: str, source: str | None):
-    """(model, processor-or-tokenizer, label) for ``kind`` ("vlm", "llm"), cached. Empty source: the tiny model."""
+    """(model, processor-or-tokenizer, label) for ``kind`` ("vlm", "llm"), cached. Empty source: the tiny model;
+    ``tiny:<family>``: the tiny model of that family."""
     source = (source or "").strip()
     key = (kind, source)
     if key not in _MODELS:
-        if not source:
-            model, processor = getattr(tiny, kind)()
-            _MODELS[key] = (model, processor, tiny.LABEL)
+        if not source or source.startswith(TINY_PREFIX):
+            family = source[len(TINY_PREFIX):].strip()
+            try:
+                model, processor = getattr(tiny, kind)(**({"family": family} if family else {}))
+            except KeyError as error:
+                raise ValueError(f"{source!r}: {error.args[0]}") from None
+            _MODELS[key] = (model, processor, tiny.LABEL + (f" ({family})" if family else ""))
         else:
             import transformers as tf
 
@@ -214,8 +224,7 @@ def _views(model, processor, inputs, image):
     adapter = adapter_for(model)
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     grid = adapter.image_grids(inputs["input_ids"], **extra)[0]
-    crop = bool(getattr(getattr(processor, "image_processor", None), "do_center_crop", False))
-    return image_views(adapter, grid, image.size, center_crop=crop)
+    return processor_views(adapter, processor, grid, image.size)
 
 
 def _image_heat(row, positions, views, image):

@@ -33,7 +33,7 @@ from ..attention import AttentionCall, Intervention, intervene
 from ..config import MethodConfig, is_int, is_number, option
 from ..registry import register
 from .base import Method
-from .carve_geometry import GEOMETRIES, crop_split, image_views, to_pixels
+from .carve_geometry import GEOMETRIES, processor_views, to_pixels
 from .carve_regions import KEEP_RULES, REFINE_MODES, STRATEGIES, is_flat, refine_image, select_regions
 
 GENERAL_PROMPT = "Write a general description of the image."
@@ -322,10 +322,8 @@ class CARVE(Method):
             raise NotImplementedError(f"carve: the processor wrote {len(grids)} images for {len(questions)} prompts "
                                       "of one image each (e.g. Gemma3's pan-and-scan crops, written as images of "
                                       "their own); carve reads one image per prompt")
-        image_processor = getattr(self.processor, "image_processor", None)
-        crop = bool(getattr(image_processor, "do_center_crop", False))
-        split = crop_split(self.adapter, image_processor, image.size)
-        located = [image_views(self.adapter, grid, image.size, self.config.geometry, crop, split) for grid in grids]
+        located = [processor_views(self.adapter, self.processor, grid, image.size, self.config.geometry)
+                   for grid in grids]
         index = torch.stack([positions for positions, _ in located])
         self.positions = index
         steps = 1 if self.config.steps == "first" else self.config.probe_max_new_tokens

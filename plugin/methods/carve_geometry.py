@@ -101,6 +101,15 @@ def image_views(adapter, grid, size: tuple[int, int], geometry: str = "processor
     return positions, views
 
 
+def processor_views(adapter, processor, grid, size: tuple[int, int],
+                    geometry: str = "processor") -> tuple[torch.Tensor, list[View]]:
+    """``image_views`` with what ``processor`` decides: LLaVA-1.5's centre crop, InternVL-hf's R x C split."""
+    image_processor = getattr(processor, "image_processor", None)
+    crop = bool(getattr(image_processor, "do_center_crop", False))
+    split = crop_split(adapter, image_processor, size)
+    return image_views(adapter, grid, size, geometry, crop, split)
+
+
 def to_pixels(token_map: torch.Tensor, views: list[View], size: tuple[int, int]) -> torch.Tensor:
     """(H, W) fp32: ``token_map`` (N,) spread over the image through ``views``."""
     width, height = size

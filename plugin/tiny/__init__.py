@@ -68,6 +68,8 @@ def llm(seed: int = 0, layers: int = 4, family: str = "llama"):
     tokenizer of ``processors`` (one token per character), with the VLMs' vocabulary so that it pairs with them."""
     from . import llms, processors, vlms
 
+    if family not in llms.BUILDERS:
+        raise KeyError(f"no tiny LLM for {family!r}; known: {', '.join(llms.BUILDERS)}")
     model = llms.BUILDERS[family](seed=seed, num_hidden_layers=layers,  # sdpa where the family has it
                                   vocab_size=vlms.TEXT["vocab_size"], max_position_embeddings=512)
     return model, processors.tokenizer()

@@ -169,3 +169,21 @@ def test_the_diffusion_tab_loads_a_saved_pipeline_folder(tmp_path):
     assert all(torch.equal(saved[k], v) for k, v in loaded.transformer.state_dict().items())
     r = compare.diffusion_compare(str(tmp_path / "sd3"), "pag", "a red car", None, 1, {"layers": [0]})
     assert r["label"] == str(tmp_path / "sd3") and r["stats"]["perturbed_calls"] == 1
+
+
+@pytest.mark.parametrize("family, method", [("idefics3", "carve"), ("internvl", "carve"), ("gemma3", "paint"),
+                                            ("mistral3", "pyramiddrop"), ("qwen3_vl", "fastv")])
+def test_a_tiny_family_is_picked_with_tiny_colon(family, method):
+    """``tiny:<family>`` in the model box runs the tab on that family's tiny model and real offline processor."""
+    r = compare.vlm_compare(f"tiny:{family}", method, tiny.image(60, 40), QUESTION, 2,
+                            options={"layer": 3} if method == "fastv" else None)
+    assert r["label"] == f"{tiny.LABEL} ({family})" and r["stats"]
+    assert r["plain_heat"].size == enlarged(tiny.image(60, 40))
+    if method in ("pyramiddrop", "fastv"):  # kept tokens drawn per stage instead of a heatmap
+        assert r["method_heat"] is None and r["gallery"] and r["gallery"][0][0].size == enlarged(tiny.image(60, 40))
+    else:
+        assert r["method_heat"].size == enlarged(tiny.image(60, 40))
+    with pytest.raises(ValueError, match="no tiny VLM with a processor for 'nope'"):
+        compare.load("vlm", "tiny:nope")
+    with pytest.raises(ValueError, match="no tiny LLM for 'nope'"):
+        compare.load("llm", "tiny:nope")
