@@ -2,7 +2,10 @@
 ``tests/methods/test_pyramiddrop_families.py``: the plain decoder layers run one by one, without a cache, on rows
 rebuilt by hand from the text tokens and the kept visual tokens, with hand-made causal + padding masks. Qwen3-VL's
 deepstack features are added as its decoder adds them: at the image positions, to the outputs of its first layers
-(before every boundary; the other families pass none, so nothing changes for them)."""
+(before every boundary; the other families pass none, so nothing changes for them). Gemma3: every layer gets the
+mask and RoPE of its ``layer_types`` entry over the rebuilt rows: causal + padding, OR the image tokens of one image
+(its ``token_type_ids`` run) seeing each other, and on sliding layers AND ``q - k < sliding_window`` counted over the
+rebuilt (shorter) rows."""
 
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ def language_model_inputs(model, inputs, ids):
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     if "mm_token_type_ids" in inputs:
         extra["mm_token_type_ids"] = (ids == IMAGE).int()
+    if "token_type_ids" in inputs:  # Gemma3
+        extra["token_type_ids"] = (ids == IMAGE).long()
     hook = lm.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
@@ -63,9 +68,25 @@ def reference_logits(model, inputs, ids, kept, boundaries, positions_mode):
     prompt_len = inputs["input_ids"].shape[1]
     visual = torch.zeros(b, n, dtype=torch.bool)
     visual[:, :prompt_len] = (inputs["input_ids"] == IMAGE) & inputs["attention_mask"].bool()
-    full_cos, full_sin = lm.rotary_emb(embeds, rope)
+    layer_types = getattr(lm.config, "layer_types", None) if "token_type_ids" in inputs else None  # Gemma3
+    kinds = sorted(set(layer_types)) if layer_types else [None]
+
+    def rotary(x, pos, kind):
+        return lm.rotary_emb(x, pos) if kind is None else lm.rotary_emb(x, pos, kind)
+
+    full = {kind: rotary(embeds, rope, kind) for kind in kinds}
+    blocks = torch.full((b, n), -1)  # Gemma3: each image's run of image tokens, numbered in its row; -1 elsewhere
+    if layer_types:
+        for r in range(b):
+            block, previous = -1, False
+            for j in range(prompt_len):
+                if visual[r, j] and not previous:
+                    block += 1
+                if visual[r, j]:
+                    blocks[r, j] = block
+                previous = bool(visual[r, j])
     held = torch.arange(n).expand(b, n)  # the original position each slot holds; -1: an extra pad slot
-    h, cos, sin = embeds, full_cos, full_sin
+    h, rotaries = embeds, full
     for i, layer in enumerate(lm.layers):
         if i in boundaries:
             s = boundaries.index(i)
@@ -80,13 +101,23 @@ def reference_logits(model, inputs, ids, kept, boundaries, positions_mode):
             h = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))
             origin = held.clamp(min=0)
             if positions_mode == "original":
-                cos, sin = (t.gather(1, origin[..., None].expand(-1, -1, t.shape[-1])) for t in (full_cos, full_sin))
+                rotaries = {kind: tuple(t.gather(1, origin[..., None].expand(-1, -1, t.shape[-1])) for t in cs)
+                            for kind, cs in full.items()}
             else:
                 before = dropped.long().cumsum(1)
-                cos, sin = lm.rotary_emb(h, rope.gather(1, origin) - before.gather(1, origin))
+                rotaries = {kind: rotary(h, rope.gather(1, origin) - before.gather(1, origin), kind) for kind in kinds}
         valid = (held >= 0) & mask.gather(1, held.clamp(min=0)).bool()
         length = h.shape[1]
-        allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))[None] & valid[:, None, :]
+        allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))[None]
+        kind = layer_types[i] if layer_types else None
+        if layer_types:
+            slot_block = torch.where(held >= 0, blocks.gather(1, held.clamp(min=0)), -1)
+            allowed = allowed | ((slot_block[:, :, None] == slot_block[:, None, :]) & (slot_block[:, :, None] >= 0))
+            if kind == "sliding_attention":
+                slots = torch.arange(length)
+                allowed = allowed & (slots[:, None] - slots[None, :] < lm.config.sliding_window)[None]
+        allowed = allowed & valid[:, None, :]
+        cos, sin = rotaries[kind]
         bias = torch.zeros(b, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
         with torch.no_grad():
             h = layer(h, attention_mask=bias, position_embeddings=(cos, sin), position_ids=None)

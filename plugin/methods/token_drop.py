@@ -32,9 +32,22 @@ deepstack layers: ``Qwen3VLTextModel.forward`` adds visual features at the full-
 and reads neither ``visual_pos_masks`` nor the features later (``generate()`` passes no pixels at decode steps, so a
 decode step adds none). A boundary is the first layer that sees the shorter sequence, so with every boundary
 ``>= D`` the gather takes layer ``D - 1``'s output or a later one, after every addition on the full sequence;
-``check_model`` refuses an earlier boundary, naming the option that places it. Gemma3 stays refused: it
-interleaves sliding-window layers and lets image tokens attend to each other bidirectionally, which the causal stage
-masks built here do not reproduce.
+``check_model`` refuses an earlier boundary, naming the option that places it.
+
+Gemma3 (``LAYER_TYPED``): its decoder interleaves sliding-window and full-attention layers
+(``text_config.layer_types``) and hands each layer the mask and the RoPE (one rotary embedding per layer type) of
+its type; with ``token_type_ids`` at the prefill, the image tokens of one image attend to each other
+bidirectionally. Each stage therefore gets one mask per layer type over its kept sequence, built with transformers'
+own functions as ``Gemma3Model`` builds them: full, ``create_causal_mask`` with the image blocks
+(``block_sequence_ids``, the prompt's blocks gathered onto the kept slots, pads and later tokens ``-1``); sliding,
+``create_causal_mask`` with ``or_mask_function=blockwise_overlay`` and ``and_mask_function=sliding_window_overlay``
+(AND(window, OR(causal, block))), or ``create_sliding_window_causal_mask`` when there are no blocks (decode steps,
+where Gemma3 passes no ``token_type_ids`` either). Each mask is sized against the stage's first layer of its type
+(its own cache length: the default cache's sliding layers keep the last ``sliding_window - 1`` keys of the stage's
+shorter sequence), so the window counts the kept tokens, as when they are physically removed. Each layer gets the
+cos/sin of its own type, gathered (or, compact, recomputed with that ``layer_type``). The ranking row itself still
+scores every real key before ``t*``, not only those in a sliding layer's window (a window could hide every visual
+token). ``kv_bytes_saved`` counts, on a sliding layer, only the keys its cache would have held.
 """
 
 from __future__ import annotations
@@ -44,13 +57,17 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import (blockwise_overlay, create_causal_mask, create_sliding_window_causal_mask,
+                                        sliding_window_overlay)
 
 from .. import kernels
 from .base import Method
 from .drop_schedule import DropSchedule, kv_bytes_saved, paper_flops, prefill_macs, scoring_macs
 
 POSITIONS = ("original", "compact")
+LAYER_TYPED = ("gemma3",)
+"""Families whose decoder gives each layer the mask and position embeddings of its ``layer_types`` entry."""
+FULL, SLIDING = "full_attention", "sliding_attention"
 
 
 @dataclass
@@ -81,6 +98,9 @@ class Prompt:
     layouts: list[Layout]
     counts: torch.Tensor
     """(B,) visual tokens per row."""
+    blocks: torch.Tensor | None = None
+    """(B, L0) long: Gemma3's image block of each prompt position (``-1``: none), from the prefill's
+    ``token_type_ids``; None without them (a causal mask throughout, as the model itself)."""
 
 
 @dataclass
@@ -93,12 +113,13 @@ class Pass:
     """(B, L0 + tokens after the prompt) the model's 2-D padding mask."""
     extra: int = 0
     """Tokens after the prompt in this forward's sequence ("rerun")."""
-    position_embeddings: tuple | None = None
+    position_embeddings: dict | None = None
+    """layer type -> the model's own (full-length) position embeddings of that type."""
     position_ids: torch.Tensor | None = None
     scoring_input: tuple | None = None
     """FastV: (hidden states, position embeddings) of the layer before the boundary."""
     stage_inputs: dict | None = None
-    """stage -> (mask, position embeddings) for this forward."""
+    """(stage, layer type) -> (mask, position embeddings) for this forward."""
 
 
 def _flat_gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -170,7 +191,7 @@ class TokenDropMethod(Method):
 
     kinds = ("vlm",)
     families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "internvl",
-                "mistral3")
+                "mistral3", "gemma3")
     resources = ("token_layout",)
     scores_with_previous_layer = False
     """FastV: score with layer ``l_s - 1`` on its input (else layer ``l_s`` on its input, PyramidDrop)."""
@@ -186,15 +207,31 @@ class TokenDropMethod(Method):
         """The schedule of a row with ``n_visual`` visual tokens (a token budget solves one per count)."""
         return self.plan
 
+    def layer_type(self, i: int) -> str:
+        """Layer ``i``'s type: its ``layer_types`` entry on a ``LAYER_TYPED`` family, else full attention (every
+        other family's layers after the first boundary are full-attention ones, ``check_model``)."""
+        if self.adapter.family in LAYER_TYPED:
+            return self.adapter.text_config.layer_types[i]
+        return FULL
+
+    def _first_of_type(self, stage: int, kind: str) -> int:
+        """The stage's first layer of type ``kind``: the one whose cache a mask of that type is sized against."""
+        start = self.plan.boundaries[stage - 1]
+        end = self.plan.boundaries[stage] if stage < len(self.plan.boundaries) else self.adapter.num_layers
+        return next(i for i in range(start, end) if self.layer_type(i) == kind)
+
     # ---- validation ---------------------------------------------------------------------------------------------
     def check_model(self) -> None:
         schedule = self.schedule()  # raises ValueError naming the option on a bad schedule for this depth
         config = self.adapter.text_config
         first = schedule.boundaries[0] if schedule.boundaries else self.adapter.num_layers
         layer_types = getattr(config, "layer_types", None)
-        sliding = ([i for i, kind in enumerate(layer_types) if kind != "full_attention" and i >= first]
-                   if layer_types is not None else
-                   list(range(first, self.adapter.num_layers)) if getattr(config, "sliding_window", None) else [])
+        if self.adapter.family in LAYER_TYPED:  # a mask per layer type, the window counted over each stage
+            sliding = []
+        elif layer_types is not None:
+            sliding = [i for i, kind in enumerate(layer_types) if kind != "full_attention" and i >= first]
+        else:
+            sliding = list(range(first, self.adapter.num_layers)) if getattr(config, "sliding_window", None) else []
         if sliding:
             raise ValueError(f"{self.name}: decoder layers {sliding} use sliding-window attention, whose window would "
                              "count dropped tokens differently; drop only before the first sliding layer or load "
@@ -277,7 +314,7 @@ class TokenDropMethod(Method):
         elif prompt is not None and self._reruns(prompt, input_ids):
             self.current = Pass("rerun", mask, extra=length - prompt.input_ids.shape[1])
         else:
-            self._record_prompt(input_ids, mask)
+            self._record_prompt(input_ids, mask, inputs.get("token_type_ids"))
 
     @staticmethod
     def _reruns(prompt: Prompt, input_ids: torch.Tensor) -> bool:
@@ -285,7 +322,7 @@ class TokenDropMethod(Method):
         return (input_ids.shape[0] == old.shape[0] and input_ids.shape[1] > old.shape[1]
                 and bool(torch.equal(input_ids[:, :old.shape[1]], old)))
 
-    def _record_prompt(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+    def _record_prompt(self, input_ids: torch.Tensor, mask: torch.Tensor, token_type_ids=None) -> None:
         valid = mask.bool()
         visual = self.adapter.image_token_mask(input_ids) & valid
         counts = visual.sum(dim=1)
@@ -296,7 +333,11 @@ class TokenDropMethod(Method):
         zeros = torch.zeros(b, length, dtype=torch.long, device=input_ids.device)
         slots = torch.arange(length, device=input_ids.device).expand(b, length)
         first = Layout(index=slots, origin=slots, valid=valid, visual=visual, dropped=zeros)
-        self.prompt = Prompt(input_ids=input_ids, layouts=[first], counts=counts)
+        blocks = None
+        if token_type_ids is not None and self.adapter.family in LAYER_TYPED:
+            blocks = importlib.import_module(type(self.adapter.model).__module__).get_block_sequence_ids_for_mask(
+                token_type_ids, device=input_ids.device)
+        self.prompt = Prompt(input_ids=input_ids, layouts=[first], counts=counts, blocks=blocks)
         self.current = Pass("prefill", mask)
 
     # ---- the layer hooks ----------------------------------------------------------------------------------------
@@ -308,6 +349,7 @@ class TokenDropMethod(Method):
     def _stage_hook(self, i: int):
         stage = self.plan.stage_of_layer(i)
         boundary = i in self.plan.boundaries
+        kind = self.layer_type(i)
 
         def hook(module, args, kwargs):
             run, prompt = self.current, self.prompt
@@ -315,8 +357,8 @@ class TokenDropMethod(Method):
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             if run.position_embeddings is None:  # the first hooked layer: the model's own inputs, full length
-                run.position_embeddings, run.position_ids = kwargs["position_embeddings"], kwargs.get("position_ids")
-                run.stage_inputs = {}
+                run.position_embeddings, run.position_ids, run.stage_inputs = {}, kwargs.get("position_ids"), {}
+            run.position_embeddings.setdefault(kind, kwargs["position_embeddings"])  # the model's own, this type
             if boundary and run.kind == "prefill":
                 self._build_stage(stage, module, hidden, run)
             layout = prompt.layouts[stage]
@@ -325,9 +367,9 @@ class TokenDropMethod(Method):
             if boundary and run.kind != "decode" and layout is not prompt.layouts[stage - 1]:
                 hidden = _flat_gather(hidden, self._extended(layout.index, prompt.layouts[stage - 1].length,
                                                              run.extra))
-            if stage not in run.stage_inputs:
-                run.stage_inputs[stage] = self._stage_inputs(stage, hidden, kwargs, run)
-            mask, position_embeddings = run.stage_inputs[stage]
+            if (stage, kind) not in run.stage_inputs:
+                run.stage_inputs[stage, kind] = self._stage_inputs(stage, kind, hidden, kwargs, run)
+            mask, position_embeddings = run.stage_inputs[stage, kind]
             kwargs.update(attention_mask=mask, position_embeddings=position_embeddings, position_ids=None)
             if args:
                 return (hidden, *args[1:]), kwargs
@@ -344,26 +386,44 @@ class TokenDropMethod(Method):
         tail = previous_length + torch.arange(extra, device=index.device)
         return torch.cat([index, tail.expand(index.shape[0], extra)], dim=1)
 
-    def _stage_inputs(self, stage: int, hidden: torch.Tensor, kwargs: dict, run: Pass):
-        """The stage's attention mask and position embeddings for this forward."""
+    def _stage_inputs(self, stage: int, kind: str, hidden: torch.Tensor, kwargs: dict, run: Pass):
+        """The stage's attention mask and position embeddings for this forward, for its layers of type ``kind``."""
         layout, prompt_length = self.prompt.layouts[stage], self.prompt.layouts[0].length
         after = run.mask2d[:, prompt_length:]
         mask2d = torch.cat([layout.valid.to(after.dtype), after], dim=1).to(hidden.device)
-        layer_idx = self.plan.boundaries[stage - 1]
+        config = self.adapter.text_config
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (transformers < 5.24 names it past_key_values)
-        mask = create_causal_mask(self.adapter.text_config, hidden, mask2d, cache, position_ids=None,
-                                  layer_idx=layer_idx)
-        return mask, self._position_embeddings(layout, hidden, run)
+        args = dict(config=config, inputs_embeds=hidden, attention_mask=mask2d, cache=cache, position_ids=None,
+                    layer_idx=self._first_of_type(stage, kind))
+        blocks = self._stage_blocks(layout, hidden, run)
+        if kind == SLIDING and blocks is None:
+            mask = create_sliding_window_causal_mask(**args)
+        elif kind == SLIDING:  # as Gemma3: AND(window, OR(causal, same image block))
+            mask = create_causal_mask(**args, or_mask_function=blockwise_overlay(blocks),
+                                      and_mask_function=sliding_window_overlay(config.sliding_window))
+        else:
+            mask = create_causal_mask(**args, **({} if blocks is None else {"block_sequence_ids": blocks}))
+        return mask, self._position_embeddings(layout, hidden, run, kind)
 
-    def _position_embeddings(self, layout: Layout, hidden: torch.Tensor, run: Pass):
+    def _stage_blocks(self, layout: Layout, hidden: torch.Tensor, run: Pass) -> torch.Tensor | None:
+        """Gemma3, a prefill or a no-cache re-run: the image block of each slot of the stage's sequence (the kept
+        tokens of an image keep its block; pads and the tokens after the prompt ``-1``). None otherwise."""
+        blocks = self.prompt.blocks
+        if blocks is None or run.kind == "decode":
+            return None
+        kept = _flat_gather(blocks[..., None], layout.origin.to(blocks.device))[..., 0]
+        kept = torch.where(layout.valid.to(blocks.device), kept, -1)
+        return torch.nn.functional.pad(kept, (0, run.extra), value=-1).to(hidden.device)
+
+    def _position_embeddings(self, layout: Layout, hidden: torch.Tensor, run: Pass, kind: str = FULL):
         """Original mode: each kept token's own cos/sin. Compact mode: RoPE at ``position - dropped before it``."""
         extra = run.extra
         prompt_length = self.prompt.layouts[0].length
         if self.config.positions == "original":
             if run.kind == "decode":
-                return run.position_embeddings
+                return run.position_embeddings[kind]
             origin = self._extended(layout.origin, prompt_length, extra)
-            return tuple(_flat_gather(t, origin) for t in run.position_embeddings)
+            return tuple(_flat_gather(t, origin) for t in run.position_embeddings[kind])
         b = layout.valid.shape[0]
         positions = run.position_ids.expand(b, -1).to(layout.dropped.device)
         total = layout.dropped[:, -1:]
@@ -374,7 +434,8 @@ class TokenDropMethod(Method):
                 layout.dropped[..., None], layout.origin)[..., 0]
             compact_positions = torch.cat([prompt, positions[:, prompt_length:] - total], dim=1)
         rotary = self.adapter.text_model.rotary_emb
-        return rotary(hidden, position_ids=compact_positions.to(hidden.device))
+        by_type = {"layer_type": kind} if self.adapter.family in LAYER_TYPED else {}
+        return rotary(hidden, position_ids=compact_positions.to(hidden.device), **by_type)
 
     def _build_stage(self, stage: int, layer: torch.nn.Module, hidden: torch.Tensor, run: Pass) -> None:
         """Prefill, at boundary ``l_s``: rank the current visual tokens, keep the top ``K_{b,s}``, record the layout."""
@@ -391,7 +452,9 @@ class TokenDropMethod(Method):
             scoring_hidden, scoring_positions = run.scoring_input
             scoring_layer = self.adapter.decoder_layers[self.plan.boundaries[stage - 1] - 1]
         else:
-            scoring_hidden, scoring_positions = hidden, self._previous_position_embeddings(stage, run)
+            scoring_hidden = hidden
+            scoring_positions = self._previous_position_embeddings(stage, hidden, run,
+                                                                   self.layer_type(self.plan.boundaries[stage - 1]))
             scoring_layer = layer
         scores = rank_scores(scoring_layer, scoring_hidden, scoring_positions, previous.valid.to(hidden.device),
                              self.config.backend).to(previous.visual.device)
@@ -405,12 +468,15 @@ class TokenDropMethod(Method):
                                      visual=visual, dropped=previous.dropped + dropped_now.cumsum(dim=1)))
         self._record_stats(stage)
 
-    def _previous_position_embeddings(self, stage: int, run: Pass):
-        """The position embeddings the layers of stage ``stage - 1`` were given (the model's own for stage 0)."""
+    def _previous_position_embeddings(self, stage: int, hidden: torch.Tensor, run: Pass, kind: str):
+        """The position embeddings of type ``kind`` the layers of stage ``stage - 1`` were (or, without a layer of
+        that type, would have been) given: the model's own for stage 0."""
         previous = self.prompt.layouts[stage - 1]
         if previous is self.prompt.layouts[0]:
-            return run.position_embeddings
-        return run.stage_inputs[stage - 1][1]
+            return run.position_embeddings[kind]
+        if (stage - 1, kind) in run.stage_inputs:
+            return run.stage_inputs[stage - 1, kind][1]
+        return self._position_embeddings(previous, hidden, run, kind)
 
     # ---- statistics ---------------------------------------------------------------------------------------------
     def _record_stats(self, stage: int) -> None:
@@ -438,7 +504,8 @@ def drop_cost(text_config, plan: DropSchedule, visual_tokens: list[list[int]], r
     """The counters of one prefill, summed over rows: ``flops`` in the paper's convention (spec §1.5: image tokens
     only, MACs counted once), ``macs`` over whole sequences plus the ranking rows (spec §5.6), both before and after,
     and the KV-cache bytes saved. ``visual_tokens[b]``: row b's visual tokens per stage; ``real_lengths[b]``: its
-    non-pad prompt length."""
+    non-pad prompt length. A sliding-window layer (``text_config.layer_types``) saves only what the default cache's
+    sliding layer would have held: its last ``sliding_window - 1`` keys."""
     d, m = text_config.hidden_size, text_config.intermediate_size
     heads = text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or d // heads
@@ -453,8 +520,19 @@ def drop_cost(text_config, plan: DropSchedule, visual_tokens: list[list[int]], r
         macs_after += prefill_macs([real - n + k for k in per_layer], d, kv_dim, m)
         macs_after += sum(scoring_macs(real - n + tokens[s], d, kv_dim, heads, head_dim)
                           for s in range(len(plan.boundaries)))
-        saved += kv_bytes_saved([n - k for k in per_layer], kv_dim, value_bytes)
+        saved += kv_bytes_saved([cached_drop(text_config, i, real, n - k) for i, k in enumerate(per_layer)], kv_dim,
+                                value_bytes)
     return {"flops": {"before": before, "after": after, "ratio": after / before if before else 1.0},
             "macs": {"before": macs_before, "after": macs_after, "ratio": macs_after / macs_before if macs_before
                      else 1.0},
             "kv_bytes_saved": int(saved)}
+
+
+def cached_drop(text_config, layer: int, real: int, dropped: int) -> int:
+    """Keys layer ``layer``'s cache holds fewer for a row of ``real`` prompt tokens with ``dropped`` of them dropped:
+    ``dropped``, or on a sliding-window layer ``min(real, w - 1) - min(real - dropped, w - 1)``."""
+    layer_types = getattr(text_config, "layer_types", None)
+    window = getattr(text_config, "sliding_window", None)
+    if not layer_types or not window or layer_types[layer] != SLIDING:
+        return dropped
+    return min(real, window - 1) - min(real - dropped, window - 1)

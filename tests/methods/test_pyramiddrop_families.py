@@ -1,5 +1,5 @@
-"""PyramidDrop and FastV on Idefics3 / SmolVLM, InternVL-hf, Mistral3 and Qwen3-VL (tiny random models, 8 decoder
-layers):
+"""PyramidDrop and FastV on Idefics3 / SmolVLM, InternVL-hf, Mistral3, Qwen3-VL and Gemma3 (tiny random models, 8
+decoder layers):
 keeping everything is bit-identical, ``generate()`` (KV cache, a left-padded batch of 2) equals the reference that
 physically removes the dropped tokens (``drop_reference.py``, shared with ``test_pyramiddrop.py``), only image tokens
 are dropped (never Idefics3's ``<fake_token_around_image>`` / ``<row_r_col_c>`` / ``<global-img>`` tags, InternVL's
@@ -10,7 +10,11 @@ Qwen3-VL runs with every boundary after its deepstack layers: ``qwen3_vl`` has o
 features added to decoder layer 0's output), ``qwen3_vl_deep`` two (vision blocks 0 and 1: layers 0 and 1), so its
 boundary 2 is the earliest allowed; the reference adds the deepstack features as the decoder does. Compact positions
 (M-RoPE) and a boundary at or before the last deepstack layer are refused, naming the option, the model untouched.
-Gemma3 stays refused (``tests/patches/test_vlm_families.py``); why: ``token_drop.py``'s docstring."""
+Gemma3 alternates sliding-window (``SLIDING_WINDOW`` 6, layers 0, 2, 4, 6) and full-attention layers, so every stage
+has both; its image tokens see each other bidirectionally within an image (``token_type_ids``), and its prompts (12
+and 18 real tokens, 4 image tokens per image) are longer than the window. The reference gives each layer its type's
+mask and RoPE over the physically reduced rows; the default cache's sliding layers hold the last ``SLIDING_WINDOW - 1``
+keys, which the lengths and the measured KV saving account for."""
 
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from tiny.vlm import IMAGE
 LAYERS = 8
 SCHEDULE = dict(boundaries=[2, 4, 6], keep=[0.5, 0.25, 0.125])
 PLAN = DropSchedule(LAYERS, (2, 4, 6), (0.5, 0.25, 0.125))
-FAMILIES = ["idefics3", "smolvlm", "internvl", "mistral3", "qwen3_vl", "qwen3_vl_deep"]
+FAMILIES = ["idefics3", "smolvlm", "internvl", "mistral3", "qwen3_vl", "qwen3_vl_deep", "gemma3"]
 """smolvlm: the "idefics3" adapter family, its own classes; qwen3_vl_deep: Qwen3-VL with two deepstack layers."""
 QWEN3 = ("qwen3_vl", "qwen3_vl_deep")
 OPTIONS = {"pyramiddrop": SCHEDULE, "fastv": dict(layer=2, keep=0.5)}
@@ -44,6 +48,9 @@ def models():
             if family == "qwen3_vl_deep":
                 model = build_qwen3_vl_deep(seed=1)
                 cache[family] = model, tiny_families.make_inputs("qwen3_vl", model)
+            elif family == "gemma3":
+                model = build_gemma3(seed=1)
+                cache[family] = model, tiny_families.make_inputs(family, model)
             elif family in tiny_vlm.BUILDERS:
                 model = tiny_vlm.BUILDERS[family](seed=1, attn_implementation="sdpa", text_layers=LAYERS)
                 cache[family] = model, tiny_vlm.make_inputs(family, model)
@@ -65,6 +72,17 @@ def build_qwen3_vl_deep(seed: int = 1):
     return model_cls._from_config(config, attn_implementation="sdpa").eval()
 
 
+def build_gemma3(seed: int = 1):
+    """The tiny Gemma3 with a different RoPE base on its sliding layers (as Gemma3's local 10k / global 1M), so a
+    layer given the other type's cos/sin shows."""
+    from nograd.tiny.vlm_families import _config
+
+    model_cls, config = _config("gemma3", LAYERS)
+    config.text_config.rope_parameters["sliding_attention"]["rope_theta"] = 100.0
+    torch.manual_seed(seed)
+    return model_cls._from_config(config, attn_implementation="sdpa").eval()
+
+
 def row_alone(family: str, inputs: dict, row: int) -> dict:
     """Batch row ``row`` by itself, without its pads, with its own image inputs."""
     real = inputs["attention_mask"][row].bool()
@@ -79,6 +97,10 @@ def row_alone(family: str, inputs: dict, row: int) -> dict:
         return {**alone, "pixel_values": inputs["pixel_values"][sum(patches[:-1]):sum(patches)],
                 "image_grid_thw": grids[row:row + 1],
                 "mm_token_type_ids": inputs["mm_token_type_ids"][row:row + 1, real]}
+    if family == "gemma3":  # one entry per image: row r has 1 + r % 2
+        images = [1 + r % 2 for r in range(row + 1)]
+        return {**alone, "pixel_values": inputs["pixel_values"][sum(images[:-1]):sum(images)],
+                "token_type_ids": inputs["token_type_ids"][row:row + 1, real]}
     if family == "internvl":  # one entry per tile
         tiles = [sum(tiny_families.INTERNVL_TILES[r % 2]) for r in range(row + 1)]
         return {**alone, "pixel_values": inputs["pixel_values"][sum(tiles[:-1]):sum(tiles)]}
@@ -172,7 +194,12 @@ def test_kv_bytes_saved_is_the_measured_cache_saving(models, family):
         stats = dict(handle.stats)
         batch_tokens, _ = generate(model, inputs)
     stage = stats["stage_lengths"]
-    assert lengths == [stage[PLAN.stage_of_layer(i)] for i in range(LAYERS)] and stats["kv_bytes_saved"] > 0
+    held = [stage[PLAN.stage_of_layer(i)] for i in range(LAYERS)]
+    if family == "gemma3":  # the default cache's sliding layers hold the last SLIDING_WINDOW - 1 keys
+        types = model.config.text_config.layer_types
+        held = [min(n, tiny_families.SLIDING_WINDOW - 1) if t == "sliding_attention" else n
+                for n, t in zip(held, types)]
+    assert lengths == held and stats["kv_bytes_saved"] > 0
     measured = 0
     for row in range(2):
         alone = row_alone(family, inputs, row)
@@ -278,3 +305,26 @@ def test_qwen3_vl_deepstack_reaches_the_decoder_at_prefill_only(models, family):
             assert seen == [(length + k, deep, length + k) for k in range(3)]
     finally:
         hook.remove()
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+@pytest.mark.parametrize("method, options", [("pyramiddrop", dict(boundaries=[2, 3, 6], keep=[0.5, 0.25, 0.125])),
+                                             ("pyramiddrop", dict(boundaries=[1, 5], keep=[0.75, 0.25])),
+                                             ("fastv", dict(layer=7, keep=0.25))])
+def test_gemma3_stages_with_one_layer_type_equal_physical_removal(models, method, options, positions):
+    """Gemma3 (layers 0, 2, 4, 6 sliding): stages holding one layer type only (layer 2 alone), boundaries on full
+    layers (3, 5, 7) and a stage whose PyramidDrop ranking needs the RoPE of a type the previous stage lacks; cached
+    ``generate()`` equals physical removal, the uncached one the same tokens."""
+    model, inputs = models("gemma3")
+    boundaries = options.get("boundaries", [options.get("layer")])
+    with nograd.apply(model, method, positions=positions, **options) as handle:
+        tokens, scores = generate(model, inputs, steps=5)
+        kept = handle.stats["kept"]
+    ids = inputs["input_ids"]
+    for step in range(tokens.shape[1]):
+        expected = reference_logits(model, inputs, ids, kept, boundaries, positions)
+        torch.testing.assert_close(scores[:, step], expected, atol=1e-5, rtol=0)
+        ids = torch.cat([ids, tokens[:, step:step + 1]], dim=1)
+    with nograd.apply(model, method, positions=positions, **options):
+        uncached, _ = generate(model, inputs, steps=5, use_cache=False)
+    assert torch.equal(uncached, tokens)

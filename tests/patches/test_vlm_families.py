@@ -228,10 +228,10 @@ def test_gemma3_tile_is_the_pooled_raster():
         torch.testing.assert_close(tokens[..., k], patch_mean, atol=1e-6, rtol=0)
 
 
-REFUSED = {"pyramiddrop": {"gemma3"}, "fastv": {"gemma3"}, "paint": set(), "carve": set()}
-"""The families each image-layout method refuses; PyramidDrop and FastV run on InternVL-hf, Mistral3 and Qwen3-VL
-(boundaries after its deepstack layers: the tiny one has one, so boundary 1 runs;
-``tests/methods/test_pyramiddrop_families.py``), PAINT on all four
+REFUSED = {"pyramiddrop": set(), "fastv": set(), "paint": set(), "carve": set()}
+"""The families each image-layout method refuses; PyramidDrop and FastV run on all four: InternVL-hf, Mistral3,
+Qwen3-VL (boundaries after its deepstack layers: the tiny one has one, so boundary 1 runs) and Gemma3 (per-layer-type
+masks and RoPE; ``tests/methods/test_pyramiddrop_families.py``), PAINT on all four
 (``tests/methods/test_paint_families.py``), CARVE on all four (``tests/methods/test_carve_families.py``)."""
 
 
