@@ -392,17 +392,17 @@ class TokenDropMethod(Method):
         after = run.mask2d[:, prompt_length:]
         mask2d = torch.cat([layout.valid.to(after.dtype), after], dim=1).to(hidden.device)
         config = self.adapter.text_config
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (transformers < 5.24 names it past_key_values)
-        args = dict(config=config, inputs_embeds=hidden, attention_mask=mask2d, cache=cache, position_ids=None,
-                    layer_idx=self._first_of_type(stage, kind))
+        # the cache goes positionally: transformers < 5.24 names it past_key_values
+        head = (config, hidden, mask2d, kwargs.get("cache", kwargs.get("past_key_values")))
+        args = dict(position_ids=None, layer_idx=self._first_of_type(stage, kind))
         blocks = self._stage_blocks(layout, hidden, run)
         if kind == SLIDING and blocks is None:
-            mask = create_sliding_window_causal_mask(**args)
+            mask = create_sliding_window_causal_mask(*head, **args)
         elif kind == SLIDING:  # as Gemma3: AND(window, OR(causal, same image block))
-            mask = create_causal_mask(**args, or_mask_function=blockwise_overlay(blocks),
+            mask = create_causal_mask(*head, **args, or_mask_function=blockwise_overlay(blocks),
                                       and_mask_function=sliding_window_overlay(config.sliding_window))
         else:
-            mask = create_causal_mask(**args, **({} if blocks is None else {"block_sequence_ids": blocks}))
+            mask = create_causal_mask(*head, **args, **({} if blocks is None else {"block_sequence_ids": blocks}))
         return mask, self._position_embeddings(layout, hidden, run, kind)
 
     def _stage_blocks(self, layout: Layout, hidden: torch.Tensor, run: Pass) -> torch.Tensor | None:
