@@ -32,3 +32,24 @@ class PlantKey(Method):
         self.key = None
         handle.expose("plant", lambda key: setattr(self, "key", key))
         intervene(handle, {m: PlantedKey(self) for m in self.adapter.attention_modules})
+
+
+def probe_grids(carve, picture, question):
+    """CARVE's probe batch for ``picture`` (``question``, then the general prompt): its inputs and the image grid of
+    each row."""
+    inputs = carve.build_inputs([picture] * 2, [question, carve.config.general_prompt])
+    image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    return inputs, carve.adapter.image_grids(inputs["input_ids"], **image_inputs)
+
+
+def planted_peak(carve, picture, question, key):
+    """CARVE's saliency of ``picture`` with an attention peak planted on sequence position ``key`` of the task
+    prompt, and the (x, y) pixel of its maximum."""
+    plant = nograd.apply(carve.model, "test_plant_key")
+    try:
+        plant.plant(key)
+        saliency = carve.saliency(picture, question)
+    finally:
+        plant.remove()
+    y, x = divmod(int(saliency.argmax()), saliency.shape[1])
+    return saliency, (x, y)

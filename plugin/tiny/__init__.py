@@ -80,15 +80,20 @@ def vlm(family: str = "llava", seed: int = 0, layers: int = 8):
     of 7x7 patches, a ``layers``-layer decoder) and its offline processor, whose image-token counts are the model's
     own. Prompts put the image where ``<image>`` stands (Qwen: ``<|vision_start|><|image_pad|><|vision_end|>``), or
     use ``processor.apply_chat_template``."""
-    from . import processors, vlm_families, vlms
+    from . import processors
 
     if family not in VLM_FAMILIES:
         raise KeyError(f"no tiny VLM with a processor for {family!r}; known: {', '.join(VLM_FAMILIES)}")
+    return vlm_model(family, seed=seed, layers=layers), processors.PROCESSORS[family]()
+
+
+def vlm_model(family: str, seed: int = 0, layers: int = 8, attn_implementation: str = "sdpa"):
+    """The model of ``vlm(family)`` alone, in any attention implementation."""
+    from . import vlm_families, vlms
+
     if family in vlm_families.FAMILIES:
-        model = vlm_families.build(family, seed=seed, attn_implementation="sdpa", text_layers=layers)
-    else:
-        model = vlms.BUILDERS[family](seed=seed, attn_implementation="sdpa", text_layers=layers)
-    return model, processors.PROCESSORS[family]()
+        return vlm_families.build(family, seed=seed, attn_implementation=attn_implementation, text_layers=layers)
+    return vlms.BUILDERS[family](seed=seed, attn_implementation=attn_implementation, text_layers=layers)
 
 
 def sd3(seed: int = 0):
@@ -126,4 +131,4 @@ def image(width: int = 56, height: int = 56, seed: int = 0):
     return Image.fromarray((pixels[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
 
 
-__all__ = ["LABEL", "VLM_FAMILIES", "build", "flux", "image", "llm", "sd3", "trio", "vlm"]
+__all__ = ["LABEL", "VLM_FAMILIES", "build", "flux", "image", "llm", "sd3", "trio", "vlm", "vlm_model"]

@@ -9,26 +9,13 @@ import torch
 import transformers as tf
 
 import nograd
-import planting  # noqa: F401  (registers "test_plant_key")
+from planting import planted_peak, probe_grids  # (importing planting registers "test_plant_key")
 from checks import attn_names, same_state, snapshot
 from nograd.methods.carve_geometry import image_views, to_pixels
 from tiny.processor import PROCESSORS, image
 from tiny.vlm import BUILDERS, IMAGE, make_inputs
 
-LAYERS = 6
 QUESTION = "What is on the left?"
-
-
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(family, attn="sdpa"):
-        if (family, attn) not in cache:
-            cache[family, attn] = BUILDERS[family](seed=2, attn_implementation=attn, text_layers=LAYERS)
-        return cache[family, attn]
-
-    return get
 
 
 def eager_rows(model, inputs, layers, positions):
@@ -39,8 +26,8 @@ def eager_rows(model, inputs, layers, positions):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_rows_equal_eager_attention_and_outputs_are_unchanged(models, family):
-    model, eager = models(family), models(family, "eager")
+def test_rows_equal_eager_attention_and_outputs_are_unchanged(carve_models, family):
+    model, eager = carve_models(family), carve_models(family, "eager")
     processor = PROCESSORS[family]()
     picture = image(70, 42)
     handle = nograd.apply(model, "carve", processor=processor, answer_suffix=None, general_prompt="Describe it.")
@@ -62,7 +49,7 @@ def test_rows_equal_eager_attention_and_outputs_are_unchanged(models, family):
     first_tokens = processor.batch_decode(plain[:1, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
     assert bool((task.sum(-1) <= 1 + 1e-6).all()) and out.original_text.startswith(first_tokens.strip())
     with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, models(family)(**inputs).logits)
+        assert torch.equal(model(**inputs).logits, carve_models(family)(**inputs).logits)
     handle.remove()
 
 
@@ -73,39 +60,26 @@ def test_rows_equal_eager_attention_and_outputs_are_unchanged(models, family):
     ("qwen2_vl", (70, 42), (2, 1), (14, 28, 28, 42)),
     ("qwen2_5_vl", (70, 42), (2, 1), (14, 28, 28, 42)),  # the same merged raster; its ViT's window order is undone
 ])
-def test_a_planted_peak_lands_in_its_pixel_box(models, family, size, token, box):
-    model = models(family)
+def test_a_planted_peak_lands_in_its_pixel_box(carve_models, family, size, token, box):
+    model = carve_models(family)
     processor = PROCESSORS[family]()
     picture = image(*size)
-    carve = nograd.apply(model, "carve", processor=processor, steps="first", answer_suffix=None)
-    plant = nograd.apply(model, "test_plant_key")
-    inputs = carve.build_inputs([picture] * 2, [QUESTION, carve.config.general_prompt])  # the probe batch
-    grid = model_grid(carve, inputs)
-    positions, views = image_views(carve.adapter, grid, picture.size)
-    (view,) = views
-    r, c = token
-    plant.plant(int(positions[view.index[r * view.cols + c]]))
-    try:
-        saliency = carve.saliency(picture, QUESTION)
-    finally:
-        plant.remove()
-        carve.remove()
-    y, x = divmod(int(saliency.argmax()), saliency.shape[1])
+    with nograd.apply(model, "carve", processor=processor, steps="first", answer_suffix=None) as carve:
+        _, grids = probe_grids(carve, picture, QUESTION)
+        positions, views = image_views(carve.adapter, grids[0], picture.size)
+        (view,) = views
+        r, c = token
+        saliency, (x, y) = planted_peak(carve, picture, QUESTION, int(positions[view.index[r * view.cols + c]]))
     x0, y0, x1, y1 = box
     assert saliency.shape == (size[1], size[0]) and x0 <= x < x1 and y0 <= y < y1
     if family == "llava":  # outside the centre crop: the map's minimum, never kept
         assert bool((saliency[:, :14] == saliency.min()).all())
 
 
-def model_grid(handle, inputs):
-    image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    return handle.adapter.image_grids(inputs["input_ids"], **image_inputs)[0]
-
-
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
-def test_anyres_views_put_a_token_in_its_box(models, family):
+def test_anyres_views_put_a_token_in_its_box(carve_models, family):
     """The high-resolution raster (newlines left out) covers the whole image: a one-hot map lands in its cell."""
-    model = models(family)
+    model = carve_models(family)
     inputs = make_inputs(family, model, batch=1)
     image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     (grid,) = nograd.patches.adapter_for(model).image_grids(inputs["input_ids"], **image_inputs)
@@ -122,16 +96,16 @@ def test_anyres_views_put_a_token_in_its_box(models, family):
     assert r * 60 / view.rows <= y < (r + 1) * 60 / view.rows and c * 120 / view.cols <= x < (c + 1) * 120 / view.cols
 
 
-def test_identical_prompts_give_a_flat_map_and_the_original_image(models):
-    model = models("llava")
+def test_identical_prompts_give_a_flat_map_and_the_original_image(carve_models):
+    model = carve_models("llava")
     picture = image(70, 42, seed=3)
     with nograd.apply(model, "carve", processor=PROCESSORS["llava"](), general_prompt=QUESTION) as handle:
         out = handle.generate(picture, QUESTION)
     assert out.flat and out.refined_image.tobytes() == picture.tobytes() and bool(out.mask.all())
 
 
-def test_regions_follow_the_options_and_the_general_pass_is_cached(models):
-    model = models("llava")
+def test_regions_follow_the_options_and_the_general_pass_is_cached(carve_models):
+    model = carve_models("llava")
     picture = image(70, 42, seed=4)
     with nograd.apply(model, "carve", processor=PROCESSORS["llava"](), top_p=0.3, min_regions=1,
                       keep_rule="paper") as handle:
@@ -145,8 +119,8 @@ def test_regions_follow_the_options_and_the_general_pass_is_cached(models):
     assert refined.size[0] == 70 and refined.size[1] >= 42 or refined.size[1] == 42 and refined.size[0] >= 70
 
 
-def test_pipeline_gives_the_same_answer_as_generate(models):
-    model = models("llava")
+def test_pipeline_gives_the_same_answer_as_generate(carve_models):
+    model = carve_models("llava")
     processor = PROCESSORS["llava"]()
     picture = image(70, 42, seed=5)
     with nograd.apply(model, "carve", processor=processor) as handle:
@@ -165,8 +139,8 @@ def test_pipeline_gives_the_same_answer_as_generate(models):
     assert "_forward" not in vars(pipe) and "preprocess" not in vars(pipe)
 
 
-def test_remove_restores_the_model_and_bad_options_raise(models):
-    model = models("qwen2_vl")
+def test_remove_restores_the_model_and_bad_options_raise(carve_models):
+    model = carve_models("qwen2_vl")
     saved, names = snapshot(model), attn_names(model)
     inputs = make_inputs("qwen2_vl", model)
     with torch.no_grad():

@@ -10,25 +10,11 @@ import torch
 from PIL import Image
 
 import nograd
-import planting  # noqa: F401  (registers "test_plant_key")
+from planting import planted_peak, probe_grids  # (importing planting registers "test_plant_key")
 from nograd.methods.carve_geometry import image_views
 from tiny.processor import PROCESSORS, image
-from tiny.vlm import BUILDERS
 
-LAYERS = 6
 QUESTION = "What is on the left?"
-
-
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = BUILDERS[family](seed=2, attn_implementation="sdpa", text_layers=LAYERS)
-        return cache[family]
-
-    return get
 
 
 # (family, image (W, H), high-res raster rows x cols, planted token (r, c), its pixel box (x0, y0, x1, y1)).
@@ -59,34 +45,26 @@ CASES = [
 
 
 @pytest.mark.parametrize("family, size, shape, token, box", CASES)
-def test_a_planted_peak_lands_in_its_pixel_box(models, family, size, shape, token, box):
-    model = models(family)
+def test_a_planted_peak_lands_in_its_pixel_box(carve_models, family, size, shape, token, box):
+    model = carve_models(family)
     picture = image(*size)
-    carve = nograd.apply(model, "carve", processor=PROCESSORS[family](), steps="first", answer_suffix=None)
-    plant = nograd.apply(model, "test_plant_key")
-    inputs = carve.build_inputs([picture] * 2, [QUESTION, carve.config.general_prompt])  # the probe batch
-    image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    grid = carve.adapter.image_grids(inputs["input_ids"], **image_inputs)[0]  # batch row 0's image
-    positions, views = image_views(carve.adapter, grid, picture.size)
-    (view,) = views
-    crop = [t for t in grid.tiles if t.kind == "crop"]
-    assert len(crop) == 1 and (view.rows, view.cols) == shape == (crop[0].rows, crop[0].cols)
-    assert len(crop[0].newline_positions) == shape[0] and torch.equal(positions, crop[0].positions)
-    r, c = token
-    plant.plant(int(positions[view.index[r * view.cols + c]]))
-    try:
-        saliency = carve.saliency(picture, QUESTION)
-    finally:
-        plant.remove()
-        carve.remove()
-    y, x = divmod(int(saliency.argmax()), saliency.shape[1])
+    with nograd.apply(model, "carve", processor=PROCESSORS[family](), steps="first", answer_suffix=None) as carve:
+        _, grids = probe_grids(carve, picture, QUESTION)
+        grid = grids[0]  # batch row 0's image
+        positions, views = image_views(carve.adapter, grid, picture.size)
+        (view,) = views
+        crop = [t for t in grid.tiles if t.kind == "crop"]
+        assert len(crop) == 1 and (view.rows, view.cols) == shape == (crop[0].rows, crop[0].cols)
+        assert len(crop[0].newline_positions) == shape[0] and torch.equal(positions, crop[0].positions)
+        r, c = token
+        saliency, (x, y) = planted_peak(carve, picture, QUESTION, int(positions[view.index[r * view.cols + c]]))
     x0, y0, x1, y1 = box
     assert saliency.shape == (size[1], size[0]) and x0 <= x < x1 and y0 <= y < y1
 
 
 @pytest.mark.parametrize("family, size", [("llava_next", (120, 60)), ("llava_onevision", (60, 120))])
-def test_generate_runs_end_to_end(models, family, size):
-    model = models(family)
+def test_generate_runs_end_to_end(carve_models, family, size):
+    model = carve_models(family)
     picture = image(*size, seed=7)
     # the official options, fewer tokens per pass (steps="all" still fuses several steps)
     with nograd.apply(model, "carve", processor=PROCESSORS[family](), probe_max_new_tokens=8,

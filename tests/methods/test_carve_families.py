@@ -10,32 +10,17 @@ import torch
 from PIL import Image
 
 import nograd
-import planting  # noqa: F401  (registers "test_plant_key")
+from planting import planted_peak, probe_grids  # (importing planting registers "test_plant_key")
 from nograd.methods.carve import RowProbe
 from nograd.methods.carve_geometry import crop_split, image_views
-from tiny import vlm_families
 from tiny.processor import PROCESSORS, image
 
 QUESTION = "What is on the left?"
 
 
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = vlm_families.build(family, seed=2, attn_implementation="sdpa", text_layers=6)
-        return cache[family]
-
-    return get
-
-
 def probe_grid(carve, picture):
     """The probe batch's inputs and the grid of its row 0's image."""
-    inputs = carve.build_inputs([picture] * 2, [QUESTION, carve.config.general_prompt])
-    image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    grids = carve.adapter.image_grids(inputs["input_ids"], **image_inputs)
+    inputs, grids = probe_grids(carve, picture, QUESTION)
     assert len(grids) == 2
     return inputs, grids[0]
 
@@ -77,34 +62,28 @@ CASES = [
 
 
 @pytest.mark.parametrize("family, size, shapes, k, token, box", CASES)
-def test_a_planted_peak_lands_in_its_pixel_box(models, family, size, shapes, k, token, box):
-    model, picture, processor = models(family), image(*size), PROCESSORS[family]()
-    carve = nograd.apply(model, "carve", processor=processor, steps="first", answer_suffix=None)
-    plant = nograd.apply(model, "test_plant_key")
-    try:
+def test_a_planted_peak_lands_in_its_pixel_box(carve_models, family, size, shapes, k, token, box):
+    model, picture, processor = carve_models(family), image(*size), PROCESSORS[family]()
+    with nograd.apply(model, "carve", processor=processor, steps="first", answer_suffix=None) as carve:
         _, grid = probe_grid(carve, picture)
         split = crop_split(carve.adapter, processor.image_processor, picture.size)
         positions, views = image_views(carve.adapter, grid, picture.size, split=split)
         assert [(v.rows, v.cols) for v in views] == shapes
         view = views[k]
-        plant.plant(int(positions[view.index[token[0] * view.cols + token[1]]]))
-        saliency = carve.saliency(picture, QUESTION)
-    finally:
-        plant.remove()
-        carve.remove()
-    y, x = divmod(int(saliency.argmax()), saliency.shape[1])
+        key = int(positions[view.index[token[0] * view.cols + token[1]]])
+        saliency, (x, y) = planted_peak(carve, picture, QUESTION, key)
     x0, y0, x1, y1 = box
     assert saliency.shape == (size[1], size[0]) and x0 <= x < x1 and y0 <= y < y1
 
 
 @pytest.mark.parametrize("size", [(60, 30), (30, 60), (50, 50), (28, 28), (90, 20), (40, 100)])
-def test_internvl_split_is_the_processors(models, size):
+def test_internvl_split_is_the_processors(carve_models, size):
     """R x C re-derived by ``crop_split`` covers as many crops as the processor cut (``num_patches`` less the
     thumbnail), and the views are the crops in row-major order, over uniform cells of the image."""
     processor = PROCESSORS["internvl"]()
     picture = image(*size)
     tiles = int(processor.image_processor(images=[picture])["num_patches"][0])
-    with nograd.apply(models("internvl"), "carve", processor=processor) as carve:
+    with nograd.apply(carve_models("internvl"), "carve", processor=processor) as carve:
         _, grid = probe_grid(carve, picture)
         split = crop_split(carve.adapter, processor.image_processor, picture.size)
         positions, views = image_views(carve.adapter, grid, picture.size, split=split)
@@ -120,11 +99,11 @@ def test_internvl_split_is_the_processors(models, size):
         assert views[0].box == (0, 0, *size)
 
 
-def test_mistral3_rows_end_in_break_tokens(models):
+def test_mistral3_rows_end_in_break_tokens(carve_models):
     """The Pixtral processor ends each row of tokens with ``[IMG_BREAK]``, the last with ``[IMG_END]``: the view's
     rows are those rows, the break tokens left out."""
     processor = PROCESSORS["mistral3"]()
-    with nograd.apply(models("mistral3"), "carve", processor=processor) as carve:
+    with nograd.apply(carve_models("mistral3"), "carve", processor=processor) as carve:
         inputs, grid = probe_grid(carve, image(56, 42))
         positions, (view,) = image_views(carve.adapter, grid, (56, 42))
     ids = inputs["input_ids"][0]
@@ -134,8 +113,8 @@ def test_mistral3_rows_end_in_break_tokens(models):
 
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "mistral3", "internvl"])
-def test_generate_runs_end_to_end_and_restores(models, family):
-    model = models(family)
+def test_generate_runs_end_to_end_and_restores(carve_models, family):
+    model = carve_models(family)
     picture = image(60, 40, seed=7)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with nograd.apply(model, "carve", processor=PROCESSORS[family](), probe_max_new_tokens=4,
@@ -149,7 +128,7 @@ def test_generate_runs_end_to_end_and_restores(models, family):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and nograd.attached(model) == []
 
 
-def test_gemma3_pan_and_scan_is_refused(models):
+def test_gemma3_pan_and_scan_is_refused(carve_models):
     """Pan-and-scan (off by default) writes crops as images of their own after the original: carve refuses, before
     generating."""
     processor = PROCESSORS["gemma3"]()
@@ -159,7 +138,7 @@ def test_gemma3_pan_and_scan_is_refused(models):
             return super().__call__(*args, do_pan_and_scan=True, pan_and_scan_min_crop_size=14, **kwargs)
 
     processor.__class__ = PanAndScan
-    with nograd.apply(models("gemma3"), "carve", processor=processor) as carve:
+    with nograd.apply(carve_models("gemma3"), "carve", processor=processor) as carve:
         with pytest.raises(NotImplementedError, match="pan-and-scan"):
             carve.generate(image(120, 30), QUESTION)
         assert carve.stats["passes"] == 0

@@ -11,36 +11,22 @@ import torch
 from PIL import Image
 
 import nograd
-import planting  # noqa: F401  (registers "test_plant_key")
+from planting import planted_peak, probe_grids  # (importing planting registers "test_plant_key")
 from nograd.methods.carve_geometry import image_views
 from tiny.processor import PROCESSORS, image
-from tiny.vlm import BUILDERS
 
 QUESTION = "What is on the left?"
 
 
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = BUILDERS[family](seed=2, attn_implementation="sdpa", text_layers=6)
-        return cache[family]
-
-    return get
-
-
 def probe_grid(carve, picture):
-    inputs = carve.build_inputs([picture] * 2, [QUESTION, carve.config.general_prompt])
-    image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    return inputs["input_ids"], carve.adapter.image_grids(inputs["input_ids"], **image_inputs)[0]
+    inputs, grids = probe_grids(carve, picture, QUESTION)
+    return inputs["input_ids"], grids[0]
 
 
 @pytest.mark.parametrize("size, split", [((60, 30), (1, 2)), ((30, 60), (2, 1)), ((40, 56), (2, 2)), ((14, 14), (2, 2))])
-def test_crop_cells_are_the_processors_tags(models, size, split):
+def test_crop_cells_are_the_processors_tags(carve_models, size, split):
     processor = PROCESSORS["idefics3"]()
-    with nograd.apply(models("idefics3"), "carve", processor=processor) as carve:
+    with nograd.apply(carve_models("idefics3"), "carve", processor=processor) as carve:
         input_ids, grid = probe_grid(carve, image(*size))
     crops = [tile for tile in grid.tiles if tile.kind == "crop"]
     assert len(crops) == split[0] * split[1] and grid.tiles[-1].kind == "base"
@@ -61,28 +47,23 @@ CASES = [
 
 
 @pytest.mark.parametrize("family, size, crop, token, box", CASES)
-def test_a_planted_peak_lands_in_its_pixel_box(models, family, size, crop, token, box):
+def test_a_planted_peak_lands_in_its_pixel_box(carve_models, family, size, crop, token, box):
     picture = image(*size)
-    carve = nograd.apply(models(family), "carve", processor=PROCESSORS[family](), steps="first", answer_suffix=None)
-    plant = nograd.apply(models(family), "test_plant_key")
-    try:
+    model = carve_models(family)
+    with nograd.apply(model, "carve", processor=PROCESSORS[family](), steps="first", answer_suffix=None) as carve:
         _, grid = probe_grid(carve, picture)
         positions, views = image_views(carve.adapter, grid, picture.size)
         (k,) = [k for k, t in enumerate(t for t in grid.tiles if t.kind == "crop") if t.cell[:2] == crop]
         tile, view = grid.tiles[k], views[k]
         assert torch.equal(positions[view.index], tile.positions)
-        plant.plant(int(tile.positions[token[0] * tile.cols + token[1]]))
-        saliency = carve.saliency(picture, QUESTION)
-    finally:
-        plant.remove()
-        carve.remove()
-    y, x = divmod(int(saliency.argmax()), saliency.shape[1])
+        key = int(tile.positions[token[0] * tile.cols + token[1]])
+        saliency, (x, y) = planted_peak(carve, picture, QUESTION, key)
     x0, y0, x1, y1 = box
     assert saliency.shape == (size[1], size[0]) and x0 <= x < x1 and y0 <= y < y1
 
 
-def test_generate_runs_end_to_end_and_restores(models):
-    model = models("smolvlm")
+def test_generate_runs_end_to_end_and_restores(carve_models):
+    model = carve_models("smolvlm")
     picture = image(60, 40, seed=7)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with nograd.apply(model, "carve", processor=PROCESSORS["smolvlm"](), probe_max_new_tokens=4,
@@ -93,11 +74,11 @@ def test_generate_runs_end_to_end_and_restores(models):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_cells_of_a_hand_written_two_by_three_split(models):
+def test_cells_of_a_hand_written_two_by_three_split(carve_models):
     """``make_inputs`` writes a 2 x 3 split (then the global image) in even rows and an unsplit image in odd rows."""
     from tiny.vlm import make_inputs
 
-    model = models("idefics3")
+    model = carve_models("idefics3")
     inputs = make_inputs("idefics3", model)
     image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     split, unsplit = nograd.patches.adapter_for(model).image_grids(inputs["input_ids"], **image_inputs)
