@@ -14,8 +14,9 @@ from safetensors import safe_open
 import nograd
 import tiny
 from checks import same_state, snapshot
+from nograd.tiny.vlm_families import noisy
 from tiny import vlm
-from tiny.trio import make_trio, noisy
+from tiny.trio import make_trio
 
 M = importlib.import_module("nograd.merge")
 LAYERS = 4

@@ -101,10 +101,14 @@ def noisy(module, scale, seed):
 
 
 def make_trio(family: str, layers: int):
-    """(mllm, reasoning, base): the MLLM's language model and lm_head are the base's, its layers plus 0.01 noise;
-    the reasoning LLM is the base plus 0.02 noise on its layers (as the tests' ``tiny/trio.py`` does for Qwen2.5-VL)."""
-    base = build_text(family, text_layers=layers)
-    mllm = build(family, text_layers=layers)
+    """(mllm, reasoning, base) of ``family`` with ``layers`` decoder layers (``homologous``)."""
+    return homologous(build(family, text_layers=layers), build_text(family, text_layers=layers))
+
+
+def homologous(mllm, base):
+    """(mllm, reasoning, base), FRANK's homologous trio: the MLLM's language model and lm_head become the base's,
+    its layers plus 0.01 noise; the reasoning LLM is the base plus 0.02 noise on its layers (spec ``frank.md``
+    §5.7)."""
     decoder = mllm.get_decoder()
     decoder.load_state_dict(base.model.state_dict())
     with torch.no_grad():

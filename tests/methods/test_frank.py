@@ -18,8 +18,9 @@ import nograd
 import tiny
 from checks import attn_names, same_state, snapshot
 from nograd.methods.frank import coefficients, depth_prior, fit_decay, FrankConfig
+from nograd.tiny.vlm_families import noisy
 from tiny import vlm
-from tiny.trio import make_trio, noisy
+from tiny.trio import make_trio
 
 M = importlib.import_module("nograd.merge")
 LAYERS = 4

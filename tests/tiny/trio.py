@@ -3,11 +3,7 @@ is the base plus 0.01 noise; the reasoning LLM = the base plus 0.02 noise (spec 
 
 from __future__ import annotations
 
-import copy
-
-import torch
-
-from nograd.tiny.vlm_families import noisy
+from nograd.tiny.vlm_families import homologous
 
 from . import build
 
@@ -16,12 +12,4 @@ def make_trio(layers: int, **text_overrides):
     """(mllm, reasoning, base) with ``layers`` decoder layers; ``text_overrides`` go to the base's text config."""
     base = build("qwen2", vocab_size=160, num_hidden_layers=layers, max_position_embeddings=512, rms_norm_eps=1e-5,
                  **text_overrides)
-    mllm = build("qwen2_5_vl", text_layers=layers)
-    decoder = mllm.get_decoder()
-    decoder.load_state_dict(base.model.state_dict())
-    with torch.no_grad():
-        mllm.lm_head.weight.copy_(base.lm_head.weight)
-    noisy(decoder.layers, 0.01, 1)
-    reasoning = copy.deepcopy(base)
-    noisy(reasoning.model.layers, 0.02, 2)
-    return mllm, reasoning, base
+    return homologous(build("qwen2_5_vl", text_layers=layers), base)
