@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+import nograd
 from nograd.patches import adapter_for
 from tiny.vlm import IMAGE
 
@@ -127,6 +128,22 @@ def reference_logits(model, inputs, ids, kept, boundaries, positions_mode):
             h[deepstack[0]] += deepstack[1][i]
     with torch.no_grad():
         return model.lm_head(lm.norm(h[:, -1]))
+
+
+def assert_generate_equals_physical_removal(model, inputs, method, options, boundaries, positions, steps=4):
+    """Cached ``generate()`` under ``method`` equals the physical-removal reference at every step (1e-5), and an
+    uncached run gives the same tokens."""
+    with nograd.apply(model, method, positions=positions, **options) as handle:
+        tokens, scores = generate(model, inputs, steps=steps)
+        kept = handle.stats["kept"]
+    ids = inputs["input_ids"]
+    for step in range(tokens.shape[1]):
+        expected = reference_logits(model, inputs, ids, kept, boundaries, positions)
+        torch.testing.assert_close(scores[:, step], expected, atol=1e-5, rtol=0)
+        ids = torch.cat([ids, tokens[:, step:step + 1]], dim=1)
+    with nograd.apply(model, method, positions=positions, **options):
+        uncached, _ = generate(model, inputs, steps=steps, use_cache=False)
+    assert torch.equal(uncached, tokens)
 
 
 def visual_counts(inputs):

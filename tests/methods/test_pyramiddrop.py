@@ -10,7 +10,7 @@ import transformers as tf
 
 import nograd
 from checks import same_state, snapshot
-from drop_reference import generate, reference_logits, visual_counts
+from drop_reference import assert_generate_equals_physical_removal, generate, visual_counts
 from nograd.methods.drop_schedule import DropSchedule
 from nograd.methods.token_drop import drop_cost
 from tiny.vlm import BUILDERS, IMAGE, make_inputs
@@ -94,17 +94,7 @@ def test_generate_equals_physical_removal(models, family, positions, method):
     inputs = make_inputs(family, model)
     options = dict(SCHEDULE) if method == "pyramiddrop" else dict(layer=2, keep=0.5)
     boundaries = options.get("boundaries", [2])
-    with nograd.apply(model, method, positions=positions, **options) as handle:
-        tokens, scores = generate(model, inputs)
-        kept = handle.stats["kept"]
-    ids = inputs["input_ids"]
-    for step in range(tokens.shape[1]):
-        expected = reference_logits(model, inputs, ids, kept, boundaries, positions)
-        torch.testing.assert_close(scores[:, step], expected, atol=1e-5, rtol=0)
-        ids = torch.cat([ids, tokens[:, step:step + 1]], dim=1)
-    with nograd.apply(model, method, positions=positions, **options):
-        uncached, _ = generate(model, inputs, use_cache=False)
-    assert torch.equal(uncached, tokens)
+    assert_generate_equals_physical_removal(model, inputs, method, options, boundaries, positions)
 
 
 def test_bf16_generate_follows_the_schedule():

@@ -23,7 +23,7 @@ import torch
 
 import nograd
 from checks import same_state, snapshot
-from drop_reference import decoder, generate, reference_logits, visual_counts
+from drop_reference import assert_generate_equals_physical_removal, decoder, generate, visual_counts
 from nograd.methods.drop_schedule import DropSchedule
 from nograd.patches import adapter_for
 from tiny import vlm as tiny_vlm
@@ -171,17 +171,7 @@ def test_generate_equals_physical_removal(models, family, method, positions):
             nograd.apply(model, method, positions=positions, **options)
         assert not nograd.attached(model)
         return
-    with nograd.apply(model, method, positions=positions, **options) as handle:
-        tokens, scores = generate(model, inputs)
-        kept = handle.stats["kept"]
-    ids = inputs["input_ids"]
-    for step in range(tokens.shape[1]):
-        expected = reference_logits(model, inputs, ids, kept, options.get("boundaries", [2]), positions)
-        torch.testing.assert_close(scores[:, step], expected, atol=1e-5, rtol=0)
-        ids = torch.cat([ids, tokens[:, step:step + 1]], dim=1)
-    with nograd.apply(model, method, positions=positions, **options):
-        uncached, _ = generate(model, inputs, use_cache=False)
-    assert torch.equal(uncached, tokens)
+    assert_generate_equals_physical_removal(model, inputs, method, options, options.get("boundaries", [2]), positions)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -317,14 +307,4 @@ def test_gemma3_stages_with_one_layer_type_equal_physical_removal(models, method
     ``generate()`` equals physical removal, the uncached one the same tokens."""
     model, inputs = models("gemma3")
     boundaries = options.get("boundaries", [options.get("layer")])
-    with nograd.apply(model, method, positions=positions, **options) as handle:
-        tokens, scores = generate(model, inputs, steps=5)
-        kept = handle.stats["kept"]
-    ids = inputs["input_ids"]
-    for step in range(tokens.shape[1]):
-        expected = reference_logits(model, inputs, ids, kept, boundaries, positions)
-        torch.testing.assert_close(scores[:, step], expected, atol=1e-5, rtol=0)
-        ids = torch.cat([ids, tokens[:, step:step + 1]], dim=1)
-    with nograd.apply(model, method, positions=positions, **options):
-        uncached, _ = generate(model, inputs, steps=5, use_cache=False)
-    assert torch.equal(uncached, tokens)
+    assert_generate_equals_physical_removal(model, inputs, method, options, boundaries, positions, steps=5)
