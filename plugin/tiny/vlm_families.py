@@ -23,7 +23,7 @@ import torch
 import transformers as tf
 
 from .llms import CONFIGS as TEXT_CONFIGS
-from .vlms import BOS, IMAGE, LEFT_PAD, PAD, QWEN_TOKENS, QWEN_VISION, TEXT, VISION, VISION_END, VISION_START
+from .vlms import IMAGE, QWEN_TOKENS, QWEN_VISION, TEXT, VISION, VISION_END, VISION_START, padded_prompts
 
 BEGIN, END = 156, 157  # InternVL <img> </img>; Mistral3 [IMG_BREAK] [IMG_END]; Gemma3 <start_of_image> <end_of_image>
 BREAK, IMG_END = BEGIN, END
@@ -165,14 +165,7 @@ def make_inputs(family: str, model, batch: int = 2, seed: int = 0) -> dict:
     ``tiny/vlm.py``); plus ``mm_token_type_ids`` (Qwen3-VL) or ``token_type_ids`` (Gemma3), 1 on image tokens."""
     generator = torch.Generator().manual_seed(seed)
     parts = [IMAGES[family](row, generator, model) for row in range(batch)]
-    prompts = [[BOS, *torch.randint(4, 100, (2,), generator=generator).tolist(), *image_prompt,
-                *torch.randint(4, 100, (3,), generator=generator).tolist()] for _, image_prompt in parts]
-    length = max(len(p) + LEFT_PAD * (row % 2) for row, p in enumerate(prompts))
-    input_ids = torch.full((batch, length), PAD)
-    attention_mask = torch.zeros(batch, length, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, length - len(prompt):] = torch.tensor(prompt)
-        attention_mask[row, length - len(prompt):] = 1
+    input_ids, attention_mask = padded_prompts([image_prompt for _, image_prompt in parts], generator)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
               **{key: torch.cat([images[key] for images, _ in parts]) for key in parts[0][0]}}
     if family == "qwen3_vl":

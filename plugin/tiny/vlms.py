@@ -179,6 +179,20 @@ def _image_prompt(family, row, images, model):
     return [IMAGE] * sum(len(f) for f in features)
 
 
+def padded_prompts(image_prompts: list[list[int]], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask): row r is ``BOS, 2 random text tokens, image_prompts[r], 3 random text tokens``,
+    all rows left-padded to the longest, odd rows by ``LEFT_PAD`` more pad tokens."""
+    prompts = [[BOS, *torch.randint(4, 100, (2,), generator=generator).tolist(), *image_prompt,
+                *torch.randint(4, 100, (3,), generator=generator).tolist()] for image_prompt in image_prompts]
+    length = max(len(p) + LEFT_PAD * (row % 2) for row, p in enumerate(prompts))
+    input_ids = torch.full((len(prompts), length), PAD)
+    attention_mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt):] = torch.tensor(prompt)
+        attention_mask[row, length - len(prompt):] = 1
+    return input_ids, attention_mask
+
+
 def make_inputs(family: str, model, batch: int = 2, seed: int = 0) -> dict:
     """Model inputs for ``batch`` prompts: ``input_ids``, ``attention_mask`` and the family's image inputs.
 
@@ -187,15 +201,8 @@ def make_inputs(family: str, model, batch: int = 2, seed: int = 0) -> dict:
     """
     generator = torch.Generator().manual_seed(seed)
     images = [IMAGES[family](row, generator, model) for row in range(batch)]
-    prompts = [[BOS, *torch.randint(4, 100, (2,), generator=generator).tolist(),
-                *_image_prompt(family, row, images[row], model),
-                *torch.randint(4, 100, (3,), generator=generator).tolist()] for row in range(batch)]
-    length = max(len(p) + LEFT_PAD * (row % 2) for row, p in enumerate(prompts))
-    input_ids = torch.full((batch, length), PAD)
-    attention_mask = torch.zeros(batch, length, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, length - len(prompt):] = torch.tensor(prompt)
-        attention_mask[row, length - len(prompt):] = 1
+    input_ids, attention_mask = padded_prompts([_image_prompt(family, row, images[row], model)
+                                                for row in range(batch)], generator)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
               **{key: torch.cat([row[key] for row in images]) for key in images[0]}}
     if family in ("qwen2_vl", "qwen2_5_vl"):
