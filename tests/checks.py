@@ -69,3 +69,19 @@ def attention_function(model, function, sub_config: str | None = None, name: str
         model.set_attn_implementation(before if sub_config is None else {sub_config: before})
         AttentionInterface._global_mapping.pop(name, None)
         AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def assert_tiles_follow_the_rope_grid(model, inputs):
+    """Qwen-VL: each tile's tokens, in raster order, get the model's 3-D RoPE heights row by row and widths column by
+    column (``get_rope_index``)."""
+    from nograd.patches import adapter_for
+
+    position_ids, _ = model.model.get_rope_index(
+        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"])
+    for grid in adapter_for(model).image_grids(**inputs):
+        (tile,) = grid.tiles
+        heights = position_ids[1, grid.batch_row, tile.positions].view(tile.rows, tile.cols)
+        widths = position_ids[2, grid.batch_row, tile.positions].view(tile.rows, tile.cols)
+        assert torch.equal(heights - heights.min(), torch.arange(tile.rows)[:, None].expand(-1, tile.cols))
+        assert torch.equal(widths - widths.min(), torch.arange(tile.cols)[None, :].expand(tile.rows, -1))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tiny
-from checks import attn_names
+from checks import assert_tiles_follow_the_rope_grid, attn_names
 from nograd.patches import adapter_for, supported_families
 from nograd.patches.text_lm import LlamaAdapter, Qwen2Adapter
 from nograd.patches.vlm import (
@@ -201,15 +201,7 @@ def test_qwen_tiles_follow_the_rope_grid(family):
     """Each tile's tokens, in raster order, get 3D RoPE heights row by row and widths column by column."""
     model = tiny.build(family)
     inputs = tiny_vlm.make_inputs(family, model)
-    position_ids, _ = model.model.get_rope_index(
-        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
-        attention_mask=inputs["attention_mask"])
-    for grid in adapter_for(model).image_grids(**inputs):
-        (tile,) = grid.tiles
-        heights = position_ids[1, grid.batch_row, tile.positions].view(tile.rows, tile.cols)
-        widths = position_ids[2, grid.batch_row, tile.positions].view(tile.rows, tile.cols)
-        assert torch.equal(heights - heights.min(), torch.arange(tile.rows)[:, None].expand(-1, tile.cols))
-        assert torch.equal(widths - widths.min(), torch.arange(tile.cols)[None, :].expand(tile.rows, -1))
+    assert_tiles_follow_the_rope_grid(model, inputs)
 
 
 def test_forward_and_generate(case):

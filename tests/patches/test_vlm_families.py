@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import nograd
-from checks import attn_names, same_state, snapshot
+from checks import assert_tiles_follow_the_rope_grid, attn_names, same_state, snapshot
 from nograd.attention import Intervention, intervene
 from nograd.errors import UnsupportedModelError
 from nograd.patches import adapter_for, supported_families
@@ -173,15 +173,7 @@ def test_grids_hold_the_features_of_their_images(case):
 def test_qwen3_vl_tiles_follow_the_rope_grid():
     model = tiny_families.build("qwen3_vl")
     inputs = tiny_families.make_inputs("qwen3_vl", model)
-    position_ids, _ = model.model.get_rope_index(
-        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
-        attention_mask=inputs["attention_mask"])
-    for grid in adapter_for(model).image_grids(**inputs):
-        (tile,) = grid.tiles
-        heights = position_ids[1, grid.batch_row, tile.positions].view(tile.rows, tile.cols)
-        widths = position_ids[2, grid.batch_row, tile.positions].view(tile.rows, tile.cols)
-        assert torch.equal(heights - heights.min(), torch.arange(tile.rows)[:, None].expand(-1, tile.cols))
-        assert torch.equal(widths - widths.min(), torch.arange(tile.cols)[None, :].expand(tile.rows, -1))
+    assert_tiles_follow_the_rope_grid(model, inputs)
 
 
 def test_mistral3_raster_rows_end_at_the_break_tokens():
