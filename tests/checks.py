@@ -85,3 +85,18 @@ def assert_tiles_follow_the_rope_grid(model, inputs):
         widths = position_ids[2, grid.batch_row, tile.positions].view(tile.rows, tile.cols)
         assert torch.equal(heights - heights.min(), torch.arange(tile.rows)[:, None].expand(-1, tile.cols))
         assert torch.equal(widths - widths.min(), torch.arange(tile.cols)[None, :].expand(tile.rows, -1))
+
+
+def assert_attn_request_switches_the_decoder_only(model):
+    """A VLM adapter's ``attn_implementation_request`` switches the decoder (``text_config``) and leaves the vision
+    tower alone; switching back restores every implementation name."""
+    from nograd.patches import adapter_for
+
+    adapter = adapter_for(model)
+    before = attn_names(model)
+    model.set_attn_implementation(adapter.attn_implementation_request("eager"))
+    after = attn_names(model)
+    assert after["text_config"] == adapter.attn_implementation == "eager" != before["text_config"]
+    assert after["vision_config"] == before["vision_config"]
+    model.set_attn_implementation(adapter.attn_implementation_request(before["text_config"]))
+    assert attn_names(model) == before
