@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .identity_skip import attention_skipping_identity, per_pair_blend
+
 BACKENDS = ("auto", "triton", "flex", "sdpa", "eager")
 
 
@@ -178,8 +180,6 @@ def soft_identity_blend(out: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> 
     """SoftPAG: ``(1 - u) * out + u * v_self`` per head, in fp32, in ``out.dtype``, written into ``out`` (a fresh
     attention output) and returned. Only the (batch, head) pairs with u != 0 are read and written, so u = 0 leaves
     ``out`` exactly as it was (a perturbed row among unperturbed ones costs one row's lerp)."""
-    from .identity_skip import per_pair_blend
-
     b, h, m, _ = out.shape
     weight = per_pair_blend(u, b, h)
     rows, heads = torch.nonzero(weight != 0, as_tuple=True)
@@ -302,8 +302,6 @@ def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, r
 
         return attention_triton(q, k, v, blend=blend, return_lse=return_lse, edit=edit, **args)
     if blend is not None and backend in ("sdpa", "flex") and edit is None and not return_lse:
-        from .identity_skip import attention_skipping_identity, per_pair_blend
-
         u = per_pair_blend(blend, q.shape[0], q.shape[1])
         if bool((u == 1).any()):
             def run(q_, k_, v_, bias_, mask_, blend_):
