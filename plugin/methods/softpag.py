@@ -258,10 +258,14 @@ class HeadPerturbation(Intervention):
         self.stats = stats
 
     def _u(self, call: AttentionCall) -> torch.Tensor | None:
-        """(B, H) weights of this call (0 outside the perturbed rows), or None; computed once per call."""
-        if getattr(self, "_call", None) is call:
-            return self._weights
-        self._call, self._weights = call, None
+        """(B, H) weights of this call (0 outside the perturbed rows), or None; computed once per call (kept on the
+        call, so nothing of it outlives the call)."""
+        key = ("softpag weights", self.layer)
+        if key not in call.extras:
+            call.extras[key] = self._weights_of(call)
+        return call.extras[key]
+
+    def _weights_of(self, call: AttentionCall) -> torch.Tensor | None:
         rows = self.state.ptb
         if rows is None:
             return None
@@ -272,8 +276,7 @@ class HeadPerturbation(Intervention):
         if not bool((u > 0).any()):
             return None
         self.stats["perturbed_attention_calls"] = self.stats.get("perturbed_attention_calls", 0) + 1
-        self._weights = u.to(call.query.device)
-        return self._weights
+        return u.to(call.query.device)
 
     def _count_skipped(self, call: AttentionCall, u: torch.Tensor, queries: int) -> None:
         skipped = int((u == 1).sum())
