@@ -27,8 +27,10 @@ Backends (one signature, results equal to the reference within float tolerance):
   read with broadcast strides, nothing of size M x N is allocated.
 - ``"flex"``: compiled FlexAttention with the bias as ``score_mod`` and a causal / window ``BlockMask``.
 - ``"sdpa"``: ``F.scaled_dot_product_attention`` with the bias as a broadcast (B, H, 1, N) mask where that is exact
-  (non-causal, or M == 1) and a dense mask otherwise (warned once). A GQA decode step runs each KV head's query
-  heads as rows of one call (``pack_gqa``), without repeating K/V.
+  (non-causal, or M == 1). A causal edge or window with a bias runs per block of ``SDPA_QUERY_BLOCK`` query rows,
+  each over only the keys it sees with a mask of that block (O(block x N) memory, the upper triangle skipped). With
+  a mask, GQA query heads run as rows of their KV head (``pack_gqa``), without repeating K/V. Only a per-query
+  ``mask`` from transformers is passed dense (warned once).
 - ``"eager"``: the fp32 reference; materialises the matrix.
 - ``"auto"``: on CUDA the Triton kernel, except decode (M == 1), where SDPA's broadcast mask is already O(N); on
   CPU SDPA; the reference only for what no other backend does (``softcap``, LSE on CPU).
@@ -207,12 +209,12 @@ def attention_eager(q, k, v, *, key_bias=None, causal=False, scale=None, mask=No
 _dense_warned = False
 
 
-def _warn_dense_once(reason: str) -> None:
+def _warn_dense_once() -> None:
     global _dense_warned
     if not _dense_warned:
         _dense_warned = True
-        warnings.warn(f"nograd.kernels.attention: the sdpa backend builds a dense (B, H, M, N) mask ({reason}); "
-                      "the Triton backend avoids it", stacklevel=3)
+        warnings.warn("nograd.kernels.attention: the sdpa backend passes a per-query (B, H, M, N) mask to SDPA as it "
+                      "is (dense); the Triton backend avoids it", stacklevel=3)
 
 
 def attention_sdpa(q, k, v, *, key_bias=None, causal=False, scale=None, mask=None, window=None):
@@ -224,33 +226,70 @@ def attention_sdpa(q, k, v, *, key_bias=None, causal=False, scale=None, mask=Non
     if key_bias is None and mask is None and window is None:
         if not needs_edge:
             if m == 1 and gqa:
-                return _decode_packed(q, k, v, None, scale)
+                return _packed(q, k, v, None, scale)
             return F.scaled_dot_product_attention(q, k, v, scale=scale, **gqa)
         if m == n:  # top-left == bottom-right
             return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True, **gqa)
-    if needs_edge or (mask is not None and mask.shape[-2] > 1):
-        _warn_dense_once("causal block with a bias" if needs_edge else "a per-query mask")
-    bias = logit_bias(q, k, key_bias=key_bias, causal=causal, mask=mask, window=window, dtype=q.dtype)
-    if m == 1 and gqa:
-        out = _decode_packed(q, k, v, bias, scale)
+    if needs_edge and mask is None:
+        out, dense = _sdpa_in_query_blocks(q, k, v, key_bias, causal, window, scale), None
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, **gqa)
+        if mask is not None and mask.shape[-2] > 1:
+            _warn_dense_once()
+        dense = logit_bias(q, k, key_bias=key_bias, causal=causal, mask=mask, window=window, dtype=q.dtype)
+        out = _packed(q, k, v, dense, scale) if m == 1 else F.scaled_dot_product_attention(
+            q, k, v, attn_mask=dense, scale=scale, **gqa)
     if mask is not None:
-        dead = torch.isneginf(bias).all(dim=-1, keepdim=True)
+        dead = torch.isneginf(dense).all(dim=-1, keepdim=True)
     else:
         dead = dead_rows(key_bias, m, n, causal, window, q.device)
     return out.masked_fill(dead, 0.0) if bool(dead.any()) else out
 
 
-def _decode_packed(q, k, v, bias, scale):
-    """One query per head with GQA and a mask: the G query heads of each KV head become G query rows of that head
-    (transformers' ``pack_gqa``), so SDPA runs on the KV heads as they are instead of repeating them for the mask."""
-    b, h, _, d = q.shape
+SDPA_QUERY_BLOCK = 256
+
+
+def _sdpa_in_query_blocks(q, k, v, key_bias, causal, window, scale):
+    """A causal edge and/or window with a key bias, without the dense (B, H, M, N) mask: the queries in blocks of
+    ``SDPA_QUERY_BLOCK`` rows, each one SDPA call over only the keys its rows can see (so the causal upper triangle
+    and the keys left of the window are skipped, as a flash kernel would) with a (B, H, rows, keys) mask of that
+    block. GQA query heads are packed as rows of their KV head (``_packed``), so K/V are never repeated."""
+    b, h, m, d = q.shape
+    n = k.shape[2]
+    parts = []
+    for r0 in range(0, m, SDPA_QUERY_BLOCK):
+        r1 = min(r0 + SDPA_QUERY_BLOCK, m)
+        hi = min(r1 + n - m, n) if causal else n
+        lo = max(r0 + n - m - window + 1, 0) if window is not None else 0
+        if hi <= lo:  # bottom-right causal with M > N: these rows see no key
+            parts.append(q.new_zeros(b, h, r1 - r0, d))
+            continue
+        rows = torch.arange(r0, r1, device=q.device)[:, None] + (n - m)
+        keys = torch.arange(lo, hi, device=q.device)[None, :]
+        seen = keys <= rows if causal else torch.ones_like(keys, dtype=torch.bool)
+        if window is not None:
+            seen = seen & (keys > rows - window)
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        bias = zero if key_bias is None else key_bias[..., lo:hi].to(q.dtype)[..., None, :]
+        block_mask = torch.where(seen, bias, -math.inf)
+        parts.append(_packed(q[:, :, r0:r1], k[:, :, lo:hi], v[:, :, lo:hi], block_mask, scale))
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+
+def _packed(q, k, v, bias, scale):
+    """SDPA with a (broadcastable) mask and GQA: the G query heads of each KV head become G x M query rows of that
+    head (transformers' ``pack_gqa``), so SDPA runs on the KV heads as they are instead of repeating them."""
+    b, h, m, d = q.shape
     kv_heads = k.shape[1]
-    rows = q.reshape(b, kv_heads, h // kv_heads, d)
-    if bias is not None:
-        bias = bias.expand(bias.shape[0], h, 1, bias.shape[-1]).reshape(bias.shape[0], kv_heads, h // kv_heads, -1)
-    return F.scaled_dot_product_attention(rows, k, v, attn_mask=bias, scale=scale).reshape(b, h, 1, d)
+    if kv_heads == h:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    groups = h // kv_heads
+    rows = q.reshape(b, kv_heads, groups * m, d)
+    if bias is not None:  # one mask row per packed query row; a head-independent mask stays shared by the KV heads
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+        heads = kv_heads if bias.shape[1] > 1 else 1
+        bias = bias.reshape(bias.shape[0], heads, -1, bias.shape[-2], bias.shape[-1])
+        bias = bias.expand(-1, -1, groups, m, -1).reshape(bias.shape[0], heads, groups * m, -1)
+    return F.scaled_dot_product_attention(rows, k, v, attn_mask=bias, scale=scale).reshape(b, h, m, d)
 
 
 _PREFERRED = contextvars.ContextVar("nograd_attention_backend", default="auto")

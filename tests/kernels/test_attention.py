@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from nograd import kernels
 SHAPES = [(1, 2, 2, 32, 32, 64), (2, 4, 2, 37, 37, 64), (1, 3, 1, 45, 100, 40), (1, 2, 2, 17, 83, 64),
           (1, 2, 2, 1, 67, 64), (2, 4, 1, 5, 5, 16), (2, 8, 2, 1, 37, 16)]
 BACKENDS = ["sdpa", "eager"]
+attention_module = importlib.import_module("nograd.kernels.attention")  # the package exports the function by the name
 
 
 def reference(q, k, v, key_bias=None, causal=False, scale=None):
@@ -215,6 +217,54 @@ def test_sliding_window_matches_transformers_definition(backend, m, n):
     torch.testing.assert_close(rows, kernels.scaled_logits(q, k, mask=visible[None, None]).softmax(-1), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("shape", SHAPES + [(2, 4, 2, 11, 6, 16)])
+@pytest.mark.parametrize("bias_kind", [None, "BHN", "B1N"])
+@pytest.mark.parametrize("window", [None, 6])
+def test_sdpa_query_blocks_match_the_reference(monkeypatch, shape, bias_kind, window):
+    """A causal edge with a bias (or a window) runs SDPA on blocks of query rows over only the keys each block sees;
+    with blocks of 4 rows (several blocks, a partial last one, blocks left of the window, rows before the first key
+    when M > N) it equals the reference."""
+    monkeypatch.setattr(attention_module, "SDPA_QUERY_BLOCK", 4)
+    q, k, v = inputs(shape)
+    b, h, _, _, n, _ = shape
+    bias = None if bias_kind is None else bias_of(bias_kind, b, h, n)
+    want = kernels.attention(q, k, v, key_bias=bias, causal=True, window=window, backend="eager")
+    got = kernels.attention(q, k, v, key_bias=bias, causal=True, window=window, backend="sdpa")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_sdpa_causal_bias_is_not_quadratic(monkeypatch):
+    """Causal prefill with a key bias on the sdpa backend: one SDPA call per block of query rows, each over the keys
+    up to its causal edge only (the pairs above the diagonal blocks are never computed), GQA heads packed as rows
+    (K/V not repeated), and the call's peak memory (profiler, allocations in order) below one head's M x N matrix."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m = n = 2048
+    q, k, v = inputs((1, 4, 2, m, n, 32))
+    bias = bias_of("B1N", 1, 4, n)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(query, key, *args, **kwargs):
+        calls.append((query.shape[1:3], key.shape[1:3]))
+        return sdpa(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        got = kernels.attention(q, k, v, key_bias=bias, causal=True, backend="sdpa")
+    monkeypatch.undo()
+    block = attention_module.SDPA_QUERY_BLOCK
+    assert calls == [((2, 2 * block), (2, min(r + block, n))) for r in range(0, m, block)]
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    in_use = peak = 0
+    for event in events:
+        in_use += event.self_cpu_memory_usage
+        peak = max(peak, in_use)
+    assert 0 < peak < m * n * 4, peak
+    want = kernels.attention(q[:, :, -64:], k, v, key_bias=bias, causal=True, backend="eager")  # the last rows
+    torch.testing.assert_close(got[:, :, -64:], want, atol=1e-5, rtol=0)
+
+
 def test_auto_choice_on_cpu():
     q, k, _ = inputs((1, 2, 2, 4, 4, 16))
     assert kernels.choose_backend(q) == "sdpa"
@@ -313,7 +363,7 @@ def test_score_edit_only_touches_rows_from_the_start():
 ])
 def test_blend_skips_identity_heads(monkeypatch, shape, causal, bias_shape, use_mask):
     """u = 1 heads give exactly their own values and SDPA never computes them; the rest equals the reference."""
-    b, h, h_kv, m, n, _ = shape
+    b, h, h_kv, m, n, d = shape
     q, k, v = inputs(shape)
     g = torch.Generator().manual_seed(1)
     bias = None if bias_shape is None else torch.randn(bias_shape, generator=g)
@@ -328,7 +378,7 @@ def test_blend_skips_identity_heads(monkeypatch, shape, causal, bias_shape, use_
     sdpa = F.scaled_dot_product_attention
 
     def counting(query, *args, **kwargs):
-        computed.append(query.shape[0] * query.shape[1])
+        computed.append(query.numel() // (m * d))  # (batch, query head) pairs, GQA-packed rows included
         return sdpa(query, *args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
