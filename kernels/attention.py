@@ -27,7 +27,7 @@ Backends (one signature, results equal to the reference within float tolerance):
   read with broadcast strides, nothing of size M x N is allocated.
 - ``"flex"``: compiled FlexAttention with the bias as ``score_mod`` and a causal / window ``BlockMask``.
 - ``"sdpa"``: ``F.scaled_dot_product_attention`` with the bias as a broadcast (B, H, 1, N) mask where that is exact
-  (non-causal, or M == 1). A causal edge or window with a bias runs per block of ``SDPA_QUERY_BLOCK`` query rows,
+  (non-causal, or M == 1). A causal edge or window with a bias runs per block of ``QUERY_BLOCK`` query rows,
   each over only the keys it sees with a mask of that block (O(block x N) memory, the upper triangle skipped). With
   a mask, GQA query heads run as rows of their KV head (``pack_gqa``), without repeating K/V. Only a per-query
   ``mask`` from transformers is passed dense (warned once).
@@ -71,6 +71,13 @@ class ScoreEdit:
             return 0
         return min(max(int(self.rows_from.min()) - (n - m), 0), m)
 
+    def first_keys(self, n: int) -> "ScoreEdit":
+        """The same edit over the first ``n`` keys only (the coefficients cut to them)."""
+        def cut(coef):
+            return None if coef is None else coef[..., :n]
+
+        return ScoreEdit(abs_coef=cut(self.abs_coef), mul_coef=cut(self.mul_coef), rows_from=self.rows_from)
+
     def apply(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Edit fp32 ``logits`` (B, H, R, N) of the rows at key positions ``positions`` (R,)."""
         delta = torch.zeros((), device=logits.device)
@@ -95,10 +102,23 @@ def reweight_to_bias(scale: torch.Tensor) -> torch.Tensor:
     return torch.log(scale.float())
 
 
+def visible_keys(positions: torch.Tensor, keys: torch.Tensor, causal: bool, window: int | None) -> torch.Tensor | None:
+    """(R, K) boolean: whether the query at key position ``positions[r]`` sees key ``keys[j]`` (``keys[j] <= p`` if
+    ``causal``; ``keys[j] > p - window`` with a ``window``, the ``window`` most recent positions); None if both are
+    off (every key is visible)."""
+    if not causal and window is None:
+        return None
+    at, keys = positions[:, None], keys.to(positions.device)[None, :]
+    seen = keys <= at if causal else None
+    if window is not None:
+        inside = keys > at - window
+        seen = inside if seen is None else seen & inside
+    return seen
+
+
 def causal_visibility(m: int, n: int, device=None) -> torch.Tensor:
     """(M, N) boolean, bottom-right aligned: query i sees key j iff j <= i + N - M."""
-    rows = torch.arange(m, device=device)[:, None] + (n - m)
-    return torch.arange(n, device=device)[None, :] <= rows
+    return visible_keys(torch.arange(m, device=device) + (n - m), torch.arange(n, device=device), True, None)
 
 
 def _check(q, k, v, key_bias, blend, backend):
@@ -120,19 +140,11 @@ def _check(q, k, v, key_bias, blend, backend):
         raise ValueError(f"blend must be (H,) or (B, H) = ({h},) or ({b}, {h}); got {tuple(blend.shape)}")
 
 
-def window_visibility(m: int, n: int, window: int, device=None) -> torch.Tensor:
-    """(M, N) boolean: query i sees key j iff j > i + N - M - window (the ``window`` most recent positions)."""
-    rows = torch.arange(m, device=device)[:, None] + (n - m)
-    return torch.arange(n, device=device)[None, :] > rows - window
-
-
 def visibility(m: int, n: int, causal: bool, window: int | None, device=None) -> torch.Tensor | None:
-    """(M, N) boolean of the keys the causal edge and the window leave visible, or None if they hide nothing."""
-    seen = causal_visibility(m, n, device) if causal and m > 1 else None
-    if window is not None:
-        inside = window_visibility(m, n, window, device)
-        seen = inside if seen is None else seen & inside
-    return seen
+    """(M, N) boolean of the keys the (bottom-right) causal edge and the window leave visible, or None if they hide
+    nothing."""
+    return visible_keys(torch.arange(m, device=device) + (n - m), torch.arange(n, device=device), causal and m > 1,
+                        window)
 
 
 def logit_bias(q, k, *, key_bias=None, causal=False, mask=None, window=None,
@@ -245,34 +257,35 @@ def attention_sdpa(q, k, v, *, key_bias=None, causal=False, scale=None, mask=Non
     return out.masked_fill(dead, 0.0) if bool(dead.any()) else out
 
 
-SDPA_QUERY_BLOCK = 256
+QUERY_BLOCK = 256
+
+
+def query_blocks(m: int, n: int, causal: bool):
+    """``(r0, r1, hi)``: the query rows in blocks ``[r0, r1)`` of at most ``QUERY_BLOCK``, and the number of keys ``hi``
+    the block can see (bottom-right causal: row i sees the keys before ``i + N - M + 1``). Each block over the keys
+    ``[:hi]`` keeps the alignment of its rows. A block that sees no key (M > N) is left out."""
+    for r0 in range(0, m, QUERY_BLOCK):
+        r1 = min(r0 + QUERY_BLOCK, m)
+        hi = min(r1 + n - m, n) if causal else n
+        if hi > 0:
+            yield r0, r1, hi
 
 
 def _sdpa_in_query_blocks(q, k, v, key_bias, causal, window, scale):
-    """A causal edge and/or window with a key bias, without the dense (B, H, M, N) mask: the queries in blocks of
-    ``SDPA_QUERY_BLOCK`` rows, each one SDPA call over only the keys its rows can see (so the causal upper triangle
-    and the keys left of the window are skipped, as a flash kernel would) with a (B, H, rows, keys) mask of that
-    block. GQA query heads are packed as rows of their KV head (``_packed``), so K/V are never repeated."""
-    b, h, m, d = q.shape
-    n = k.shape[2]
-    parts = []
-    for r0 in range(0, m, SDPA_QUERY_BLOCK):
-        r1 = min(r0 + SDPA_QUERY_BLOCK, m)
-        hi = min(r1 + n - m, n) if causal else n
+    """A causal edge and/or window with a key bias, without the dense (B, H, M, N) mask: one SDPA call per block of
+    ``QUERY_BLOCK`` query rows over only the keys its rows can see (so the causal upper triangle and the keys left
+    of the window are skipped, as a flash kernel would) with a (B, H, rows, keys) mask of that block. GQA query
+    heads are packed as rows of their KV head (``_packed``), so K/V are never repeated."""
+    m, n = q.shape[2], k.shape[2]
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    for r0, r1, hi in query_blocks(m, n, causal):
         lo = max(r0 + n - m - window + 1, 0) if window is not None else 0
-        if hi <= lo:  # bottom-right causal with M > N: these rows see no key
-            parts.append(q.new_zeros(b, h, r1 - r0, d))
-            continue
-        rows = torch.arange(r0, r1, device=q.device)[:, None] + (n - m)
-        keys = torch.arange(lo, hi, device=q.device)[None, :]
-        seen = keys <= rows if causal else torch.ones_like(keys, dtype=torch.bool)
-        if window is not None:
-            seen = seen & (keys > rows - window)
+        seen = visible_keys(torch.arange(r0, r1, device=q.device) + (n - m), torch.arange(lo, hi), causal, window)
         zero = torch.zeros((), dtype=q.dtype, device=q.device)
         bias = zero if key_bias is None else key_bias[..., lo:hi].to(q.dtype)[..., None, :]
-        block_mask = torch.where(seen, bias, -math.inf)
-        parts.append(_packed(q[:, :, r0:r1], k[:, :, lo:hi], v[:, :, lo:hi], block_mask, scale))
-    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        out[:, :, r0:r1] = _packed(q[:, :, r0:r1], k[:, :, lo:hi], v[:, :, lo:hi], torch.where(seen, bias, -math.inf),
+                                   scale)
+    return out
 
 
 def _packed(q, k, v, bias, scale):

@@ -8,14 +8,15 @@
 
 They take the same bias/causal/mask arguments as ``nograd.kernels.attention`` so that they describe exactly the
 distribution that call used. ``backend="auto"`` runs the Triton kernels (``triton_stats.py``) on CUDA, and the
-PyTorch references here elsewhere; the references materialise one (B, H, R|M, N) block.
+PyTorch references here elsewhere; the references materialise one (B, H, R, N) block (``key_attention_mass``: one
+block of ``QUERY_BLOCK`` query rows at a time).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .attention import scaled_logits
+from .attention import query_blocks, scaled_logits, visible_keys
 
 
 def _probs(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,6 +38,13 @@ def _triton(q: torch.Tensor, backend: str, mask=None, softcap=None, edit=None) -
     return backend == "triton"
 
 
+def _restrict(mask: torch.Tensor | None, visible: torch.Tensor | None) -> torch.Tensor | None:
+    """A transformers-style mask (boolean, or additive float) further limited to ``visible`` (boolean)."""
+    if visible is None or mask is None:
+        return mask if visible is None else visible
+    return mask & visible if mask.dtype == torch.bool else mask.masked_fill(~visible, -torch.inf)
+
+
 def attention_rows(q_rows, k, *, positions=None, key_bias=None, scale=None, mask=None, softcap=None, window=None,
                    edit=None, edit_positions=None, backend="auto") -> torch.Tensor:
     """Softmax attention rows (B, H, R, N) fp32 of the queries ``q_rows`` (B, H, R, D).
@@ -51,10 +59,7 @@ def attention_rows(q_rows, k, *, positions=None, key_bias=None, scale=None, mask
         return attention_probabilities_triton(q_rows, k, positions=positions, key_bias=key_bias, scale=scale,
                                               window=window)
     if positions is not None:
-        keys = torch.arange(k.shape[2], device=k.device)[None, :]
-        at = positions.to(k.device)[:, None]
-        visible = (keys <= at) & (keys > at - window) if window is not None else keys <= at
-        mask = visible if mask is None else (mask & visible if mask.dtype == torch.bool else mask.masked_fill(~visible, -torch.inf))
+        mask = _restrict(mask, visible_keys(positions.to(k.device), torch.arange(k.shape[2]), True, window))
     return _probs(scaled_logits(q_rows, k, key_bias=key_bias, scale=scale, mask=mask, softcap=softcap, edit=edit,
                                 positions=edit_positions if edit_positions is not None else positions))
 
@@ -74,13 +79,20 @@ def key_attention_mass(q, k, lse=None, *, key_bias=None, causal=False, scale=Non
 
         return key_attention_mass_triton(q, k, lse, key_bias=key_bias, causal=causal, scale=scale, window=window,
                                          reduce=reduce)
-    logits = scaled_logits(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap,
-                           window=window, edit=edit)
-    mass = _probs(logits, lse).sum(dim=2)
-    if reduce == "sum":
-        return mass
-    seen = torch.isfinite(logits).sum(dim=2)
-    return mass / seen.clamp(min=1)
+    b, h, m, _ = q.shape
+    n = k.shape[2]
+    mass = torch.zeros(b, h, n, dtype=torch.float32, device=q.device)
+    seen = torch.zeros(b, h, n, dtype=torch.int64, device=q.device)
+    for r0, r1, hi in query_blocks(m, n, causal):  # one (B, H, block, N) slice of the matrix at a time
+        positions = torch.arange(r0, r1, device=q.device) + (n - m)
+        block_mask = None if mask is None else mask[..., r0:r1, :hi] if mask.shape[-2] > 1 else mask[..., :hi]
+        block_mask = _restrict(block_mask, visible_keys(positions, torch.arange(hi), causal, window))
+        logits = scaled_logits(q[:, :, r0:r1], k[:, :, :hi], key_bias=None if key_bias is None else key_bias[..., :hi],
+                               scale=scale, mask=block_mask, softcap=softcap,
+                               edit=None if edit is None else edit.first_keys(hi), positions=positions)
+        mass[..., :hi] += _probs(logits, None if lse is None else lse[..., r0:r1]).sum(dim=2)
+        seen[..., :hi] += torch.isfinite(logits).sum(dim=2)
+    return mass if reduce == "sum" else mass / seen.clamp(min=1)
 
 
 def attention_block(q, k, lse, *, keys: slice, key_bias=None, scale=None, backend="auto") -> torch.Tensor:

@@ -217,6 +217,30 @@ def test_sliding_window_matches_transformers_definition(backend, m, n):
     torch.testing.assert_close(rows, kernels.scaled_logits(q, k, mask=visible[None, None]).softmax(-1), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("m, n", [(13, 13), (6, 17), (11, 6), (1, 9)])
+@pytest.mark.parametrize("causal, window", [(True, None), (False, None), (True, 5), (False, 5)])
+@pytest.mark.parametrize("extra", [None, "mask", "edit"])
+def test_key_mass_in_query_blocks_equals_the_whole_matrix(monkeypatch, m, n, causal, window, extra):
+    """The CPU key mass, read one block of 4 query rows at a time, equals the sum (and per-key mean) over the whole
+    (B, H, M, N) matrix, with a dense per-query mask, a score edit, or the call's LSE."""
+    q, k, _ = inputs((2, 4, 2, m, n, 16))
+    bias = bias_of("B1N", 2, 4, n)
+    bias[..., -1] = 0.0  # every row sees a key
+    g = torch.Generator().manual_seed(5)
+    mask = (torch.rand(2, 1, m, n, generator=g) > 0.3) | (torch.arange(n) == n - 1) if extra == "mask" else None
+    edit = kernels.ScoreEdit(abs_coef=torch.rand(2, 1, n, generator=g), mul_coef=torch.rand(1, 4, n, generator=g) - 0.5,
+                             rows_from=torch.tensor([n - 2, 0])) if extra == "edit" else None
+    args = dict(key_bias=bias, causal=causal, window=window, mask=mask, edit=edit)
+    logits = kernels.scaled_logits(q, k, **args)
+    probs = logits.softmax(-1).nan_to_num()
+    lse = torch.logsumexp(logits, -1)
+    monkeypatch.setattr(attention_module, "QUERY_BLOCK", 4)
+    torch.testing.assert_close(kernels.key_attention_mass(q, k, **args), probs.sum(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(kernels.key_attention_mass(q, k, lse, **args), probs.sum(2), atol=1e-5, rtol=0)
+    mean = probs.sum(2) / torch.isfinite(logits).sum(2).clamp(min=1)
+    torch.testing.assert_close(kernels.key_attention_mass(q, k, reduce="mean", **args), mean, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("shape", SHAPES + [(2, 4, 2, 11, 6, 16)])
 @pytest.mark.parametrize("bias_kind", [None, "BHN", "B1N"])
 @pytest.mark.parametrize("window", [None, 6])
@@ -224,7 +248,7 @@ def test_sdpa_query_blocks_match_the_reference(monkeypatch, shape, bias_kind, wi
     """A causal edge with a bias (or a window) runs SDPA on blocks of query rows over only the keys each block sees;
     with blocks of 4 rows (several blocks, a partial last one, blocks left of the window, rows before the first key
     when M > N) it equals the reference."""
-    monkeypatch.setattr(attention_module, "SDPA_QUERY_BLOCK", 4)
+    monkeypatch.setattr(attention_module, "QUERY_BLOCK", 4)
     q, k, v = inputs(shape)
     b, h, _, _, n, _ = shape
     bias = None if bias_kind is None else bias_of(bias_kind, b, h, n)
@@ -253,7 +277,7 @@ def test_sdpa_causal_bias_is_not_quadratic(monkeypatch):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         got = kernels.attention(q, k, v, key_bias=bias, causal=True, backend="sdpa")
     monkeypatch.undo()
-    block = attention_module.SDPA_QUERY_BLOCK
+    block = attention_module.QUERY_BLOCK
     assert calls == [((2, 2 * block), (2, min(r + block, n))) for r in range(0, m, block)]
     events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
     in_use = peak = 0
