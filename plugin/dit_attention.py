@@ -20,24 +20,44 @@ from torch import nn
 from .attention import AttentionCall, ModelPatch, attend
 
 
-class NogradProcessor:
-    """Wraps one module's processor; acts only when the module has interventions that act on the call."""
+class NogradProcessor(nn.Module):
+    """Wraps one module's processor; acts only when the module has interventions that act on the call.
+
+    A module: a processor with weights (an IP-Adapter's) stays a submodule of the model while wrapped (``.to()``,
+    ``parameters()``), under ``processor.base``. It shows diffusers the wrapped processor's parameters, so the extra
+    arguments the attention module hands its processor (``ip_hidden_states``, ``temb``) still reach it."""
 
     def __init__(self, base, patch: "DiTAttentionPatch", layer_idx: int):
+        super().__init__()
         self.base = base
         self.patch = patch
         self.layer_idx = layer_idx
-        self._base_params = set(inspect.signature(base.__call__).parameters)
+        signature = inspect.signature(base.__call__)
+        self._base_params = set(signature.parameters)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        def call(*args, **kwargs):
+            return self(*args, **kwargs)
+
+        call.__signature__ = signature
+        self.__dict__["__call__"] = call  # diffusers passes only the arguments named in `processor.__call__`
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 **kwargs):
         interventions = self.patch.interventions.get(attn)
         if interventions:
+            if kwargs:
+                raise NotImplementedError(
+                    f"nograd: a method acts on {type(attn).__name__} through the stock joint attention, but its "
+                    f"processor {type(self.base).__name__} takes extra arguments ({', '.join(sorted(kwargs))}: an "
+                    "IP-Adapter?) that this path would drop; unload it (pipe.unload_ip_adapter()) or remove the "
+                    "nograd handle")
             out = self._intervened(attn, interventions, hidden_states, encoder_hidden_states, attention_mask,
                                    image_rotary_emb)
             if out is not None:
                 return out
-        extra = {"image_rotary_emb": image_rotary_emb} if "image_rotary_emb" in self._base_params else {}
-        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
+        if "image_rotary_emb" in self._base_params:
+            kwargs["image_rotary_emb"] = image_rotary_emb
+        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
 
     def _intervened(self, attn, interventions, hidden_states, encoder_hidden_states, attention_mask, rotary):
         adapter = self.patch.adapter
@@ -64,6 +84,7 @@ class DiTAttentionPatch(ModelPatch):
         self._saved = [(module, module.processor) for module in adapter.attention_modules]
         for index, (module, processor) in enumerate(self._saved):
             module.set_processor(NogradProcessor(processor, self, index))
+        self._signature = inspect.signature(model.forward)
         self._hook = model.register_forward_pre_hook(self._capture_batch, with_kwargs=True)
 
     def _uninstall(self) -> None:
@@ -73,5 +94,5 @@ class DiTAttentionPatch(ModelPatch):
             module.set_processor(processor)
 
     def _capture_batch(self, module, args, kwargs):
-        text = kwargs.get("encoder_hidden_states")
+        text = self._signature.bind_partial(*args, **kwargs).arguments.get("encoder_hidden_states")
         self.batch.text_len = text.shape[1] if isinstance(text, torch.Tensor) else 0

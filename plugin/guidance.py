@@ -22,13 +22,19 @@ convention, as ``PAGMixin._apply_perturbed_attention_guidance`` and the official
    1 without CFG), and return the original ``n`` rows.
 
 Calls that must not be perturbed pass through untouched: SD3's skip-layer-guidance call (``skip_layers=``), FLUX's
-true-CFG ``cache_context("uncond")`` call, and steps outside the ``[start, stop)`` window (step index from the
-pipeline's scheduler). Everything installed is recorded on the handle and removed by ``handle.remove()``.
+true-CFG ``cache_context("uncond")`` call, steps outside the ``[start, stop)`` window (step index from the
+pipeline's scheduler, counted from its ``begin_index`` as img2img starts later) and nograd's own forwards inside
+``suspended()`` (RefAM's read-out pass). SD3's skip-layer guidance adds ``s (cond - skip)`` with the pipeline's
+conditional prediction, which carries the fold: the skip-layer call that follows a folded call gets the same shift,
+so the term stays ``s (cond - skip)``. The pipeline whose CFG settings count is the one running the transformer
+(found on the call stack: several pipelines may share one transformer), else the one the method was applied to.
+Everything installed is recorded on the handle and removed by ``handle.remove()``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import sys
 from dataclasses import dataclass, field
@@ -77,6 +83,27 @@ class _Frame:
     kwargs: dict = field(default_factory=dict)
 
 
+@dataclass
+class _Shift:
+    """SD3's skip-layer call after a folded call: its output gets the fold's shift ``(w / g) (cond - ptb)``."""
+
+    delta: torch.Tensor
+
+
+_SUSPENDED = contextvars.ContextVar("nograd_guidance_suspended", default=False)
+
+
+@contextlib.contextmanager
+def suspended():
+    """Within the block no ``PerturbedGuidance`` perturbs or folds anything: the transformer runs as without it
+    (nograd's own read-out forwards, e.g. RefAM's, under a guidance method attached to the same model)."""
+    token = _SUSPENDED.set(True)
+    try:
+        yield
+    finally:
+        _SUSPENDED.reset(token)
+
+
 def _is_pipeline(obj) -> bool:
     try:
         from diffusers import DiffusionPipeline
@@ -85,17 +112,32 @@ def _is_pipeline(obj) -> bool:
     return isinstance(obj, DiffusionPipeline)
 
 
+def _caller_locals(depth: int = 24):
+    """The local variables of the calling frames, innermost first (at most ``depth``)."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return
+        yield frame.f_locals
+        frame = frame.f_back
+
+
+def _running_pipeline(model: nn.Module, fallback):
+    """The diffusers pipeline whose ``__call__`` is running ``model`` now (found on the call stack), else
+    ``fallback`` (the pipeline the method was applied to, or None)."""
+    for local in _caller_locals():
+        owner = local.get("self")
+        if getattr(owner, "transformer", None) is model and _is_pipeline(owner):
+            return owner
+    return fallback
+
+
 def _true_cfg_scale(pipe) -> float | None:
     """FLUX's ``true_cfg_scale`` of the running ``FluxPipeline.__call__`` (a local there), or None when true CFG is
     off. Read from the caller frames, since the pipeline keeps it nowhere else."""
-    frame = sys._getframe(1)
-    for _ in range(16):
-        if frame is None:
-            break
-        local = frame.f_locals
+    for local in _caller_locals():
         if local.get("self") is pipe and "true_cfg_scale" in local:
             return float(local["true_cfg_scale"]) if local.get("do_true_cfg") else None
-        frame = frame.f_back
     return None
 
 
@@ -121,6 +163,8 @@ class PerturbedGuidance:
         self.fork = fork if batch else None
         self._forking: tuple[int, slice] | None = None
         """(n, conditional rows) while a late-forked call runs."""
+        self._fold: torch.Tensor | None = None
+        """The shift the last folded call gave its conditional rows (for SD3's skip-layer call that follows)."""
         self._all_params = sum(p.numel() for p in model.parameters())
         self._params = sum(p.numel() for m in fork for p in m.parameters()) if self.fork else self._all_params
         """Parameters the extra rows run through: the forked blocks under a late fork, else the whole model."""
@@ -167,19 +211,19 @@ class PerturbedGuidance:
             self.state.perturb_only = outer
 
     # ---- per call -----------------------------------------------------------------------------------------------
-    def _in_window(self) -> bool:
+    def _in_window(self, pipe) -> bool:
         if self.start <= 0.0 and self.stop >= 1.0:
             return True
-        pipe = self.pipe
         total = getattr(pipe, "_num_timesteps", None) if pipe is not None else None
         if not total:
             return self.start < self.stop
-        step = getattr(pipe.scheduler, "step_index", None) or 0
+        scheduler = pipe.scheduler
+        index = getattr(scheduler, "step_index", None)  # None until the first scheduler step
+        step = 0 if index is None else index - (getattr(scheduler, "begin_index", None) or 0)
         return self.start <= step / total < self.stop
 
-    def _guidance_rows(self, n: int) -> tuple[slice, float] | None:
+    def _guidance_rows(self, n: int, pipe) -> tuple[slice, float] | None:
         """(conditional rows, fold factor w / g) for a call of ``n`` rows, or None if it must not be perturbed."""
-        pipe = self.pipe
         if self._context == "uncond":
             return None
         if pipe is not None and getattr(pipe, "do_classifier_free_guidance", False):
@@ -198,15 +242,24 @@ class PerturbedGuidance:
             self._frames.append(None)
             self.state.ptb = slice(0, self._batch_of(kwargs))
             return None
+        # a new outer call: nothing of an earlier one is pending (an interrupt skips the forward hook's clean-up)
+        self._frames.clear()
+        self.state.ptb, self._forking = None, None
+        fold, self._fold = self._fold, None
+        if _SUSPENDED.get():
+            self._frames.append(None)
+            return None
         bound = self._bind(args, kwargs)
         n = self._batch_of(bound)
         if self.state.perturb_only:
             self._frames.append(None)
             self.state.ptb = slice(0, n)
             return None
-        rows = None
-        if bound.get("skip_layers") is None and self._in_window():
-            rows = self._guidance_rows(n)
+        if bound.get("skip_layers") is not None:
+            self._frames.append(_Shift(fold) if fold is not None and fold.shape[0] == n else None)
+            return None
+        pipe = _running_pipeline(self.model, self.pipe)
+        rows = self._guidance_rows(n, pipe) if self._in_window(pipe) else None
         if rows is None:
             self._frames.append(None)
             return None
@@ -244,6 +297,8 @@ class PerturbedGuidance:
         if frame is None or output is None:
             return None
         sample = output[0] if isinstance(output, tuple) else output.sample
+        if isinstance(frame, _Shift):
+            return self._with_sample(output, sample + frame.delta.to(sample.dtype))
         if frame.batched:
             # a late fork whose blocks were all skipped never grew the batch: the perturbed rows are the cond rows
             ptb = sample[frame.n:] if sample.shape[0] > frame.n else sample[frame.cond]
@@ -256,10 +311,14 @@ class PerturbedGuidance:
             ptb = result[0] if isinstance(result, tuple) else result.sample
         guided = sample[: frame.n].clone()
         cond = sample[frame.cond]
-        guided[frame.cond] = cond + frame.factor * (cond - ptb)
-        if isinstance(output, tuple):
-            return (guided, *output[1:])
-        return type(output)(sample=guided)
+        self._fold = frame.factor * (cond - ptb)
+        guided[frame.cond] = cond + self._fold
+        return self._with_sample(output, guided)
+
+    @staticmethod
+    def _with_sample(output, sample: torch.Tensor):
+        """The transformer's output (tuple or output class) with ``sample`` in place of its prediction."""
+        return (sample, *output[1:]) if isinstance(output, tuple) else type(output)(sample=sample)
 
     # ---- bookkeeping ---------------------------------------------------------------------------------------------
     def _bind(self, args, kwargs) -> dict:

@@ -304,7 +304,7 @@ def search(pipe, reward: Callable, prompts: list[str], seeds: list[int] | None =
 
     per_call = dict(call_kwargs)
     per_call.setdefault("output_type", "pt")
-    if hasattr(pipe, "do_classifier_free_guidance"):
+    if hasattr(type(pipe), "do_classifier_free_guidance"):  # the property reads state a first call sets
         per_call.setdefault("guidance_scale", cfg_scale)
     num_layers, num_heads = shape["num_layers"], shape["num_heads"]
     handle = nograd.apply(pipe, "softpag", heads=candidates, u=u, scale=scale, mode=mode)

@@ -143,3 +143,60 @@ def last_dit_method():
 
     yield DiTTextBoost.name
     nograd.registry.unregister(DiTTextBoost.name)
+
+
+def ip_adapter_sd3(blocks):
+    """A tiny SD3 transformer with diffusers' SD3 IP-Adapter processor (weights, extra call arguments) on ``blocks``,
+    and the inputs, with and without the adapter's arguments."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+
+    model = BUILDERS["sd3"](dual_attention_layers=())
+    torch.manual_seed(1)
+    for index in blocks:
+        model.transformer_blocks[index].attn.set_processor(SD3IPAdapterJointAttnProcessor2_0(
+            hidden_size=32, ip_hidden_states_dim=16, head_dim=8, timesteps_emb_dim=32, scale=1.0))
+    inputs = transformer_inputs("sd3", model)
+    ip = dict(ip_hidden_states=torch.randn(1, 4, 16), temb=torch.randn(1, 32))
+    return model, inputs, {**inputs, "joint_attention_kwargs": ip}
+
+
+def test_extra_processor_arguments_reach_the_wrapped_processor_or_raise():
+    """An IP-Adapter processor keeps its weights in the model and gets its arguments while wrapped; where a method
+    acts on such a module, nograd raises instead of dropping them."""
+    model, inputs, with_ip = ip_adapter_sd3([0])
+    want = run(model, with_ip)
+    assert not torch.equal(want, run(model, inputs))
+    params, keys = sum(p.numel() for p in model.parameters()), len(model.state_dict())
+    with nograd.apply(model, "refam", layers=[1]) as handle:  # observes block 1; block 0 is only wrapped
+        assert sum(p.numel() for p in model.parameters()) == params and len(model.state_dict()) == keys
+        out, records = handle.capture({**with_ip, "return_dict": False}, slice(0, 5))
+        assert torch.equal(out[0], want) and set(records) == {1}
+    model, _, with_ip = ip_adapter_sd3([0, 1])
+    before = snapshot(model)
+    handle = nograd.apply(model, "refam", layers=[1])
+    with pytest.raises(NotImplementedError, match=r"SD3IPAdapterJointAttnProcessor2_0 takes extra arguments "
+                                                  r"\(ip_hidden_states, temb"):
+        handle.capture({**with_ip, "return_dict": False}, slice(0, 5))
+    handle.remove()
+    with nograd.apply(model, "softpag", heads={1: [0]}, u=0.5):  # keeps every processor wrapped while attached
+        model.to(torch.float64)  # moves the wrapped processors' weights too
+        assert model.transformer_blocks[0].attn.processor.base.to_k_ip.weight.dtype == torch.float64
+    model.to(torch.float32)
+    assert same_state(model, before)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_text_length_is_found_when_the_text_is_passed_positionally(family):
+    model = BUILDERS[family]()
+    inputs = transformer_inputs(family, model)
+    hidden, text = inputs.pop("hidden_states"), inputs.pop("encoder_hidden_states")
+    lengths = []
+
+    class Spans(Intervention):
+        def key_bias(self, call):
+            lengths.append(call.extras["spans"])
+
+    with attach(model, {adapter_for(model).attention_modules[-1]: Spans()}), torch.no_grad():
+        model(hidden, text, **inputs)
+        model(hidden_states=hidden, encoder_hidden_states=text, **inputs)
+    assert len(lengths) == 2 and lengths[0] == lengths[1]

@@ -303,6 +303,7 @@ class RefAM(Method):
         {block: BlockRecord}). The blocks' processors are wrapped only during this call; the output is the stock
         one (the capture only observes)."""
         from ..dit_attention import DiTAttentionPatch
+        from ..guidance import suspended
 
         if self.removed:
             raise RuntimeError("refam: this handle was removed; nograd.apply(pipe, 'refam') again")
@@ -314,7 +315,7 @@ class RefAM(Method):
             patch.add(module, capture)
         self.state.valid, self.state.records, self.state.grid, self.state.active = valid, {}, grid, True
         try:
-            with torch.no_grad():
+            with torch.no_grad(), suspended():  # a guidance method on the same model neither perturbs nor folds it
                 out = self.model(**inputs)
         finally:
             self.state.active = False
@@ -443,6 +444,9 @@ class RefAM(Method):
         z0, grid = self.encode_image(image)
         states, pooled, tokens, valid = self.encode_text(text)
         kept = kept_mask(tokens, self.config.noun_phrase)
+        if not bool(kept.any()):
+            raise ValueError(f"refam: the expression {text!r} has no content word to ground (only stop words, "
+                             "punctuation or nothing); name the object, e.g. 'the red cup'")
         suppress = self.config.gas_mode in ("redirect", "suppress")
         heat: dict[int, torch.Tensor] = {}
         probs: dict[int, torch.Tensor] = {}

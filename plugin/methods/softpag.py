@@ -28,6 +28,7 @@ names match exactly (``"blocks.1"`` is block 1, never 10 or 11), the perturbatio
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -73,6 +74,8 @@ class GuidanceOptions(MethodConfig):
             value = getattr(self, name)
             if not (is_number(value) and 0 <= value <= 1):
                 self.invalid(name, "a number in [0, 1]")
+        if self.start > self.stop:
+            self.invalid("stop", f"a number >= start ({self.start}) (start == stop perturbs no step)")
         for name in ("batch", "late_fork"):
             if not isinstance(getattr(self, name), bool):
                 self.invalid(name, "True or False", TypeError)
@@ -155,6 +158,11 @@ def layer_modules(adapter) -> list:
     return [block.attn for block in adapter.decoder_layers]
 
 
+def as_index(value) -> int | None:
+    """``value`` as an int if it is an integer (numpy's included, ``bool`` excluded), else None."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
+
+
 def layer_index(adapter, layer, option_name: str = "heads") -> int:
     """A layer index from an int or an exact block name (``blocks.1`` means ``transformer_blocks.1``)."""
     names = layer_names(adapter)
@@ -170,6 +178,9 @@ def layer_index(adapter, layer, option_name: str = "heads") -> int:
                 raise ValueError(f"{option_name}: no layer named {layer!r}; layers are {names[0]} .. {names[-1]} "
                                  f"(or indices 0..{len(names) - 1}), matched exactly")
             return names.index(key)
+    if as_index(layer) is None:
+        raise ValueError(f"{option_name}: layer {layer!r} is neither a layer index nor a block name")
+    layer = as_index(layer)
     if not 0 <= layer < len(names):
         raise ValueError(f"{option_name}: layer {layer} is out of range; this {type(adapter.model).__name__} has "
                          f"{len(names)} layers x {adapter.num_heads} heads (indices 0..{len(names) - 1})")
@@ -189,13 +200,16 @@ def head_table(spec, u: float, adapter, option_name: str = "heads", top: int | N
         spec = [tuple(pair) for pair in spec.heads[: top if top is not None else None]]
     elif top is not None and isinstance(spec, (list, tuple)):
         spec = list(spec)[:top]
+    elif top is not None:
+        raise ValueError(f"top={top} selects a prefix of an ordered head list or HeadSet; {option_name}={spec!r} "
+                         "has no order (pass a list of (layer, head) pairs, or top=None)")
 
     def put(layer, head, weight):
         index = layer_index(adapter, layer, option_name)
-        if not (isinstance(head, int) and 0 <= head < num_heads):
+        if as_index(head) is None or not 0 <= as_index(head) < num_heads:
             raise ValueError(f"{option_name}: head {head!r} of layer {layer!r} is out of range; this "
                              f"{type(adapter.model).__name__} has {num_layers} layers x {num_heads} heads")
-        table[index, head] = float(weight)
+        table[index, as_index(head)] = float(weight)
 
     if isinstance(spec, str):  # "layer:<l>"
         spec = {spec: "all"}

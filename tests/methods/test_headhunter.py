@@ -109,3 +109,21 @@ def test_search_finds_the_planted_head_and_writes_a_loadable_preset(tmp_path):
 def test_estimate():
     assert hh.estimate(576, 5, 3, 5, 20) == {"images": (576 + 573 + 570 + 567 + 564) * 5,
                                              "transformer_rows": 14250 * 20 * 2}
+
+
+@pytest.mark.parametrize("cfg_scale", [None, 1.5])
+def test_search_runs_a_fresh_pipeline_at_its_cfg_scale(cfg_scale):
+    """A pipeline that never ran has no guidance state yet; the search still passes ``cfg_scale`` (default 0: CFG off,
+    the official setting), not the pipeline's own default of 7."""
+    pipe = build_pipeline("sd3")
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+
+    def reward(images, prompts):
+        seen.append(pipe.guidance_scale)
+        return [0.0] * len(images)
+
+    options = {} if cfg_scale is None else {"cfg_scale": cfg_scale}
+    nograd.headhunter.search(pipe, reward=reward, prompts=["a cat"], k=1, rounds=1, pool={0: [0, 1]}, progress=False,
+                             num_inference_steps=1, height=32, width=32, **options)
+    assert seen and set(seen) == {0.0 if cfg_scale is None else cfg_scale}

@@ -440,3 +440,22 @@ def test_timestep_and_flux_dev_guidance_embedding(pipes):
         assert "guidance" not in handle.prepare(picture(), TEXT)[0]
     with nograd.apply(pipes["sd3"], "refam", **OPTS) as handle:  # SD3 takes the timestep in [0, 1000]
         assert handle.prepare(picture(), TEXT)[0]["timestep"].tolist() == [500.0]
+
+
+@pytest.mark.parametrize("text", ["it", "the of a", ".", ""])
+def test_an_expression_without_a_content_word_is_refused(apply, text):
+    handle = apply("flux")
+    with pytest.raises(ValueError, match="has no content word to ground"):
+        handle.ground(picture(), text)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("batch", [True, False])
+def test_a_guidance_method_on_the_same_pipeline_leaves_the_read_out_alone(apply, pipes, family, batch):
+    """RefAM's own forward runs outside SoftPAG's guidance (suspended): nothing perturbed, folded or overwritten."""
+    refam = apply(family)
+    alone = refam.ground(picture(), TEXT)
+    with nograd.apply(pipes[family], "softpag", heads={0: "all"}, u=1.0, batch=batch) as softpag:
+        both = refam.ground(picture(), TEXT)
+        assert softpag.stats["perturbed_calls"] == 0
+    assert torch.equal(both.heatmap, alone.heatmap) and both.point == alone.point

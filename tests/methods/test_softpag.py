@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -435,3 +436,94 @@ def test_bf16_pipeline_fast_path_follows_the_reference(family):
                 out[path] = model(**inputs)[0]
     assert out["fast"].dtype == torch.bfloat16 and not torch.equal(out["fast"], plain)
     torch.testing.assert_close(out["fast"].float(), out["reference"].float(), atol=3e-2, rtol=3e-2)
+
+
+# ---- pipelines around the guidance ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_an_interrupted_perturbed_call_leaves_no_state_behind(family, request):
+    """Ctrl-C inside a perturbed transformer call skips the forward hook's clean-up (torch runs ``always_call`` hooks
+    for ``Exception`` only); the next pipeline call still equals an uninterrupted one."""
+    pipe = request.getfixturevalue(family)
+    cfg = dict(guidance_scale=5.0) if family == "sd3" else {}
+    with nograd.apply(pipe, "softpag", heads={1: "all"}, u=1.0, start=0.5) as handle:
+        want = images(pipe, **cfg)
+        calls = {"n": 0}
+
+        def interrupt(module, args, output):
+            calls["n"] += 1
+            if calls["n"] == 2:  # inside step 1, the perturbed call
+                raise KeyboardInterrupt
+
+        hook = handle.adapter.decoder_layers[-1].register_forward_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            images(pipe, **cfg)
+        hook.remove()
+        assert torch.equal(images(pipe, **cfg), want)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_img2img_window_counts_steps_from_the_first_denoised_one(family, request):
+    """img2img starts its scheduler at ``begin_index``; the window is over the steps it runs (strength 0.5 of 4)."""
+    from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
+
+    base = request.getfixturevalue(family)
+    cls = StableDiffusion3Img2ImgPipeline if family == "sd3" else FluxImg2ImgPipeline
+    pipe = cls(**base.components)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(image=nograd.tiny.image(32, 32), strength=0.5, num_inference_steps=4, height=32, width=32,
+                output_type="latent", **({"guidance_scale": 1.0} if family == "sd3" else {}))
+    for (start, stop), want in {(0.0, 0.5): 1, (0.5, 1.0): 1, (0.0, 1.0): 2}.items():
+        with nograd.apply(pipe, "softpag", heads={0: "all"}, u=1.0, start=start, stop=stop) as handle:
+            pipe("a cat", generator=torch.Generator().manual_seed(0), **call)
+            assert pipe._num_timesteps == 2 and handle.stats["perturbed_calls"] == want, (start, stop)
+
+
+def test_the_running_pipeline_sets_the_guidance_rows(sd3):
+    """Applied to one pipeline, run by another sharing its transformer (img2img from the same components), or
+    applied to the bare transformer: the CFG settings of the pipeline that runs are the ones used."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    img2img = StableDiffusion3Img2ImgPipeline(**sd3.components)
+    img2img.set_progress_bar_config(disable=True)
+    call = dict(image=nograd.tiny.image(32, 32), strength=0.75, num_inference_steps=4, height=32, width=32,
+                output_type="latent")
+    for text_cfg, image_cfg in ((1.0, 5.0), (5.0, 1.0)):
+        out = {}
+        for target in (img2img, sd3, sd3.transformer):
+            images(sd3, guidance_scale=text_cfg)  # the text-to-image pipeline's last call
+            with nograd.apply(target, "softpag", heads={1: "all"}, u=1.0) as handle:
+                out[id(target)] = img2img("a cat", guidance_scale=image_cfg, generator=torch.Generator().manual_seed(0),
+                                          **call).images
+                assert handle.stats["perturbed_calls"] == 3
+        assert torch.equal(out[id(sd3)], out[id(img2img)]) and torch.equal(out[id(sd3.transformer)], out[id(img2img)])
+
+
+def test_sd3_skip_layer_guidance_keeps_the_perturbation_term(sd3):
+    """SD3's skip-layer guidance adds s (cond - skip) with the pipeline's cond, which carries the fold; the skip call
+    gets the same shift, so the PAG term is w (cond - ptb) with SLG on or off (step 0 is plain: start=0.5)."""
+    slg = dict(skip_guidance_layers=[0], skip_layer_guidance_scale=3.0, skip_layer_guidance_start=0.0,
+               skip_layer_guidance_stop=1.0)
+    plain, plain_slg = images(sd3, guidance_scale=2.0), images(sd3, guidance_scale=2.0, **slg)
+    assert not torch.equal(plain, plain_slg)
+    with nograd.apply(sd3, "softpag", heads={1: "all"}, u=1.0, scale=2.0, start=0.5):
+        term = images(sd3, guidance_scale=2.0) - plain
+        term_slg = images(sd3, guidance_scale=2.0, **slg) - plain_slg
+    assert term.abs().max() > 1e-4
+    torch.testing.assert_close(term_slg, term, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(heads=[(0, True)]), ValueError, r"head True of layer 0 is out of range"),
+    (dict(heads={0: [False]}), ValueError, r"head False of layer 0 is out of range"),
+    (dict(heads=[(True, 1)]), ValueError, r"layer True is neither a layer index nor a block name"),
+    (dict(heads={0: "all"}, start=0.8, stop=0.2), ValueError, r"option stop=0.2 .* >= start \(0.8\)"),
+])
+def test_head_and_window_options_are_checked_before_any_change(options, error, match):
+    model = BUILDERS["sd3"]()
+    with pytest.raises(error, match=match):
+        nograd.apply(model, "softpag", **options)
+    with pytest.raises(ValueError, match=r"top=1 selects a prefix of an ordered head list"):
+        nograd.apply(model, "headhunter", heads={0: "all"}, top=1)
+    assert untouched(model)
+    with nograd.apply(model, "softpag", heads=[(np.int64(0), np.int64(1))]) as handle:  # numpy indices are integers
+        assert handle.stats["heads"] == [(0, 1)]
