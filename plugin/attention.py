@@ -79,16 +79,23 @@ class BatchInfo:
     """The (B, T) 2-D attention mask the decoder received (1 = real token), or None (no padding)."""
     text_len: int = 0
     """(MM-DiTs) the number of text tokens in the joint sequence of the current forward pass."""
+    length: int | None = None
+    """(decoders) the positions the current forward pass covers: cached tokens plus new ones (None: unknown)."""
+
+    def key_offset(self, n_keys: int) -> int:
+        """The position of key 0 of a call with ``n_keys`` keys: above 0 on a sliding-window layer whose cache has
+        dropped the oldest positions (its keys are the last ``n_keys`` of ``length``)."""
+        return max(self.length - n_keys, 0) if self.length is not None else 0
 
     def first_real_key(self, batch: int, n_keys: int, device) -> torch.Tensor:
         """(B,) key index of each row's first real (non-pad) token among ``n_keys`` keys; -1 where it is not
         among them (a sliding-window cache that dropped it)."""
         mask = self.padding_mask
         if mask is None or mask.dim() != 2 or mask.shape[0] != batch:
-            return torch.zeros(batch, dtype=torch.long, device=device)
-        first = (mask != 0).int().argmax(dim=1).to(device)
-        offset = max(mask.shape[1] - n_keys, 0)
-        index = first - offset
+            first = torch.zeros(batch, dtype=torch.long, device=device)
+        else:
+            first = (mask != 0).int().argmax(dim=1).to(device)
+        index = first - self.key_offset(n_keys)
         return torch.where(index >= 0, index, torch.full_like(index, -1))
 
 
@@ -116,6 +123,11 @@ class AttentionCall:
         """(B, H, M, N)."""
         b, h, m, _ = self.query.shape
         return b, h, m, self.key.shape[2]
+
+    @property
+    def key_offset(self) -> int:
+        """The position of key 0 (above 0 on a sliding-window layer whose cache dropped the oldest positions)."""
+        return self.batch.key_offset(self.key.shape[2])
 
     def attention_rows(self, rows: torch.Tensor, edited: bool = True) -> torch.Tensor:
         """The softmax rows (B, H, R, N) of the queries at indices ``rows`` (into M), as this call computed them
@@ -217,6 +229,25 @@ def registered_names() -> list[str]:
     return sorted(_REGISTERED)
 
 
+UNSUPPORTED_IMPLEMENTATIONS = {"flex_attention": "BlockMasks, whose padding nograd cannot read"}
+"""transformers attention implementations nograd's attention path refuses, and why."""
+
+
+def refuse_unsupported_call(bound: dict, config) -> None:
+    """Raise ``NotImplementedError`` for a forward that nograd's attention path would get silently wrong: a static KV
+    cache (its 4-D masks hide the padding the methods need) or ``output_attentions`` (layers a method changes have
+    no attention weights to return)."""
+    cache = bound.get("cache", bound.get("past_key_values"))
+    if getattr(cache, "is_compileable", False):
+        raise NotImplementedError("nograd: a static KV cache (generate(cache_implementation='static'), StaticCache) "
+                                  "is not supported while a method is attached; use the default dynamic cache")
+    extra = bound.get("kwargs") or {}
+    if bound.get("output_attentions", extra.get("output_attentions", getattr(config, "output_attentions", False))):
+        raise NotImplementedError("nograd: output_attentions=True is not supported while a method is attached (the "
+                                  "layers it changes return no attention weights); read them with the model alone, "
+                                  "or through the method's h.stats / nograd.observe")
+
+
 # ---- one model's patch -------------------------------------------------------------------------------------------
 def _config_implementations(model: nn.Module) -> dict[int, tuple[object, str | None]]:
     """id(config) -> (config, its _attn_implementation_internal) for the model's config and every sub-config."""
@@ -301,6 +332,12 @@ class AttentionPatch(ModelPatch):
         self._hook = batch_module.register_forward_pre_hook(self._capture_batch, with_kwargs=True)
 
     def _switch(self, config_key: str | None, base: str, modules) -> str:
+        if base in UNSUPPORTED_IMPLEMENTATIONS:
+            from .errors import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"nograd cannot act through attn_implementation={base!r} (its masks are {UNSUPPORTED_IMPLEMENTATIONS[base]}); "
+                "switch first, e.g. model.set_attn_implementation('sdpa'), or load with attn_implementation='sdpa'")
         name = _register(base)
         self.model.set_attn_implementation(name if config_key is None else {config_key: name})
         for module in modules:
@@ -327,8 +364,23 @@ class AttentionPatch(ModelPatch):
 
     def _capture_batch(self, module, args, kwargs):
         bound = self._signature.bind_partial(*args, **kwargs).arguments
+        refuse_unsupported_call(bound, self.model.config)
         mask = bound.get("attention_mask")
         self.batch.padding_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.batch.length = self._length(bound)
+
+    @staticmethod
+    def _length(bound: dict) -> int | None:
+        """Cached plus new positions of this forward: the 2-D mask's length, else the cache's plus the input's."""
+        mask = bound.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return int(mask.shape[1])
+        new = next((x.shape[1] for x in (bound.get("input_ids"), bound.get("inputs_embeds"))
+                    if isinstance(x, torch.Tensor)), None)
+        cache = bound.get("cache", bound.get("past_key_values"))
+        if new is None or cache is None:
+            return new
+        return int(cache.get_seq_length()) + int(new)
 
     def run(self, module, interventions, query, key, value, attention_mask, kwargs, run_base):
         """Attention with the interventions of ``module`` in transformers' (B, M, H, D) output layout, or None."""

@@ -62,17 +62,22 @@ class SinkCalibration(Intervention):
         self.config = config
         self.stats = stats
         self.sinks: torch.Tensor | None = None
+        self.offset = 0
+        """The position of the sinks' key 0 (the prompt call's key offset)."""
 
     def set_rescale(self, call: AttentionCall):
         _, _, m, n = call.shape
-        if m > 1:
+        offset = call.key_offset
+        if m > 1 or m == n:  # a prompt (a one-token prompt too); decode steps reuse its sinks
             self.sinks = self._detect(call)
-        if self.sinks is None:
+            self.offset = offset
+        if self.sinks is None or self.sinks.shape[0] != call.shape[0]:
             return None
-        sinks = self.sinks
-        if sinks.shape[-1] < n:
+        start = offset - self.offset  # the sinks by position: a sliding-window cache has dropped the oldest keys
+        sinks = self.sinks[..., start:start + n]
+        if sinks.shape[-1] < n:  # generated keys are never sinks
             sinks = torch.nn.functional.pad(sinks, (0, n - sinks.shape[-1]))
-        return sinks[..., :n], self.config.beta
+        return sinks, self.config.beta
 
     def _detect(self, call: AttentionCall) -> torch.Tensor:
         mean = call.key_mass(reduce="mean")
@@ -92,7 +97,7 @@ class ACT(Method):
              "through Attention Calibration")
     arxiv = "2406.15765"
     kinds = ("text", "vlm")
-    resources = ("score_edit",)
+    resources = ("score_edit", "token_layout")  # sinks are kept by key position, which token dropping moves
     Config = ACTConfig
 
     def layers(self) -> range:

@@ -456,6 +456,15 @@ class Frank(Method):
             self.config.invalid("prior", f"a list of {depth} numbers in [0, 1] (one per decoder layer)")
         if self.config.prior_source() == "attention" and self.adapter.kind != "vlm":
             self.config.invalid("prior", "'exp' or a list: 'attention' measures image attention, which needs a VLM")
+        if self.config.needs_prior and self.config.prior_source() == "attention":
+            from ..errors import IncompatibleMethodsError
+            from ..handle import attached
+
+            others = [h.method for h in attached(self.adapter.model)]
+            if others:
+                raise IncompatibleMethodsError(
+                    f"frank measures its depth prior on the unmodified model, but {', '.join(others)} is attached: "
+                    "apply frank first, or give a data-free prior (prior='exp' or a list)")
 
     def attach(self, handle) -> None:
         config = self.config

@@ -2,19 +2,22 @@
 
 At every forward of the model with an image prompt, a second, image-free copy of the prompt (the same tokens with
 the image tokens removed, left-padded again) runs through the plain model with its own KV cache, and the last
-position's logits become
+position's logits of each row with image tokens become
 
     z = gamma * (z_c - z_u) + z_u,   z_c, z_u = log_softmax(with image), log_softmax(image-free)
     z = -inf where z_c < log(cutoff) + max(z_c)          (plausibility cutoff, official 0.1)
 
-with gamma 1.1 in every published PAI / PAINT result. It is a forward hook on the model, so ``generate()`` and
-pipelines use it unchanged; during the image-free pass the method's other hooks and edits stand aside.
+with gamma 1.1 in every published PAI / PAINT result; rows without image tokens keep the model's logits. It is a
+forward hook on the model, so ``generate()`` and pipelines use it unchanged; during the image-free pass the method's
+other hooks and edits stand aside. A pre-hook starts the image-free cache afresh at every prefill (a forward on an
+empty or no KV cache) and has the model's cache carry it along when beam search reorders the beams.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import weakref
 
 import torch
 from transformers import DynamicCache
@@ -29,35 +32,90 @@ class ImageFreeContrast:
         self.log_cutoff = math.log(cutoff)
         self.active = True
         self._cache = None
+        """The image-free pass's KV cache for the current generation (None: the next forward is a prefill)."""
         self._mask = None
+        self._followed = None
+        """(weak reference to the model's cache, its former own ``reorder_cache``, the one set here), or None."""
         model = handle.model
         self.model = model
         self._signature = inspect.signature(model.forward)
         self._cache_arg = "cache" if "cache" in self._signature.parameters else "past_key_values"
+        start = model.register_forward_pre_hook(self._start, with_kwargs=True)
         hook = model.register_forward_hook(self._refine, with_kwargs=True)
-        handle.on_remove("image-free contrast hook", hook.remove)
+        handle.on_remove("image-free contrast hooks", lambda: (start.remove(), hook.remove()))
+        handle.on_remove("image-free contrast cache", self._forget)
+
+    def _inputs(self, args, kwargs) -> dict:
+        inputs = self._signature.bind_partial(*args, **kwargs).arguments
+        inputs.update(inputs.pop("kwargs", {}))
+        return inputs
+
+    def _start(self, module, args, kwargs):
+        """At a prefill, drop the last generation's image-free cache and follow the new main cache's beam reorders."""
+        if not self.active:
+            return
+        inputs = self._inputs(args, kwargs)
+        cache = inputs.get("cache", inputs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:
+            return  # a decode step
+        self._forget()
+        if cache is not None:
+            self._follow(cache)
+
+    def _follow(self, cache) -> None:
+        """Have ``cache.reorder_cache`` (how ``generate()``'s beam search re-ranks beams) reorder the image-free
+        cache too. The wrapper holds the cache only weakly, so the cache is freed with its generation."""
+        main, previous = weakref.ref(cache), vars(cache).get("reorder_cache")
+
+        def reorder_cache(beam_idx):
+            if previous is None:
+                type(main()).reorder_cache(main(), beam_idx)
+            else:
+                previous(beam_idx)
+            if self._cache is not None:
+                self._cache.reorder_cache(beam_idx)
+                self._mask = self._mask[beam_idx.to(self._mask.device)]
+
+        cache.reorder_cache = reorder_cache
+        self._followed = (main, previous, reorder_cache)
+
+    def _forget(self) -> None:
+        """Drop the image-free cache and give the followed main cache back its own ``reorder_cache``."""
+        self._cache = self._mask = None
+        if self._followed is None:
+            return
+        main, previous, wrapper = self._followed
+        self._followed = None
+        cache = main()
+        if cache is not None and vars(cache).get("reorder_cache") is wrapper:
+            if previous is None:
+                del cache.reorder_cache
+            else:
+                cache.reorder_cache = previous
 
     def _refine(self, module, args, kwargs, output):
         prompt = self.tracker.prompt
         if not self.active or prompt is None or getattr(output, "logits", None) is None:
             return None
-        inputs = self._signature.bind_partial(*args, **kwargs).arguments
+        inputs = self._inputs(args, kwargs)
         self.active = False
         try:
             text_logits = self._image_free_logits(inputs, prompt)
         finally:
             self.active = True
-        with_image = torch.log_softmax(output.logits[:, -1].float(), dim=-1)
+        logits = output.logits[:, -1].float()
+        with_image = torch.log_softmax(logits, dim=-1)
         without = torch.log_softmax(text_logits.float(), dim=-1)
         refined = self.gamma * (with_image - without) + without
         cut = with_image < self.log_cutoff + with_image.amax(dim=-1, keepdim=True)
-        output.logits[:, -1] = refined.masked_fill(cut, -math.inf).to(output.logits.dtype)
+        has_image = prompt.image.any(dim=1, keepdim=True).to(logits.device)
+        refined = torch.where(has_image, refined.masked_fill(cut, -math.inf), logits)
+        output.logits[:, -1] = refined.to(output.logits.dtype)
         return output
 
     def _image_free_logits(self, inputs, prompt) -> torch.Tensor:
-        cache = inputs.get("cache", inputs.get("past_key_values"))
         input_ids = inputs["input_ids"]
-        if cache is not None and cache.get_seq_length() > 0 and self._cache is not None:
+        if self._cache is not None:  # a decode step of the current generation
             new_ids = input_ids
             self._mask = torch.cat([self._mask, self._mask.new_ones(new_ids.shape)], dim=1)
         else:  # a prefill, or a forward without KV cache: the whole sequence again

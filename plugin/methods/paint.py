@@ -160,8 +160,8 @@ class PAINTConfig(MethodConfig):
     head_ratio: float = option(0.5, "share of heads per layer kept by heads='topk'")
     head_gain_max: float = option(2.0, "upper clip of the 'proportional' / 'inverse' gains")
     head_stats: object = option(None, "visual shares (L, H) measured before (a table, or a file written by "
-                                      "h.save_head_stats); None: measured on the current input at each prefill "
-                                      "(the prefill itself uses uniform gains)")
+                                      "h.save_head_stats); None: each batch row's own, measured on the current "
+                                      "prompt at its prefill (before that layer's edit, which they then set)")
 
     def validate(self) -> None:
         for name in ("alpha", "beta"):
@@ -207,6 +207,9 @@ class PAINT(VisualEditMethod):
         shape = (adapter.num_layers, adapter.num_heads)
         self.share_sum = torch.zeros(shape, dtype=torch.float64)
         self.share_count = torch.zeros(adapter.num_layers, dtype=torch.long)
+        """Every measured row's shares, summed (and counted) per layer, for ``save_head_stats``."""
+        self.shares: dict[int, torch.Tensor] = {}
+        """Layer -> (B, H) shares of the current prompt (measured at its prefill, without ``head_stats``)."""
         if config.head_stats is not None:
             self.share_sum, self.share_count[:] = load_head_stats(config.head_stats, shape).double(), 1
         self.measures_heads = isinstance(config.heads, str) and config.heads != "uniform" and config.head_stats is None
@@ -217,26 +220,30 @@ class PAINT(VisualEditMethod):
         """AnyRes: the image scores, put aside while the tower runs for something else (OneVision's video)."""
 
     def head_gains(self, layer: int) -> torch.Tensor:
-        """The spec's reconstruction of the v1 head modulation (paint.md §1.4), from the measured visual shares."""
+        """The spec's reconstruction of the v1 head modulation (paint.md §1.4), from the visual shares: (H,) from
+        ``head_stats``, else (B, H) from each row's own shares on the current prompt."""
         heads, num_heads = self.config.heads, self.adapter.num_heads
         if isinstance(heads, torch.Tensor):
             return heads[layer]
-        if heads == "uniform" or self.share_count[layer] == 0:
+        if heads == "uniform":
             return torch.ones(num_heads)
-        share = (self.share_sum[layer] / self.share_count[layer]).float()
+        share = self.shares[layer] if self.measures_heads else (self.share_sum[layer] / self.share_count[layer])
+        share = share.float()
         if heads == "topk":
-            gains = torch.zeros(num_heads)
-            gains[share.topk(max(1, round(self.config.head_ratio * num_heads))).indices] = 1.0
+            top = share.topk(max(1, round(self.config.head_ratio * num_heads)), dim=-1).indices
+            gains = torch.zeros_like(share).scatter_(-1, top, 1.0)
         else:
-            ratio = share / share.mean().clamp(min=1e-12)
+            ratio = share / share.mean(dim=-1, keepdim=True).clamp(min=1e-12)
             ratio = ratio if heads == "proportional" else 1 / ratio.clamp(min=1e-12)
             gains = ratio.clamp(0, self.config.head_gain_max)
-        self.stats["heads_modulated"][layer] = int((gains != 1).sum())
+        self.stats["heads_modulated"][layer] = int((gains != 1).reshape(-1, num_heads).any(dim=0).sum())
         return gains
 
-    def record_visual_share(self, layer: int, share: torch.Tensor) -> None:
-        self.share_sum[layer] += share.double().cpu()
-        self.share_count[layer] += 1
+    def record_visual_share(self, layer: int, share: torch.Tensor, rows: torch.Tensor) -> None:
+        """The current prompt's shares replace the last prompt's; the rows with an image join the running sum."""
+        self.shares[layer] = share
+        self.share_sum[layer] += share[rows].double().sum(dim=0).cpu()
+        self.share_count[layer] += int(rows.sum())
 
     def save_head_stats(self, path: str) -> None:
         """Write the measured visual shares (L, H) to a safetensors file, for ``head_stats=path`` later."""
@@ -381,8 +388,34 @@ class PAINT(VisualEditMethod):
                 scores[key].append(tokens[:, index])
         return scores
 
+    def _copies(self, prompt: VisualPrompt) -> int:
+        """How many consecutive copies of each prompt the batch rows are: ``generate`` with ``num_beams`` or
+        ``num_return_sequences`` k encodes the images of the B prompts, then repeats each row k times. The least k
+        whose groups of k rows are identical and whose distinct rows hold as many image tokens as the encoded images
+        fill (1: the rows are the prompts)."""
+        if self.anyres:
+            inputs = self.scores["image_inputs"]
+            encoded = sum(layout.num_tokens for layout in self.adapter.image_layouts(prompt.input_ids, **inputs))
+        else:
+            encoded = len(self.adapter.patch_scores_to_tokens(list(self.scores["local"]), self.scores["image_inputs"]))
+        rows = prompt.image.shape[0]
+        for k in (k for k in range(1, rows + 1) if rows % k == 0 and int(prompt.image[::k].sum()) == encoded):
+            if all(bool((t.view(rows // k, k, -1) == t[::k, None]).all()) for t in (prompt.input_ids, prompt.real)):
+                return k
+        return 1
+
     def _margins(self, prompt: VisualPrompt) -> torch.Tensor:
-        """(B, T): alpha on each image's local tokens, beta on its summary tokens, 0 elsewhere."""
+        """(B, T): alpha on each image's local tokens, beta on its summary tokens, 0 elsewhere; for rows that repeat
+        their prompt (``_copies``), those of the prompt (``selection`` counts the distinct prompts' rows)."""
+        copies = self._copies(prompt)
+        if copies > 1:
+            distinct = VisualPrompt.from_inputs(self.adapter, prompt.input_ids[::copies], prompt.real[::copies])
+            distinct.image_inputs = prompt.image_inputs
+            return self._prompt_margins(distinct).repeat_interleave(copies, dim=0)
+        return self._prompt_margins(prompt)
+
+    def _prompt_margins(self, prompt: VisualPrompt) -> torch.Tensor:
+        """``_margins`` of rows that are each one prompt."""
         margins = torch.zeros(prompt.image.shape, dtype=torch.float32, device=prompt.image.device)
         image_inputs = self.scores["image_inputs"]
         if not self.anyres:

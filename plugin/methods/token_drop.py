@@ -311,7 +311,7 @@ class TokenDropMethod(Method):
                 raise NotImplementedError(f"{self.name}: a cached continuation with new images (multi-turn) is not "
                                           "supported; start a new prompt without the cache")
             self.current = Pass("decode", mask) if prompt is not None else None
-        elif prompt is not None and self._reruns(prompt, input_ids):
+        elif prompt is not None and cache is None and self._reruns(prompt, input_ids):  # generate(use_cache=False)
             self.current = Pass("rerun", mask, extra=length - prompt.input_ids.shape[1])
         else:
             self._record_prompt(input_ids, mask, inputs.get("token_type_ids"))
@@ -326,8 +326,10 @@ class TokenDropMethod(Method):
         valid = mask.bool()
         visual = self.adapter.image_token_mask(input_ids) & valid
         counts = visual.sum(dim=1)
-        if not bool(counts.any()):
+        if not bool(counts.any()):  # nothing to drop: the counters say so (not the last image prompt's)
             self.prompt, self.current = None, None
+            self.stats.update(visual_tokens=[], stage_lengths=[], kept=[])
+            self._record_cost([])
             return
         b, length = input_ids.shape
         zeros = torch.zeros(b, length, dtype=torch.long, device=input_ids.device)
@@ -489,11 +491,10 @@ class TokenDropMethod(Method):
         self.stats["kept"] = [[layout.origin[b][layout.visual[b]] for b in range(len(prompt.counts))]
                               for layout in layouts[1:]]
         if stage == len(self.plan.boundaries):
-            self._record_cost()
+            self._record_cost(prompt.layouts[0].valid.sum(dim=1).tolist())
 
-    def _record_cost(self) -> None:
-        layouts = self.prompt.layouts
-        real = layouts[0].valid.sum(dim=1).tolist()
+    def _record_cost(self, real: list[int]) -> None:
+        """The drop counters of this prompt (``real``: each row's real length; none for a prompt without images)."""
         value_bytes = next(self.adapter.text_model.parameters()).element_size()
         self.stats.update(drop_cost(self.adapter.text_config, self.plan, self.stats["visual_tokens"], real,
                                     value_bytes))

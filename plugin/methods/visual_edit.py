@@ -3,11 +3,12 @@ and one ``ScoreEdit`` per decoder layer built from per-key coefficients (spec ``
 
 At every prefill (a forward on an empty KV cache) a pre-hook on the model records, per batch row, which sequence
 positions hold image tokens (``adapter.image_token_mask``), which are real (non-pad) tokens, where the prompt ends
-(``P_b - 1``) and where the image ends; a prompt without image tokens clears it. Decode steps reuse it; keys after
-the prompt (generated tokens) belong to no class. Without a KV cache every forward re-runs the prompt plus the
-generated tokens: a forward that extends the recorded prompt keeps it. The edit applies
-to the rows from ``rows_from`` on: the prompt's last row and every generated row (``"prompt_end"``, the official
-"last row of every forward" in its cache-consistent form, §5.1.4), or every row after the image (``"after_image"``).
+(``P_b - 1``) and where the image ends; a prompt without image tokens clears it, and the text-only rows of a
+batch that mixes them with image rows are left alone (no coefficients, no edited rows). Decode steps reuse it; keys
+after the prompt (generated tokens) belong to no class. Without a KV cache every forward re-runs the prompt plus the
+generated tokens: a forward that extends the recorded prompt's tokens keeps it. The edit applies to the rows from
+``rows_from`` on: the prompt's last row and every generated row (``"prompt_end"``, the official "last row of every
+forward" in its cache-consistent form, §5.1.4), or every row after the image (``"after_image"``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from ..attention import AttentionCall, Intervention, intervene
 from ..config import is_number
 from ..kernels import ScoreEdit
@@ -26,6 +28,8 @@ ROWS = ("prompt_end", "after_image")
 IMAGE_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask",
                 "vision_feature_select_strategy", "vision_aspect_ratio", "batch_num_images")
 """Forward inputs that describe the images (what ``adapter.image_grids`` reads), kept with the prompt."""
+NO_ROWS = torch.iinfo(torch.int32).max
+"""``rows_from`` of a batch row that the edit leaves alone (after every position)."""
 
 
 @dataclass
@@ -53,18 +57,26 @@ class VisualPrompt:
         image_end = torch.where(image, positions + 1, 0).amax(dim=1)
         return cls(image=image, real=real, prompt_end=prompt_end, image_end=image_end, input_ids=input_ids)
 
-    def key_classes(self, classes: torch.Tensor, n_keys: int) -> torch.Tensor:
-        """(B, T) per-position values ``classes`` cut or zero-padded to ``n_keys`` keys (generated keys: 0)."""
+    def key_classes(self, classes: torch.Tensor, n_keys: int, offset: int = 0) -> torch.Tensor:
+        """(B, T) per-position values ``classes`` for the ``n_keys`` keys from position ``offset`` on (a sliding
+        window's), zero-padded past the prompt (generated keys: 0)."""
+        classes = classes[:, offset:offset + n_keys]
         t = classes.shape[1]
         if n_keys <= t:
-            return classes[:, :n_keys]
+            return classes
         return torch.cat([classes, classes.new_zeros(classes.shape[0], n_keys - t)], dim=1)
 
+    @property
+    def has_image(self) -> torch.Tensor:
+        """(B,) bool: the rows with image tokens (a mixed batch may hold text-only rows, which no edit touches)."""
+        return self.image.any(dim=1)
+
     def system(self) -> torch.Tensor:
-        """(B, T) bool: the real tokens before each row's first image token (the system prompt and chat header)."""
+        """(B, T) bool: the real tokens before each row's first image token (the system prompt and chat header);
+        none in a row without an image."""
         positions = torch.arange(self.image.shape[1], device=self.image.device)
         first_image = torch.where(self.image, positions, self.image.shape[1]).amin(dim=1)
-        return self.real & (positions[None, :] < first_image[:, None])
+        return self.real & (positions[None, :] < first_image[:, None]) & self.has_image[:, None]
 
 
 class PromptTracker:
@@ -96,17 +108,19 @@ class PromptTracker:
                                                                         inputs.get("attention_mask"))
         if fresh is None or not bool(fresh.image.any()):
             self.prompt = None
-        elif not self._continues(fresh):
+        elif inputs.get("cache", inputs.get("past_key_values")) is not None or not self._continues(fresh):
             fresh.image_inputs = {key: inputs[key] for key in IMAGE_INPUTS if inputs.get(key) is not None}
             self.prompt = fresh
 
     def _continues(self, fresh: VisualPrompt) -> bool:
-        """A forward that re-runs the recorded prompt plus generated tokens (generation without a KV cache)."""
+        """A forward without a cache object that re-runs the recorded prompt's tokens plus generated tokens
+        (``generate(use_cache=False)``); with a cache, a longer prompt is a new prompt (a chat re-sent with its
+        history)."""
         old = self.prompt
         if old is None or fresh.image.shape[0] != old.image.shape[0] or fresh.image.shape[1] <= old.image.shape[1]:
             return False
         t = old.image.shape[1]
-        return bool(torch.equal(fresh.image[:, :t], old.image) and torch.equal(fresh.real[:, :t], old.real))
+        return bool(torch.equal(fresh.input_ids[:, :t], old.input_ids) and torch.equal(fresh.real[:, :t], old.real))
 
     @staticmethod
     def _cache_length(inputs) -> int:
@@ -117,8 +131,10 @@ class PromptTracker:
 class VisualScoreEdit(Intervention):
     """One decoder layer's edit: per-key coefficients from the tracked prompt, times the method's per-head gains.
 
-    With ``method.measures_heads`` it also reads, after each prefill, the share of the prompt's last row that each
-    head gives to the image keys without the edit, and hands it to ``method.record_visual_share``.
+    With ``method.measures_heads``, at the first forward of each new prompt (its prefill), it first measures the
+    share of each row's last prompt token that each head gives to the image keys without the edit, and hands it to
+    ``method.record_visual_share``: the gains of that prompt (prefill included, so a forward without a KV cache that
+    re-runs the prompt edits it as the prefill did) come from its own shares.
     """
 
     def __init__(self, method: "VisualEditMethod", tracker: PromptTracker, layer: int, stats: dict):
@@ -126,30 +142,41 @@ class VisualScoreEdit(Intervention):
         self.tracker = tracker
         self.layer = layer
         self.stats = stats
-        self.observes = method.measures_heads
+        self.measured: VisualPrompt | None = None
+        """The prompt whose shares were measured last."""
 
-    def observe(self, call: AttentionCall) -> None:
-        prompt = self.tracker.prompt
-        _, _, m, n = call.shape
-        if prompt is None or self.tracker.paused or m == 1:
-            return
-        rows = call.attention_rows(torch.tensor([m - 1]), edited=False)[:, :, 0]
-        image = prompt.key_classes(prompt.image.float(), n).to(rows.device)
-        self.method.record_visual_share(self.layer, (rows * image[:, None, :]).sum(-1).mean(0))
+    def visual_share(self, call: AttentionCall, prompt: VisualPrompt) -> torch.Tensor:
+        """(B, H): the softmax row of each batch row's last prompt token (causal, its real keys, the layer's window
+        and soft cap), without the edit, summed over the image keys."""
+        b, _, m, n = call.shape
+        offset, device = call.key_offset, call.query.device
+        end = prompt.prompt_end.to(device)
+        query = call.query[torch.arange(b, device=device), :, end - offset - (n - m)][:, :, None]
+        keys = torch.arange(n, device=device)[None, :] + offset
+        visible = prompt.key_classes(prompt.real, n, offset).to(device) & (keys <= end[:, None])
+        if call.window is not None:
+            visible &= keys > end[:, None] - call.window
+        rows = kernels.attention_rows(query, call.key, key_bias=kernels.padding_to_bias(visible), scale=call.scaling,
+                                      softcap=call.softcap)[:, :, 0]
+        return (rows * prompt.key_classes(prompt.image, n, offset).to(device)[:, None, :]).sum(-1)
 
     def score_edit(self, call: AttentionCall) -> ScoreEdit | None:
         prompt = self.tracker.prompt
         if prompt is None or self.tracker.paused:  # the tracker keeps only prompts with image tokens
             return None
-        n = call.shape[3]
-        gains = self.method.head_gains(self.layer).to(call.query.device)[None, :, None]
+        if self.method.measures_heads and self.measured is not prompt:
+            self.method.record_visual_share(self.layer, self.visual_share(call, prompt), prompt.has_image)
+            self.measured = prompt
+        n, offset = call.shape[3], call.key_offset
+        gains = torch.atleast_2d(self.method.head_gains(self.layer)).to(call.query.device)[:, :, None]
         abs_coef, mul_coef = self.method.coefficients(prompt)
         rows_from = prompt.prompt_end if self.method.config.rows == "prompt_end" else prompt.image_end
+        rows_from = torch.where(prompt.has_image, rows_from, NO_ROWS)  # a text-only row of a mixed batch: untouched
         self.stats["edited_calls"] += 1
         return ScoreEdit(
-            abs_coef=None if abs_coef is None else prompt.key_classes(abs_coef, n)[:, None, :] * gains,
-            mul_coef=None if mul_coef is None else prompt.key_classes(mul_coef, n)[:, None, :] * gains,
-            rows_from=rows_from.to(call.query.device),
+            abs_coef=None if abs_coef is None else prompt.key_classes(abs_coef, n, offset)[:, None, :] * gains,
+            mul_coef=None if mul_coef is None else prompt.key_classes(mul_coef, n, offset)[:, None, :] * gains,
+            rows_from=(rows_from - offset).to(call.query.device),  # the edit counts rows in this call's keys
         )
 
 
@@ -173,11 +200,13 @@ class VisualEditMethod(Method):
     """Whether the layers' edits read each head's visual share (``record_visual_share``)."""
 
     def head_gains(self, layer: int) -> torch.Tensor:
-        """(H,) factor on the edit's coefficients for each head of ``layer`` (1: the official uniform edit)."""
+        """(H,), or (B, H) per batch row, factor on the edit's coefficients for each head of ``layer`` (1: the
+        official uniform edit)."""
         return torch.ones(self.adapter.num_heads)
 
-    def record_visual_share(self, layer: int, share: torch.Tensor) -> None:
-        """(H,) share of the prompt's last row each head of ``layer`` gives to the image, without the edit."""
+    def record_visual_share(self, layer: int, share: torch.Tensor, rows: torch.Tensor) -> None:
+        """(B, H) share of each row's last prompt token that each head of ``layer`` gives to the image, without the
+        edit, measured at the prefill of a new prompt; ``rows`` (B,) bool: the rows with an image."""
 
     def coefficients(self, prompt: VisualPrompt) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(B, T) ``abs_coef`` and ``mul_coef`` per prompt position (None where the method has none)."""

@@ -30,9 +30,7 @@ from .base import Method
 def _int_tuple(value) -> tuple[int, ...] | None:
     if value is None:
         return None
-    if is_int(value):
-        return (value,)
-    items = tuple(value)
+    items = (value,) if is_int(value) else tuple(value)
     if not items or not all(is_int(i) and i >= 0 for i in items):
         raise ValueError
     if len(set(items)) != len(items):
@@ -136,6 +134,7 @@ class ZeroTuning(Method):
     paper = "ZeroTuning: Unlocking the Initial Token's Power to Enhance Large Language Models Without Training"
     arxiv = "2505.11739"
     kinds = ("text", "vlm")
+    resources = ("token_layout",)  # the initial token's key index, which token dropping moves
     Config = ZeroTuningConfig
 
     def check_model(self) -> None:

@@ -1,0 +1,139 @@
+"""What a KV cache, a sliding window, a repeated or extended prompt, or another attached method must not change,
+and the combinations and call options nograd refuses (before changing anything, or with a clear error)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nograd
+import nograd.tiny.vlm_families as vf
+from checks import attn_names, same_state, snapshot
+from nograd.attention import registered_names
+
+GREEDY = dict(do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+
+
+def logits(out) -> torch.Tensor:
+    return torch.stack(out.logits)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+@pytest.mark.parametrize("method, options", [("zerotuning", dict(gamma=3.0)), ("act", dict(threshold=0.05))])
+def test_text_methods_decode_a_sliding_window_cache_as_a_full_one(family, method, options):
+    """A prompt longer than the sliding window: the sliding layers' cache has dropped the first keys, and the method
+    still acts on the keys by position (ZeroTuning's initial token is gone there; ACT's sinks are where they were),
+    as with a cache that keeps every key (``DynamicCache()`` without the model's config; the window is a mask)."""
+    from transformers import DynamicCache
+
+    model, _ = nograd.tiny.llm(family=family)
+    prompt = torch.tensor([[1] + list(range(10, 10 + 2 * model.config.sliding_window))])
+    with nograd.apply(model, method, **options):
+        sliding = logits(model.generate(prompt, max_new_tokens=4, **GREEDY))
+        full = logits(model.generate(prompt, max_new_tokens=4, past_key_values=DynamicCache(), **GREEDY))
+    torch.testing.assert_close(sliding, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method, options", [("pai", dict(alpha=3.0, layers=(0, 4))),
+                                             ("clearsight", dict(enhance=3.0, suppress=0.2, layers=(0, 4))),
+                                             ("paint", dict(alpha=3.0, beta=3.0, layers=(0, 4)))])
+def test_visual_edits_decode_a_sliding_window_cache_as_without_cache(method, options):
+    model = nograd.tiny.vlm_model("gemma3", layers=4)
+    inputs = vf.make_inputs("gemma3", model, batch=1)
+    assert inputs["input_ids"].shape[1] > model.config.text_config.sliding_window
+    with nograd.apply(model, method, **options):
+        cached = model.generate(**inputs, max_new_tokens=4, **GREEDY)
+        recomputed = model.generate(**inputs, max_new_tokens=4, use_cache=False, **GREEDY)
+    torch.testing.assert_close(logits(cached), logits(recomputed), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method, options", [("pai", dict(alpha=2.0)), ("paint", dict(alpha=3.0, beta=2.0)),
+                                             ("pyramiddrop", {}), ("fastv", {})])
+def test_a_prompt_that_extends_the_last_one_is_a_new_prompt(method, options):
+    """A chat re-sent with its history under the KV cache is a new prompt, not a no-cache re-run of the last one."""
+    model, proc = nograd.tiny.vlm("llava", layers=8)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture."}]}]
+    first = proc(images=nograd.tiny.image(56, 56), text=proc.apply_chat_template(chat, add_generation_prompt=True),
+                 return_tensors="pt")
+    with nograd.apply(model, method, **options):
+        answer = model.generate(**first, max_new_tokens=4, **GREEDY).sequences
+        follow = proc.tokenizer(" USER: Are you sure? ASSISTANT:", add_special_tokens=False, return_tensors="pt")
+        ids = torch.cat([answer, follow["input_ids"]], dim=1)
+        second = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": first["pixel_values"]}
+        after_first = logits(model.generate(**second, max_new_tokens=4, **GREEDY))
+    with nograd.apply(model, method, **options):
+        fresh = logits(model.generate(**second, max_new_tokens=4, **GREEDY))
+    assert torch.equal(after_first, fresh)
+
+
+def test_act_detects_the_sinks_of_a_one_token_prompt_afresh():
+    model, _ = nograd.tiny.llm()
+    one = torch.tensor([[1]])
+    with torch.no_grad(), nograd.apply(model, "act", threshold=0.05, beta=0.2):
+        fresh = model(input_ids=one).logits
+        model(input_ids=torch.tensor([[1] + list(range(10, 22))] * 3))  # another prompt, another batch size
+        assert torch.equal(model(input_ids=one).logits, fresh)
+
+
+def test_token_drop_stats_describe_the_last_prompt():
+    model, proc = nograd.tiny.vlm("llava", layers=8)
+
+    def chat(content):
+        return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    image = proc(images=nograd.tiny.image(56, 56), text=chat([{"type": "image"}, {"type": "text", "text": "Hi."}]),
+                 return_tensors="pt")
+    text = proc(text=chat([{"type": "text", "text": "Tell me a story."}]), return_tensors="pt")
+    with nograd.apply(model, "pyramiddrop") as handle:
+        model.generate(**image, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert handle.stats["kv_bytes_saved"] > 0 and handle.stats["visual_tokens"]
+        model.generate(**text, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert handle.stats["kv_bytes_saved"] == 0 and handle.stats["visual_tokens"] == []
+
+
+@pytest.mark.parametrize("method", ["zerotuning", "act", "carve"])
+def test_methods_that_read_keys_by_position_refuse_token_dropping(method):
+    model, _ = nograd.tiny.vlm("llava", layers=8)
+    with nograd.apply(model, "fastv"):
+        saved, names = snapshot(model), attn_names(model)
+        with pytest.raises(nograd.IncompatibleMethodsError, match=r"'fastv' already holds token_layout"):
+            nograd.apply(model, method)
+        assert same_state(model, saved) and attn_names(model) == names and len(nograd.attached(model)) == 1
+
+
+def test_frank_measures_its_prior_only_on_the_unmodified_model():
+    mllm, proc, reasoning, base = nograd.tiny.trio()
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture."}]}]
+    calibration = proc(images=nograd.tiny.image(56, 56), return_tensors="pt",
+                       text=proc.apply_chat_template(chat, add_generation_prompt=True))
+    with nograd.apply(mllm, "zerotuning", gamma=8.0):
+        saved = snapshot(mllm)
+        with pytest.raises(nograd.IncompatibleMethodsError, match="unmodified model, but zerotuning is attached"):
+            nograd.apply(mllm, "frank", reasoning=reasoning, base=base, calibration=[calibration])
+        assert same_state(mllm, saved)
+
+
+def test_flex_attention_is_refused_before_any_change():
+    model, _ = nograd.tiny.llm()
+    model.set_attn_implementation("flex_attention")
+    names = attn_names(model)
+    with pytest.raises(nograd.UnsupportedModelError, match="attn_implementation='flex_attention'"):
+        nograd.apply(model, "zerotuning")
+    assert attn_names(model) == names and registered_names() == [] and nograd.attached(model) == []
+
+
+@pytest.mark.parametrize("call, match", [(dict(cache_implementation="static"), "static KV cache"),
+                                         (dict(output_attentions=True), "output_attentions=True")])
+def test_calls_the_attention_path_cannot_honour_raise(call, match):
+    model, _ = nograd.tiny.llm()
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with nograd.apply(model, "zerotuning"):
+        with pytest.raises(NotImplementedError, match=match):
+            model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, **call)
+
+
+@pytest.mark.parametrize("options", [dict(layers=-1), dict(heads=-1), dict(layers=-99)])
+def test_zerotuning_negative_indices_are_refused(options):
+    model, _ = nograd.tiny.llm()
+    with pytest.raises(ValueError, match="non-negative ints"):
+        nograd.apply(model, "zerotuning", **options)

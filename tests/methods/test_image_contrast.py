@@ -1,0 +1,88 @@
+"""PAI / PAINT ``cfg_gamma`` (the image-free contrast): no state kept between generations, beam search with the KV
+cache equal to beam search without it, rows without image tokens left alone, and the main cache given back."""
+
+from __future__ import annotations
+
+import nograd
+import pytest
+import torch
+from tiny.vlm import BOS, PAD, make_inputs
+from transformers import DynamicCache
+
+GREEDY = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": PAD, "output_logits": True,
+          "return_dict_in_generate": True}
+
+
+def peaked(model):
+    """``model`` with its output scaled x30, so that the random tiny model's next-token distribution is peaked and
+    the 0.1 plausibility cutoff cuts."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+def generated_logits(model, inputs, **options):
+    return torch.stack(model.generate(**inputs, **GREEDY, **options).logits, 1)
+
+
+@pytest.mark.parametrize("method", ["pai", "paint"])
+def test_each_generate_starts_afresh(build, method):
+    """The same generate twice on one handle gives the same logits, and a batch of 2 then a batch of 1 (whose
+    prefill once extended the previous image-free cache, or crashed) gives what a fresh handle gives."""
+    model = peaked(build("llava"))
+    pair, single = make_inputs("llava", model), make_inputs("llava", model, batch=1, seed=1)
+    with nograd.apply(model, method, cfg_gamma=1.1):
+        fresh = generated_logits(model, single)
+    with nograd.apply(model, method, cfg_gamma=1.1):
+        first = generated_logits(model, pair)
+        assert torch.equal(generated_logits(model, pair), first)
+        assert torch.equal(generated_logits(model, single), fresh)
+    assert torch.isinf(fresh).any() and not torch.isinf(first).all(dim=-1).any()  # the cutoff ran, kept some
+
+
+def test_beam_search_with_cache_equals_without(build):
+    """Beam re-ranking reorders the image-free cache with the model's: cached beams equal beams recomputed from
+    each beam's own tokens (``use_cache=False``)."""
+    model = build("llava")
+    inputs = make_inputs("llava", model)
+    beams = {"max_new_tokens": 6, "num_beams": 4, "do_sample": False, "pad_token_id": PAD, "output_scores": True,
+             "return_dict_in_generate": True}
+    with nograd.apply(model, "pai", alpha=0.5, cfg_gamma=1.5):
+        cached = model.generate(**inputs, **beams)
+        recomputed = model.generate(**inputs, use_cache=False, **beams)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    torch.testing.assert_close(cached.sequences_scores, recomputed.sequences_scores, atol=1e-5, rtol=0)
+
+
+def test_text_only_row_is_left_alone(build):
+    """In a batch of an image prompt and a text-only prompt, the text-only row gets the plain model's logits (the
+    same batch without the method, and the prompt alone) while the image row is refined."""
+    model = peaked(build("llava"))
+    image_row = make_inputs("llava", model, batch=1)
+    ids = image_row["input_ids"][0]
+    text = torch.tensor([BOS, *range(10, 20)])
+    padded = torch.cat([torch.full((len(ids) - len(text),), PAD), text])
+    batch = dict(image_row, input_ids=torch.stack([ids, padded]),
+                 attention_mask=torch.stack([torch.ones_like(ids), padded != PAD]).long())
+    alone = {"input_ids": text[None], "attention_mask": torch.ones_like(text)[None]}
+    plain_batch, plain_alone = generated_logits(model, batch), generated_logits(model, alone)
+    with nograd.apply(model, "pai", alpha=0.0, cfg_gamma=1.1):
+        steered = generated_logits(model, batch)
+    assert torch.equal(steered[1], plain_batch[1])
+    torch.testing.assert_close(steered[1], plain_alone[0], atol=1e-5, rtol=0)
+    assert torch.isinf(steered[0]).any() and not torch.isinf(plain_batch).any()
+
+
+def test_remove_gives_the_model_cache_back(build):
+    """The model's cache follows beam reorders through its own ``reorder_cache`` while the method is on, and has
+    the class's back after ``remove()``."""
+    model = peaked(build("llava"))
+    inputs = make_inputs("llava", model)
+    cache = DynamicCache()
+    handle = nograd.apply(model, "pai", cfg_gamma=1.1)
+    with torch.no_grad():
+        model(**inputs, cache=cache, use_cache=True)
+    assert "reorder_cache" in vars(cache)
+    handle.remove()
+    assert "reorder_cache" not in vars(cache)
+    cache.reorder_cache(torch.tensor([1, 0]))
