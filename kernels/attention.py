@@ -27,10 +27,12 @@ Backends (one signature, results equal to the reference within float tolerance):
   read with broadcast strides, nothing of size M x N is allocated.
 - ``"flex"``: compiled FlexAttention with the bias as ``score_mod`` and a causal / window ``BlockMask``.
 - ``"sdpa"``: ``F.scaled_dot_product_attention`` with the bias as a broadcast (B, H, 1, N) mask where that is exact
-  (non-causal, or M == 1). A causal edge or window with a bias runs per block of ``QUERY_BLOCK`` query rows,
-  each over only the keys it sees with a mask of that block (O(block x N) memory, the upper triangle skipped). With
-  a mask, GQA query heads run as rows of their KV head (``pack_gqa``), without repeating K/V. Only a per-query
-  ``mask`` from transformers is passed dense (warned once).
+  (non-causal, or M == 1). A causal prefill (M == N) with a bias folds it into q and k as extra head dimensions
+  (``fold_key_bias``) and runs SDPA's own causal kernel with no mask. Any other causal edge or window with a bias
+  runs per block of ``QUERY_BLOCK`` query rows, each over only the keys it sees with a mask of that block
+  (O(block x N) memory, the upper triangle skipped). With a mask, GQA query heads run as rows of their KV head
+  (``pack_gqa``), without repeating K/V. Only a per-query ``mask`` from transformers is passed dense (warned
+  once).
 - ``"eager"``: the fp32 reference; materialises the matrix.
 - ``"auto"``: on CUDA the Triton kernel, except decode (M == 1), where SDPA's broadcast mask is already O(N); on
   CPU SDPA; the reference only for what no other backend does (``softcap``, LSE on CPU).
@@ -242,7 +244,13 @@ def attention_sdpa(q, k, v, *, key_bias=None, causal=False, scale=None, mask=Non
             return F.scaled_dot_product_attention(q, k, v, scale=scale, **gqa)
         if m == n:  # top-left == bottom-right
             return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True, **gqa)
-    if needs_edge and mask is None:
+    if needs_edge and mask is None and window is None and m == n and key_bias is not None:
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        folded_q, folded_k = fold_key_bias(q, k, key_bias, scale)
+        padded_v = F.pad(v, (0, folded_q.shape[-1] - v.shape[-1]))  # SDPA's fused kernels want one head dim
+        out = F.scaled_dot_product_attention(folded_q, folded_k, padded_v, is_causal=True, scale=scale, **gqa)
+        out, dense = out[..., : v.shape[-1]], None
+    elif needs_edge and mask is None:
         out, dense = _sdpa_in_query_blocks(q, k, v, key_bias, causal, window, scale), None
     else:
         if mask is not None and mask.shape[-2] > 1:
@@ -255,6 +263,27 @@ def attention_sdpa(q, k, v, *, key_bias=None, causal=False, scale=None, mask=Non
     else:
         dead = dead_rows(key_bias, m, n, causal, window, q.device)
     return out.masked_fill(dead, 0.0) if bool(dead.any()) else out
+
+
+def fold_key_bias(q, k, key_bias, scale: float):
+    """``(q', k')`` with the key bias as extra head dimensions, so that ``q' k'^T * scale = q k^T * scale + bias``
+    (up to rounding) and SDPA runs its own causal kernel with no mask at all. A bias shared by the query heads of a
+    KV head is one dimension (``q`` gets 1, ``k`` gets ``bias / scale``); per query head under GQA, one dimension
+    per head of the group (``q`` gets its one-hot position in the group). ``-inf`` becomes a finite logit far below
+    any real one (a one-hot 0 times -inf would be NaN); the rows that see no key are zeroed by the caller. The
+    extra dimensions are zero-padded to a multiple of 8 (the head dims fused kernels take)."""
+    b, h, m, _ = q.shape
+    kv_heads, n = k.shape[1], k.shape[2]
+    bias = key_bias.reshape((1,) * (3 - key_bias.dim()) + tuple(key_bias.shape)).float()
+    groups = 1 if bias.shape[1] == 1 else h // kv_heads
+    bias = bias.expand(b, kv_heads * groups, n).reshape(b, kv_heads, groups, n).transpose(-1, -2) / scale
+    floor = torch.finfo(q.dtype).min / 4
+    extra_k = bias.clamp(min=floor).to(q.dtype)
+    extra_q = torch.eye(groups, dtype=q.dtype, device=q.device).repeat(h // groups, 1)
+    extra_q = extra_q[None, :, None, :].expand(b, h, m, groups)
+    pad = -(q.shape[-1] + groups) % 8
+    return (torch.cat([q, F.pad(extra_q, (0, pad))], dim=-1),
+            torch.cat([k, F.pad(extra_k.to(k.device), (0, pad))], dim=-1))
 
 
 QUERY_BLOCK = 256

@@ -257,28 +257,35 @@ def test_sdpa_query_blocks_match_the_reference(monkeypatch, shape, bias_kind, wi
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-def test_sdpa_causal_bias_is_not_quadratic(monkeypatch):
-    """Causal prefill with a key bias on the sdpa backend: one SDPA call per block of query rows, each over the keys
-    up to its causal edge only (the pairs above the diagonal blocks are never computed), GQA heads packed as rows
-    (K/V not repeated), and the call's peak memory (profiler, allocations in order) below one head's M x N matrix."""
+@pytest.mark.parametrize("m", [2048, 1748])
+def test_sdpa_causal_bias_is_not_quadratic(monkeypatch, m):
+    """Causal attention with a key bias on the sdpa backend allocates nothing of size M x N. With M == N the bias
+    rides along as an extra head dimension of q and k: one SDPA call, its own causal kernel, no mask. A chunk of
+    queries over a longer cache (M < N) runs one call per block of query rows, each over the keys up to its causal
+    edge, with GQA heads packed as rows. The call's peak memory (profiler, allocations in order) stays below one
+    head's M x N matrix either way."""
     from torch.profiler import ProfilerActivity, profile
 
-    m = n = 2048
+    n = 2048
     q, k, v = inputs((1, 4, 2, m, n, 32))
     bias = bias_of("B1N", 1, 4, n)
     calls = []
     sdpa = F.scaled_dot_product_attention
 
-    def recording(query, key, *args, **kwargs):
-        calls.append((query.shape[1:3], key.shape[1:3]))
-        return sdpa(query, key, *args, **kwargs)
+    def recording(query, key, value, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((tuple(query.shape[1:]), tuple(key.shape[1:]), attn_mask is None, is_causal))
+        return sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         got = kernels.attention(q, k, v, key_bias=bias, causal=True, backend="sdpa")
     monkeypatch.undo()
     block = attention_module.QUERY_BLOCK
-    assert calls == [((2, 2 * block), (2, min(r + block, n))) for r in range(0, m, block)]
+    if m == n:
+        assert calls == [((4, m, 40), (2, n, 40), True, True)]  # D = 32, one bias dimension, padded to 8
+    else:
+        assert calls == [((2, 2 * min(block, m - r), 32), (2, min(r + block + n - m, n), 32), False, False)
+                         for r in range(0, m, block)]
     events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
     in_use = peak = 0
     for event in events:
@@ -287,6 +294,21 @@ def test_sdpa_causal_bias_is_not_quadratic(monkeypatch):
     assert 0 < peak < m * n * 4, peak
     want = kernels.attention(q[:, :, -64:], k, v, key_bias=bias, causal=True, backend="eager")  # the last rows
     torch.testing.assert_close(got[:, :, -64:], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bias_kind", ["BHN", "B1N", "1HN"])
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_folded_key_bias_is_the_bias(bias_kind, dtype, atol):
+    """q' k'^T (the bias as extra head dimensions, one per head of a GQA group when it differs between them) is
+    the biased logits; -inf keys get a finite logit far below every real one, never NaN."""
+    q, k, _ = inputs((2, 6, 2, 9, 9, 16), dtype=dtype)
+    bias = bias_of(bias_kind, 2, 6, 9)
+    folded_q, folded_k = attention_module.fold_key_bias(q, k, bias, 0.25)
+    logits = (folded_q.float() @ folded_k.float().repeat_interleave(3, 1).transpose(-1, -2)) * 0.25
+    want = (q.float() @ k.float().repeat_interleave(3, 1).transpose(-1, -2)) * 0.25 + bias[..., None, :]
+    finite = torch.isfinite(want)
+    assert not torch.isnan(logits).any() and bool((logits[~finite] < -1000).all())
+    torch.testing.assert_close(logits[finite], want[finite], atol=atol * 10, rtol=atol)
 
 
 def test_auto_choice_on_cpu():
