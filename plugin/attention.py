@@ -31,6 +31,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import kernels
+from .forward_inputs import bound_inputs, cache_of, cached_length
 from .kernels.attention import causal_visibility
 
 PREFIX = "nograd_"
@@ -237,12 +238,10 @@ def refuse_unsupported_call(bound: dict, config) -> None:
     """Raise ``NotImplementedError`` for a forward that nograd's attention path would get silently wrong: a static KV
     cache (its 4-D masks hide the padding the methods need) or ``output_attentions`` (layers a method changes have
     no attention weights to return)."""
-    cache = bound.get("cache", bound.get("past_key_values"))
-    if getattr(cache, "is_compileable", False):
+    if getattr(cache_of(bound), "is_compileable", False):
         raise NotImplementedError("nograd: a static KV cache (generate(cache_implementation='static'), StaticCache) "
                                   "is not supported while a method is attached; use the default dynamic cache")
-    extra = bound.get("kwargs") or {}
-    if bound.get("output_attentions", extra.get("output_attentions", getattr(config, "output_attentions", False))):
+    if bound.get("output_attentions", getattr(config, "output_attentions", False)):
         raise NotImplementedError("nograd: output_attentions=True is not supported while a method is attached (the "
                                   "layers it changes return no attention weights); read them with the model alone, "
                                   "or through the method's h.stats / nograd.observe")
@@ -363,7 +362,7 @@ class AttentionPatch(ModelPatch):
             _unregister(name)
 
     def _capture_batch(self, module, args, kwargs):
-        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        bound = bound_inputs(self._signature, args, kwargs)
         refuse_unsupported_call(bound, self.model.config)
         mask = bound.get("attention_mask")
         self.batch.padding_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
@@ -377,10 +376,7 @@ class AttentionPatch(ModelPatch):
             return int(mask.shape[1])
         new = next((x.shape[1] for x in (bound.get("input_ids"), bound.get("inputs_embeds"))
                     if isinstance(x, torch.Tensor)), None)
-        cache = bound.get("cache", bound.get("past_key_values"))
-        if new is None or cache is None:
-            return new
-        return int(cache.get_seq_length()) + int(new)
+        return None if new is None else cached_length(bound) + int(new)
 
     def run(self, module, interventions, query, key, value, attention_mask, kwargs, run_base):
         """Attention with the interventions of ``module`` in transformers' (B, M, H, D) output layout, or None."""

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .forward_inputs import bound_inputs
+
 BATCHED_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
 """Transformer inputs with a batch axis (SD3 and FLUX); ``txt_ids`` / ``img_ids`` are unbatched (S, 3)."""
 RESIDUAL_INPUTS = ("block_controlnet_hidden_states", "controlnet_block_samples", "controlnet_single_block_samples")
@@ -322,12 +324,7 @@ class PerturbedGuidance:
 
     # ---- bookkeeping ---------------------------------------------------------------------------------------------
     def _bind(self, args, kwargs) -> dict:
-        """The call's arguments as keyword arguments (a ``**kwargs`` parameter flattened)."""
-        bound = dict(self._signature.bind_partial(*args, **kwargs).arguments)
-        for name, parameter in self._signature.parameters.items():
-            if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
-                bound.update(bound.pop(name))
-        return bound
+        return bound_inputs(self._signature, args, kwargs)
 
     @staticmethod
     def _batch_of(bound: dict) -> int:

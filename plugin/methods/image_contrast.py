@@ -22,6 +22,8 @@ import weakref
 import torch
 from transformers import DynamicCache
 
+from ..forward_inputs import bound_inputs, cache_of
+
 
 class ImageFreeContrast:
     """The refine on one model; ``active`` is False while the image-free pass runs (the other parts check it)."""
@@ -45,17 +47,12 @@ class ImageFreeContrast:
         handle.on_remove("image-free contrast hooks", lambda: (start.remove(), hook.remove()))
         handle.on_remove("image-free contrast cache", self._forget)
 
-    def _inputs(self, args, kwargs) -> dict:
-        inputs = self._signature.bind_partial(*args, **kwargs).arguments
-        inputs.update(inputs.pop("kwargs", {}))
-        return inputs
-
     def _start(self, module, args, kwargs):
         """At a prefill, drop the last generation's image-free cache and follow the new main cache's beam reorders."""
         if not self.active:
             return
-        inputs = self._inputs(args, kwargs)
-        cache = inputs.get("cache", inputs.get("past_key_values"))
+        inputs = bound_inputs(self._signature, args, kwargs)
+        cache = cache_of(inputs)
         if cache is not None and cache.get_seq_length() > 0:
             return  # a decode step
         self._forget()
@@ -97,7 +94,7 @@ class ImageFreeContrast:
         prompt = self.tracker.prompt
         if not self.active or prompt is None or getattr(output, "logits", None) is None:
             return None
-        inputs = self._inputs(args, kwargs)
+        inputs = bound_inputs(self._signature, args, kwargs)
         self.active = False
         try:
             text_logits = self._image_free_logits(inputs, prompt)

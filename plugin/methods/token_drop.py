@@ -61,6 +61,7 @@ from transformers.masking_utils import (blockwise_overlay, create_causal_mask, c
                                         sliding_window_overlay)
 
 from .. import kernels
+from ..forward_inputs import bound_inputs, cache_of, cached_length
 from .base import Method
 from .drop_schedule import DropSchedule, kv_bytes_saved, paper_flops, prefill_macs, scoring_macs
 
@@ -290,11 +291,10 @@ class TokenDropMethod(Method):
 
     def _before_model(self, module, args, kwargs):
         """H0 (spec §5.2): classify the forward, record the prompt at a prefill."""
-        inputs = self._signature.bind_partial(*args, **kwargs).arguments
-        inputs.update(inputs.pop("kwargs", {}))
+        inputs = bound_inputs(self._signature, args, kwargs)
         input_ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
-        cache = inputs.get("cache", inputs.get("past_key_values"))
-        cached = 0 if cache is None else int(cache.get_seq_length())
+        cache = cache_of(inputs)
+        cached = cached_length(inputs)
         if input_ids is None:
             self.current = None
             if cached == 0:
@@ -395,7 +395,7 @@ class TokenDropMethod(Method):
         mask2d = torch.cat([layout.valid.to(after.dtype), after], dim=1).to(hidden.device)
         config = self.adapter.text_config
         # the cache goes positionally: transformers < 5.24 names it past_key_values
-        head = (config, hidden, mask2d, kwargs.get("cache", kwargs.get("past_key_values")))
+        head = (config, hidden, mask2d, cache_of(kwargs))
         args = dict(position_ids=None, layer_idx=self._first_of_type(stage, kind))
         blocks = self._stage_blocks(layout, hidden, run)
         if kind == SLIDING and blocks is None:

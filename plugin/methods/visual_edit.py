@@ -21,6 +21,7 @@ import torch
 from .. import kernels
 from ..attention import AttentionCall, Intervention, intervene
 from ..config import is_number
+from ..forward_inputs import bound_inputs, cache_of, cached_length
 from ..kernels import ScoreEdit
 from .base import Method
 
@@ -99,16 +100,15 @@ class PromptTracker:
     def _capture(self, module, args, kwargs):
         if self.paused:
             return
-        inputs = self._signature.bind_partial(*args, **kwargs).arguments
-        inputs.update(inputs.pop("kwargs", {}))
-        if self._cache_length(inputs) > 0:
+        inputs = bound_inputs(self._signature, args, kwargs)
+        if cached_length(inputs) > 0:
             return  # a decode step: the prompt stays
         input_ids = inputs.get("input_ids")
         fresh = None if input_ids is None else VisualPrompt.from_inputs(self.adapter, input_ids,
                                                                         inputs.get("attention_mask"))
         if fresh is None or not bool(fresh.image.any()):
             self.prompt = None
-        elif inputs.get("cache", inputs.get("past_key_values")) is not None or not self._continues(fresh):
+        elif cache_of(inputs) is not None or not self._continues(fresh):
             fresh.image_inputs = {key: inputs[key] for key in IMAGE_INPUTS if inputs.get(key) is not None}
             self.prompt = fresh
 
@@ -121,11 +121,6 @@ class PromptTracker:
             return False
         t = old.image.shape[1]
         return bool(torch.equal(fresh.input_ids[:, :t], old.input_ids) and torch.equal(fresh.real[:, :t], old.real))
-
-    @staticmethod
-    def _cache_length(inputs) -> int:
-        cache = inputs.get("cache", inputs.get("past_key_values"))
-        return 0 if cache is None else int(cache.get_seq_length())
 
 
 class VisualScoreEdit(Intervention):

@@ -66,8 +66,10 @@ def test_repeated_rows_get_their_prompts_margins(tiny_vlm, family, expand):
         _, expanded = generate(model, inputs, **expand)
         k = expanded.shape[0] // 2
         torch.testing.assert_close(expanded[:, 0], greedy[:, 0].repeat_interleave(k, dim=0), atol=1e-5, rtol=0)
-        assert [(s["batch_row"], s["local"].tolist(), s["summary"].tolist()) for s in handle.stats["selection"]] == \
-            [(s["batch_row"], s["local"].tolist(), s["summary"].tolist()) for s in selection]
+        picked = [(s["local"].tolist(), s["summary"].tolist()) for s in handle.stats["selection"]]
+        want = [(s["local"].tolist(), s["summary"].tolist()) for s in selection]
+        # transformers 5.24 encodes each prompt's images once, 5.17 every copy's: the same selection either way
+        assert picked in (want, [pick for pick in want for _ in range(k)])
     with torch.no_grad():
         plain = model(**inputs).logits[:, -1]
     assert (greedy[:, 0] - plain).abs().max() > 1e-3

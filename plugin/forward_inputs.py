@@ -1,0 +1,25 @@
+"""A forward's arguments by name, as nograd's hooks read them."""
+
+from __future__ import annotations
+
+import inspect
+
+
+def bound_inputs(signature: inspect.Signature, args, kwargs) -> dict:
+    """The call's arguments as one dict by parameter name, a ``**kwargs`` parameter's entries flattened in."""
+    bound = dict(signature.bind_partial(*args, **kwargs).arguments)
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
+            bound.update(bound.pop(name))
+    return bound
+
+
+def cache_of(inputs: dict):
+    """The KV cache a forward got (transformers 5.24 names it ``cache``, earlier versions ``past_key_values``)."""
+    return inputs.get("cache", inputs.get("past_key_values"))
+
+
+def cached_length(inputs: dict) -> int:
+    """The positions already in the forward's KV cache (0 without one)."""
+    cache = cache_of(inputs)
+    return 0 if cache is None else int(cache.get_seq_length())
