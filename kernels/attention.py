@@ -135,6 +135,8 @@ def _check(q, k, v, key_bias, blend, backend):
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({k.shape[1]})")
     if key_bias is not None:
         try:
+            if key_bias.dim() > 3:
+                raise RuntimeError
             torch.broadcast_shapes(key_bias.shape, (b, h, k.shape[2]))
         except RuntimeError:
             raise ValueError(f"key_bias {tuple(key_bias.shape)} does not broadcast to (B, H, N) = {(b, h, k.shape[2])}")
@@ -174,7 +176,8 @@ def dead_rows(key_bias, m: int, n: int, causal: bool, window: int | None, device
         count = (last - first + 1)[None, None]
     else:
         finite = torch.isfinite(key_bias).to(torch.int32)
-        finite = finite.reshape((1,) * (3 - finite.dim()) + tuple(finite.shape)).expand(*finite.shape[:-1], n)
+        finite = finite.reshape((1,) * (3 - finite.dim()) + tuple(finite.shape))
+        finite = finite.expand(*finite.shape[:-1], n)
         prefix = F.pad(finite.cumsum(-1), (1, 0))
         count = prefix[..., (last + 1).clamp(min=0)] - prefix[..., first.clamp(max=n)]
     return (count <= 0)[..., None]
@@ -244,7 +247,7 @@ def attention_sdpa(q, k, v, *, key_bias=None, causal=False, scale=None, mask=Non
             return F.scaled_dot_product_attention(q, k, v, scale=scale, **gqa)
         if m == n:  # top-left == bottom-right
             return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True, **gqa)
-    if needs_edge and mask is None and window is None and m == n and key_bias is not None:
+    if needs_edge and mask is None and window is None and m == n and foldable(key_bias, q.dtype, scale, q.shape[-1]):
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         folded_q, folded_k = fold_key_bias(q, k, key_bias, scale)
         padded_v = F.pad(v, (0, folded_q.shape[-1] - v.shape[-1]))  # SDPA's fused kernels want one head dim
@@ -265,6 +268,23 @@ def attention_sdpa(q, k, v, *, key_bias=None, causal=False, scale=None, mask=Non
     return out.masked_fill(dead, 0.0) if bool(dead.any()) else out
 
 
+def _fold_floor(dtype: torch.dtype) -> float:
+    """The finite value ``fold_key_bias`` gives a -inf bias / scale: far below any real logit, safe to add to."""
+    return max(torch.finfo(dtype).min, torch.finfo(torch.float32).min) / 4
+
+
+def foldable(key_bias, dtype: torch.dtype, scale: float | None, head_dim: int) -> bool:
+    """Whether ``fold_key_bias`` is exact for this bias: a positive scale, and every finite ``bias / scale`` above
+    the finite stand-in for -inf (a huge negative finite bias in fp16 would otherwise mask like -inf)."""
+    if key_bias is None:
+        return False
+    scale = head_dim ** -0.5 if scale is None else scale
+    if not scale > 0:
+        return False
+    finite = key_bias[torch.isfinite(key_bias)]
+    return finite.numel() == 0 or float(finite.min()) / scale > _fold_floor(dtype) / 2
+
+
 def fold_key_bias(q, k, key_bias, scale: float):
     """``(q', k')`` with the key bias as extra head dimensions, so that ``q' k'^T * scale = q k^T * scale + bias``
     (up to rounding) and SDPA runs its own causal kernel with no mask at all. A bias shared by the query heads of a
@@ -274,11 +294,11 @@ def fold_key_bias(q, k, key_bias, scale: float):
     extra dimensions are zero-padded to a multiple of 8 (the head dims fused kernels take)."""
     b, h, m, _ = q.shape
     kv_heads, n = k.shape[1], k.shape[2]
-    bias = key_bias.reshape((1,) * (3 - key_bias.dim()) + tuple(key_bias.shape)).float()
+    bias = key_bias.reshape((1,) * (3 - key_bias.dim()) + tuple(key_bias.shape))
+    bias = bias.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     groups = 1 if bias.shape[1] == 1 else h // kv_heads
     bias = bias.expand(b, kv_heads * groups, n).reshape(b, kv_heads, groups, n).transpose(-1, -2) / scale
-    floor = torch.finfo(q.dtype).min / 4
-    extra_k = bias.clamp(min=floor).to(q.dtype)
+    extra_k = bias.clamp(min=_fold_floor(q.dtype)).to(q.dtype)
     extra_q = torch.eye(groups, dtype=q.dtype, device=q.device).repeat(h // groups, 1)
     extra_q = extra_q[None, :, None, :].expand(b, h, m, groups)
     pad = -(q.shape[-1] + groups) % 8
@@ -355,7 +375,8 @@ def choose_backend(q: torch.Tensor, *, mask=None, softcap=None, return_lse=False
     from . import triton_attention
 
     preferred = _PREFERRED.get()
-    if preferred != "auto" and softcap is None and not (mask is not None and preferred in ("triton", "flex")):
+    runnable = preferred != "triton" or triton_attention.available(q.device)
+    if preferred != "auto" and softcap is None and not (mask is not None and preferred in ("triton", "flex")) and runnable:
         return preferred
     if softcap is not None:
         return "eager"
@@ -379,8 +400,11 @@ def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, r
         raise ValueError(f"backend={backend!r} takes no dense mask; express it as key_bias/causal/window or use 'sdpa'")
     args = dict(key_bias=key_bias, causal=causal, scale=scale, window=window)
     if backend == "triton":
-        from .triton_attention import attention_triton
+        from .triton_attention import attention_triton, available
 
+        if not available(q.device):
+            raise ValueError("backend='triton' runs on CUDA tensors (or anywhere under TRITON_INTERPRET=1, set before "
+                             f"triton is imported); q is on {q.device}")
         return attention_triton(q, k, v, blend=blend, return_lse=return_lse, edit=edit, **args)
     if blend is not None and backend in ("sdpa", "flex") and edit is None and not return_lse:
         u = per_pair_blend(blend, q.shape[0], q.shape[1])
@@ -413,9 +437,11 @@ def _attention_with_edited_tail(q, k, v, *, backend, mask, edit, return_lse, key
     prefill, the new row at decode)."""
     m, n = q.shape[2], k.shape[2]
     first = edit.first_row(m, n)
+    if not causal and window is not None:
+        first = 0  # a non-causal window's rows keep no alignment when cut: every row explicitly
     parts, lses = [], []
     if first > 0:
-        seen = n - m + first
+        seen = n - m + first if causal else n
         head_bias = None if key_bias is None else key_bias[..., :seen]
         head_mask = None if mask is None else mask[..., :first, :seen] if mask.shape[-2] > 1 else mask[..., :seen]
         head = attention(q[:, :, :first], k[:, :, :seen], v[:, :, :seen], key_bias=head_bias, causal=causal,

@@ -35,6 +35,8 @@ def _triton(q: torch.Tensor, backend: str, mask=None, softcap=None, edit=None) -
         raise ValueError("backend='triton' takes no dense mask, softcap or score edit; use backend='torch'")
     if backend == "auto":
         return q.is_cuda and triton_attention.available(q.device) and not unsupported
+    if backend == "triton" and not triton_attention.available(q.device):
+        raise ValueError(f"backend='triton' runs on CUDA tensors (or under TRITON_INTERPRET=1); q is on {q.device}")
     return backend == "triton"
 
 

@@ -15,7 +15,8 @@ from nograd import kernels
 SHAPES = [(1, 2, 2, 32, 32, 64), (2, 4, 2, 37, 37, 64), (1, 3, 1, 45, 100, 40), (1, 2, 2, 17, 83, 64),
           (1, 2, 2, 1, 67, 64), (2, 4, 1, 5, 5, 16), (2, 8, 2, 1, 37, 16)]
 BACKENDS = ["sdpa", "eager"]
-attention_module = importlib.import_module("nograd.kernels.attention")  # the package exports the function by the name
+attention_module = importlib.import_module("nograd.kernels.attention")
+triton_attention = importlib.import_module("nograd.kernels.triton_attention")  # the package exports the function by the name
 
 
 def reference(q, k, v, key_bias=None, causal=False, scale=None):
@@ -311,13 +312,60 @@ def test_folded_key_bias_is_the_bias(bias_kind, dtype, atol):
     torch.testing.assert_close(logits[finite], want[finite], atol=atol * 10, rtol=atol)
 
 
+@pytest.mark.parametrize("shape", [(7,), (4, 7), (1, 7)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_low_dimensional_key_bias_broadcasts(shape, causal):
+    q, k, v = inputs((2, 4, 2, 7, 7, 16))
+    bias = torch.randn(shape)
+    bias[..., 2] = -math.inf
+    want = kernels.attention(q, k, v, key_bias=bias, causal=causal, backend="eager")
+    torch.testing.assert_close(kernels.attention(q, k, v, key_bias=bias, causal=causal, backend="sdpa"), want,
+                               atol=1e-5, rtol=0)
+
+
+def test_a_key_bias_with_a_query_axis_is_refused():
+    q, k, v = inputs((1, 2, 2, 4, 4, 8))
+    with pytest.raises(ValueError, match=r"key_bias \(1, 1, 1, 4\) does not broadcast to \(B, H, N\)"):
+        kernels.attention(q, k, v, key_bias=torch.zeros(1, 1, 1, 4))
+
+
+@pytest.mark.parametrize("dtype, constant, scale, atol", [
+    (torch.float16, -3000.0, None, 2e-3),   # finite biases below fp16's stand-in for -inf: not folded
+    (torch.float64, None, None, 1e-6),      # fp64 q: the fold's floor fits the bias (eager is fp32)
+    (torch.float32, None, 0.0, 1e-6),       # scale 0: nothing to divide by, not folded
+])
+def test_causal_bias_fold_only_where_exact(dtype, constant, scale, atol):
+    q, k, v = inputs((1, 4, 2, 9, 9, 16), dtype=dtype)
+    bias = bias_of("B1N", 1, 4, 9)
+    if constant is not None:  # a large constant (exact in fp16) on the finite keys: the softmax ignores it
+        bias = torch.where(torch.isfinite(bias), torch.full_like(bias, constant), bias)
+    want = kernels.attention(q, k, v, key_bias=bias, causal=True, scale=scale, backend="eager")
+    got = kernels.attention(q, k, v, key_bias=bias, causal=True, scale=scale, backend="sdpa")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want.double(), atol=atol, rtol=0)
+
+
+def test_triton_where_it_cannot_run(monkeypatch):
+    """``use_backend("triton")`` falls back where Triton cannot run; ``backend="triton"`` there names the reason."""
+    monkeypatch.setattr(triton_attention, "available", lambda device=None: False)
+    q, k, v = inputs((1, 2, 2, 4, 4, 16))
+    with kernels.use_backend("triton"):
+        assert kernels.choose_backend(q) == "sdpa"
+        torch.testing.assert_close(kernels.attention(q, k, v, causal=True),
+                                   kernels.attention(q, k, v, causal=True, backend="eager"), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="backend='triton' runs on CUDA tensors"):
+        kernels.attention(q, k, v, backend="triton")
+    with pytest.raises(ValueError, match="backend='triton' runs on CUDA tensors"):
+        kernels.attention_rows(q, k, backend="triton")
+
+
 def test_auto_choice_on_cpu():
     q, k, _ = inputs((1, 2, 2, 4, 4, 16))
     assert kernels.choose_backend(q) == "sdpa"
     assert kernels.choose_backend(q, return_lse=True) == "eager"
     assert kernels.choose_backend(q, softcap=2.0) == "eager"
-    with kernels.use_backend("triton"):
-        assert kernels.choose_backend(q) == "triton"
+    with kernels.use_backend("triton"):  # preferred where it can run (CPU tensors: only under TRITON_INTERPRET=1)
+        assert kernels.choose_backend(q) == ("triton" if triton_attention.available(q.device) else "sdpa")
         assert kernels.choose_backend(q, mask=torch.ones(1, 1, 4, 4, dtype=torch.bool)) == "sdpa"
     assert kernels.choose_backend(q) == "sdpa"
     with pytest.raises(ValueError, match="backend"):
@@ -390,6 +438,19 @@ def test_score_edit_matches_the_official_rule(backend, m, n):
     bias[..., :2] = 0.0
     got = kernels.attention(q, k, v, key_bias=bias, causal=True, edit=edit, backend=backend)
     torch.testing.assert_close(got, edit_reference(q, k, v, edit, bias), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("m, n", [(9, 9), (4, 11)])
+def test_score_edit_without_a_causal_edge(m, n, window):
+    """Non-causal calls: the rows before the first edited one still see every key (and the window's)."""
+    q, k, v = inputs((2, 4, 2, m, n, 16))
+    edit = edit_of(2, 4, n, m)
+    bias = bias_of("B1N", 2, 4, n)
+    bias[..., :2] = 0.0
+    want = kernels.attention(q, k, v, key_bias=bias, window=window, edit=edit, backend="eager")
+    torch.testing.assert_close(kernels.attention(q, k, v, key_bias=bias, window=window, edit=edit, backend="sdpa"),
+                               want, atol=1e-5, rtol=0)
 
 
 def test_score_edit_only_touches_rows_from_the_start():
