@@ -94,6 +94,7 @@ def _no_progress(*args, **kwargs) -> None:
 
 # ---- models ---------------------------------------------------------------------------------------------------
 TINY_PREFIX = "tiny:"
+TINY_DIT_FAMILIES = ("sd3", "flux")
 """``tiny:<family>`` in a model box picks another built-in tiny family (``nograd.tiny.VLM_FAMILIES``, or a text
 family for the LLM tab), e.g. ``tiny:qwen2_vl``."""
 
@@ -254,7 +255,7 @@ def vlm_compare(source: str | None, method: str, image, question: str, max_new_t
                 options: dict | None = None, progress: Callable | None = None) -> dict:
     """Answer ``question`` about ``image`` with the plain model and with ``method``; heatmaps, masks, stats."""
     progress = _no_progress if progress is None else progress  # (a gr.Progress is falsy: it has a len)
-    options = dict(options or {})
+    options = _json_options(options or {})
     image = check_image(image)
     max_new_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))
     progress(0.05, desc="loading the model")
@@ -334,7 +335,7 @@ def llm_compare(source: str | None, method: str, prompt: str, max_new_tokens: in
     plain_scores = _token_scores(tokenizer, ids, _mean_row(sink))
     progress(0.5, desc=method)
     start = time.perf_counter()
-    with nograd.apply(model, method, **(options or {})) as h:
+    with nograd.apply(model, method, **_json_options(options or {})) as h:
         with last_row_attention(model, length) as sink:
             steered = _generate(model, inputs, max_new_tokens)
         stats = jsonable(h.stats)
@@ -348,20 +349,25 @@ def llm_compare(source: str | None, method: str, prompt: str, max_new_tokens: in
 
 # ---- Diffusion ----------------------------------------------------------------------------------------------------
 TINY_DIFFUSION_OPTIONS = {
-    "softpag": {"heads": {"0": "all", "1": [1, 3]}, "u": 1.0},
+    "softpag": {"heads": {"0": "all", "1": [1]}, "u": 1.0},
     "pag": {"layers": [0]},
-    "headhunter": {"heads": [[0, 1], [1, 2]], "u": 0.5},
+    "headhunter": {"heads": [[0, 1], [1, 0]], "u": 0.5},
     "refam": {"resolution": 48, "max_sequence_length": 48},
 }
-"""Options the built-in tiny SD3 needs (2 blocks of 4 heads; the paper head sets are for SD3-medium and FLUX)."""
+"""Options the built-in tiny SD3 (2 blocks of 4 heads) and FLUX (4 layers of 2 heads) need; the paper head sets are
+for SD3-medium and FLUX.1."""
 
 
 def load_pipeline(source: str | None):
     source = (source or "").strip()
     key = ("diffusion", source)
     if key not in _MODELS:
-        if not source:
-            pipe, label = tiny.sd3(), tiny.LABEL
+        if not source or source.startswith(TINY_PREFIX):
+            family = source[len(TINY_PREFIX):].strip() or "sd3"
+            if family not in TINY_DIT_FAMILIES:
+                raise ValueError(f"{source!r}: the tiny diffusion families are {', '.join(TINY_DIT_FAMILIES)}")
+            pipe = getattr(tiny, family)()
+            label = tiny.LABEL + (f" ({family})" if source else "")
         else:
             from diffusers import DiffusionPipeline
 
@@ -395,7 +401,7 @@ def diffusion_compare(source: str | None, method: str, prompt: str, image=None, 
         raise ValueError("type a prompt first")
     progress(0.05, desc="loading the pipeline")
     pipe, _, label = load_pipeline(source)
-    tiny_model = not (source or "").strip()
+    tiny_model = not (source or "").strip() or source.strip().startswith(TINY_PREFIX)
     options = _json_options({**(TINY_DIFFUSION_OPTIONS.get(method, {}) if tiny_model and not options else {}),
                              **(options or {})})
     result = dict(label=label, method=method, gallery=[])

@@ -167,6 +167,8 @@ def load_captions(path: str, image_id_key: str = "image_id", caption_key: str = 
         data = json.loads(text)
     except json.JSONDecodeError:
         data = [json.loads(line) for line in text.splitlines() if line.strip()]  # JSONL
+    if isinstance(data, dict) and image_id_key in data and caption_key in data:
+        data = [data]  # a JSONL file of one record
     if isinstance(data, dict) and isinstance(data.get("runs"), dict):
         return {name: [(c["image_id"], c["caption"]) for c in run["captions"]] for name, run in data["runs"].items()}
     if isinstance(data, dict):
@@ -240,13 +242,19 @@ def cmd_score(args) -> int:
 
 def cmd_chair(args) -> int:
     import nograd
+    from nograd import registry
 
+    options = dict(args.option)
+    try:  # a bad method name or option fails before any loading, not after the plain run
+        registry.get(args.method).Config.from_options(options)
+    except (ValueError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     truth = GroundTruth.from_coco(args.annotations, args.captions_annotations)
     chosen = select_images(annotation_images(args.annotations), args.limit, args.seed, args.images, args.order)
     if not chosen:
         raise SystemExit(f"no annotated image found in {args.images}")
     images = [(image["id"], os.path.join(args.images, image["file_name"])) for image in chosen]
-    options = dict(args.option)
     model, processor = load_model(args.model, args.dtype, args.device)
     payload = {
         "protocol": {"model": args.model, "method": args.method, "options": options, "prompt": args.prompt,
@@ -284,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnknownImagesError as error:
         print(f"error: {error.args[0]} (--allow-unknown-images scores them as having no objects)", file=sys.stderr)
         return 2
+
 
 
 if __name__ == "__main__":

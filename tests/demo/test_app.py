@@ -95,7 +95,7 @@ def test_diffusion_tab():
     pytest.importorskip("diffusers")
     r = compare.diffusion_compare("", "softpag", "a red car", None, 1)
     assert r["plain_image"].size == r["method_image"].size == (256, 256)
-    assert r["stats"]["heads_touched"] == 6 and r["stats"]["perturbed_calls"] == 1
+    assert r["stats"]["heads_touched"] == 5 and r["stats"]["perturbed_calls"] == 1
     assert r["stats"]["mean_abs_change"] > 0 and len(r["gallery"]) == 1  # the guidance changed the image
     picture = tiny.image(48, 32, 2)
     g = compare.diffusion_compare("", "refam", "the red car", picture, 1)
@@ -187,3 +187,21 @@ def test_a_tiny_family_is_picked_with_tiny_colon(family, method):
         compare.load("vlm", "tiny:nope")
     with pytest.raises(ValueError, match="no tiny LLM for 'nope'"):
         compare.load("llm", "tiny:nope")
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_diffusion_tab_takes_a_tiny_family(family):
+    pytest.importorskip("diffusers")
+    r = compare.diffusion_compare(f"tiny:{family}", "softpag", "a red car", None, 1)
+    assert r["label"] == f"{tiny.LABEL} ({family})" and r["stats"]["perturbed_calls"] == 1
+    with pytest.raises(ValueError, match="the tiny diffusion families are sd3, flux"):
+        compare.load_pipeline("tiny:nope")
+
+
+def test_json_layer_keys_reach_the_text_and_vlm_tabs():
+    """JSON object keys are strings: {"2": [0, 3]} is ACT's {2: [0, 3]} in the LLM and VLM tabs too."""
+    options = compare.parse_options('{"heads": {"2": [0, 3]}}')
+    r = compare.llm_compare("", "act", "The capital of France", 1, options)
+    assert r["stats"]["layers"] == [2]
+    v = compare.vlm_compare("", "act", tiny.image(40, 40), QUESTION, 1, options)
+    assert v["stats"]["layers"] == [2]

@@ -325,3 +325,17 @@ def test_chair_cli_end_to_end(tmp_path, capsys):
         assert all(1 <= len(c["caption"].split()) <= 5 for c in captions)
         rescored = score([(c["image_id"], c["caption"]) for c in captions], truth).metrics()
         assert data["runs"][run]["metrics"] == pytest.approx(rescored)
+
+
+def test_a_one_record_jsonl_file_is_one_caption(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"image_id": 1, "caption": "A dog and a cat."}) + "\n")
+    assert load_captions(str(path)) == {"one": [(1, "A dog and a cat.")]}
+
+
+@pytest.mark.parametrize("method, option, match", [("zerotunning", [], "did you mean 'zerotuning'"),
+                                                   ("pai", ["--option", "alpah=0.5"], "unknown option 'alpah'")])
+def test_chair_checks_the_method_before_loading_anything(tmp_path, capsys, method, option, match):
+    assert main(["chair", "--model", str(tmp_path / "missing"), "--method", method, *option, "--images",
+                 str(tmp_path), "--annotations", str(tmp_path / "instances.json")]) == 2
+    assert match in capsys.readouterr().err
