@@ -123,12 +123,15 @@ def causal_visibility(m: int, n: int, device=None) -> torch.Tensor:
     return visible_keys(torch.arange(m, device=device) + (n - m), torch.arange(n, device=device), True, None)
 
 
-def _check(q, k, v, key_bias, blend, backend):
+def _check(q, k, v, key_bias, blend, backend, window=None):
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (B, H, M|N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     b, h, _, d = q.shape
+    if not q.dtype == k.dtype == v.dtype or not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must share a dtype and a device; got {q.dtype}/{k.dtype}/{v.dtype} on "
+                         f"{q.device}/{k.device}/{v.device}")
     if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[0] != b or k.shape[3] != d:
         raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
     if h % k.shape[1]:
@@ -140,6 +143,8 @@ def _check(q, k, v, key_bias, blend, backend):
             torch.broadcast_shapes(key_bias.shape, (b, h, k.shape[2]))
         except RuntimeError:
             raise ValueError(f"key_bias {tuple(key_bias.shape)} does not broadcast to (B, H, N) = {(b, h, k.shape[2])}")
+    if window is not None and not window >= 1:
+        raise ValueError(f"window must be a number of positions >= 1 (or None); got {window!r}")
     if blend is not None and blend.shape not in ((h,), (b, h)):
         raise ValueError(f"blend must be (H,) or (B, H) = ({h},) or ({b}, {h}); got {tuple(blend.shape)}")
 
@@ -391,7 +396,7 @@ def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, r
 
     Returns ``out`` (B, H, M, D) in ``q.dtype``, or ``(out, lse)`` with ``lse`` (B, H, M) fp32 when ``return_lse``.
     """
-    _check(q, k, v, key_bias, blend, backend)
+    _check(q, k, v, key_bias, blend, backend, window)
     if backend == "auto":
         backend = choose_backend(q, mask=mask, softcap=softcap, return_lse=return_lse)
     if softcap is not None and backend != "eager":

@@ -155,10 +155,13 @@ def test_blend(backend):
         (dict(backend="triton-ish"), "backend"),
         (dict(key_bias=torch.zeros(3, 1, 9)), "key_bias"),
         (dict(blend=torch.zeros(3)), "blend"),
+        (dict(window=0, causal=True), "window must be a number of positions >= 1"),
+        (dict(v_dtype=torch.float64), "q, k, v must share a dtype and a device"),
     ],
 )
 def test_bad_arguments(kwargs, words):
     q, k, v = inputs((2, 4, 2, 9, 9, 16))
+    v = v.to(kwargs.pop("v_dtype", v.dtype))
     with pytest.raises(ValueError, match=words):
         kernels.attention(q, k, v, **kwargs)
 
