@@ -252,11 +252,11 @@ def attention_sdpa(q, k, v, *, key_bias=None, causal=False, scale=None, mask=Non
             return F.scaled_dot_product_attention(q, k, v, scale=scale, **gqa)
         if m == n:  # top-left == bottom-right
             return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True, **gqa)
-    if needs_edge and mask is None and window is None and m == n and foldable(key_bias, q.dtype, scale, q.shape[-1]):
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        folded_q, folded_k = fold_key_bias(q, k, key_bias, scale)
+    fold_scale = q.shape[-1] ** -0.5 if scale is None else scale  # explicit: the folded head dim is larger
+    if needs_edge and mask is None and window is None and m == n and foldable(key_bias, q.dtype, fold_scale):
+        folded_q, folded_k = fold_key_bias(q, k, key_bias, fold_scale)
         padded_v = F.pad(v, (0, folded_q.shape[-1] - v.shape[-1]))  # SDPA's fused kernels want one head dim
-        out = F.scaled_dot_product_attention(folded_q, folded_k, padded_v, is_causal=True, scale=scale, **gqa)
+        out = F.scaled_dot_product_attention(folded_q, folded_k, padded_v, is_causal=True, scale=fold_scale, **gqa)
         out, dense = out[..., : v.shape[-1]], None
     elif needs_edge and mask is None:
         out, dense = _sdpa_in_query_blocks(q, k, v, key_bias, causal, window, scale), None
@@ -278,13 +278,10 @@ def _fold_floor(dtype: torch.dtype) -> float:
     return max(torch.finfo(dtype).min, torch.finfo(torch.float32).min) / 4
 
 
-def foldable(key_bias, dtype: torch.dtype, scale: float | None, head_dim: int) -> bool:
+def foldable(key_bias, dtype: torch.dtype, scale: float) -> bool:
     """Whether ``fold_key_bias`` is exact for this bias: a positive scale, and every finite ``bias / scale`` above
     the finite stand-in for -inf (a huge negative finite bias in fp16 would otherwise mask like -inf)."""
-    if key_bias is None:
-        return False
-    scale = head_dim ** -0.5 if scale is None else scale
-    if not scale > 0:
+    if key_bias is None or not scale > 0:
         return False
     finite = key_bias[torch.isfinite(key_bias)]
     return finite.numel() == 0 or float(finite.min()) / scale > _fold_floor(dtype) / 2
@@ -308,7 +305,7 @@ def fold_key_bias(q, k, key_bias, scale: float):
     extra_q = extra_q[None, :, None, :].expand(b, h, m, groups)
     pad = -(q.shape[-1] + groups) % 8
     return (torch.cat([q, F.pad(extra_q, (0, pad))], dim=-1),
-            torch.cat([k, F.pad(extra_k.to(k.device), (0, pad))], dim=-1))
+            torch.cat([k, F.pad(extra_k, (0, pad))], dim=-1))
 
 
 QUERY_BLOCK = 256
@@ -332,10 +329,10 @@ def _sdpa_in_query_blocks(q, k, v, key_bias, causal, window, scale):
     heads are packed as rows of their KV head (``_packed``), so K/V are never repeated."""
     m, n = q.shape[2], k.shape[2]
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
     for r0, r1, hi in query_blocks(m, n, causal):
         lo = max(r0 + n - m - window + 1, 0) if window is not None else 0
         seen = visible_keys(torch.arange(r0, r1, device=q.device) + (n - m), torch.arange(lo, hi), causal, window)
-        zero = torch.zeros((), dtype=q.dtype, device=q.device)
         bias = zero if key_bias is None else key_bias[..., lo:hi].to(q.dtype)[..., None, :]
         out[:, :, r0:r1] = _packed(q[:, :, r0:r1], k[:, :, lo:hi], v[:, :, lo:hi], torch.where(seen, bias, -math.inf),
                                    scale)

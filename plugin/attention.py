@@ -100,6 +100,15 @@ class BatchInfo:
         return torch.where(index >= 0, index, torch.full_like(index, -1))
 
 
+def keys_from(values: torch.Tensor, start: int, n_keys: int) -> torch.Tensor:
+    """``values`` given per key position (..., T) for the ``n_keys`` keys from position ``start`` on (a sliding
+    window's keys start later), zero past the last position (keys generated after the prompt)."""
+    values = values[..., start:start + n_keys]
+    if values.shape[-1] < n_keys:
+        values = torch.nn.functional.pad(values, (0, n_keys - values.shape[-1]))
+    return values
+
+
 @dataclass
 class AttentionCall:
     """One attention call of one layer, as interventions see it. Shapes: q (B, H, M, D), k/v (B, H_kv, N, D)."""

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionCall, ModelPatch, attend
+from .forward_inputs import bound_inputs
 
 
 class NogradProcessor(nn.Module):
@@ -94,5 +95,5 @@ class DiTAttentionPatch(ModelPatch):
             module.set_processor(processor)
 
     def _capture_batch(self, module, args, kwargs):
-        text = self._signature.bind_partial(*args, **kwargs).arguments.get("encoder_hidden_states")
+        text = bound_inputs(self._signature, args, kwargs).get("encoder_hidden_states")
         self.batch.text_len = text.shape[1] if isinstance(text, torch.Tensor) else 0

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import AttentionCall, Intervention, intervene
+from ..attention import AttentionCall, Intervention, intervene, keys_from
 from ..config import MethodConfig, is_int, is_number, option
 from ..registry import register
 from .base import Method
@@ -73,11 +73,8 @@ class SinkCalibration(Intervention):
             self.offset = offset
         if self.sinks is None or self.sinks.shape[0] != call.shape[0]:
             return None
-        start = offset - self.offset  # the sinks by position: a sliding-window cache has dropped the oldest keys
-        sinks = self.sinks[..., start:start + n]
-        if sinks.shape[-1] < n:  # generated keys are never sinks
-            sinks = torch.nn.functional.pad(sinks, (0, n - sinks.shape[-1]))
-        return sinks, self.config.beta
+        # the sinks by position (a sliding-window cache has dropped the oldest keys); generated keys are never sinks
+        return keys_from(self.sinks, offset - self.offset, n), self.config.beta
 
     def _detect(self, call: AttentionCall) -> torch.Tensor:
         mean = call.key_mass(reduce="mean")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from ..attention import AttentionCall, Intervention, intervene
+from ..attention import AttentionCall, Intervention, intervene, keys_from
 from ..config import is_number
 from ..forward_inputs import bound_inputs, cache_of, cached_length
 from ..kernels import ScoreEdit
@@ -61,11 +61,7 @@ class VisualPrompt:
     def key_classes(self, classes: torch.Tensor, n_keys: int, offset: int = 0) -> torch.Tensor:
         """(B, T) per-position values ``classes`` for the ``n_keys`` keys from position ``offset`` on (a sliding
         window's), zero-padded past the prompt (generated keys: 0)."""
-        classes = classes[:, offset:offset + n_keys]
-        t = classes.shape[1]
-        if n_keys <= t:
-            return classes
-        return torch.cat([classes, classes.new_zeros(classes.shape[0], n_keys - t)], dim=1)
+        return keys_from(classes, offset, n_keys)
 
     @property
     def has_image(self) -> torch.Tensor:
