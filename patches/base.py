@@ -149,6 +149,18 @@ class Adapter:
             return torch.zeros_like(input_ids, dtype=torch.bool)
         return input_ids == token
 
+    @property
+    def video_token_id(self) -> int | None:
+        """The placeholder token of video frames, where the model has one apart from its image token (Qwen2-VL,
+        Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision; the other families write frames as images)."""
+        return None
+
+    def visual_token_mask(self, input_ids: torch.Tensor, video: bool = True) -> torch.Tensor:
+        """Boolean (B, S): the image tokens, and with ``video`` the video tokens too (the visual tokens)."""
+        mask = self.image_token_mask(input_ids)
+        token = self.video_token_id if video else None
+        return mask if token is None else mask | (input_ids == token)
+
     def image_token_positions(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """For each batch row, the sorted positions of its image tokens (empty for a text-only row)."""
         mask = self.image_token_mask(input_ids)

@@ -75,6 +75,10 @@ class VLMAdapter(Adapter):
     def image_token_id(self) -> int | None:
         return getattr(self.model.config, "image_token_id", None)
 
+    @property
+    def video_token_id(self) -> int | None:
+        return getattr(self.model.config, "video_token_id", None)
+
     def image_layouts(self, input_ids: torch.Tensor, **inputs) -> list[ImageLayout]:
         """The layout of every image in the batch, in the order the model consumes them."""
         raise NotImplementedError

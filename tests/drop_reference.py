@@ -13,7 +13,10 @@ import torch
 
 import nograd
 from nograd.patches import adapter_for
-from tiny.vlm import IMAGE
+from tiny.vlm import IMAGE, VIDEO
+
+VISUAL = (IMAGE, VIDEO)
+"""The visual tokens: image and video placeholders (the families without a video token never hold ``VIDEO``)."""
 
 
 def decoder(model):
@@ -42,7 +45,7 @@ def language_model_inputs(model, inputs, ids):
                       torch.ones(ids.shape[0], ids.shape[1] - inputs["input_ids"].shape[1], dtype=torch.long)], 1)
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     if "mm_token_type_ids" in inputs:
-        extra["mm_token_type_ids"] = (ids == IMAGE).int()
+        extra["mm_token_type_ids"] = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
     if "token_type_ids" in inputs:  # Gemma3
         extra["token_type_ids"] = (ids == IMAGE).long()
     hook = lm.register_forward_pre_hook(grab, with_kwargs=True)
@@ -58,7 +61,7 @@ def language_model_inputs(model, inputs, ids):
     return seen["inputs_embeds"], positions, mask, None if deepstack is None else (seen["visual_pos_masks"], deepstack)
 
 
-def reference_logits(model, inputs, ids, kept, boundaries, positions_mode):
+def reference_logits(model, inputs, ids, kept, boundaries, positions_mode, visual_ids=VISUAL):
     """Last-token logits of ``ids`` with, from each boundary on, only the text tokens and the kept visual tokens:
     the rows are rebuilt by hand (left-padded), and every layer gets a hand-made causal + padding mask."""
     lm = decoder(model)
@@ -68,7 +71,7 @@ def reference_logits(model, inputs, ids, kept, boundaries, positions_mode):
     rope = rope.expand(*rope.shape[:-2], b, n)
     prompt_len = inputs["input_ids"].shape[1]
     visual = torch.zeros(b, n, dtype=torch.bool)
-    visual[:, :prompt_len] = (inputs["input_ids"] == IMAGE) & inputs["attention_mask"].bool()
+    visual[:, :prompt_len] = torch.isin(inputs["input_ids"], torch.tensor(visual_ids)) & inputs["attention_mask"].bool()
     layer_types = getattr(lm.config, "layer_types", None) if "token_type_ids" in inputs else None  # Gemma3
     kinds = sorted(set(layer_types)) if layer_types else [None]
 
@@ -130,15 +133,16 @@ def reference_logits(model, inputs, ids, kept, boundaries, positions_mode):
         return model.lm_head(lm.norm(h[:, -1]))
 
 
-def assert_generate_equals_physical_removal(model, inputs, method, options, boundaries, positions, steps=4):
+def assert_generate_equals_physical_removal(model, inputs, method, options, boundaries, positions, steps=4,
+                                            visual_ids=VISUAL):
     """Cached ``generate()`` under ``method`` equals the physical-removal reference at every step (1e-5), and an
-    uncached run gives the same tokens."""
+    uncached run gives the same tokens. ``visual_ids``: the tokens the method may drop."""
     with nograd.apply(model, method, positions=positions, **options) as handle:
         tokens, scores = generate(model, inputs, steps=steps)
         kept = handle.stats["kept"]
     ids = inputs["input_ids"]
     for step in range(tokens.shape[1]):
-        expected = reference_logits(model, inputs, ids, kept, boundaries, positions)
+        expected = reference_logits(model, inputs, ids, kept, boundaries, positions, visual_ids)
         torch.testing.assert_close(scores[:, step], expected, atol=1e-5, rtol=0)
         ids = torch.cat([ids, tokens[:, step:step + 1]], dim=1)
     with nograd.apply(model, method, positions=positions, **options):
@@ -146,5 +150,5 @@ def assert_generate_equals_physical_removal(model, inputs, method, options, boun
     assert torch.equal(uncached, tokens)
 
 
-def visual_counts(inputs):
-    return ((inputs["input_ids"] == IMAGE) & inputs["attention_mask"].bool()).sum(1).tolist()
+def visual_counts(inputs, visual_ids=VISUAL):
+    return (torch.isin(inputs["input_ids"], torch.tensor(visual_ids)) & inputs["attention_mask"].bool()).sum(1).tolist()

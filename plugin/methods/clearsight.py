@@ -45,5 +45,5 @@ class ClearSight(VisualEditMethod):
         return self.config.enhance == 1 and self.config.suppress == 1
 
     def coefficients(self, prompt):
-        mul = prompt.image.float() * (self.config.enhance - 1) + prompt.system().float() * (self.config.suppress - 1)
+        mul = prompt.visual.float() * (self.config.enhance - 1) + prompt.system().float() * (self.config.suppress - 1)
         return None, mul

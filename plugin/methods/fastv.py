@@ -27,6 +27,8 @@ class FastVConfig(MethodConfig):
     positions: str = option("original", "RoPE positions of the kept tokens: their own ('original') or renumbered "
                                         "('compact'; 1-D RoPE only)", choices=POSITIONS)
     min_keep: int = option(1, "at least this many visual tokens stay")
+    include_video: bool = option(True, "drop video tokens too, ranked with the image tokens of their row "
+                                       "(spec §5.3; Qwen2/2.5/3-VL, LLaVA-OneVision)", choices=(True, False))
     backend: str = option("auto", "kernel of the ranking row (nograd.kernels.attention_rows)", choices=BACKENDS)
 
     def validate(self) -> None:

@@ -186,12 +186,6 @@ class VisualShare(Intervention):
         self.state["count"][self.layer] += int(chosen.sum())
 
 
-def visual_token_mask(adapter, input_ids: torch.Tensor) -> torch.Tensor:
-    mask = adapter.image_token_mask(input_ids)
-    video = getattr(adapter.model.config, "video_token_id", None)
-    return mask | (input_ids == video) if video is not None else mask
-
-
 def measure_visual_attention(model: nn.Module, adapter, calibration, *, query_tokens: str = "after_visual",
                              max_samples: int = 64) -> list[float]:
     """r_l per decoder layer: the share of attention that text queries give to image tokens, averaged over heads,
@@ -208,7 +202,7 @@ def measure_visual_attention(model: nn.Module, adapter, calibration, *, query_to
             ids = inputs["input_ids"]
             mask = inputs.get("attention_mask")
             real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-            visual = visual_token_mask(adapter, ids) & real
+            visual = adapter.visual_token_mask(ids) & real
             positions = torch.arange(ids.shape[1]).expand_as(ids)
             if query_tokens == "after_visual":
                 last = torch.where(visual, positions, torch.full_like(positions, -1)).max(dim=1, keepdim=True).values

@@ -105,7 +105,7 @@ class ImageFreeContrast:
         without = torch.log_softmax(text_logits.float(), dim=-1)
         refined = self.gamma * (with_image - without) + without
         cut = with_image < self.log_cutoff + with_image.amax(dim=-1, keepdim=True)
-        has_image = prompt.image.any(dim=1, keepdim=True).to(logits.device)
+        has_image = prompt.visual.any(dim=1, keepdim=True).to(logits.device)
         refined = torch.where(has_image, refined.masked_fill(cut, -math.inf), logits)
         output.logits[:, -1] = refined.to(output.logits.dtype)
         return output
@@ -137,10 +137,10 @@ class ImageFreeContrast:
         return out.logits[:, -1]
 
     def _without_image(self, input_ids, attention_mask, prompt):
-        """Each row's real tokens minus its image tokens, left-padded again; (ids, mask)."""
+        """Each row's real tokens minus its visual (image and video) tokens, left-padded again; (ids, mask)."""
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        image = torch.nn.functional.pad(prompt.image, (0, input_ids.shape[1] - prompt.image.shape[1]))
-        rows = [ids[keep] for ids, keep in zip(input_ids, real & ~image)]
+        visual = torch.nn.functional.pad(prompt.visual, (0, input_ids.shape[1] - prompt.visual.shape[1]))
+        rows = [ids[keep] for ids, keep in zip(input_ids, real & ~visual)]
         length = max(len(row) for row in rows)
         pad = self.model.generation_config.pad_token_id
         ids = input_ids.new_full((len(rows), length), 0 if pad is None else int(pad))

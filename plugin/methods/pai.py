@@ -45,4 +45,4 @@ class PAI(VisualEditMethod):
         return self.config.alpha == 0
 
     def coefficients(self, prompt):
-        return prompt.image.float() * self.config.alpha, None
+        return prompt.visual.float() * self.config.alpha, None

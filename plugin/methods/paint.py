@@ -199,6 +199,7 @@ class PAINT(VisualEditMethod):
                 "internvl", "mistral3", "gemma3")
     Config = PAINTConfig
     default_layers = (2 / 32, 1.0)
+    edits_video = False
 
     def __init__(self, adapter, config):
         super().__init__(adapter, config)
@@ -217,7 +218,10 @@ class PAINT(VisualEditMethod):
         self._pending_images: dict | None = None
         """AnyRes: the image inputs of the ``get_image_features`` call whose tower run comes next."""
         self._kept: dict | None = None
-        """AnyRes: the image scores, put aside while the tower runs for something else (OneVision's video)."""
+        """The image scores, put aside while the tower encodes a video (Qwen-VL, OneVision) or, on AnyRes, runs
+        outside ``get_image_features``."""
+        self._video_run = False
+        """``get_video_features`` was called: the next tower run encodes video frames, not images."""
 
     def head_gains(self, layer: int) -> torch.Tensor:
         """The spec's reconstruction of the v1 head modulation (paint.md §1.4), from the visual shares: (H,) from
@@ -298,9 +302,13 @@ class PAINT(VisualEditMethod):
         # the tower saw, for the image layout
         hook = self.adapter.vision_tower.register_forward_pre_hook(self._capture_images, with_kwargs=True)
         handle.on_remove("vision tower input hook", hook.remove)
+        model = self.adapter.multimodal_model
         if self.anyres:
             # the tower sees only the tiles; the image sizes (which the layout needs) reach get_image_features only
-            observe_calls(handle, self.adapter.multimodal_model, "get_image_features", self._observe_image_encoding)
+            observe_calls(handle, model, "get_image_features", self._observe_image_encoding)
+        if hasattr(model, "get_video_features"):  # the same tower encodes video frames: their scores are not kept
+            observe_calls(handle, model, "get_video_features", self._observe_video_encoding)
+        if self.anyres or hasattr(model, "get_video_features"):
             hook = self.adapter.vision_tower.register_forward_hook(self._restore_image_scores)
             handle.on_remove("vision tower output hook", hook.remove)
 
@@ -310,8 +318,11 @@ class PAINT(VisualEditMethod):
         forward does not hand its ``vision_aspect_ratio`` on, generate does)."""
         self._pending_images = {key: arguments[key] for key in IMAGE_INPUTS if arguments.get(key) is not None}
 
+    def _observe_video_encoding(self, arguments: dict) -> None:
+        self._video_run = True
+
     def _restore_image_scores(self, module, args, output):
-        """AnyRes: after a tower run that did not encode images, the image scores as they were before it."""
+        """After a tower run that did not encode images, the image scores as they were before it."""
         if self._kept is not None:
             self.scores.clear()
             self.scores.update(self._kept)
@@ -319,13 +330,15 @@ class PAINT(VisualEditMethod):
 
     def _capture_images(self, module, args, kwargs):
         """A new tower run: clear the read-outs, keep its pixels (and Qwen's ``grid_thw``, Pixtral's
-        ``image_sizes``); AnyRes: keep the image inputs of its ``get_image_features`` call, or, for a run outside
-        one (OneVision's video frames), put the image scores aside until it ends."""
+        ``image_sizes``); AnyRes: keep the image inputs of its ``get_image_features`` call. A run that encodes video
+        frames (after ``get_video_features``), or on AnyRes a run outside ``get_image_features``, puts the image
+        scores aside until it ends."""
+        if self._video_run or (self.anyres and self._pending_images is None):
+            self._video_run = False
+            self._kept = dict(self.scores)
+            self.scores.clear()
+            return
         if self.anyres:
-            if self._pending_images is None:
-                self._kept = dict(self.scores)
-                self.scores.clear()
-                return
             self.scores.clear()
             self.scores["image_inputs"], self._pending_images = self._pending_images, None
             self._selected = None
@@ -398,8 +411,8 @@ class PAINT(VisualEditMethod):
             encoded = sum(layout.num_tokens for layout in self.adapter.image_layouts(prompt.input_ids, **inputs))
         else:
             encoded = len(self.adapter.patch_scores_to_tokens(list(self.scores["local"]), self.scores["image_inputs"]))
-        rows = prompt.image.shape[0]
-        for k in (k for k in range(1, rows + 1) if rows % k == 0 and int(prompt.image[::k].sum()) == encoded):
+        rows = prompt.visual.shape[0]
+        for k in (k for k in range(1, rows + 1) if rows % k == 0 and int(prompt.visual[::k].sum()) == encoded):
             if all(bool((t.view(rows // k, k, -1) == t[::k, None]).all()) for t in (prompt.input_ids, prompt.real)):
                 return k
         return 1
@@ -416,7 +429,7 @@ class PAINT(VisualEditMethod):
 
     def _prompt_margins(self, prompt: VisualPrompt) -> torch.Tensor:
         """``_margins`` of rows that are each one prompt."""
-        margins = torch.zeros(prompt.image.shape, dtype=torch.float32, device=prompt.image.device)
+        margins = torch.zeros(prompt.visual.shape, dtype=torch.float32, device=prompt.visual.device)
         image_inputs = self.scores["image_inputs"]
         if not self.anyres:
             image_inputs = {**image_inputs, **prompt.image_inputs}

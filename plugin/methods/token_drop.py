@@ -208,6 +208,11 @@ class TokenDropMethod(Method):
         """The schedule of a row with ``n_visual`` visual tokens (a token budget solves one per count)."""
         return self.plan
 
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, S) the tokens that can be dropped: the image tokens, and the video tokens with ``include_video``
+        (spec §5.3: one global top-K over all of a row's visual tokens)."""
+        return self.adapter.visual_token_mask(input_ids, video=self.config.include_video)
+
     def layer_type(self, i: int) -> str:
         """Layer ``i``'s type: its ``layer_types`` entry on a ``LAYER_TYPED`` family, else full attention (every
         other family's layers after the first boundary are full-attention ones, ``check_model``)."""
@@ -307,7 +312,7 @@ class TokenDropMethod(Method):
         mask = torch.ones(b, cached + length, dtype=torch.long, device=input_ids.device) if mask is None else mask
         prompt = self.prompt
         if cached > 0:
-            if prompt is not None and bool(self.adapter.image_token_mask(input_ids).any()):
+            if prompt is not None and bool(self.visual_mask(input_ids).any()):
                 raise NotImplementedError(f"{self.name}: a cached continuation with new images (multi-turn) is not "
                                           "supported; start a new prompt without the cache")
             self.current = Pass("decode", mask) if prompt is not None else None
@@ -324,7 +329,7 @@ class TokenDropMethod(Method):
 
     def _record_prompt(self, input_ids: torch.Tensor, mask: torch.Tensor, token_type_ids=None) -> None:
         valid = mask.bool()
-        visual = self.adapter.image_token_mask(input_ids) & valid
+        visual = self.visual_mask(input_ids) & valid
         counts = visual.sum(dim=1)
         if not bool(counts.any()):  # nothing to drop: the counters say so (not the last image prompt's)
             self.prompt, self.current = None, None

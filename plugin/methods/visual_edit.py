@@ -2,9 +2,10 @@
 and one ``ScoreEdit`` per decoder layer built from per-key coefficients (spec ``paint.md`` §5.1-5.5).
 
 At every prefill (a forward on an empty KV cache) a pre-hook on the model records, per batch row, which sequence
-positions hold image tokens (``adapter.image_token_mask``), which are real (non-pad) tokens, where the prompt ends
-(``P_b - 1``) and where the image ends; a prompt without image tokens clears it, and the text-only rows of a
-batch that mixes them with image rows are left alone (no coefficients, no edited rows). Decode steps reuse it; keys
+positions hold visual tokens (``adapter.visual_token_mask``: image tokens, and video tokens where the model has them;
+PAINT takes image tokens only), which are real (non-pad) tokens, where the prompt ends (``P_b - 1``) and where the
+visual tokens end; a prompt without visual tokens clears it, and the text-only rows of a batch that mixes them with
+visual rows are left alone (no coefficients, no edited rows). Decode steps reuse it; keys
 after the prompt (generated tokens) belong to no class. Without a KV cache every forward re-runs the prompt plus the
 generated tokens: a forward that extends the recorded prompt's tokens keeps it. The edit applies to the rows from
 ``rows_from`` on: the prompt's last row and every generated row (``"prompt_end"``, the official "last row of every
@@ -14,6 +15,7 @@ forward" in its cache-consistent form, §5.1.4), or every row after the image (`
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -37,26 +39,27 @@ NO_ROWS = torch.iinfo(torch.int32).max
 class VisualPrompt:
     """The image-bearing prompt of the current generation, per batch row, in padded sequence positions."""
 
-    image: torch.Tensor
-    """(B, T) bool: image-token positions."""
+    visual: torch.Tensor
+    """(B, T) bool: visual-token positions (image tokens, and video tokens where the model has them)."""
     real: torch.Tensor
     """(B, T) bool: non-pad positions."""
     prompt_end: torch.Tensor
     """(B,) position of each row's last real prompt token (P_b - 1)."""
-    image_end: torch.Tensor
-    """(B,) position just after each row's last image token (0 without an image)."""
+    visual_end: torch.Tensor
+    """(B,) position just after each row's last visual token (0 without one)."""
     input_ids: torch.Tensor | None = None
     image_inputs: dict | None = None
     """The prefill's image inputs (``IMAGE_INPUTS``), for ``adapter.image_grids(input_ids, **image_inputs)``."""
 
     @classmethod
-    def from_inputs(cls, adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> "VisualPrompt":
+    def from_inputs(cls, adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    video: bool = True) -> "VisualPrompt":
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        image = adapter.image_token_mask(input_ids) & real
+        visual = adapter.visual_token_mask(input_ids, video=video) & real
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         prompt_end = torch.where(real, positions, -1).amax(dim=1)
-        image_end = torch.where(image, positions + 1, 0).amax(dim=1)
-        return cls(image=image, real=real, prompt_end=prompt_end, image_end=image_end, input_ids=input_ids)
+        visual_end = torch.where(visual, positions + 1, 0).amax(dim=1)
+        return cls(visual=visual, real=real, prompt_end=prompt_end, visual_end=visual_end, input_ids=input_ids)
 
     def key_classes(self, classes: torch.Tensor, n_keys: int, offset: int = 0) -> torch.Tensor:
         """(B, T) per-position values ``classes`` for the ``n_keys`` keys from position ``offset`` on (a sliding
@@ -64,24 +67,28 @@ class VisualPrompt:
         return keys_from(classes, offset, n_keys)
 
     @property
-    def has_image(self) -> torch.Tensor:
-        """(B,) bool: the rows with image tokens (a mixed batch may hold text-only rows, which no edit touches)."""
-        return self.image.any(dim=1)
+    def has_visual(self) -> torch.Tensor:
+        """(B,) bool: the rows with visual tokens (a mixed batch may hold text-only rows, which no edit touches)."""
+        return self.visual.any(dim=1)
 
     def system(self) -> torch.Tensor:
-        """(B, T) bool: the real tokens before each row's first image token (the system prompt and chat header);
-        none in a row without an image."""
-        positions = torch.arange(self.image.shape[1], device=self.image.device)
-        first_image = torch.where(self.image, positions, self.image.shape[1]).amin(dim=1)
-        return self.real & (positions[None, :] < first_image[:, None]) & self.has_image[:, None]
+        """(B, T) bool: the real tokens before each row's first visual token (the system prompt and chat header);
+        none in a row without one."""
+        positions = torch.arange(self.visual.shape[1], device=self.visual.device)
+        first = torch.where(self.visual, positions, self.visual.shape[1]).amin(dim=1)
+        return self.real & (positions[None, :] < first[:, None]) & self.has_visual[:, None]
 
 
 class PromptTracker:
     """Keeps the ``VisualPrompt`` of the current generation, captured by a pre-hook on the model."""
 
-    def __init__(self, handle):
+    def __init__(self, handle, video: bool = True):
         model = handle.model
         self.adapter = handle.adapter
+        self.name = handle.method
+        self.video = video
+        """False: video tokens are not visual tokens (image tokens only; warned once)."""
+        self._warned = False
         self.prompt: VisualPrompt | None = None
         self.contrast = None
         """The method's ``ImageFreeContrast``, if any: while its image-free pass runs, the tracker and edits pause."""
@@ -101,8 +108,14 @@ class PromptTracker:
             return  # a decode step: the prompt stays
         input_ids = inputs.get("input_ids")
         fresh = None if input_ids is None else VisualPrompt.from_inputs(self.adapter, input_ids,
-                                                                        inputs.get("attention_mask"))
-        if fresh is None or not bool(fresh.image.any()):
+                                                                        inputs.get("attention_mask"), self.video)
+        video = self.adapter.video_token_id
+        if not self.video and not self._warned and input_ids is not None and video is not None and bool(
+                (input_ids == video).any()):
+            self._warned = True
+            warnings.warn(f"{self.name} edits image tokens only: the video tokens of this prompt are left as they "
+                          "are (pai and clearsight edit them as visual tokens)", stacklevel=2)
+        if fresh is None or not bool(fresh.visual.any()):
             self.prompt = None
         elif cache_of(inputs) is not None or not self._continues(fresh):
             fresh.image_inputs = {key: inputs[key] for key in IMAGE_INPUTS if inputs.get(key) is not None}
@@ -113,9 +126,9 @@ class PromptTracker:
         (``generate(use_cache=False)``); with a cache, a longer prompt is a new prompt (a chat re-sent with its
         history)."""
         old = self.prompt
-        if old is None or fresh.image.shape[0] != old.image.shape[0] or fresh.image.shape[1] <= old.image.shape[1]:
+        if old is None or fresh.real.shape[0] != old.real.shape[0] or fresh.real.shape[1] <= old.real.shape[1]:
             return False
-        t = old.image.shape[1]
+        t = old.real.shape[1]
         return bool(torch.equal(fresh.input_ids[:, :t], old.input_ids) and torch.equal(fresh.real[:, :t], old.real))
 
 
@@ -149,20 +162,20 @@ class VisualScoreEdit(Intervention):
             visible &= keys > end[:, None] - call.window
         rows = kernels.attention_rows(query, call.key, key_bias=kernels.padding_to_bias(visible), scale=call.scaling,
                                       softcap=call.softcap)[:, :, 0]
-        return (rows * prompt.key_classes(prompt.image, n, offset).to(device)[:, None, :]).sum(-1)
+        return (rows * prompt.key_classes(prompt.visual, n, offset).to(device)[:, None, :]).sum(-1)
 
     def score_edit(self, call: AttentionCall) -> ScoreEdit | None:
         prompt = self.tracker.prompt
         if prompt is None or self.tracker.paused:  # the tracker keeps only prompts with image tokens
             return None
         if self.method.measures_heads and self.measured is not prompt:
-            self.method.record_visual_share(self.layer, self.visual_share(call, prompt), prompt.has_image)
+            self.method.record_visual_share(self.layer, self.visual_share(call, prompt), prompt.has_visual)
             self.measured = prompt
         n, offset = call.shape[3], call.key_offset
         gains = torch.atleast_2d(self.method.head_gains(self.layer)).to(call.query.device)[:, :, None]
         abs_coef, mul_coef = self.method.coefficients(prompt)
-        rows_from = prompt.prompt_end if self.method.config.rows == "prompt_end" else prompt.image_end
-        rows_from = torch.where(prompt.has_image, rows_from, NO_ROWS)  # a text-only row of a mixed batch: untouched
+        rows_from = prompt.prompt_end if self.method.config.rows == "prompt_end" else prompt.visual_end
+        rows_from = torch.where(prompt.has_visual, rows_from, NO_ROWS)  # a text-only row of a mixed batch: untouched
         self.stats["edited_calls"] += 1
         return ScoreEdit(
             abs_coef=None if abs_coef is None else prompt.key_classes(abs_coef, n, offset)[:, None, :] * gains,
@@ -199,6 +212,10 @@ class VisualEditMethod(Method):
         """(B, H) share of each row's last prompt token that each head of ``layer`` gives to the image, without the
         edit, measured at the prefill of a new prompt; ``rows`` (B,) bool: the rows with an image."""
 
+    edits_video = True
+    """Whether video tokens are visual tokens like image tokens (PAI, ClearSight); PAINT, which selects tokens per
+    image from the vision tower, edits image tokens only."""
+
     def coefficients(self, prompt: VisualPrompt) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(B, T) ``abs_coef`` and ``mul_coef`` per prompt position (None where the method has none)."""
         raise NotImplementedError
@@ -218,7 +235,7 @@ class VisualEditMethod(Method):
         handle.stats.update(layers=list(self.layers()) if edits else [], heads=self.adapter.num_heads, edited_calls=0)
         if not edits and gamma is None:
             return
-        tracker = PromptTracker(handle)
+        tracker = PromptTracker(handle, video=self.edits_video)
         if gamma is not None:
             from .image_contrast import ImageFreeContrast
 

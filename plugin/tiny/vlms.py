@@ -19,6 +19,8 @@ counted by the model itself (``get_image_features``), so they always match what 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import transformers as tf
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -207,4 +209,50 @@ def make_inputs(family: str, model, batch: int = 2, seed: int = 0) -> dict:
               **{key: torch.cat([row[key] for row in images]) for key in images[0]}}
     if family in ("qwen2_vl", "qwen2_5_vl"):
         inputs["mm_token_type_ids"] = (input_ids == IMAGE).int()
+    return inputs
+
+
+# ---- video inputs (Qwen2-VL / 2.5-VL, LLaVA-OneVision: a video token apart from the image token) -------------------
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+
+
+def _video_tokens(family, model, videos: dict) -> list[int]:
+    """The video part of one row's prompt: the model's own token count per video (Qwen: between vision start/end)."""
+    with torch.no_grad():
+        features = model.model.get_video_features(**videos).pooler_output
+    if family == "llava_onevision":
+        count = features.shape[1]
+        if "image_newline" not in inspect.getsource(type(model.model).get_video_features):
+            count += 1  # transformers < 5.24 appends the newline in the forward, not in get_video_features
+        return [VIDEO] * count
+    return [token for f in features for token in [VISION_START] + [VIDEO] * len(f) + [VISION_END]]
+
+
+def _video(family, row, generator, model) -> dict:
+    """One row's video: 2 frames of 28x28 (OneVision), or a (2, 4, 6) / (2, 2, 4) patch grid (Qwen)."""
+    if family == "llava_onevision":
+        return {"pixel_values_videos": _pixels(generator, 1, 2, 3, 28, 28)}
+    grid = torch.tensor([[2, 4, 6]] if row % 2 == 0 else [[2, 2, 4]])
+    vision = model.config.vision_config
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    return {"pixel_values_videos": _pixels(generator, int(grid.prod()), width), "video_grid_thw": grid}
+
+
+def make_video_inputs(family: str, model, batch: int = 2, seed: int = 0, images: bool = True) -> dict:
+    """Model inputs for ``batch`` prompts with a video: as ``make_inputs``, with each row's image part followed by
+    a video (``images=False``: the video alone). Qwen rows get ``mm_token_type_ids`` (1 image, 2 video tokens)."""
+    if family not in VIDEO_FAMILIES:
+        raise ValueError(f"family={family!r} has no video token; expected one of {VIDEO_FAMILIES}")
+    generator = torch.Generator().manual_seed(seed)
+    image_inputs = [IMAGES[family](row, generator, model) for row in range(batch)] if images else []
+    videos = [_video(family, row, generator, model) for row in range(batch)]
+    parts = [(_image_prompt(family, row, image_inputs[row], model) if images else [])
+             + _video_tokens(family, model, videos[row]) for row in range(batch)]
+    input_ids, attention_mask = padded_prompts(parts, generator)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              **{key: torch.cat([row[key] for row in videos]) for key in videos[0]}}
+    if images:
+        inputs.update({key: torch.cat([row[key] for row in image_inputs]) for key in image_inputs[0]})
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        inputs["mm_token_type_ids"] = (input_ids == IMAGE).int() + 2 * (input_ids == VIDEO).int()
     return inputs

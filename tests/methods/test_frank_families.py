@@ -12,7 +12,6 @@ import torch
 
 import nograd
 from checks import attn_names, same_state, snapshot
-from nograd.methods.frank import visual_token_mask
 from nograd.patches import adapter_for
 from tiny import vlm_families as tiny_families
 
@@ -80,7 +79,7 @@ def eager_visual_share(model, inputs) -> list[float]:
     with torch.no_grad():
         attentions = eager(**inputs, output_attentions=True).attentions
     ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
-    visual = visual_token_mask(adapter, ids) & real
+    visual = adapter.visual_token_mask(ids) & real
     positions = torch.arange(ids.shape[1]).expand_as(ids)
     last = torch.where(visual, positions, -1).max(dim=1, keepdim=True).values
     queries = real & ~visual & (positions > last)

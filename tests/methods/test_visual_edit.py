@@ -10,7 +10,7 @@ import torch
 
 import nograd
 from checks import attention_function, attn_names, same_state, snapshot
-from tiny.vlm import make_inputs
+from tiny.vlm import IMAGE, VIDEO, VIDEO_FAMILIES, make_inputs, make_video_inputs
 
 FAMILIES = ["llava", "qwen2_vl", "llava_onevision"]
 
@@ -49,7 +49,7 @@ def official_edit(image, system, prompt_end, image_end, layers, alpha=0.0, enhan
 def reference_logits():
     def run(model, inputs, **edit):
         ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
-        image = (ids == model.config.image_token_id) & mask
+        image = torch.isin(ids, torch.tensor([IMAGE, VIDEO])) & mask  # the visual keys: image and video tokens
         positions = torch.arange(ids.shape[1])
         first_image = torch.where(image, positions, ids.shape[1]).amin(1)
         system = mask & (positions[None, :] < first_image[:, None])
@@ -90,6 +90,26 @@ def test_pai_equals_the_official_edit(build, reference_logits, family):
     # only the prompt's last row changes at prefill: every earlier row is the base implementation's, bit for bit
     assert torch.equal(got[:, :-1], plain[:, :-1])
     assert (got[:, -1] - plain[:, -1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("images", [True, False], ids=["images+video", "video"])
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_video_tokens_are_visual_keys(build, reference_logits, family, images):
+    """Qwen2-VL / 2.5-VL and OneVision write video frames with their own token: PAI and ClearSight edit those keys
+    as they edit image keys (the official edits with visual = image or video tokens)."""
+    model = build(family)
+    inputs = make_video_inputs(family, model, images=images)
+    real = inputs["attention_mask"].bool()
+    plain = logits(model, inputs)
+    for method, options, edit in [("pai", dict(alpha=0.5, layers=(1, None)), dict(layers={1}, alpha=0.5)),
+                                  ("clearsight", dict(enhance=1.6, suppress=0.7, layers=(0, 1)),
+                                   dict(layers={0}, enhance=1.6, suppress=0.7))]:
+        expected = reference_logits(model, inputs, **edit)
+        with nograd.apply(model, method, **options) as handle:
+            got = logits(model, inputs)
+            assert handle.stats["edited_calls"] == 1
+        torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
+        assert (got - plain)[real].abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("family", FAMILIES)
