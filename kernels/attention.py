@@ -136,13 +136,11 @@ def _check(q, k, v, key_bias, blend, backend, window=None):
         raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
     if h % k.shape[1]:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({k.shape[1]})")
-    if key_bias is not None:
-        try:
-            if key_bias.dim() > 3:
-                raise RuntimeError
-            torch.broadcast_shapes(key_bias.shape, (b, h, k.shape[2]))
-        except RuntimeError:
-            raise ValueError(f"key_bias {tuple(key_bias.shape)} does not broadcast to (B, H, N) = {(b, h, k.shape[2])}")
+    if key_bias is not None:  # by hand: torch.broadcast_shapes costs more than a decode step's attention on CPU
+        target = (b, h, k.shape[2])
+        shape = (1,) * (3 - key_bias.dim()) + tuple(key_bias.shape)
+        if key_bias.dim() > 3 or any(size not in (1, want) for size, want in zip(shape, target)):
+            raise ValueError(f"key_bias {tuple(key_bias.shape)} does not broadcast to (B, H, N) = {target}")
     if window is not None and not window >= 1:
         raise ValueError(f"window must be a number of positions >= 1 (or None); got {window!r}")
     if blend is not None and blend.shape not in ((h,), (b, h)):
@@ -152,6 +150,8 @@ def _check(q, k, v, key_bias, blend, backend, window=None):
 def visibility(m: int, n: int, causal: bool, window: int | None, device=None) -> torch.Tensor | None:
     """(M, N) boolean of the keys the (bottom-right) causal edge and the window leave visible, or None if they hide
     nothing."""
+    if not (causal and m > 1) and window is None:
+        return None
     return visible_keys(torch.arange(m, device=device) + (n - m), torch.arange(n, device=device), causal and m > 1,
                         window)
 
@@ -173,7 +173,11 @@ def logit_bias(q, k, *, key_bias=None, causal=False, mask=None, window=None,
 
 def dead_rows(key_bias, m: int, n: int, causal: bool, window: int | None, device=None) -> torch.Tensor:
     """(B|1, H|1, M, 1) boolean: the queries that see no key (every visible key has a -inf bias), in O(B.H.(M+N))
-    by counting finite biases in each row's visible key range with a cumulative sum."""
+    by counting finite biases in each row's visible key range with a cumulative sum; where every row sees every key
+    (no window, and not causal or one query), one max over the keys (a decode step's few microseconds)."""
+    if key_bias is not None and window is None and (not causal or m == 1) and n > 0:
+        top = key_bias.reshape((1,) * (3 - key_bias.dim()) + tuple(key_bias.shape)).amax(dim=-1)
+        return torch.isneginf(top)[..., None, None].expand(*top.shape, m, 1)
     rows = torch.arange(m, device=device) + (n - m)
     last = rows.clamp(max=n - 1) if causal else torch.full_like(rows, n - 1)
     first = (rows - window + 1).clamp(min=0) if window is not None else torch.zeros_like(rows)

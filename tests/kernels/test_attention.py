@@ -391,7 +391,7 @@ def test_flex_backend_matches_reference():
 
 
 @pytest.mark.parametrize("m, n, causal, window", [(6, 6, True, None), (8, 5, True, None), (5, 9, True, 3),
-                                                  (4, 7, False, None), (1, 7, True, 2)])
+                                                  (4, 7, False, None), (1, 7, True, 2), (1, 7, True, None)])
 def test_dead_rows_equals_a_dense_scan(m, n, causal, window):
     from nograd.kernels.attention import dead_rows, logit_bias
 
@@ -399,7 +399,7 @@ def test_dead_rows_equals_a_dense_scan(m, n, causal, window):
     bias[0, 1, :] = -math.inf
     bias[1, 2, : n // 2] = -math.inf
     q, k = torch.zeros(2, 3, m, 4), torch.zeros(2, 3, n, 4)
-    for key_bias in (bias, None):
+    for key_bias in (bias, None, bias[1], bias[0, 1]):  # (B, H, N), none, (H, N), (N,)
         dense = logit_bias(q, k, key_bias=key_bias, causal=causal, window=window)
         want = torch.isneginf(dense).all(-1, keepdim=True) if dense is not None else torch.zeros(1, 1, m, 1, dtype=torch.bool)
         got = dead_rows(key_bias, m, n, causal, window)
