@@ -9,6 +9,7 @@ from torch import nn
 from . import registry
 from .errors import IncompatibleMethodsError, UnsupportedModelError
 from .handle import Handle, _LIVE
+from .observe import refuse_assisted_decoding
 from .patches import adapter_for, supported_families
 
 
@@ -74,6 +75,10 @@ def apply(target: Any, method: str, /, **options) -> Handle:
     handle = Handle(model, adapter, method_cls.name, config, processor, target)
     try:
         instance.attach(handle)
+        if not instance.supports_assisted_decoding():
+            refuse_assisted_decoding(handle, f"{method_cls.name}: assisted and prompt-lookup decoding run the prompt "
+                                     "and a draft in one first forward, where the method reads the prompt's last "
+                                     "token; generate without assistant_model / prompt_lookup_num_tokens")
     except BaseException:
         handle.remove()
         raise

@@ -64,3 +64,23 @@ def observe_calls(handle, obj: Any, name: str, callback: Callable[[dict], None])
                 object.__delattr__(obj, name)
 
     handle.on_remove(f"observe {type(obj).__name__}.{name}", undo)
+
+
+def refuse_assisted_decoding(handle, reason: str) -> None:
+    """``generate()`` on ``handle.model`` raises ``NotImplementedError(reason)`` before it starts assisted or
+    prompt-lookup decoding (``assistant_model=``, ``prompt_lookup_num_tokens=``); undone by ``handle.remove()``.
+
+    Its first forward runs the prompt and a draft together, so a method that takes a first forward's last token for
+    the prompt's end would read a draft token. The mode is seen where transformers 5.x hands it to
+    ``_validate_generation_mode``, before any forward (``generate`` looks the decoding loop up on the class).
+    """
+    model = handle.model
+    if not hasattr(model, "_validate_generation_mode"):
+        return
+    from transformers.generation.configuration_utils import GenerationMode
+
+    def check(arguments: dict) -> None:
+        if arguments.get("generation_mode") == GenerationMode.ASSISTED_GENERATION:
+            raise NotImplementedError(reason)
+
+    observe_calls(handle, model, "_validate_generation_mode", check)

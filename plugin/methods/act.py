@@ -109,6 +109,9 @@ class ACT(Method):
             chosen[list(heads.get(layer, []) if isinstance(heads, dict) else heads)] = True
         return chosen
 
+    def supports_assisted_decoding(self) -> bool:
+        return self.config.beta == 1  # the sinks are found over every query of a prompt's first forward
+
     def check_model(self) -> None:
         depth, num_heads = self.adapter.num_layers, self.adapter.num_heads
         check_layer_range(self.config, depth)

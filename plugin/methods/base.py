@@ -36,6 +36,12 @@ class Method:
     def claims(cls) -> set[str]:
         return {cls.name, *cls.resources}
 
+    def supports_assisted_decoding(self) -> bool:
+        """Whether ``generate()``'s assisted / prompt-lookup decoding gives this method's results. Its first forward
+        runs the prompt and a draft together: a method that reads the prompt's last token there says False, and
+        ``nograd.apply`` makes such a ``generate()`` raise ``NotImplementedError``."""
+        return True
+
     def check_model(self) -> None:
         """Validate options against this model (layer and head indices...); raise ``ValueError`` naming the option."""
 

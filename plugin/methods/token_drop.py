@@ -204,6 +204,9 @@ class TokenDropMethod(Method):
     def schedule(self) -> DropSchedule:
         raise NotImplementedError
 
+    def supports_assisted_decoding(self) -> bool:
+        return False  # the ranking query is the prompt's last token
+
     def row_schedule(self, n_visual: int) -> DropSchedule:
         """The schedule of a row with ``n_visual`` visual tokens (a token budget solves one per count)."""
         return self.plan

@@ -223,6 +223,13 @@ class VisualEditMethod(Method):
     def is_neutral(self) -> bool:
         raise NotImplementedError
 
+    def supports_assisted_decoding(self) -> bool:
+        """Only where nothing depends on the prompt's last token: every row after the image edited alike
+        (``rows="after_image"``), no head shares measured at the prompt's end, no image-free refine."""
+        if getattr(self.config, "cfg_gamma", None) is not None:
+            return False
+        return self.is_neutral() or (self.config.rows == "after_image" and not self.measures_heads)
+
     def layers(self) -> range:
         return layer_range(self.config.layers, self.adapter.num_layers, self.default_layers)
 

@@ -137,3 +137,51 @@ def test_zerotuning_negative_indices_are_refused(options):
     model, _ = nograd.tiny.llm()
     with pytest.raises(ValueError, match="non-negative ints"):
         nograd.apply(model, "zerotuning", **options)
+
+
+def _one_llava_row():
+    model = nograd.tiny.build("llava", seed=1, text_layers=4)
+    inputs = {key: value[:1] for key, value in nograd.tiny.vlms.make_inputs("llava", model).items()}
+    return model, inputs
+
+
+@pytest.mark.parametrize("method, options", [("clearsight", {}), ("pai", dict(rows="after_image", alpha=2.0)),
+                                             ("zerotuning", {})])
+def test_prompt_lookup_decoding_equals_greedy_where_supported(method, options):
+    """Prompt-lookup decoding verifies accepted drafts (fewer forwards than tokens) and gives greedy's tokens and
+    logits where no part of the method reads the prompt's last token."""
+    model, inputs = _one_llava_row()
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    try:
+        with nograd.apply(model, method, **options), torch.no_grad():
+            greedy = model.generate(**inputs, max_new_tokens=16, **GREEDY)
+            forwards.clear()
+            drafted = model.generate(**inputs, max_new_tokens=16, prompt_lookup_num_tokens=4, **GREEDY)
+    finally:
+        hook.remove()
+    assert len(forwards) < 16  # drafts were accepted
+    assert torch.equal(drafted.sequences, greedy.sequences)
+    torch.testing.assert_close(logits(drafted), logits(greedy), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method, options", [("pyramiddrop", dict(boundaries=[1, 2, 3], keep=[0.5, 0.25, 0.125])),
+                                             ("fastv", dict(layer=2)), ("pai", {}), ("pai", dict(cfg_gamma=1.1)),
+                                             ("paint", {}), ("act", {})])
+def test_assisted_decoding_is_refused_where_the_prompt_end_matters(method, options):
+    """The first forward of assisted / prompt-lookup decoding holds the prompt and a draft: a method that reads the
+    prompt's last token there raises before any forward; plain generate still runs, and remove() takes the check
+    off."""
+    model, inputs = _one_llava_row()
+    with torch.no_grad():
+        plain = model.generate(**inputs, max_new_tokens=4, prompt_lookup_num_tokens=3, **GREEDY)
+    handle = nograd.apply(model, method, **options)
+    with pytest.raises(NotImplementedError, match=f"{method}: assisted and prompt-lookup decoding"), torch.no_grad():
+        model.generate(**inputs, max_new_tokens=4, prompt_lookup_num_tokens=3, **GREEDY)
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=4, **GREEDY)
+    handle.remove()
+    assert "_validate_generation_mode" not in vars(model)
+    with torch.no_grad():
+        again = model.generate(**inputs, max_new_tokens=4, prompt_lookup_num_tokens=3, **GREEDY)
+    assert torch.equal(again.sequences, plain.sequences)
