@@ -376,17 +376,18 @@ def use_backend(name: str):
         _PREFERRED.reset(token)
 
 
-def choose_backend(q: torch.Tensor, *, mask=None, softcap=None, return_lse=False) -> str:
-    """What ``backend="auto"`` runs for these arguments (see the module doc, and ``use_backend``)."""
+def choose_backend(q: torch.Tensor, *, mask=None, softcap=None, return_lse=False, grad=False) -> str:
+    """What ``backend="auto"`` runs for these arguments (see the module doc, and ``use_backend``); ``grad``: autograd
+    records the call, so the forward-only Triton kernel is not chosen."""
     from . import triton_attention
 
     preferred = _PREFERRED.get()
-    runnable = preferred != "triton" or triton_attention.available(q.device)
+    runnable = preferred != "triton" or (triton_attention.available(q.device) and not grad)
     if preferred != "auto" and softcap is None and not (mask is not None and preferred in ("triton", "flex")) and runnable:
         return preferred
     if softcap is not None:
         return "eager"
-    if q.is_cuda and triton_attention.available(q.device) and mask is None and q.shape[-1] <= 256:
+    if q.is_cuda and triton_attention.available(q.device) and mask is None and q.shape[-1] <= 256 and not grad:
         return "sdpa" if q.shape[2] == 1 and not return_lse else "triton"
     return "eager" if return_lse else "sdpa"
 
@@ -398,8 +399,15 @@ def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, r
     Returns ``out`` (B, H, M, D) in ``q.dtype``, or ``(out, lse)`` with ``lse`` (B, H, M) fp32 when ``return_lse``.
     """
     _check(q, k, v, key_bias, blend, backend, window)
-    if backend == "auto":
-        backend = choose_backend(q, mask=mask, softcap=softcap, return_lse=return_lse)
+    if backend in ("auto", "triton"):
+        from .triton_attention import records_grad
+
+        grad = records_grad(q, k, v, key_bias, blend)
+        if backend == "triton" and grad:
+            raise ValueError("backend='triton' is forward-only (no backward): under autograd use backend='auto', "
+                             "'sdpa', 'flex' or 'eager', or run it in torch.no_grad()")
+        if backend == "auto":
+            backend = choose_backend(q, mask=mask, softcap=softcap, return_lse=return_lse, grad=grad)
     if softcap is not None and backend != "eager":
         raise ValueError(f"backend={backend!r} does not support softcap; use backend='eager' or 'auto'")
     if mask is not None and backend in ("triton", "flex"):

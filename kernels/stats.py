@@ -24,8 +24,9 @@ def _probs(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tenso
     return torch.exp(logits - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
 
 
-def _triton(q: torch.Tensor, backend: str, mask=None, softcap=None, edit=None) -> bool:
-    """Whether to run the Triton kernel: asked for, or ``auto`` on CUDA; never with a dense mask, softcap or edit."""
+def _triton(q: torch.Tensor, backend: str, mask=None, softcap=None, edit=None, inputs=()) -> bool:
+    """Whether to run the Triton kernel: asked for, or ``auto`` on CUDA; never with a dense mask, softcap or edit,
+    nor where autograd records ``inputs`` (the kernels are forward-only)."""
     from . import triton_attention
 
     if backend not in ("auto", "triton", "torch"):
@@ -33,8 +34,12 @@ def _triton(q: torch.Tensor, backend: str, mask=None, softcap=None, edit=None) -
     unsupported = mask is not None or softcap is not None or edit is not None
     if backend == "triton" and unsupported:
         raise ValueError("backend='triton' takes no dense mask, softcap or score edit; use backend='torch'")
+    grad = triton_attention.records_grad(*inputs)
+    if backend == "triton" and grad:
+        raise ValueError("backend='triton' is forward-only (no backward): under autograd use backend='auto' or "
+                         "'torch', or run it in torch.no_grad()")
     if backend == "auto":
-        return q.is_cuda and triton_attention.available(q.device) and not unsupported
+        return q.is_cuda and triton_attention.available(q.device) and not unsupported and not grad
     if backend == "triton" and not triton_attention.available(q.device):
         raise ValueError(f"backend='triton' runs on CUDA tensors (or under TRITON_INTERPRET=1); q is on {q.device}")
     return backend == "triton"
@@ -55,7 +60,7 @@ def attention_rows(q_rows, k, *, positions=None, key_bias=None, scale=None, mask
     key is visible (non-causal, or the rows are decode queries). ``window`` (with ``positions``): it also sees only
     the ``window`` most recent keys. ``edit`` (a ``ScoreEdit``) with ``edit_positions`` (R,), each row's position.
     """
-    if _triton(q_rows, backend, mask, softcap, edit):
+    if _triton(q_rows, backend, mask, softcap, edit, inputs=(q_rows, k, key_bias)):
         from .triton_stats import attention_probabilities_triton
 
         return attention_probabilities_triton(q_rows, k, positions=positions, key_bias=key_bias, scale=scale,
@@ -76,7 +81,7 @@ def key_attention_mass(q, k, lse=None, *, key_bias=None, causal=False, scale=Non
     """
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce={reduce!r} is not one of ('sum', 'mean')")
-    if _triton(q, backend, mask, softcap, edit):
+    if _triton(q, backend, mask, softcap, edit, inputs=(q, k, key_bias)):
         from .triton_stats import key_attention_mass_triton
 
         return key_attention_mass_triton(q, k, lse, key_bias=key_bias, causal=causal, scale=scale, window=window,
@@ -100,7 +105,7 @@ def key_attention_mass(q, k, lse=None, *, key_bias=None, causal=False, scale=Non
 def attention_block(q, k, lse, *, keys: slice, key_bias=None, scale=None, backend="auto") -> torch.Tensor:
     """``exp(s - lse)`` (B, H, M, len(keys)) fp32: the probabilities of the queries ``q`` over the key span ``keys``,
     normalised by the row LSE (B, H, M) of the full attention call (``attention(..., return_lse=True)``)."""
-    if _triton(q, backend):
+    if _triton(q, backend, inputs=(q, k, key_bias)):
         from .triton_stats import attention_probabilities_triton
 
         return attention_probabilities_triton(q, k, lse=lse, key_bias=key_bias, scale=scale, keys=keys)

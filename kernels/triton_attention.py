@@ -41,6 +41,12 @@ def available(device: torch.device | str | None = None) -> bool:
     return device is not None and torch.device(device).type == "cuda"
 
 
+def records_grad(*tensors) -> bool:
+    """Whether autograd would record an op on these tensors (``None`` ignored). The Triton kernels are forward-only,
+    so they are never chosen for such a call: their output would silently carry no gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

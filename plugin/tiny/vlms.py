@@ -218,8 +218,9 @@ VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
 
 def _video_tokens(family, model, videos: dict) -> list[int]:
     """The video part of one row's prompt: the model's own token count per video (Qwen: between vision start/end)."""
-    with torch.no_grad():
-        features = model.model.get_video_features(**videos).pooler_output
+    rest = {key: value for key, value in videos.items() if key != "pixel_values_videos"}
+    with torch.no_grad():  # the pixels positionally: OneVision names them pixel_values before transformers 5.24
+        features = model.model.get_video_features(videos["pixel_values_videos"], **rest).pooler_output
     if family == "llava_onevision":
         count = features.shape[1]
         if "image_newline" not in inspect.getsource(type(model.model).get_video_features):

@@ -376,6 +376,32 @@ def test_auto_choice_on_cpu():
             pass
 
 
+def test_autograd_never_meets_the_forward_only_triton_kernel():
+    """The Triton kernels have no backward: under autograd ``auto`` (even with Triton preferred) runs a backend that
+    has one, with the reference's gradients; asking for ``backend="triton"`` there is a ValueError; under
+    ``torch.no_grad()`` the preference holds again."""
+    q, k, v = (t.requires_grad_() for t in inputs((1, 4, 2, 6, 9, 16)))
+    bias = torch.randn(1, 4, 9).requires_grad_()
+    with kernels.use_backend("triton"):
+        assert kernels.choose_backend(q, grad=True) == "sdpa"
+        out = kernels.attention(q, k, v, key_bias=bias, causal=True)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, bias))
+    want = torch.autograd.grad(kernels.attention(q, k, v, key_bias=bias, causal=True, backend="eager").square().sum(),
+                               (q, k, v, bias))
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="backend='triton' is forward-only"):
+        kernels.attention(q, k, v, backend="triton")
+    with pytest.raises(ValueError, match="backend='triton' is forward-only"):
+        kernels.attention_rows(q, k, backend="triton")
+    rows = kernels.attention_rows(q, k, key_bias=bias)
+    assert rows.grad_fn is not None
+    if triton_attention.available(q.device):
+        with torch.no_grad(), kernels.use_backend("triton"):
+            assert kernels.choose_backend(q) == "triton"
+            kernels.attention(q, k, v, backend="triton")
+
+
 @pytest.mark.slow
 def test_flex_backend_matches_reference():
     """Compiled FlexAttention (tens of seconds to compile on CPU: one shape, causal with a bias and a window)."""
