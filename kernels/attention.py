@@ -196,6 +196,17 @@ def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def _grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for (B, H, M, X) ``a`` and (B, H_kv, X, Y) ``b`` with query head h on KV head h // (H // H_kv): the
+    G query heads of a KV head run as G x M rows of it (GQA by index, ``b`` never repeated)."""
+    bsz, h, m, x = a.shape
+    kv_heads = b.shape[1]
+    if kv_heads == h:
+        return torch.matmul(a, b)
+    out = torch.matmul(a.reshape(bsz, kv_heads, (h // kv_heads) * m, x), b)
+    return out.reshape(bsz, h, m, b.shape[-1])
+
+
 def self_values(v: torch.Tensor, heads: int, m: int) -> torch.Tensor:
     """The value at each query's own position (i + N - M) for every query head: (B, H, M, D)."""
     n = v.shape[2]
@@ -228,7 +239,7 @@ def attention_eager(q, k, v, *, key_bias=None, causal=False, scale=None, mask=No
                            window=window, edit=edit)
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
-    out = torch.matmul(probs, _expand_kv(v, q.shape[1]).float())
+    out = _grouped_matmul(probs, v.float())
     return out.to(q.dtype), lse
 
 
@@ -477,7 +488,7 @@ def scaled_logits(q, k, *, key_bias=None, causal=False, scale=None, mask=None, s
     """The explicit (B, H, M, N) fp32 logits: q.k * scale, soft-capped, edited, plus every bias (-inf where not
     visible). ``positions`` (M,): the key position of each query row for ``edit`` (default ``i + N - M``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = torch.matmul(q.float(), _expand_kv(k, q.shape[1]).float().transpose(-1, -2)) * scale
+    logits = _grouped_matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     if edit is not None:

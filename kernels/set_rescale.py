@@ -5,7 +5,8 @@ head: the weights of the sink keys S become ``f * A_is`` and the other keys shar
 to their weights, ``A_ij * (1 - f * m_i) / (1 - m_i)`` with ``m_i = sum_{s in S} A_is``. That depends on the row
 through m_i, so it is not a key bias; it is computed exactly from two passes of ``attention`` that never hold the
 matrix: the full row (out O, LSE) and the row restricted to S (out O_S / m_i, LSE_S), with ``m_i =
-exp(LSE_S - LSE)``: ``O' = f * m * O_S_norm + (1 - f * m) / (1 - m) * (O - m * O_S_norm)``.
+exp(LSE_S - LSE)``: ``O' = f * m * O_S_norm + (1 - f * m) / (1 - m) * (O - m * O_S_norm)``. Its reference
+(``rescaled_set_eager``, also the CPU path, where the LSE needs the matrix anyway) reweights the matrix once.
 """
 
 from __future__ import annotations
@@ -14,22 +15,50 @@ import math
 
 import torch
 
-from .attention import attention
+from .attention import _grouped_matmul, attention, choose_backend, scaled_logits
 
 
-def attention_rescaled_set(q, k, v, *, key_set: torch.Tensor, factor: float, key_bias=None, **kwargs):
-    """``attention(q, k, v, key_bias=..., **kwargs)`` with the weights of ``key_set`` (bool, broadcastable to
-    (B, H, N)) scaled by ``factor`` in every row and the rest renormalised; also returns ``m`` (B, H, M), the
-    mass each row had on the set before. A row with all its mass on the set (m = 1) is left unchanged."""
-    out, lse = attention(q, k, v, key_bias=key_bias, return_lse=True, **kwargs)
-    only_set = torch.where(key_set, 0.0, -math.inf)
-    set_bias = only_set if key_bias is None else key_bias + only_set
-    out_set, lse_set = attention(q, k, v, key_bias=set_bias, return_lse=True, **kwargs)
-    mass = torch.where(torch.isfinite(lse_set) & torch.isfinite(lse), torch.exp(lse_set - lse), 0.0)
-    mass = mass.clamp(max=1.0)
+def _set_weights(mass: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(on the set, on the rest): the factors of each row's weights; a row with all its mass on the set (m = 1)
+    keeps its weights."""
     movable = mass < 1.0
     rest = torch.where(movable, (1 - factor * mass) / (1 - mass).clamp(min=1e-12), 1.0)
-    on_set = torch.where(movable, factor * mass, mass)
+    return torch.where(movable, factor, 1.0), rest
+
+
+def attention_rescaled_set(q, k, v, *, key_set: torch.Tensor, factor: float, key_bias=None, backend="auto", **kwargs):
+    """``attention(q, k, v, key_bias=..., **kwargs)`` with the weights of ``key_set`` (bool, broadcastable to
+    (B, H, N)) scaled by ``factor`` in every row and the rest renormalised; also returns ``m`` (B, H, M), the
+    mass each row had on the set before. A row with all its mass on the set (m = 1) is left unchanged. Where the
+    LSE comes from the fp32 reference anyway (``backend`` resolves to ``"eager"``: CPU), the matrix is built once
+    (``rescaled_set_eager``) instead of twice."""
+    if backend == "auto":
+        from .triton_attention import records_grad
+
+        backend = choose_backend(q, mask=kwargs.get("mask"), softcap=kwargs.get("softcap"), return_lse=True,
+                                 grad=records_grad(q, k, v, key_bias))
+    if backend == "eager":
+        return rescaled_set_eager(q, k, v, key_set=key_set, factor=factor, key_bias=key_bias, **kwargs)
+    out, lse = attention(q, k, v, key_bias=key_bias, return_lse=True, backend=backend, **kwargs)
+    only_set = torch.where(key_set, 0.0, -math.inf)
+    set_bias = only_set if key_bias is None else key_bias + only_set
+    out_set, lse_set = attention(q, k, v, key_bias=set_bias, return_lse=True, backend=backend, **kwargs)
+    mass = torch.where(torch.isfinite(lse_set) & torch.isfinite(lse), torch.exp(lse_set - lse), 0.0)
+    mass = mass.clamp(max=1.0)
+    on_set, rest = _set_weights(mass, factor)
     out32, set32 = out.float(), out_set.float()
-    result = on_set[..., None] * set32 + rest[..., None] * (out32 - mass[..., None] * set32)
+    result = (on_set * mass)[..., None] * set32 + rest[..., None] * (out32 - mass[..., None] * set32)
     return result.to(out.dtype), mass
+
+
+def rescaled_set_eager(q, k, v, *, key_set: torch.Tensor, factor: float, key_bias=None, **kwargs):
+    """The reference of ``attention_rescaled_set``: the fp32 weights of every row, those of the set times ``factor``
+    and the others times ``(1 - factor * m) / (1 - m)``, then the weighted sum of the values (the matrix once)."""
+    logits = scaled_logits(q, k, key_bias=key_bias, **kwargs)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    probs = torch.exp(logits - lse.masked_fill(torch.isneginf(lse), 0.0))
+    on = key_set.reshape((1,) * (3 - key_set.dim()) + tuple(key_set.shape))[..., None, :].to(probs.device)
+    mass = (probs * on).sum(dim=-1).clamp(max=1.0)
+    on_set, rest = _set_weights(mass, factor)
+    weights = probs * torch.where(on, on_set[..., None], rest[..., None])
+    return _grouped_matmul(weights, v.float()).to(q.dtype), mass

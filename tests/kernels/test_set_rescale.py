@@ -1,0 +1,66 @@
+"""``attention_rescaled_set`` (ACT's row-wise set calibration): the two LSE passes that never hold the matrix equal
+the reference that reweights it once (``rescaled_set_eager``), and the reference equals the calibration written out
+on explicit weights. The two-pass path runs on the Triton backend (CPU: under ``TRITON_INTERPRET=1``, set in
+conftest)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from nograd import kernels
+
+set_rescale = importlib.import_module("nograd.kernels.set_rescale")
+triton_attention = importlib.import_module("nograd.kernels.triton_attention")
+
+CASES = [  # (B, H, H_kv, M, N, D), attention kwargs
+    ((2, 4, 2, 9, 9, 16), dict(causal=True)),
+    ((1, 4, 1, 1, 23, 16), dict(causal=True)),
+    ((2, 2, 2, 5, 12, 16), dict(causal=True, window=4)),
+    ((1, 4, 4, 7, 7, 32), dict()),
+]
+
+
+def case(shape, seed=0):
+    b, h, h_kv, m, n, d = shape
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(*s, generator=g) for s in ((b, h, m, d), (b, h_kv, n, d), (b, h_kv, n, d)))
+    key_set = torch.zeros(b, h, n, dtype=torch.bool)
+    key_set[..., 1] = True
+    key_set[0, 0, 3] = True
+    bias = torch.zeros(b, 1, n)
+    bias[-1, :, 0] = -float("inf")  # a padded key in the last row
+    return q, k, v, key_set, bias
+
+
+@pytest.mark.parametrize("shape, kwargs", CASES)
+def test_reference_equals_the_calibration_on_explicit_weights(shape, kwargs):
+    q, k, v, key_set, bias = case(shape)
+    factor = 0.4
+    got, mass = set_rescale.rescaled_set_eager(q, k, v, key_set=key_set, factor=factor, key_bias=bias, **kwargs)
+    logits = kernels.scaled_logits(q, k, key_bias=bias, **kwargs)
+    weights = torch.softmax(logits, dim=-1).nan_to_num()  # a row that sees no key: all 0
+    on = key_set[..., None, :]
+    m = (weights * on).sum(-1, keepdim=True)
+    calibrated = torch.where(on, factor * weights, weights * (1 - factor * m) / (1 - m))
+    calibrated = torch.where(m < 1, calibrated, weights)  # all of a row's mass on the set: left as it is
+    groups = q.shape[1] // k.shape[1]
+    want = calibrated @ v.repeat_interleave(groups, dim=1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mass, m[..., 0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape, kwargs", CASES)
+def test_two_lse_passes_equal_the_reference(shape, kwargs):
+    if not triton_attention.available(torch.device("cpu")):
+        pytest.skip("triton is not installed (the two-pass path needs a backend that returns the LSE)")
+    q, k, v, key_set, bias = case(shape, seed=1)
+    want, want_mass = set_rescale.rescaled_set_eager(q, k, v, key_set=key_set, factor=0.4, key_bias=bias, **kwargs)
+    got, mass = kernels.attention_rescaled_set(q, k, v, key_set=key_set, factor=0.4, key_bias=bias,
+                                               backend="triton", **kwargs)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mass, want_mass, atol=1e-5, rtol=0)
+    auto, _ = kernels.attention_rescaled_set(q, k, v, key_set=key_set, factor=0.4, key_bias=bias, **kwargs)
+    assert torch.equal(auto, want)  # CPU: auto takes the reference (the LSE needs the matrix there anyway)
