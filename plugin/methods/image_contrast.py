@@ -1,8 +1,8 @@
 """PAI's image-free logits refine, shared by PAI and PAINT (spec ``paint.md`` §1.3; official ``CFG.py``).
 
 At every forward of the model with an image prompt, a second, image-free copy of the prompt (the same tokens with
-the image tokens removed, left-padded again) runs through the plain model with its own KV cache, and the last
-position's logits of each row with image tokens become
+the visual tokens, image and video, removed, left-padded again) runs through the plain model with its own KV cache,
+and the last position's logits of each row with image tokens become
 
     z = gamma * (z_c - z_u) + z_u,   z_c, z_u = log_softmax(with image), log_softmax(image-free)
     z = -inf where z_c < log(cutoff) + max(z_c)          (plausibility cutoff, official 0.1)
@@ -105,7 +105,7 @@ class ImageFreeContrast:
         without = torch.log_softmax(text_logits.float(), dim=-1)
         refined = self.gamma * (with_image - without) + without
         cut = with_image < self.log_cutoff + with_image.amax(dim=-1, keepdim=True)
-        has_image = prompt.visual.any(dim=1, keepdim=True).to(logits.device)
+        has_image = self._visual(prompt).any(dim=1, keepdim=True).to(logits.device)
         refined = torch.where(has_image, refined.masked_fill(cut, -math.inf), logits)
         output.logits[:, -1] = refined.to(output.logits.dtype)
         return output
@@ -136,10 +136,16 @@ class ImageFreeContrast:
                 holder.rope_deltas = deltas
         return out.logits[:, -1]
 
+    def _visual(self, prompt) -> torch.Tensor:
+        """(B, T) the prompt's visual tokens, image and video, whichever ones the method edits (PAINT: images only):
+        the image-free pass leaves out every one of them, whose pixels it does not get."""
+        return self.tracker.adapter.visual_token_mask(prompt.input_ids) & prompt.real
+
     def _without_image(self, input_ids, attention_mask, prompt):
         """Each row's real tokens minus its visual (image and video) tokens, left-padded again; (ids, mask)."""
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        visual = torch.nn.functional.pad(prompt.visual, (0, input_ids.shape[1] - prompt.visual.shape[1]))
+        visual = self._visual(prompt)
+        visual = torch.nn.functional.pad(visual, (0, input_ids.shape[1] - visual.shape[1]))
         rows = [ids[keep] for ids, keep in zip(input_ids, real & ~visual)]
         length = max(len(row) for row in rows)
         pad = self.model.generation_config.pad_token_id

@@ -223,6 +223,10 @@ class PAINT(VisualEditMethod):
         self._video_run = False
         """``get_video_features`` was called: the next tower run encodes video frames, not images."""
 
+    def new_prompt(self, prompt: VisualPrompt | None) -> None:
+        if prompt is None:  # nothing selected for a prompt without image tokens: the stats say so
+            self.stats.update(local_tokens=[], summary_tokens=[], selection=[], heads_modulated={})
+
     def head_gains(self, layer: int) -> torch.Tensor:
         """The spec's reconstruction of the v1 head modulation (paint.md §1.4), from the visual shares: (H,) from
         ``head_stats``, else (B, H) from each row's own shares on the current prompt."""

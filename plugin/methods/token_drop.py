@@ -15,8 +15,9 @@ Every layer from ``l_1`` on gets, through a forward pre-hook, its stage's hidden
 cache), position embeddings and ``position_ids=None`` (a gap in positions would read as a packed sequence, §5.1).
 A stage's layers therefore cache only its kept tokens; decode steps reuse the prefill's layouts. Positions:
 ``"original"`` keeps each kept token's RoPE phase (correct for Qwen2-VL's M-RoPE as well); ``"compact"`` renumbers
-the kept tokens contiguously as the official code does (1-D RoPE only). A forward without a KV cache that re-runs
-the recorded prompt plus generated tokens (``generate(use_cache=False)``) reuses the prompt's keep sets.
+the kept tokens contiguously as the official code does (1-D RoPE only). A later forward of
+``generate(use_cache=False)`` (``use_cache=False``, the recorded prompt plus generated tokens) reuses the prompt's
+keep sets; any other forward that extends the last prompt is a new prompt.
 
 The final norm and ``lm_head`` see the last stage's shorter sequence: ``model(**inputs).logits`` has that length
 (the last position is still each row's last token, which is all ``generate()`` reads).
@@ -62,6 +63,7 @@ from transformers.masking_utils import (blockwise_overlay, create_causal_mask, c
 
 from .. import kernels
 from ..forward_inputs import bound_inputs, cache_of, cached_length
+from ..observe import observe_calls
 from .base import Method
 from .drop_schedule import DropSchedule, kv_bytes_saved, paper_flops, prefill_macs, scoring_macs
 
@@ -247,8 +249,8 @@ class TokenDropMethod(Method):
                              "the model without sliding windows")
         rope = getattr(config, "rope_parameters", None) or {}
         if self.config.positions == "compact" and "mrope_section" in rope:
-            self.config.invalid("positions", "'original' on a multimodal-RoPE (Qwen2-VL) model: compact renumbering "
-                                             "of 3-D positions is not defined")
+            self.config.invalid("positions", f"'original' on a multimodal-RoPE model ({self.adapter.family}): compact "
+                                             "renumbering of 3-D positions is not defined")
         self._check_deepstack(schedule)
 
     def _check_deepstack(self, schedule: DropSchedule) -> None:
@@ -292,6 +294,12 @@ class TokenDropMethod(Method):
             hooks.append(layers[i].register_forward_pre_hook(self._stage_hook(i), with_kwargs=True))
         for hook in hooks:
             handle.on_remove(f"{self.name} hook", hook.remove)
+        self._generation_starts = False
+        """A ``generate()`` call began: its first forward is a new prompt, never a no-cache re-run of the last."""
+        observe_calls(handle, handle.model, "generate", self._starts_generation)
+
+    def _starts_generation(self, arguments: dict) -> None:
+        self._generation_starts = True
 
     def _refuse_labels(self, module, args, kwargs):
         if kwargs.get("labels") is not None:
@@ -300,6 +308,7 @@ class TokenDropMethod(Method):
     def _before_model(self, module, args, kwargs):
         """H0 (spec §5.2): classify the forward, record the prompt at a prefill."""
         inputs = bound_inputs(self._signature, args, kwargs)
+        starts, self._generation_starts = self._generation_starts, False
         input_ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
         cache = cache_of(inputs)
         cached = cached_length(inputs)
@@ -315,11 +324,14 @@ class TokenDropMethod(Method):
         mask = torch.ones(b, cached + length, dtype=torch.long, device=input_ids.device) if mask is None else mask
         prompt = self.prompt
         if cached > 0:
-            if prompt is not None and bool(self.visual_mask(input_ids).any()):
+            # a chunk of several tokens with visual tokens brings new images; one generated token that happens to
+            # be a placeholder id is text to the model (no pixels reach a decode step)
+            if prompt is not None and length > 1 and bool(self.visual_mask(input_ids).any()):
                 raise NotImplementedError(f"{self.name}: a cached continuation with new images (multi-turn) is not "
                                           "supported; start a new prompt without the cache")
             self.current = Pass("decode", mask) if prompt is not None else None
-        elif prompt is not None and cache is None and self._reruns(prompt, input_ids):  # generate(use_cache=False)
+        elif (prompt is not None and cache is None and inputs.get("use_cache") is False and not starts
+              and self._reruns(prompt, input_ids)):  # a later forward of generate(use_cache=False)
             self.current = Pass("rerun", mask, extra=length - prompt.input_ids.shape[1])
         else:
             self._record_prompt(input_ids, mask, inputs.get("token_type_ids"))
@@ -499,27 +511,31 @@ class TokenDropMethod(Method):
         self.stats["kept"] = [[layout.origin[b][layout.visual[b]] for b in range(len(prompt.counts))]
                               for layout in layouts[1:]]
         if stage == len(self.plan.boundaries):
-            self._record_cost(prompt.layouts[0].valid.sum(dim=1).tolist())
+            self._record_cost(prompt.layouts[0].valid.sum(dim=1).tolist(), prompt.layouts[0].length)
 
-    def _record_cost(self, real: list[int]) -> None:
-        """The drop counters of this prompt (``real``: each row's real length; none for a prompt without images)."""
+    def _record_cost(self, real: list[int], length: int | None = None) -> None:
+        """The drop counters of this prompt (``real``: each row's real length, ``length`` the padded one; none for a
+        prompt without images)."""
         value_bytes = next(self.adapter.text_model.parameters()).element_size()
         self.stats.update(drop_cost(self.adapter.text_config, self.plan, self.stats["visual_tokens"], real,
-                                    value_bytes))
+                                    value_bytes, length))
 
 
 def drop_cost(text_config, plan: DropSchedule, visual_tokens: list[list[int]], real_lengths: list[int],
-              value_bytes: int) -> dict:
-    """The counters of one prefill, summed over rows: ``flops`` in the paper's convention (spec §1.5: image tokens
-    only, MACs counted once), ``macs`` over whole sequences plus the ranking rows (spec §5.6), both before and after,
-    and the KV-cache bytes saved. ``visual_tokens[b]``: row b's visual tokens per stage; ``real_lengths[b]``: its
-    non-pad prompt length. A sliding-window layer (``text_config.layer_types``) saves only what the default cache's
-    sliding layer would have held: its last ``sliding_window - 1`` keys."""
+              value_bytes: int, length: int | None = None) -> dict:
+    """The counters of one prefill: ``flops`` in the paper's convention (spec §1.5: image tokens only, MACs counted
+    once) and ``macs`` over whole sequences plus the ranking rows (spec §5.6), each summed over the rows as if each
+    ran alone, before and after; and ``kv_bytes_saved``, what the batch's cache holds fewer. ``visual_tokens[b]``:
+    row b's visual tokens per stage; ``real_lengths[b]``: its non-pad prompt length; ``length``: the batch's padded
+    prompt length (default: the longest row). A stage's rows are padded to its longest, so the batch's cache saves
+    per layer B times the fewest tokens any row dropped (the sum over rows when batch 1, or when every row drops
+    alike). A sliding-window layer (``text_config.layer_types``) saves only what the default cache's sliding layer
+    would have held: its last ``sliding_window - 1`` keys."""
     d, m = text_config.hidden_size, text_config.intermediate_size
     heads = text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or d // heads
     kv_dim = (getattr(text_config, "num_key_value_heads", None) or heads) * head_dim
-    before = after = macs_before = macs_after = saved = 0.0
+    before = after = macs_before = macs_after = 0.0
     for tokens, real in zip(visual_tokens, real_lengths):
         n = tokens[0]
         per_layer = [tokens[plan.stage_of_layer(i)] for i in range(plan.num_layers)]
@@ -529,8 +545,13 @@ def drop_cost(text_config, plan: DropSchedule, visual_tokens: list[list[int]], r
         macs_after += prefill_macs([real - n + k for k in per_layer], d, kv_dim, m)
         macs_after += sum(scoring_macs(real - n + tokens[s], d, kv_dim, heads, head_dim)
                           for s in range(len(plan.boundaries)))
-        saved += kv_bytes_saved([cached_drop(text_config, i, real, n - k) for i, k in enumerate(per_layer)], kv_dim,
-                                value_bytes)
+    saved = 0
+    if visual_tokens:
+        length = max(real_lengths) if length is None else length
+        fewest = [min(tokens[0] - tokens[plan.stage_of_layer(i)] for tokens in visual_tokens)
+                  for i in range(plan.num_layers)]
+        saved = len(visual_tokens) * kv_bytes_saved([cached_drop(text_config, i, length, dropped)
+                                                     for i, dropped in enumerate(fewest)], kv_dim, value_bytes)
     return {"flops": {"before": before, "after": after, "ratio": after / before if before else 1.0},
             "macs": {"before": macs_before, "after": macs_after, "ratio": macs_after / macs_before if macs_before
                      else 1.0},

@@ -5,11 +5,12 @@ At every prefill (a forward on an empty KV cache) a pre-hook on the model record
 positions hold visual tokens (``adapter.visual_token_mask``: image tokens, and video tokens where the model has them;
 PAINT takes image tokens only), which are real (non-pad) tokens, where the prompt ends (``P_b - 1``) and where the
 visual tokens end; a prompt without visual tokens clears it, and the text-only rows of a batch that mixes them with
-visual rows are left alone (no coefficients, no edited rows). Decode steps reuse it; keys
-after the prompt (generated tokens) belong to no class. Without a KV cache every forward re-runs the prompt plus the
-generated tokens: a forward that extends the recorded prompt's tokens keeps it. The edit applies to the rows from
-``rows_from`` on: the prompt's last row and every generated row (``"prompt_end"``, the official "last row of every
-forward" in its cache-consistent form, §5.1.4), or every row after the image (``"after_image"``).
+visual rows are left alone (no coefficients, no edited rows). Decode steps reuse it; keys after the prompt
+(generated tokens) belong to no class. Without a KV cache every forward re-runs the prompt plus the generated
+tokens: a later forward of the same ``generate()`` with ``use_cache=False`` that extends the recorded prompt's
+tokens keeps it; any other forward is a new prompt. The edit applies to the rows from ``rows_from`` on: the
+prompt's last row and every generated row (``"prompt_end"``, the official "last row of every forward" in its
+cache-consistent form, §5.1.4), or every row after the image (``"after_image"``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..attention import AttentionCall, Intervention, intervene, keys_from
 from ..config import is_number
 from ..forward_inputs import bound_inputs, cache_of, cached_length
 from ..kernels import ScoreEdit
+from ..observe import observe_calls
 from .base import Method
 
 ROWS = ("prompt_end", "after_image")
@@ -82,8 +84,10 @@ class VisualPrompt:
 class PromptTracker:
     """Keeps the ``VisualPrompt`` of the current generation, captured by a pre-hook on the model."""
 
-    def __init__(self, handle, video: bool = True):
+    def __init__(self, handle, video: bool = True, on_prompt=None):
         model = handle.model
+        self.on_prompt = on_prompt
+        """Called with each new prompt, or None for a prompt without visual tokens (PAINT resets its stats)."""
         self.adapter = handle.adapter
         self.name = handle.method
         self.video = video
@@ -95,6 +99,12 @@ class PromptTracker:
         self._signature = inspect.signature(model.forward)
         hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
         handle.on_remove("prompt tracker hook", hook.remove)
+        self._generation_starts = False
+        """A ``generate()`` call began: its first forward is a new prompt, whatever the last one was."""
+        observe_calls(handle, model, "generate", self._starts_generation)
+
+    def _starts_generation(self, arguments: dict) -> None:
+        self._generation_starts = True
 
     @property
     def paused(self) -> bool:
@@ -104,9 +114,13 @@ class PromptTracker:
         if self.paused:
             return
         inputs = bound_inputs(self._signature, args, kwargs)
+        starts, self._generation_starts = self._generation_starts, False
         if cached_length(inputs) > 0:
             return  # a decode step: the prompt stays
         input_ids = inputs.get("input_ids")
+        if input_ids is None and inputs.get("inputs_embeds") is not None:
+            raise ValueError(f"{self.name} finds the image tokens in input_ids; call the model with input_ids, not "
+                             "inputs_embeds")
         fresh = None if input_ids is None else VisualPrompt.from_inputs(self.adapter, input_ids,
                                                                         inputs.get("attention_mask"), self.video)
         video = self.adapter.video_token_id
@@ -117,14 +131,20 @@ class PromptTracker:
                           "are (pai and clearsight edit them as visual tokens)", stacklevel=2)
         if fresh is None or not bool(fresh.visual.any()):
             self.prompt = None
-        elif cache_of(inputs) is not None or not self._continues(fresh):
+        elif (starts or cache_of(inputs) is not None or inputs.get("use_cache") is not False
+              or not self._continues(fresh)):
             fresh.image_inputs = {key: inputs[key] for key in IMAGE_INPUTS if inputs.get(key) is not None}
             self.prompt = fresh
+        else:
+            return  # a re-run of the current prompt
+        if self.on_prompt is not None:
+            self.on_prompt(self.prompt)
 
     def _continues(self, fresh: VisualPrompt) -> bool:
-        """A forward without a cache object that re-runs the recorded prompt's tokens plus generated tokens
-        (``generate(use_cache=False)``); with a cache, a longer prompt is a new prompt (a chat re-sent with its
-        history)."""
+        """A forward with ``use_cache=False`` (as ``generate(use_cache=False)`` passes it), not the first of a
+        ``generate()`` call, that re-runs the recorded prompt's tokens plus generated tokens; any other forward (a
+        cache object, one the model makes afresh, a new ``generate()``) is a new prompt, even one that extends the
+        last (a chat re-sent with its history, prompt + answer scored)."""
         old = self.prompt
         if old is None or fresh.real.shape[0] != old.real.shape[0] or fresh.real.shape[1] <= old.real.shape[1]:
             return False
@@ -216,6 +236,9 @@ class VisualEditMethod(Method):
     """Whether video tokens are visual tokens like image tokens (PAI, ClearSight); PAINT, which selects tokens per
     image from the vision tower, edits image tokens only."""
 
+    def new_prompt(self, prompt: VisualPrompt | None) -> None:
+        """A new prompt was recorded (None: one without visual tokens, which nothing edits)."""
+
     def coefficients(self, prompt: VisualPrompt) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(B, T) ``abs_coef`` and ``mul_coef`` per prompt position (None where the method has none)."""
         raise NotImplementedError
@@ -242,7 +265,7 @@ class VisualEditMethod(Method):
         handle.stats.update(layers=list(self.layers()) if edits else [], heads=self.adapter.num_heads, edited_calls=0)
         if not edits and gamma is None:
             return
-        tracker = PromptTracker(handle, video=self.edits_video)
+        tracker = PromptTracker(handle, video=self.edits_video, on_prompt=self.new_prompt)
         if gamma is not None:
             from .image_contrast import ImageFreeContrast
 

@@ -185,3 +185,43 @@ def test_assisted_decoding_is_refused_where_the_prompt_end_matters(method, optio
     with torch.no_grad():
         again = model.generate(**inputs, max_new_tokens=4, prompt_lookup_num_tokens=3, **GREEDY)
     assert torch.equal(again.sequences, plain.sequences)
+
+
+VISUAL_METHODS = [("pai", {}), ("paint", {}), ("clearsight", dict(rows="prompt_end")), ("fastv", dict(layer=2)),
+                  ("pyramiddrop", dict(boundaries=[1, 2, 3], keep=[0.5, 0.25, 0.125]))]
+
+
+@pytest.mark.parametrize("method, options", VISUAL_METHODS)
+def test_a_call_does_not_depend_on_the_previous_prompt(method, options):
+    """A prompt that extends the last one (prompt + answer scored, a chat re-sent with its history) is a new prompt:
+    a forward, and a generate(use_cache=False), give what they give on a fresh handle."""
+    model = nograd.tiny.build("llava", seed=1, text_layers=4)
+    long = nograd.tiny.vlms.make_inputs("llava", model)
+    extra = torch.tensor([[20, 21, 22]] * 2)
+    longer = dict(long, input_ids=torch.cat([long["input_ids"], extra], 1),
+                  attention_mask=torch.cat([long["attention_mask"], torch.ones_like(extra)], 1))
+    nocache = dict(max_new_tokens=3, use_cache=False, **GREEDY)
+    with nograd.apply(model, method, **options), torch.no_grad():
+        fresh = model(**longer).logits
+        fresh_generated = logits(model.generate(**longer, **nocache))
+    with nograd.apply(model, method, **options), torch.no_grad():
+        model(**long)
+        after = model(**longer).logits
+        model.generate(**long, **nocache)
+        after_generated = logits(model.generate(**longer, **nocache))
+    assert torch.equal(after, fresh) and torch.equal(after_generated, fresh_generated)
+
+
+@pytest.mark.parametrize("method", ["pai", "paint", "clearsight"])
+def test_visual_edits_refuse_inputs_embeds(method):
+    model, inputs = _one_llava_row()
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with nograd.apply(model, method, layers=(0, None)), torch.no_grad():
+        with pytest.raises(ValueError, match=f"{method} finds the image tokens in input_ids"):
+            model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+        edited = model(**inputs).logits
+    assert not torch.equal(edited, plain)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, plain)

@@ -125,7 +125,7 @@ def test_pai_refine_leaves_the_video_out_of_the_text_only_pass(build, family):
         for step in range(steps):
             types = {"mm_token_type_ids": 2 * (seq == VIDEO).int()} if "mm_token_type_ids" in inputs else {}
             with torch.no_grad():
-                z_c = model(input_ids=seq, attention_mask=mask, **pixels, **types).logits[:, -1]
+                z_c = model(input_ids=seq, attention_mask=mask, use_cache=False, **pixels, **types).logits[:, -1]
             keep = mask.bool() & ~torch.nn.functional.pad(video, (0, seq.shape[1] - video.shape[1]))
             rows = [row[k] for row, k in zip(seq, keep)]
             width = max(len(r) for r in rows)
@@ -185,3 +185,69 @@ def test_paint_selection_ignores_the_video_frames(build, family):
         handle.stats["selection"] = []
         model.generate(**both, max_new_tokens=2, do_sample=False)
         assert selection(handle, both) == expected
+
+
+def test_paint_refine_leaves_the_video_out_too(build):
+    """PAINT edits image tokens only, but its ``cfg_gamma`` pass gets no pixels of any kind: it leaves the video
+    placeholders out with the images (margins off, so only the refine acts; written out per row)."""
+    model = build("qwen2_vl")
+    inputs = tiny_vlm.make_video_inputs("qwen2_vl", model)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    z_c = logits(model, inputs)[:, -1].float().log_softmax(-1)
+    expected = []
+    for row in range(ids.shape[0]):
+        real = ids[row][mask[row].bool()]
+        text = real[~torch.isin(real, torch.tensor([IMAGE, VIDEO]))][None]
+        z_u = logits(model, dict(input_ids=text, attention_mask=torch.ones_like(text),
+                                 mm_token_type_ids=torch.zeros_like(text)))[0, -1].float().log_softmax(-1)
+        z = 1.1 * (z_c[row] - z_u) + z_u
+        expected.append(z.masked_fill(z_c[row] < math.log(0.1) + z_c[row].max(), -math.inf))
+    expected = torch.stack(expected)
+    with nograd.apply(model, "paint", alpha=0.0, beta=0.0, cfg_gamma=1.1), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the video tokens are not edited, as the warning says
+        got = logits(model, inputs)[:, -1]
+    finite = torch.isfinite(expected)
+    assert torch.equal(finite, torch.isfinite(got))
+    torch.testing.assert_close(got[finite], expected[finite], atol=1e-4, rtol=0)
+
+
+def test_paint_stats_are_empty_after_a_prompt_without_images(build):
+    model = build("qwen2_vl")
+    with nograd.apply(model, "paint") as handle, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model(**tiny_vlm.make_inputs("qwen2_vl", model))
+        assert handle.stats["selection"] and handle.stats["local_tokens"]
+        model(**tiny_vlm.make_video_inputs("qwen2_vl", model, images=False))
+        assert handle.stats["selection"] == [] and handle.stats["local_tokens"] == []
+        assert handle.stats["summary_tokens"] == [] and handle.stats["heads_modulated"] == {}
+
+
+class ForceToken:
+    """A logits processor that makes the first generated token ``token`` (a model may emit a placeholder id)."""
+
+    def __init__(self, token: int, at: int):
+        self.token, self.at = token, at
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.at:
+            scores = torch.full_like(scores, -1e9)
+            scores[:, self.token] = 0
+        return scores
+
+
+@pytest.mark.parametrize("token", [IMAGE, VIDEO])
+@pytest.mark.parametrize("method, options", [("pyramiddrop", dict(boundaries=[2, 4, 6], keep=[1.0, 1.0, 1.0])),
+                                             ("fastv", dict(keep=1.0))])
+def test_a_generated_placeholder_id_is_text(models, method, options, token):
+    """A generated token equal to the image or video id brings no image (no pixels reach a decode step): keeping
+    every token, generate() gives the plain model's tokens and scores."""
+    from transformers import LogitsProcessorList
+
+    model = models("qwen2_vl")
+    inputs = tiny_vlm.make_inputs("qwen2_vl", model)
+    force = LogitsProcessorList([ForceToken(token, inputs["input_ids"].shape[1])])
+    plain = generate(model, inputs, logits_processor=force)
+    with nograd.apply(model, method, **options):
+        got = generate(model, inputs, logits_processor=force)
+    assert bool((got[0][:, 0] == token).all())
+    assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])

@@ -209,7 +209,8 @@ def test_image_free_contrast_equals_a_written_out_loop(build):
     with nograd.apply(model, "pai", alpha=0.5):
         for step in range(steps):
             with torch.no_grad():
-                z_c = model(input_ids=seq, attention_mask=mask, pixel_values=inputs["pixel_values"]).logits[:, -1]
+                z_c = model(input_ids=seq, attention_mask=mask, pixel_values=inputs["pixel_values"],
+                            use_cache=False).logits[:, -1]  # a re-run of the prompt, as generate(use_cache=False)
             keep = mask.bool() & ~torch.nn.functional.pad(image, (0, seq.shape[1] - image.shape[1]))
             rows = [row[k] for row, k in zip(seq, keep)]
             width = max(len(r) for r in rows)
