@@ -19,6 +19,7 @@ on the model's ``AttentionPatch``; nothing outlives the last handle that uses it
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -88,16 +89,12 @@ class BatchInfo:
         dropped the oldest positions (its keys are the last ``n_keys`` of ``length``)."""
         return max(self.length - n_keys, 0) if self.length is not None else 0
 
-    def first_real_key(self, batch: int, n_keys: int, device) -> torch.Tensor:
-        """(B,) key index of each row's first real (non-pad) token among ``n_keys`` keys; -1 where it is not
-        among them (a sliding-window cache that dropped it)."""
+    def first_real_position(self, batch: int, device) -> torch.Tensor:
+        """(B,) the position of each row's first real (non-pad) token (0 without a 2-D padding mask)."""
         mask = self.padding_mask
         if mask is None or mask.dim() != 2 or mask.shape[0] != batch:
-            first = torch.zeros(batch, dtype=torch.long, device=device)
-        else:
-            first = (mask != 0).int().argmax(dim=1).to(device)
-        index = first - self.key_offset(n_keys)
-        return torch.where(index >= 0, index, torch.full_like(index, -1))
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        return (mask != 0).int().argmax(dim=1).to(device)
 
 
 def keys_from(values: torch.Tensor, start: int, n_keys: int) -> torch.Tensor:
@@ -163,7 +160,10 @@ def split_mask(mask: torch.Tensor | None, m: int, n: int, causal: bool):
 
     Masks that are "causal + key padding" or "key padding" (what decoders build for a padded batch) become a
     padding vector and a causal flag, which the kernels handle in O(N) memory. Anything else (sliding windows,
-    bidirectional image blocks, custom float masks) is passed through as ``residual`` with ``causal=False``.
+    bidirectional image blocks, custom float masks) is passed through as ``residual`` with ``causal=False``; a float
+    residual's "masked" entries (the dtype's minimum, as eager masks write them) become ``-inf``, the kernels' mark of
+    a hidden key, so a row that sees no key (a pad query) reads nothing and statistics count only the keys a query
+    sees (ACT's mean received attention).
     """
     if mask is None:
         return None, causal, None
@@ -173,19 +173,25 @@ def split_mask(mask: torch.Tensor | None, m: int, n: int, causal: bool):
     if mask.dtype == torch.bool:
         allowed = mask
     else:
-        floor = torch.finfo(mask.dtype).min / 2
-        if not bool(((mask == 0) | (mask <= floor)).all()):
-            return None, False, mask
+        if not bool(((mask == 0) | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
+            return None, False, residual_mask(mask)
         allowed = mask == 0
     if allowed.dim() != 4 or allowed.shape[1] != 1 or allowed.shape[-2:] != (m, n):
-        return None, False, mask
+        return None, False, residual_mask(mask)
     allowed = allowed[:, 0]
     key_valid = allowed.any(dim=1)
     if torch.equal(allowed, causal_visibility(m, n, allowed.device)[None] & key_valid[:, None, :]):
         return (None if bool(key_valid.all()) else key_valid), True, None
     if torch.equal(allowed, key_valid[:, None, :].expand_as(allowed)):
         return (None if bool(key_valid.all()) else key_valid), False, None
-    return None, False, mask
+    return None, False, residual_mask(mask)
+
+
+def residual_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as it is; a float one with its masked entries (the dtype's minimum) as ``-inf``."""
+    if mask.dtype == torch.bool:
+        return mask
+    return mask.masked_fill(mask <= torch.finfo(mask.dtype).min / 2, -math.inf)
 
 
 # ---- the registered function ---------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ projector's own geometry; a token's score is the sum of its patches'):
   (``downsample_ratio``); an image's tiles (crops, then the thumbnail) are one run of tokens, over which the ratio
   and the Tukey rule apply; the summary layer is ``vision_feature_layer``.
 - Mistral3: the Pixtral tower runs all images of a call as one sequence with a block-diagonal mask: the received
-  attention is averaged over all of its queries, which for an image's patches is its own queries' mean times a
-  positive factor (the selection is unchanged); split per image by ``image_sizes`` and folded as
+  attention is averaged over the queries that see each patch, its own image's (the mask hides the others); split
+  per image by ``image_sizes`` and folded as
   ``Mistral3PatchMerger``'s ``unfold``.
 Towers that pack all images in one flash call (Qwen, Pixtral) are refused with flash attention.
 

@@ -119,9 +119,10 @@ class FirstTokenBias(Intervention):
     def key_bias(self, call: AttentionCall) -> torch.Tensor:
         b, _, _, n = call.shape
         device = call.query.device
-        first = call.batch.first_real_key(b, n, device)
-        keys = torch.arange(n, device=device)[None, :]
-        chosen = (keys >= first[:, None] + self.start) & (keys < first[:, None] + self.end) & (first[:, None] >= 0)
+        first = call.batch.first_real_position(b, device)
+        # by position: a sliding-window cache's keys start at call.key_offset (the oldest ones dropped)
+        positions = torch.arange(n, device=device)[None, :] + call.key_offset
+        chosen = (positions >= first[:, None] + self.start) & (positions < first[:, None] + self.end)
         self.stats["biased_calls"] += 1
         self.stats["target_key"] = first
         return chosen[:, None, :].float() * self.log_gamma.to(device)[None, :, None]

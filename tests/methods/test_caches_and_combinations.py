@@ -18,19 +18,24 @@ def logits(out) -> torch.Tensor:
     return torch.stack(out.logits)
 
 
+@pytest.mark.parametrize("length", ["long", "short"])
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
-@pytest.mark.parametrize("method, options", [("zerotuning", dict(gamma=3.0)), ("act", dict(threshold=0.05))])
-def test_text_methods_decode_a_sliding_window_cache_as_a_full_one(family, method, options):
-    """A prompt longer than the sliding window: the sliding layers' cache has dropped the first keys, and the method
-    still acts on the keys by position (ZeroTuning's initial token is gone there; ACT's sinks are where they were),
-    as with a cache that keeps every key (``DynamicCache()`` without the model's config; the window is a mask)."""
+@pytest.mark.parametrize("method, options", [("zerotuning", dict(gamma=3.0)), ("zerotuning", dict(gamma=3.0, target=(0, 3))),
+                                             ("act", dict(threshold=0.05))])
+def test_text_methods_decode_a_sliding_window_cache_as_a_full_one(family, method, options, length):
+    """A prompt longer than the sliding window (or shorter, decoding past it): the sliding layers' cache drops the
+    first keys, and the method still acts on the keys by position (ZeroTuning's initial token, or the rest of its key
+    range, is gone there; ACT's sinks are where they were), as with a cache that keeps every key (``DynamicCache()``
+    without the model's config; the window is a mask)."""
     from transformers import DynamicCache
 
     model, _ = nograd.tiny.llm(family=family)
-    prompt = torch.tensor([[1] + list(range(10, 10 + 2 * model.config.sliding_window))])
+    window = model.config.sliding_window
+    prompt = torch.tensor([[1] + list(range(10, 10 + (2 * window if length == "long" else window // 2)))])
+    steps = 4 if length == "long" else 2 * window
     with nograd.apply(model, method, **options):
-        sliding = logits(model.generate(prompt, max_new_tokens=4, **GREEDY))
-        full = logits(model.generate(prompt, max_new_tokens=4, past_key_values=DynamicCache(), **GREEDY))
+        sliding = logits(model.generate(prompt, max_new_tokens=steps, **GREEDY))
+        full = logits(model.generate(prompt, max_new_tokens=steps, past_key_values=DynamicCache(), **GREEDY))
     torch.testing.assert_close(sliding, full, atol=1e-5, rtol=0)
 
 
