@@ -36,3 +36,24 @@ def test_every_vlm_family_generates_from_its_processor(family):
 def test_an_unknown_family_is_named():
     with pytest.raises(KeyError, match="no tiny VLM with a processor for 'nope'"):
         nograd.tiny.vlm("nope")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision", "qwen3_vl", "internvl"])
+def test_tiny_processors_refuse_videos_and_say_how_to_build_them(family):
+    _, processor = nograd.tiny.vlm(family, layers=2)
+    frames = [nograd.tiny.image(28, 28), nograd.tiny.image(28, 28, seed=1)]
+    with pytest.raises(NotImplementedError, match="encodes images only .* nograd.tiny.vlms.make_video_inputs"):
+        processor(text=["a video"], videos=[frames], return_tensors="pt")
+
+
+@pytest.mark.parametrize("family", nograd.tiny.VLM_FAMILIES)
+def test_image_text_to_text_pipeline_runs_on_every_tiny_vlm(family):
+    """The pipeline decodes with the processor's ``post_process_image_text_to_text`` (the tiny Qwen2-VL's own)."""
+    import transformers
+
+    model, processor = nograd.tiny.vlm(family, layers=2)
+    pipe = transformers.pipeline("image-text-to-text", model=model, processor=processor)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    out = pipe(images=nograd.tiny.image(60, 40), text=processor.apply_chat_template(chat, add_generation_prompt=True),
+               max_new_tokens=2)
+    assert isinstance(out[0]["generated_text"], str)

@@ -12,7 +12,8 @@ fresh objects. The answers and images they give are noise: use them to see what 
     picture = nograd.tiny.image(56, 56)                       # a smooth random RGB PIL image
 
 ``build(family, **overrides)`` builds a bare model of any family in ``FAMILIES``. The configs live in the
-submodules: ``llms`` (text LLMs), ``vlms`` (VLMs and hand-built batches for them), ``vlm_families`` (Qwen3-VL,
+submodules: ``llms`` (text LLMs), ``vlms`` (VLMs and hand-built batches for them: ``make_inputs`` with images,
+``make_video_inputs`` with a video, which the offline processors do not encode), ``vlm_families`` (Qwen3-VL,
 InternVL-hf, Mistral3, Gemma3: models, batches and FRANK trios), ``processors`` (their offline processors; no
 torchvision) and ``dits`` (MM-DiTs and their pipelines; needs diffusers).
 """

@@ -82,6 +82,12 @@ class NoVideo:
             return None
         return super().check_argument_for_proper_class(argument_name, argument)
 
+    def __call__(self, *args, videos=None, **kwargs):
+        if videos is not None:
+            raise NotImplementedError(f"the tiny {type(self).__name__} encodes images only (a video processor needs "
+                                      "torchvision); build video inputs with nograd.tiny.vlms.make_video_inputs")
+        return super().__call__(*args, **kwargs)
+
 
 class OnevisionProcessor(NoVideo, LlavaOnevisionProcessor):
     """The real ``LlavaOnevisionProcessor`` with no video processor."""
@@ -112,7 +118,10 @@ class QwenProcessor:
         return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
-    def __call__(self, text, images=None, padding=False, return_tensors="pt", **kwargs):
+    def __call__(self, text, images=None, padding=False, return_tensors="pt", videos=None, **kwargs):
+        if videos is not None:
+            raise NotImplementedError("the tiny Qwen processor encodes images only (a video processor needs "
+                                      "torchvision); build video inputs with nograd.tiny.vlms.make_video_inputs")
         text = [text] if isinstance(text, str) else list(text)
         features = self.image_processor(images=images, return_tensors="pt") if images else {}
         counts = iter((features["image_grid_thw"].prod(-1) // 4).tolist() if images else [])
@@ -127,6 +136,10 @@ class QwenProcessor:
 
     def batch_decode(self, tokens, **kwargs):
         return self.tokenizer.batch_decode(tokens, **kwargs)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
+        """What the ``image-text-to-text`` pipeline decodes its outputs with (as ``ProcessorMixin``)."""
+        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
 
 
 def idefics3_processor() -> Idefics3Processor:
