@@ -1,12 +1,16 @@
-"""Helpers shared by the tests: bit-exact state snapshots, attention implementation names, guarded kernel inputs."""
+"""Helpers shared by the tests: bit-exact state snapshots, attention implementation names, guarded kernel inputs,
+PAI's image-free refine written out."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
+import nograd
 from tiny import text as tiny_text
+from tiny.vlm import IMAGE, VIDEO
 
 TEXT_FAMILIES = sorted(tiny_text.BUILDERS)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,3 +104,39 @@ def assert_attn_request_switches_the_decoder_only(model):
     assert after["vision_config"] == before["vision_config"]
     model.set_attn_implementation(adapter.attn_implementation_request(before["text_config"]))
     assert attn_names(model) == before
+
+
+def assert_refine_is_written_out(model, plain_twin, inputs, visual_ids, gamma=1.1, steps=3, **options):
+    """PAI's image-free refine (``cfg_gamma``), written out: greedy steps without a cache, z_c from ``model`` under
+    PAI (``options``) with the visual inputs, z_u from ``plain_twin`` on each row's tokens without its ``visual_ids``
+    tokens, z = gamma (z_c - z_u) + z_u cut below 0.1 of the max; ``generate()`` under PAI with ``cfg_gamma`` gives
+    the same scores and tokens at every step."""
+    with nograd.apply(model, "pai", cfg_gamma=gamma, **options):
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    seq, mask = inputs["input_ids"], inputs["attention_mask"]
+    visual = torch.isin(seq, torch.tensor(visual_ids)) & mask.bool()
+    pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    with nograd.apply(model, "pai", **options):
+        for step in range(steps):
+            types = {"mm_token_type_ids": (seq == IMAGE).int() + 2 * (seq == VIDEO).int()} \
+                if "mm_token_type_ids" in inputs else {}
+            with torch.no_grad():  # use_cache=False: a re-run of the prompt, as generate(use_cache=False)
+                z_c = model(input_ids=seq, attention_mask=mask, use_cache=False, **pixels, **types).logits[:, -1]
+            keep = mask.bool() & ~torch.nn.functional.pad(visual, (0, seq.shape[1] - visual.shape[1]))
+            rows = [row[k] for row, k in zip(seq, keep)]
+            width = max(len(r) for r in rows)
+            text = torch.zeros(len(rows), width, dtype=seq.dtype)
+            text_mask = torch.zeros_like(text)
+            for i, r in enumerate(rows):
+                text[i, width - len(r):], text_mask[i, width - len(r):] = r, 1
+            with torch.no_grad():
+                z_u = plain_twin(input_ids=text, attention_mask=text_mask).logits[:, -1]
+            z_c, z_u = z_c.float().log_softmax(-1), z_u.float().log_softmax(-1)
+            z = (gamma * (z_c - z_u) + z_u).masked_fill(z_c < math.log(0.1) + z_c.amax(-1, keepdim=True), -math.inf)
+            finite = torch.isfinite(z)
+            assert torch.equal(finite, torch.isfinite(out.scores[step]))
+            torch.testing.assert_close(out.scores[step][finite], z[finite], atol=1e-4, rtol=0)
+            token = z.argmax(-1, keepdim=True)
+            assert torch.equal(token[:, 0], out.sequences[:, seq.shape[1]])
+            seq, mask = torch.cat([seq, token], 1), torch.cat([mask, torch.ones_like(token)], 1)

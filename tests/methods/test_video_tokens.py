@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import nograd
-from checks import same_state, snapshot
+from checks import assert_refine_is_written_out, same_state, snapshot
 from drop_reference import assert_generate_equals_physical_removal, generate, visual_counts
 from nograd.methods.drop_schedule import DropSchedule
 from nograd.patches import adapter_for
@@ -114,35 +114,7 @@ def test_pai_refine_leaves_the_video_out_of_the_text_only_pass(build, family):
     model with the video, z_u from the plain model on the same tokens without the video tokens."""
     model, plain_twin = build(family), build(family)
     inputs = tiny_vlm.make_video_inputs(family, model, images=False)
-    gamma, steps = 1.1, 3
-    with nograd.apply(model, "pai", alpha=0.5, cfg_gamma=gamma):
-        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True)
-    seq, mask = inputs["input_ids"], inputs["attention_mask"]
-    video = (seq == VIDEO) & mask.bool()
-    pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    with nograd.apply(model, "pai", alpha=0.5):
-        for step in range(steps):
-            types = {"mm_token_type_ids": 2 * (seq == VIDEO).int()} if "mm_token_type_ids" in inputs else {}
-            with torch.no_grad():
-                z_c = model(input_ids=seq, attention_mask=mask, use_cache=False, **pixels, **types).logits[:, -1]
-            keep = mask.bool() & ~torch.nn.functional.pad(video, (0, seq.shape[1] - video.shape[1]))
-            rows = [row[k] for row, k in zip(seq, keep)]
-            width = max(len(r) for r in rows)
-            text = torch.zeros(len(rows), width, dtype=seq.dtype)
-            text_mask = torch.zeros_like(text)
-            for i, r in enumerate(rows):
-                text[i, width - len(r):], text_mask[i, width - len(r):] = r, 1
-            with torch.no_grad():
-                z_u = plain_twin(input_ids=text, attention_mask=text_mask).logits[:, -1]
-            z_c, z_u = z_c.float().log_softmax(-1), z_u.float().log_softmax(-1)
-            z = (gamma * (z_c - z_u) + z_u).masked_fill(z_c < math.log(0.1) + z_c.amax(-1, keepdim=True), -math.inf)
-            finite = torch.isfinite(z)
-            assert torch.equal(finite, torch.isfinite(out.scores[step]))
-            torch.testing.assert_close(out.scores[step][finite], z[finite], atol=1e-4, rtol=0)
-            token = z.argmax(-1, keepdim=True)
-            assert torch.equal(token[:, 0], out.sequences[:, seq.shape[1]])
-            seq, mask = torch.cat([seq, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    assert_refine_is_written_out(model, plain_twin, inputs, (VIDEO,), alpha=0.5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

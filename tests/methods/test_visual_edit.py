@@ -3,13 +3,12 @@ official edits, rows and layers touched, cache consistency, batch with left padd
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 import nograd
-from checks import attention_function, attn_names, same_state, snapshot
+from checks import assert_refine_is_written_out, attention_function, attn_names, same_state, snapshot
 from tiny.vlm import IMAGE, VIDEO, VIDEO_FAMILIES, make_inputs, make_video_inputs
 
 FAMILIES = ["llava", "qwen2_vl", "llava_onevision"]
@@ -199,35 +198,7 @@ def test_image_free_contrast_equals_a_written_out_loop(build):
     """PAI's refine, written out: greedy steps without cache, z_c from the edited model with the image, z_u from the
     plain model on the same tokens without the image tokens, z = gamma (z_c - z_u) + z_u, cut below 0.1 max."""
     model, plain_twin = build("llava"), build("llava")
-    inputs = make_inputs("llava", model)
-    gamma, steps = 1.1, 3
-    with nograd.apply(model, "pai", alpha=0.5, cfg_gamma=gamma):
-        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True)
-    seq, mask = inputs["input_ids"], inputs["attention_mask"]
-    image = (seq == model.config.image_token_id) & mask.bool()
-    with nograd.apply(model, "pai", alpha=0.5):
-        for step in range(steps):
-            with torch.no_grad():
-                z_c = model(input_ids=seq, attention_mask=mask, pixel_values=inputs["pixel_values"],
-                            use_cache=False).logits[:, -1]  # a re-run of the prompt, as generate(use_cache=False)
-            keep = mask.bool() & ~torch.nn.functional.pad(image, (0, seq.shape[1] - image.shape[1]))
-            rows = [row[k] for row, k in zip(seq, keep)]
-            width = max(len(r) for r in rows)
-            text = torch.zeros(len(rows), width, dtype=seq.dtype)
-            text_mask = torch.zeros_like(text)
-            for i, r in enumerate(rows):
-                text[i, width - len(r):], text_mask[i, width - len(r):] = r, 1
-            with torch.no_grad():
-                z_u = plain_twin(input_ids=text, attention_mask=text_mask).logits[:, -1]
-            z_c, z_u = z_c.float().log_softmax(-1), z_u.float().log_softmax(-1)
-            z = (gamma * (z_c - z_u) + z_u).masked_fill(z_c < math.log(0.1) + z_c.amax(-1, keepdim=True), -math.inf)
-            finite = torch.isfinite(z)
-            assert torch.equal(finite, torch.isfinite(out.scores[step]))
-            torch.testing.assert_close(out.scores[step][finite], z[finite], atol=1e-4, rtol=0)
-            token = z.argmax(-1, keepdim=True)
-            assert torch.equal(token[:, 0], out.sequences[:, seq.shape[1]])
-            seq, mask = torch.cat([seq, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    assert_refine_is_written_out(model, plain_twin, make_inputs("llava", model), (IMAGE,), alpha=0.5)
 
 
 @pytest.mark.parametrize("method", ["pai", "clearsight", "paint", "act"])
