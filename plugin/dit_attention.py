@@ -89,11 +89,22 @@ class DiTAttentionPatch(ModelPatch):
         self._hook = model.register_forward_pre_hook(self._capture_batch, with_kwargs=True)
 
     def _uninstall(self) -> None:
-        """Put the original processor objects back and drop the hook."""
+        """Put the original processor objects back where nograd's wrapper still is (a processor the user set since
+        stays), and drop the hook."""
         self._hook.remove()
         for module, processor in self._saved:
-            module.set_processor(processor)
+            if self._wraps(module):
+                module.set_processor(processor)
+
+    def _wraps(self, module: nn.Module) -> bool:
+        current = getattr(module, "processor", None)
+        return isinstance(current, NogradProcessor) and current.patch is self
 
     def _capture_batch(self, module, args, kwargs):
+        replaced = [index for index, (attn, _) in enumerate(self._saved) if not self._wraps(attn)]
+        if replaced:
+            raise RuntimeError(f"nograd: {len(replaced)} attention processors of {type(module).__name__} were replaced "
+                               "after nograd.apply (set_attn_processor?), so the attached method would not run; "
+                               "remove the handle, set the processors, then apply the method again")
         text = bound_inputs(self._signature, args, kwargs).get("encoder_hidden_states")
         self.batch.text_len = text.shape[1] if isinstance(text, torch.Tensor) else 0

@@ -200,3 +200,30 @@ def test_text_length_is_found_when_the_text_is_passed_positionally(family):
         model(hidden, text, **inputs)
         model(hidden_states=hidden, encoder_hidden_states=text, **inputs)
     assert len(lengths) == 2 and lengths[0] == lengths[1]
+
+
+class UserProcessor:
+    """A processor a user sets after a method was attached (it delegates to the stock one)."""
+
+    def __init__(self, stock):
+        self.stock = stock
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+
+
+def test_processors_replaced_after_apply_raise_and_are_kept_by_remove():
+    """Processors set after ``nograd.apply`` would silently switch the method off: the next call raises naming what
+    happened, and ``remove()`` leaves the user's processors where they are (the others get theirs back)."""
+    model = BUILDERS["sd3"]()
+    inputs = transformer_inputs("sd3", model)
+    modules = adapter_for(model).attention_modules
+    stock = [module.processor for module in modules]
+    handle = attach(model, {m: ZeroBias() for m in modules})
+    mine = UserProcessor(stock[0])
+    modules[0].set_processor(mine)
+    with pytest.raises(RuntimeError, match="1 attention processors of SD3Transformer2DModel were replaced after"):
+        run(model, inputs)
+    handle.remove()
+    assert modules[0].processor is mine
+    assert all(module.processor is processor for module, processor in zip(modules[1:], stock[1:]))

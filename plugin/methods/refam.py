@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import PIL.Image
 import torch
 
 from .. import kernels
@@ -342,6 +343,8 @@ class RefAM(Method):
 
     def encode_text(self, text: str):
         """(encoder_hidden_states (1, T, D), pooled (1, P), tokens (V), valid span inside the text tokens)."""
+        if not isinstance(text, str):
+            raise TypeError(f"refam grounds one referring expression (a str) at a time; got {type(text).__name__}")
         pipe, flux = self._require_pipeline(), self.adapter.family == "flux"
         tokenizer, encoder = (pipe.tokenizer_2, pipe.text_encoder_2) if flux else (pipe.tokenizer_3, pipe.text_encoder_3)
         length = self.config.max_sequence_length or (512 if flux else 256)
@@ -399,6 +402,9 @@ class RefAM(Method):
 
     def encode_image(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
         """z0 (1, C, h, w): the VAE latent of ``image`` resized to ``resolution``, and the token grid (rows, cols)."""
+        if not isinstance(image, PIL.Image.Image):
+            raise TypeError(f"refam grounds in one PIL image at a time; got {type(image).__name__} (a list: call "
+                            "ground once per image; a tensor: convert it with PIL.Image.fromarray)")
         pipe, flux = self._require_pipeline(), self.adapter.family == "flux"
         cell = pipe.vae_scale_factor * (2 if flux else self.model.config.patch_size)
         width, height = image.size

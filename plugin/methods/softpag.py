@@ -289,7 +289,7 @@ class HeadPerturbation(Intervention):
         u[rows] = self.weights if table is None else table[:, self.layer].float()
         if not bool((u > 0).any()):
             return None
-        self.stats["perturbed_attention_calls"] = self.stats.get("perturbed_attention_calls", 0) + 1
+        self.stats["perturbed_attention_calls"] += 1
         return u.to(call.query.device)
 
     def _count_skipped(self, call: AttentionCall, u: torch.Tensor, queries: int) -> None:
@@ -399,8 +399,8 @@ class _HeadGuidance(Method):
         scale = self.scale()
         handle.stats.update(heads=heads, layers=[names[l] for l in layers], scale=scale, mode=config.mode,
                             u={f"{l},{h}": float(table[l, h]) for l, h in heads},
-                            perturbed_calls=0, perturbed_rows=0, extra_flops=0, identity_heads_skipped=0,
-                            attention_flops_saved=0)
+                            perturbed_calls=0, perturbed_rows=0, perturbed_attention_calls=0, extra_flops=0,
+                            identity_heads_skipped=0, attention_flops_saved=0)
         handle.stats["heads_touched"] = len(heads)
         if not heads or scale == 0 or config.start >= config.stop:
             return  # nothing to perturb: the model is untouched (bit-identical)

@@ -459,3 +459,13 @@ def test_a_guidance_method_on_the_same_pipeline_leaves_the_read_out_alone(apply,
         both = refam.ground(picture(), TEXT)
         assert softpag.stats["perturbed_calls"] == 0
     assert torch.equal(both.heatmap, alone.heatmap) and both.point == alone.point
+
+
+def test_ground_takes_one_pil_image_and_one_expression(apply):
+    handle = apply("sd3")
+    with pytest.raises(TypeError, match="refam grounds in one PIL image at a time; got list"):
+        handle.ground([picture(), picture()], TEXT)
+    with pytest.raises(TypeError, match="got Tensor .* PIL.Image.fromarray"):
+        handle.ground(torch.zeros(3, 32, 48), TEXT)
+    with pytest.raises(TypeError, match="refam grounds one referring expression .* got list"):
+        handle.ground(picture(), [TEXT, TEXT])

@@ -382,6 +382,7 @@ def test_sd35_dual_attention_and_qk_norm_block_runs(sd3):
     assert block.attn2 is not None and block.attn.norm_q is not None
     plain = images(sd3)
     with nograd.apply(sd3, "pag", layers=["blocks.0"]) as handle:
+        assert handle.stats["perturbed_attention_calls"] == 0  # listed from the start, as the other counters
         assert not torch.equal(images(sd3), plain)
         assert handle.stats["perturbed_attention_calls"] == 2  # attn only, once per step
 
