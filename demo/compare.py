@@ -276,8 +276,9 @@ def vlm_compare(source: str | None, method: str, image, question: str, max_new_t
     progress(0.5, desc=f"{method}")
     start = time.perf_counter()
     if method == "carve":
-        options.setdefault("probe_max_new_tokens", max_new_tokens)
-        options.setdefault("max_new_tokens", max_new_tokens)
+        for name in ("probe_max_new_tokens", "max_new_tokens"):  # the demo's cap holds for CARVE's own passes too
+            chosen = options.get(name, max_new_tokens)
+            options[name] = max(1, min(int(chosen), MAX_NEW_TOKENS)) if isinstance(chosen, int) else chosen
         with nograd.apply(model, "carve", processor=processor, **options) as h:
             out = h.generate(image, question)
             stats = jsonable(h.stats)

@@ -79,6 +79,8 @@ def run_merge(args) -> int:
     names = ("rule", "coef", "prior", "prior_beta", "lambda_r", "weights", "density", "seed", "layers",
              "keep_shallow_layers", "non_layer_policy", "max_shard_size", "device")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.report and not pathlib.Path(args.report).resolve().parent.is_dir():  # before the merge, not after it
+        raise FileNotFoundError(f"--report {args.report}: no folder {pathlib.Path(args.report).resolve().parent}")
     report = merge(args.method, mllm=args.mllm, reasoning=args.reasoning, base=args.base, out=args.out, **options)
     print(describe_report(report))
     print(f"wrote {len(report['files'])} file(s), {report['bytes'] / 1e6:.1f} MB of weights, to {report['out']}")

@@ -683,6 +683,8 @@ def merge(method: str = "frank", /, *, mllm, reasoning, base=None, out, **option
                         f"merge into a loaded model use nograd.apply(model, {method!r}, ...), then save_pretrained")
     if not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"out must be a folder path, got {type(out).__name__}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"out must be a folder; {os.fspath(out)} is a file")
     config = cls.Config.from_options({**options, "reasoning": reasoning, "base": base})
     with warnings.catch_warnings():
         warnings.simplefilter("default")

@@ -54,6 +54,14 @@ def test_merge_options_and_errors(folders, tmp_path, capsys):
     assert status == 2 and "option base=None" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["merge", "--mllm", "a"])
+    trio = ["--mllm", str(f / "mllm"), "--reasoning", str(f / "reasoning"), "--base", str(f / "base")]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert main(["merge", "frank", *trio, "--out", str(a_file)]) == 2
+    assert "out must be a folder" in capsys.readouterr().err
+    # a report path that cannot be written is refused before anything is merged
+    status = main(["merge", "frank", *trio, "--out", str(tmp_path / "never"), "--report", str(tmp_path / "no/r.json")])
+    assert status == 2 and "--report" in capsys.readouterr().err and not (tmp_path / "never").exists()
 
 
 def test_main_module(monkeypatch, capsys):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+import PIL.Image
 import torch
 
 from ..attention import AttentionCall, Intervention, intervene
@@ -264,9 +265,7 @@ class CARVE(Method):
                 if len(images) != 1:
                     raise NotImplementedError(usage)
                 images = images[0]
-            token = getattr(self.processor, "image_token", None)
-            text = inputs["text"].replace(token, "") if token else inputs["text"]
-            return load_image(images), text.strip()
+            return load_image(images), inputs["text"]
         messages = getattr(inputs, "messages", None)
         if messages is None or len(messages) != 1:
             raise NotImplementedError(usage)
@@ -280,7 +279,18 @@ class CARVE(Method):
         source = next((images[0][k] for k in ("image", "url", "path") if images[0].get(k) is not None), None)
         if source is None:
             raise NotImplementedError(usage)
-        return load_image(source), texts[0].strip()
+        return load_image(source), texts[0]
+
+    def _request(self, image, question) -> tuple:
+        """One PIL image and one question, with the processor's image token taken out of the question (the prompt
+        places the image itself; a pipeline's text prompt holds one)."""
+        if isinstance(image, (list, tuple)) or not isinstance(question, str):
+            raise NotImplementedError("carve takes one image and one question per call (a PIL image and a str); "
+                                      "call it once per pair")
+        if not isinstance(image, PIL.Image.Image):
+            raise TypeError(f"carve takes a PIL image; got {type(image).__name__} (a tensor: PIL.Image.fromarray)")
+        token = getattr(self.processor, "image_token", None)
+        return image, (question.replace(token, "") if token else question).strip()
 
     # ---- prompts ------------------------------------------------------------------------------------------------
     def _prompt(self, question: str) -> str:
@@ -378,7 +388,7 @@ class CARVE(Method):
     # ---- the user's calls -----------------------------------------------------------------------------------------
     def saliency(self, image, question: str) -> torch.Tensor:
         """(H, W) fp32 saliency of ``question`` on ``image`` in pixel space (passes 1-2), for plotting."""
-        return self._saliency(image, question)[0]
+        return self._saliency(*self._request(image, question))[0]
 
     def _refined(self, image, saliency: torch.Tensor):
         if is_flat(saliency):
@@ -389,10 +399,12 @@ class CARVE(Method):
 
     def refine(self, image, question: str):
         """The image the final pass sees next to the original: masked, cropped and enlarged around the regions."""
+        image, question = self._request(image, question)
         return self._refined(image, self.saliency(image, question))[0]
 
     def generate(self, image, question: str) -> CARVEOutput:
         """CARVE's answer to ``question`` on ``image`` (a PIL image): probe passes, refinement, final pass."""
+        image, question = self._request(image, question)
         saliency, task = self._saliency(image, question)
         refined, regions, flat = self._refined(image, saliency)
         empty = regions is not None and regions.bbox is None

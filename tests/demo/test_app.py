@@ -42,6 +42,20 @@ def test_vlm_carve_side_by_side():
     assert r["stats"]["passes"] >= 2 and set(r["timing"]) == {"plain_s", "method_s"}
 
 
+
+def test_carve_token_options_are_held_to_the_demo_cap(monkeypatch):
+    seen = {}
+    apply = compare.nograd.apply
+
+    def spy(model, method, **options):
+        seen.update(options)
+        return apply(model, method, **options)
+
+    monkeypatch.setattr(compare.nograd, "apply", spy)
+    compare.vlm_compare("", "carve", tiny.image(70, 42), QUESTION, 2, {"max_new_tokens": 10**6})
+    assert seen["max_new_tokens"] == compare.MAX_NEW_TOKENS and seen["probe_max_new_tokens"] == 2
+
+
 def test_vlm_pyramiddrop_draws_the_kept_tokens_of_every_stage():
     picture = tiny.image(56, 56, 1)
     r = compare.vlm_compare("", "pyramiddrop", picture, QUESTION, 2)

@@ -135,6 +135,14 @@ def test_pipeline_gives_the_same_answer_as_generate(carve_models):
             pipe(images=[picture, picture], text=QUESTION)
     assert handle.stats["general_cache_hits"] == 2
     assert got[0]["generated_text"].strip() == expected == with_token[0]["generated_text"].strip()
+    with nograd.apply(model, "carve", processor=processor) as handle:  # generate() strips the image token alike
+        assert handle.generate(picture, processor.image_token + QUESTION).text == expected
+        with pytest.raises(NotImplementedError, match="one image and one question per call"):
+            handle.generate([picture, picture], QUESTION)
+        with pytest.raises(NotImplementedError, match="one image and one question per call"):
+            handle.saliency(picture, [QUESTION, QUESTION])
+        with pytest.raises(TypeError, match="carve takes a PIL image; got Tensor"):
+            handle.refine(torch.zeros(3, 42, 70), QUESTION)
     assert chatted[0]["generated_text"] == got[0]["generated_text"]
     assert "_forward" not in vars(pipe) and "preprocess" not in vars(pipe)
 
