@@ -66,6 +66,24 @@ def observe_calls(handle, obj: Any, name: str, callback: Callable[[dict], None])
     handle.on_remove(f"observe {type(obj).__name__}.{name}", undo)
 
 
+class GenerationStarts:
+    """Whether a ``generate()`` call on ``handle.model`` began since the last ``take()``: the first forward of a call
+    is a new prompt, never a no-cache re-run of the last one (only the later forwards of ``generate(use_cache=False)``
+    are). Seen through ``observe_calls`` on ``model.generate``; undone by ``handle.remove()``."""
+
+    def __init__(self, handle):
+        self._started = False
+        observe_calls(handle, handle.model, "generate", self._start)
+
+    def _start(self, arguments: dict) -> None:
+        self._started = True
+
+    def take(self) -> bool:
+        """True once after each ``generate()`` call began (read at its first forward)."""
+        started, self._started = self._started, False
+        return started
+
+
 def refuse_assisted_decoding(handle, reason: str) -> None:
     """``generate()`` on ``handle.model`` raises ``NotImplementedError(reason)`` before it starts assisted or
     prompt-lookup decoding (``assistant_model=``, ``prompt_lookup_num_tokens=``); undone by ``handle.remove()``.

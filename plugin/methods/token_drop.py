@@ -63,7 +63,7 @@ from transformers.masking_utils import (blockwise_overlay, create_causal_mask, c
 
 from .. import kernels
 from ..forward_inputs import bound_inputs, cache_of, cached_length
-from ..observe import observe_calls
+from ..observe import GenerationStarts
 from .base import Method
 from .drop_schedule import DropSchedule, kv_bytes_saved, paper_flops, prefill_macs, scoring_macs
 
@@ -294,12 +294,7 @@ class TokenDropMethod(Method):
             hooks.append(layers[i].register_forward_pre_hook(self._stage_hook(i), with_kwargs=True))
         for hook in hooks:
             handle.on_remove(f"{self.name} hook", hook.remove)
-        self._generation_starts = False
-        """A ``generate()`` call began: its first forward is a new prompt, never a no-cache re-run of the last."""
-        observe_calls(handle, handle.model, "generate", self._starts_generation)
-
-    def _starts_generation(self, arguments: dict) -> None:
-        self._generation_starts = True
+        self._generation = GenerationStarts(handle)
 
     def _refuse_labels(self, module, args, kwargs):
         if kwargs.get("labels") is not None:
@@ -308,7 +303,7 @@ class TokenDropMethod(Method):
     def _before_model(self, module, args, kwargs):
         """H0 (spec §5.2): classify the forward, record the prompt at a prefill."""
         inputs = bound_inputs(self._signature, args, kwargs)
-        starts, self._generation_starts = self._generation_starts, False
+        starts = self._generation.take()
         input_ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
         cache = cache_of(inputs)
         cached = cached_length(inputs)

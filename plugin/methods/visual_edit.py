@@ -26,7 +26,7 @@ from ..attention import AttentionCall, Intervention, intervene, keys_from
 from ..config import is_number
 from ..forward_inputs import bound_inputs, cache_of, cached_length
 from ..kernels import ScoreEdit
-from ..observe import observe_calls
+from ..observe import GenerationStarts
 from .base import Method
 
 ROWS = ("prompt_end", "after_image")
@@ -99,12 +99,7 @@ class PromptTracker:
         self._signature = inspect.signature(model.forward)
         hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
         handle.on_remove("prompt tracker hook", hook.remove)
-        self._generation_starts = False
-        """A ``generate()`` call began: its first forward is a new prompt, whatever the last one was."""
-        observe_calls(handle, model, "generate", self._starts_generation)
-
-    def _starts_generation(self, arguments: dict) -> None:
-        self._generation_starts = True
+        self._generation = GenerationStarts(handle)
 
     @property
     def paused(self) -> bool:
@@ -114,7 +109,7 @@ class PromptTracker:
         if self.paused:
             return
         inputs = bound_inputs(self._signature, args, kwargs)
-        starts, self._generation_starts = self._generation_starts, False
+        starts = self._generation.take()
         if cached_length(inputs) > 0:
             return  # a decode step: the prompt stays
         input_ids = inputs.get("input_ids")
