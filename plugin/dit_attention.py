@@ -101,9 +101,9 @@ class DiTAttentionPatch(ModelPatch):
         return isinstance(current, NogradProcessor) and current.patch is self
 
     def _capture_batch(self, module, args, kwargs):
-        replaced = [index for index, (attn, _) in enumerate(self._saved) if not self._wraps(attn)]
+        replaced = sum(not self._wraps(attn) for attn, _ in self._saved)
         if replaced:
-            raise RuntimeError(f"nograd: {len(replaced)} attention processors of {type(module).__name__} were replaced "
+            raise RuntimeError(f"nograd: {replaced} attention processors of {type(module).__name__} were replaced "
                                "after nograd.apply (set_attn_processor?), so the attached method would not run; "
                                "remove the handle, set the processors, then apply the method again")
         text = bound_inputs(self._signature, args, kwargs).get("encoder_hidden_states")

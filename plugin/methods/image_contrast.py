@@ -137,8 +137,8 @@ class ImageFreeContrast:
         return out.logits[:, -1]
 
     def _visual(self, prompt) -> torch.Tensor:
-        """(B, T) the prompt's visual tokens, image and video, whichever ones the method edits (PAINT: images only):
-        the image-free pass leaves out every one of them, whose pixels it does not get."""
+        """(B, T) all of the prompt's visual tokens, image and video, whatever the method edits (PAINT: images
+        only): the image-free pass gets no pixels, so it leaves out every one of them."""
         return self.tracker.adapter.visual_token_mask(prompt.input_ids) & prompt.real
 
     def _without_image(self, input_ids, attention_mask, prompt):

@@ -83,10 +83,15 @@ class NoVideo:
         return super().check_argument_for_proper_class(argument_name, argument)
 
     def __call__(self, *args, videos=None, **kwargs):
-        if videos is not None:
-            raise NotImplementedError(f"the tiny {type(self).__name__} encodes images only (a video processor needs "
-                                      "torchvision); build video inputs with nograd.tiny.vlms.make_video_inputs")
+        refuse_videos(self, videos)
         return super().__call__(*args, **kwargs)
+
+
+def refuse_videos(processor, videos) -> None:
+    """The offline processors encode images only: ``videos=`` raises, naming how to build video inputs instead."""
+    if videos is not None:
+        raise NotImplementedError(f"the tiny {type(processor).__name__} encodes images only (a video processor needs "
+                                  "torchvision); build video inputs with nograd.tiny.vlms.make_video_inputs")
 
 
 class OnevisionProcessor(NoVideo, LlavaOnevisionProcessor):
@@ -119,9 +124,7 @@ class QwenProcessor:
                                                   add_generation_prompt=add_generation_prompt)
 
     def __call__(self, text, images=None, padding=False, return_tensors="pt", videos=None, **kwargs):
-        if videos is not None:
-            raise NotImplementedError("the tiny Qwen processor encodes images only (a video processor needs "
-                                      "torchvision); build video inputs with nograd.tiny.vlms.make_video_inputs")
+        refuse_videos(self, videos)
         text = [text] if isinstance(text, str) else list(text)
         features = self.image_processor(images=images, return_tensors="pt") if images else {}
         counts = iter((features["image_grid_thw"].prod(-1) // 4).tolist() if images else [])
