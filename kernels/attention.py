@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .broadcast import per_key
 from .identity_skip import attention_skipping_identity, per_pair_blend
 
 BACKENDS = ("auto", "triton", "flex", "sdpa", "eager")
@@ -176,7 +177,7 @@ def dead_rows(key_bias, m: int, n: int, causal: bool, window: int | None, device
     by counting finite biases in each row's visible key range with a cumulative sum; where every row sees every key
     (no window, and not causal or one query), one max over the keys (a decode step's few microseconds)."""
     if key_bias is not None and window is None and (not causal or m == 1) and n > 0:
-        top = key_bias.reshape((1,) * (3 - key_bias.dim()) + tuple(key_bias.shape)).amax(dim=-1)
+        top = per_key(key_bias).amax(dim=-1)
         return torch.isneginf(top)[..., None, None].expand(*top.shape, m, 1)
     rows = torch.arange(m, device=device) + (n - m)
     last = rows.clamp(max=n - 1) if causal else torch.full_like(rows, n - 1)
@@ -185,7 +186,7 @@ def dead_rows(key_bias, m: int, n: int, causal: bool, window: int | None, device
         count = (last - first + 1)[None, None]
     else:
         finite = torch.isfinite(key_bias).to(torch.int32)
-        finite = finite.reshape((1,) * (3 - finite.dim()) + tuple(finite.shape))
+        finite = per_key(finite)
         finite = finite.expand(*finite.shape[:-1], n)
         prefix = F.pad(finite.cumsum(-1), (1, 0))
         count = prefix[..., (last + 1).clamp(min=0)] - prefix[..., first.clamp(max=n)]
@@ -311,7 +312,7 @@ def fold_key_bias(q, k, key_bias, scale: float):
     extra dimensions are zero-padded to a multiple of 8 (the head dims fused kernels take)."""
     b, h, m, _ = q.shape
     kv_heads, n = k.shape[1], k.shape[2]
-    bias = key_bias.reshape((1,) * (3 - key_bias.dim()) + tuple(key_bias.shape))
+    bias = per_key(key_bias)
     bias = bias.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     groups = 1 if bias.shape[1] == 1 else h // kv_heads
     bias = bias.expand(b, kv_heads * groups, n).reshape(b, kv_heads, groups, n).transpose(-1, -2) / scale

@@ -12,6 +12,8 @@ import functools
 
 import torch
 
+from .broadcast import per_key
+
 
 @functools.cache
 def _compiled():
@@ -40,7 +42,7 @@ def attention_flex(q, k, v, *, key_bias=None, causal=False, scale=None, window=N
     n = k.shape[2]
     score_mod = None
     if key_bias is not None:
-        bias = key_bias.float().reshape((1,) * (3 - key_bias.dim()) + tuple(key_bias.shape)).expand(b, h, n)
+        bias = per_key(key_bias.float()).expand(b, h, n)
 
         def score_mod(score, bi, hi, q_idx, kv_idx):
             return score + bias[bi, hi, kv_idx]

@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import torch
 
+from .broadcast import per_key
+
 
 def per_pair_blend(blend: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     """A (H,) or (B, H) blend as (B, H) fp32."""
@@ -60,7 +62,7 @@ def attention_skipping_identity(q, k, v, u: torch.Tensor, key_bias, mask, run: C
     rows, heads = torch.nonzero(identity, as_tuple=True)
     own = v[rows.to(v.device), (heads // groups).to(v.device), n - m:]
     out[rows.to(q.device), heads.to(q.device)] = own.to(out.dtype)
-    bias = None if key_bias is None else key_bias.reshape((1,) * (3 - key_bias.dim()) + tuple(key_bias.shape))
+    bias = None if key_bias is None else per_key(key_bias)
     mask = None if mask is None else mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     for part in _row_runs(~identity.any(dim=1)):
         weight = u[part]

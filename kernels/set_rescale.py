@@ -16,6 +16,7 @@ import math
 import torch
 
 from .attention import _grouped_matmul, attention, choose_backend, scaled_logits
+from .broadcast import per_key
 
 
 def _set_weights(mass: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +58,7 @@ def rescaled_set_eager(q, k, v, *, key_set: torch.Tensor, factor: float, key_bia
     logits = scaled_logits(q, k, key_bias=key_bias, **kwargs)
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     probs = torch.exp(logits - lse.masked_fill(torch.isneginf(lse), 0.0))
-    on = key_set.reshape((1,) * (3 - key_set.dim()) + tuple(key_set.shape))[..., None, :].to(probs.device)
+    on = per_key(key_set)[..., None, :].to(probs.device)
     mass = (probs * on).sum(dim=-1).clamp(max=1.0)
     on_set, rest = _set_weights(mass, factor)
     weights = probs * torch.where(on, on_set[..., None], rest[..., None])

@@ -21,6 +21,7 @@ import os
 
 import torch
 
+from .broadcast import per_key
 from .identity_skip import per_pair_blend
 
 try:
@@ -195,7 +196,7 @@ def _blocks(m: int, d: int) -> tuple[int, int, int, int]:
 
 def _bias_strides(key_bias: torch.Tensor, b: int, h: int, n: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
     bias = key_bias.float()
-    bias = bias.reshape((1,) * (3 - bias.dim()) + tuple(bias.shape)).expand(b, h, n)
+    bias = per_key(bias).expand(b, h, n)
     return bias, bias.stride()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .broadcast import per_key
 from .triton_attention import LOG2E, attention_triton, interpreting, triton
 
 if triton is not None:
@@ -146,7 +147,7 @@ def _common(q, k, key_bias):
     q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
     if key_bias is not None:
         bias = key_bias.float()
-        bias = bias.reshape((1,) * (3 - bias.dim()) + tuple(bias.shape)).expand(b, h, n)
+        bias = per_key(bias).expand(b, h, n)
         bias_args = (bias, *bias.stride())
     else:
         bias_args = (q, 0, 0, 0)

@@ -1,0 +1,11 @@
+"""Shape helpers shared by the kernels: the per-key tensors (key bias, score-edit coefficients, key sets) that
+broadcast to (B, H, N)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def per_key(x: torch.Tensor) -> torch.Tensor:
+    """``x`` given as (N,), (H|1, N) or (B|1, H|1, N) as a 3-D (B|1, H|1, N) view (leading 1s added)."""
+    return x.reshape((1,) * (3 - x.dim()) + tuple(x.shape))
