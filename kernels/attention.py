@@ -238,9 +238,8 @@ def attention_eager(q, k, v, *, key_bias=None, causal=False, scale=None, mask=No
     """The reference: explicit fp32 logits, softmax and weighted sum. Returns (out in q.dtype, lse fp32)."""
     logits = scaled_logits(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap,
                            window=window, edit=edit)
-    lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
-    out = _grouped_matmul(probs, v.float())
+    lse = logsumexp_rows(logits)
+    out = _grouped_matmul(softmax_rows(logits, lse), v.float())
     return out.to(q.dtype), lse
 
 
@@ -505,4 +504,17 @@ def row_logsumexp(q, k, *, key_bias=None, causal=False, scale=None, mask=None, s
     """The (B, H, M) fp32 log-sum-exp of each query's biased logits (-inf for a row that sees nothing)."""
     logits = scaled_logits(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap,
                            window=window)
-    return torch.logsumexp(logits, dim=-1)
+    return logsumexp_rows(logits)
+
+
+def logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp`` over the last dim, where a row of ``-inf`` (a query that sees no key) gives ``-inf`` and
+    a zero gradient; ``torch.logsumexp``'s backward is NaN there (``exp(-inf - -inf)``), which would reach every
+    parameter through autograd (a left-padded batch under training)."""
+    dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    return torch.logsumexp(logits.masked_fill(dead, 0.0), dim=-1).masked_fill(dead[..., 0], -math.inf)
+
+
+def softmax_rows(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """The probabilities ``exp(logits - lse)`` of rows with LSE ``lse`` (..., M); a row that sees no key is 0."""
+    return torch.exp(logits - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])

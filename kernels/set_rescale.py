@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .attention import _grouped_matmul, attention, choose_backend, scaled_logits
+from .attention import _grouped_matmul, attention, choose_backend, logsumexp_rows, scaled_logits, softmax_rows
 from .broadcast import per_key
 
 
@@ -44,8 +44,8 @@ def attention_rescaled_set(q, k, v, *, key_set: torch.Tensor, factor: float, key
     only_set = torch.where(key_set, 0.0, -math.inf)
     set_bias = only_set if key_bias is None else key_bias + only_set
     out_set, lse_set = attention(q, k, v, key_bias=set_bias, return_lse=True, backend=backend, **kwargs)
-    mass = torch.where(torch.isfinite(lse_set) & torch.isfinite(lse), torch.exp(lse_set - lse), 0.0)
-    mass = mass.clamp(max=1.0)
+    # exp(-inf) where a row sees no key: its mass is 0, and no NaN of exp(-inf - -inf) reaches autograd
+    mass = torch.exp(torch.where(torch.isfinite(lse), lse_set - lse, -math.inf)).clamp(max=1.0)
     on_set, rest = _set_weights(mass, factor)
     out32, set32 = out.float(), out_set.float()
     result = (on_set * mass)[..., None] * set32 + rest[..., None] * (out32 - mass[..., None] * set32)
@@ -56,8 +56,7 @@ def rescaled_set_eager(q, k, v, *, key_set: torch.Tensor, factor: float, key_bia
     """The reference of ``attention_rescaled_set``: the fp32 weights of every row, those of the set times ``factor``
     and the others times ``(1 - factor * m) / (1 - m)``, then the weighted sum of the values (the matrix once)."""
     logits = scaled_logits(q, k, key_bias=key_bias, **kwargs)
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    probs = torch.exp(logits - lse.masked_fill(torch.isneginf(lse), 0.0))
+    probs = softmax_rows(logits, logsumexp_rows(logits))
     on = per_key(key_set)[..., None, :].to(probs.device)
     mass = (probs * on).sum(dim=-1).clamp(max=1.0)
     on_set, rest = _set_weights(mass, factor)

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from .attention import query_blocks, scaled_logits, visible_keys
+from .attention import logsumexp_rows, query_blocks, scaled_logits, softmax_rows, visible_keys
 
 
 def _probs(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
-    lse = torch.logsumexp(logits, dim=-1) if lse is None else lse
-    return torch.exp(logits - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
+    return softmax_rows(logits, logsumexp_rows(logits) if lse is None else lse)
 
 
 def _triton(q: torch.Tensor, backend: str, mask=None, softcap=None, edit=None, inputs=()) -> bool:

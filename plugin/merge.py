@@ -660,6 +660,23 @@ def stream_merge(mllm, out, produce_for, *, max_shard_size=None) -> dict:
     return {"files": [name for name, _ in layout], "bytes": total}
 
 
+def check_out_folder(out) -> None:
+    """``out`` must be a folder path, new or holding no weights: a shard or an index left there by an earlier merge
+    would sit beside the new files and be loaded in their place (an old index names the old shards)."""
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out must be a folder path, got {type(out).__name__}")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"out must be a folder; {os.fspath(out)} is a file")
+    if path.is_dir():
+        weights = sorted(item.name for item in path.iterdir() if item.name.endswith((".safetensors", ".index.json"))
+                         or item.suffix in PICKLE_SUFFIXES)
+        if weights:
+            shown = ", ".join(weights[:3]) + (", ..." if len(weights) > 3 else "")
+            raise ValueError(f"out {os.fspath(out)} already holds weights ({shown}); they would be loaded beside or "
+                             f"instead of the merged ones: remove them or choose a new folder")
+
+
 # ---- nograd.merge ----------------------------------------------------------------------------------------------------
 def merge(method: str = "frank", /, *, mllm, reasoning, base=None, out, **options) -> dict:
     """Merge ``reasoning`` (and ``base``) into the MLLM checkpoint folder ``mllm``, streamed, writing ``out``.
@@ -668,8 +685,9 @@ def merge(method: str = "frank", /, *, mllm, reasoning, base=None, out, **option
 
     ``mllm`` is a safetensors checkpoint folder; ``reasoning`` and ``base`` are folders or loaded models. The options
     are those of ``nograd.apply(mllm_model, method, ...)`` (``rule``, ``prior``, ``layers``, ...) plus
-    ``max_shard_size`` (None keeps the MLLM's shard layout). Tensors are read one at a time, the output is written
-    tensor by tensor under the MLLM checkpoint's own key names, with a ``model.safetensors.index.json`` when sharded.
+    ``max_shard_size`` (None keeps the MLLM's shard layout). ``out`` is a new folder or one without weights. Tensors
+    are read one at a time, the output is written tensor by tensor under the MLLM checkpoint's own key names, with a
+    ``model.safetensors.index.json`` when sharded.
     Returns the report (what ``h.stats`` holds for the in-place merge), plus ``out``, ``files`` and ``bytes``.
     """
     from . import registry
@@ -681,10 +699,7 @@ def merge(method: str = "frank", /, *, mllm, reasoning, base=None, out, **option
     if not isinstance(mllm, (str, os.PathLike)):
         raise TypeError(f"mllm must be the path of a safetensors checkpoint folder, got {type(mllm).__name__}; to "
                         f"merge into a loaded model use nograd.apply(model, {method!r}, ...), then save_pretrained")
-    if not isinstance(out, (str, os.PathLike)):
-        raise TypeError(f"out must be a folder path, got {type(out).__name__}")
-    if Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"out must be a folder; {os.fspath(out)} is a file")
+    check_out_folder(out)
     config = cls.Config.from_options({**options, "reasoning": reasoning, "base": base})
     with warnings.catch_warnings():
         warnings.simplefilter("default")

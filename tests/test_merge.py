@@ -82,6 +82,23 @@ def test_mllm_unchanged_when_lambda_r_is_zero(saved_trio, tmp_path):
     assert a == b
 
 
+def test_out_holding_weights_is_refused(saved_trio, tmp_path):
+    # an earlier sharded merge in out: its index would point from_pretrained at its old shards beside a new single file
+    folder, mllm, reasoning, base = saved_trio
+    out = tmp_path / "out"
+    nograd.merge("frank", mllm=folder / "mllm", reasoning=reasoning, base=base, out=out, max_shard_size="150KB")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match=r"already holds weights \(model-00001-of-.*\.safetensors, .*, \.\.\.\)"):
+        nograd.merge("frank", mllm=folder / "mllm", reasoning=reasoning, base=base, out=out, rule="linear")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(ValueError, match=r"already holds weights \(model\.safetensors\)"):  # the reasoning LLM's own
+        nograd.merge("frank", mllm=folder / "mllm", reasoning=reasoning, base=base, out=folder / "base")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("kept")  # a folder without weights is fine
+    nograd.merge("frank", mllm=folder / "mllm", reasoning=reasoning, base=base, out=tmp_path / "notes")
+    assert (tmp_path / "notes" / "README.md").read_text() == "kept"
+
+
 def test_pickle_checkpoints_are_refused(saved_trio, tmp_path):
     folder, mllm, reasoning, base = saved_trio
     (tmp_path / "bad").mkdir()

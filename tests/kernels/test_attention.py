@@ -526,3 +526,23 @@ def test_blend_skips_identity_heads(monkeypatch, shape, causal, bias_shape, use_
     assert torch.equal(got[identity], own[identity])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert sum(computed) == int((~identity).sum())  # 4 + 2 of 12 (batch, head) pairs: none with u = 1
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])  # FlexAttention has no backward on CPU (torch's own error)
+def test_a_row_that_sees_no_key_has_finite_gradients(backend):
+    """A pad query of a left-padded batch sees no key: its output is 0 and its LSE -inf, and its gradient is 0 (not
+    the NaN of ``torch.logsumexp``'s backward, which would reach every parameter under training); the other rows'
+    gradients equal those computed without the dead row."""
+    q, k, v = (t.requires_grad_() for t in inputs((1, 4, 2, 6, 9, 16)))
+    bias = torch.zeros(1, 1, 9)
+    bias[..., :3] = -float("inf")  # with causal=True and M=6 < N=9, query 0 sees keys 0..3, so hide 0..3
+    bias[..., 3] = -float("inf")
+    out, lse = kernels.attention(q, k, v, key_bias=bias, causal=True, return_lse=True, backend=backend)
+    assert torch.isneginf(lse[..., 0]).all() and not out[:, :, 0].any()
+    loss = out.square().sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads) and not grads[0][:, :, 0].any()
+    live = kernels.attention(q[:, :, 1:], k, v, key_bias=bias, causal=True, return_lse=True, backend="eager")
+    want = torch.autograd.grad(live[0].square().sum() + live[1].sum(), (q, k, v))
+    torch.testing.assert_close(grads[0], want[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(grads[1], want[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(grads[2], want[2], atol=1e-5, rtol=0)

@@ -64,3 +64,17 @@ def test_two_lse_passes_equal_the_reference(shape, kwargs):
     torch.testing.assert_close(mass, want_mass, atol=1e-5, rtol=0)
     auto, _ = kernels.attention_rescaled_set(q, k, v, key_set=key_set, factor=0.4, key_bias=bias, **kwargs)
     assert torch.equal(auto, want)  # CPU: auto takes the reference (the LSE needs the matrix there anyway)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_a_row_that_sees_no_key_has_finite_gradients(backend):
+    """ACT under training on a left-padded batch: a pad query sees no key; its gradient is 0, never NaN."""
+    q, k, v, key_set, _ = case((1, 4, 2, 6, 9, 16))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    bias = torch.zeros(1, 1, 9)
+    bias[..., :4] = -float("inf")  # causal, M=6 < N=9: query 0 sees keys 0..3 only
+    out, mass = kernels.attention_rescaled_set(q, k, v, key_set=key_set, factor=0.4, key_bias=bias, causal=True,
+                                               backend=backend)
+    assert not out[:, :, 0].any() and not mass[:, :, 0].any()
+    grads = torch.autograd.grad(out.square().sum() + mass.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads) and not grads[0][:, :, 0].any()

@@ -102,6 +102,22 @@ def test_left_padded_rows_equal_prompts_alone(build, padded_batch, family, attn)
                                        rtol=0)
 
 
+def test_training_on_a_left_padded_batch_has_finite_gradients(build, padded_batch):
+    """A pad query sees no key; under autograd its rows must give zero gradients, not NaN in every parameter."""
+    model = build("llama")
+    ids, mask = padded_batch
+    model.train()
+    try:
+        with nograd.apply(model, "act", layers=(0, None), threshold=0.05) as handle:
+            loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+            loss.backward()
+            assert sum(handle.stats["sinks"].values()) > 0  # the calibration ran
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
 def test_generate_keeps_prefill_sinks_and_restores(build, padded_batch):
     model = build("qwen2")
     ids, mask = padded_batch
