@@ -8,7 +8,7 @@ from torch import nn
 
 from . import registry
 from .errors import IncompatibleMethodsError, UnsupportedModelError
-from .handle import Handle, _LIVE
+from .handle import Handle, attached, models_with_handles
 from .observe import refuse_assisted_decoding
 from .patches import adapter_for, supported_families
 
@@ -42,6 +42,25 @@ def resolve(target: Any) -> tuple[nn.Module, Any]:
     )
 
 
+def refuse_nested(model: nn.Module, method: str) -> None:
+    """Raise ``IncompatibleMethodsError`` if a method is attached to a module that contains ``model`` or that
+    ``model`` contains (a VLM and its own ``language_model``): the two would switch the same attention modules and
+    configs, each unaware of the other."""
+    for other in models_with_handles():
+        handles = attached(other)
+        if other is model or not handles:
+            continue
+        if any(module is model for module in other.modules()):
+            relation = "which contains it"
+        elif any(module is other for module in model.modules()):
+            relation = "a part of it"
+        else:
+            continue
+        raise IncompatibleMethodsError(
+            f"cannot attach {method!r} to {type(model).__name__}: {handles[0].method!r} is attached to "
+            f"{type(other).__name__}, {relation}; attach every method to the same object, or remove that handle first")
+
+
 def apply(target: Any, method: str, /, **options) -> Handle:
     """Attach ``method`` to ``target`` with ``options``; returns the Handle that removes it.
 
@@ -65,12 +84,15 @@ def apply(target: Any, method: str, /, **options) -> Handle:
         )
     instance = method_cls(adapter, config)
     instance.check_model()
-    for other in _LIVE.get(model, []):
-        shared = registry.get(other.method).claims() & method_cls.claims()
+    refuse_nested(model, method_cls.name)
+    for other in attached(model):
+        other_cls = registry.get(other.method)
+        shared = method_cls.conflicts(other_cls)
         if shared:
+            verb = "already holds" if shared & other_cls.claims() else "reads"  # e.g. token dropping after a reader
             raise IncompatibleMethodsError(
                 f"cannot attach {method_cls.name!r} to {type(model).__name__}: the attached {other.method!r} "
-                f"already holds {', '.join(sorted(shared))}; remove that handle first"
+                f"{verb} {', '.join(sorted(shared))}; remove that handle first"
             )
     handle = Handle(model, adapter, method_cls.name, config, processor, target)
     try:

@@ -195,7 +195,8 @@ def residual_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the registered function ---------------------------------------------------------------------------------------
-_PATCH_OF_MODULE: "weakref.WeakKeyDictionary[nn.Module, AttentionPatch]" = weakref.WeakKeyDictionary()
+_PATCH_OF_MODULE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref[AttentionPatch]]" = weakref.WeakKeyDictionary()
+"""Attention module -> its model's patch, both held weakly (the model holds the patch: ``ModelPatch.acquire``)."""
 _REGISTERED: dict[str, int] = {}
 
 
@@ -208,7 +209,8 @@ def base_function(base: str, module: nn.Module) -> Callable:
 
 def _make_function(base: str) -> Callable:
     def nograd_attention(module, query, key, value, attention_mask, **kwargs):
-        patch = _PATCH_OF_MODULE.get(module)
+        ref = _PATCH_OF_MODULE.get(module)
+        patch = ref() if ref is not None else None
         interventions = patch.interventions.get(module) if patch is not None else None
         def run_base():
             return base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
@@ -238,6 +240,11 @@ def _unregister(name: str) -> None:
         del _REGISTERED[name]
         AttentionInterface._global_mapping.pop(name, None)
         AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def _unregister_all(names: list[str]) -> None:
+    for name in names:
+        _unregister(name)
 
 
 def registered_names() -> list[str]:
@@ -279,14 +286,11 @@ class ModelPatch:
     """What nograd installs on one model to run interventions, shared by every handle on it.
 
     One instance per model and subclass, reference-counted by interventions: ``acquire`` installs it with the first,
-    ``discard`` of the last calls ``_uninstall``, which restores exactly what ``__init__`` replaced.
+    ``discard`` of the last calls ``_uninstall``, which restores exactly what ``__init__`` replaced. The model holds
+    its patches (attribute ``PATCHES``, gone with the last one), so nothing global keeps a model alive.
     """
 
-    _of_model: "weakref.WeakKeyDictionary[nn.Module, ModelPatch]"
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        cls._of_model = weakref.WeakKeyDictionary()
+    PATCHES = "_nograd_patches"
 
     def __init__(self, model: nn.Module, adapter):
         self.model = model
@@ -297,9 +301,10 @@ class ModelPatch:
 
     @classmethod
     def acquire(cls, model: nn.Module, adapter) -> "ModelPatch":
-        patch = cls._of_model.get(model)
+        patch = model.__dict__.get(cls.PATCHES, {}).get(cls)
         if patch is None:
-            patch = cls._of_model[model] = cls(model, adapter)
+            patch = cls(model, adapter)
+            model.__dict__.setdefault(cls.PATCHES, {})[cls] = patch
         return patch
 
     def add(self, module: nn.Module, intervention: Intervention) -> None:
@@ -312,8 +317,11 @@ class ModelPatch:
             ours.remove(intervention)
         if not ours:
             self.interventions.pop(module, None)
-        if not self.interventions and type(self)._of_model.get(self.model) is self:
-            type(self)._of_model.pop(self.model, None)
+        patches = self.model.__dict__.get(self.PATCHES, {})
+        if not self.interventions and patches.get(type(self)) is self:
+            del patches[type(self)]
+            if not patches:
+                del self.model.__dict__[self.PATCHES]
             self._uninstall()
 
     def _uninstall(self) -> None:
@@ -340,6 +348,8 @@ class AttentionPatch(ModelPatch):
         super().__init__(model, adapter)
         self._saved = _config_implementations(model)
         self.names = [self._switch(adapter.attn_config_key, adapter.attn_implementation, adapter.attention_modules)]
+        self._unregister = weakref.finalize(self, _unregister_all, self.names)
+        """Drops the registrations once: at ``_uninstall``, or when a model dropped with a method attached is freed."""
         self._vision: set[nn.Module] = set()
         batch_module = adapter.padding_mask_module
         self._signature = inspect.signature(batch_module.forward)
@@ -355,8 +365,16 @@ class AttentionPatch(ModelPatch):
         name = _register(base)
         self.model.set_attn_implementation(name if config_key is None else {config_key: name})
         for module in modules:
-            _PATCH_OF_MODULE[module] = self
+            _PATCH_OF_MODULE[module] = weakref.ref(self)
+        self._ours = {key: config for key, (config, implementation) in _config_implementations(self.model).items()
+                      if implementation is not None and implementation.startswith(PREFIX)}
         return name
+
+    def _replaced(self) -> list:
+        """The configs whose implementation is no longer the nograd name set at install (a user's
+        ``set_attn_implementation`` after ``apply``)."""
+        return [config for config in self._ours.values()
+                if not (config._attn_implementation_internal or "").startswith(PREFIX)]
 
     def add(self, module: nn.Module, intervention: Intervention) -> None:
         if not self._vision and module in getattr(self.adapter, "vision_attention_modules", ()):
@@ -371,12 +389,19 @@ class AttentionPatch(ModelPatch):
         self._hook.remove()
         for module in [*self.adapter.attention_modules, *self._vision]:
             _PATCH_OF_MODULE.pop(module, None)
-        for config, implementation in self._saved.values():
-            config._attn_implementation_internal = implementation
-        for name in self.names:
-            _unregister(name)
+        replaced = {id(config) for config in self._replaced()}
+        for key, (config, implementation) in self._saved.items():
+            if key not in replaced:  # an implementation the user set after apply stays
+                config._attn_implementation_internal = implementation
+        self._unregister()
 
     def _capture_batch(self, module, args, kwargs):
+        replaced = self._replaced()
+        if replaced:
+            now = ", ".join(sorted({repr(config._attn_implementation_internal) for config in replaced}))
+            raise RuntimeError(f"nograd: the attention implementation of {type(self.model).__name__} was set to {now} "
+                               "after nograd.apply (set_attn_implementation?), so the attached methods would not run; "
+                               "remove the handles, set the implementation, then apply the methods again")
         bound = bound_inputs(self._signature, args, kwargs)
         refuse_unsupported_call(bound, self.model.config)
         mask = bound.get("attention_mask")

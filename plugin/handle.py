@@ -7,7 +7,11 @@ from typing import Any, Callable
 
 from torch import nn
 
-_LIVE: "weakref.WeakKeyDictionary[nn.Module, list[Handle]]" = weakref.WeakKeyDictionary()
+HANDLES = "_nograd_handles"
+"""The attribute of a model that holds its live handles (removed with the last one). The model keeps them alive and
+nothing global does: a model dropped with a method still attached is garbage-collected as usual."""
+_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+"""Every model with a live handle, held weakly (for checks that span models)."""
 
 
 class Handle:
@@ -46,7 +50,8 @@ class Handle:
 
     def _activate(self) -> None:
         self._live = True
-        _LIVE.setdefault(self.model, []).append(self)
+        self.model.__dict__.setdefault(HANDLES, []).append(self)
+        _MODELS.add(self.model)
 
     @property
     def live(self) -> bool:
@@ -59,11 +64,12 @@ class Handle:
             undo()
         if self._live:
             self._live = False
-            handles = _LIVE.get(self.model, [])
+            handles = self.model.__dict__.get(HANDLES, [])
             if self in handles:
                 handles.remove(self)
             if not handles:
-                _LIVE.pop(self.model, None)
+                self.model.__dict__.pop(HANDLES, None)
+                _MODELS.discard(self.model)
 
     def __enter__(self) -> "Handle":
         return self
@@ -80,7 +86,12 @@ class Handle:
 
 def attached(model: nn.Module) -> list[Handle]:
     """The live handles on ``model`` (a model, or a pipeline's model), oldest first."""
-    return list(_LIVE.get(model, []))
+    return list(model.__dict__.get(HANDLES, []))
+
+
+def models_with_handles() -> list[nn.Module]:
+    """Every model that has a live handle now."""
+    return list(_MODELS)
 
 
 def remove_all(model: nn.Module) -> None:

@@ -84,6 +84,22 @@ def test_same_method_twice_is_refused_and_model_untouched(build, padded_batch):
     first.remove()
 
 
+@pytest.mark.parametrize("outer_first", [True, False])
+def test_a_model_and_its_own_language_model_cannot_both_carry_methods(build, outer_first):
+    """A VLM and its ``language_model`` share attention modules and configs: a method on each would switch them
+    unaware of the other (silently off, then a broken registration on remove), so the second apply is refused."""
+    model = build("llava")
+    inner = model.model.language_model
+    first, second = (model, inner) if outer_first else (inner, model)
+    with nograd.apply(first, "zerotuning", gamma=2.0):
+        saved, names = snapshot(model), attn_names(model)
+        relation = "which contains it" if outer_first else "a part of it"
+        with pytest.raises(nograd.IncompatibleMethodsError, match=f"'zerotuning' is attached to .*, {relation}"):
+            nograd.apply(second, "act")
+        assert same_state(model, saved) and attn_names(model) == names and nograd.attached(second) == []
+    assert registered_names() == []
+
+
 @dataclass(frozen=True)
 class LastKeyConfig(nograd.MethodConfig):
     bias: float = nograd.option(1.0, "logit bias on each row's last key")
@@ -171,3 +187,34 @@ def test_failed_attach_rolls_back(build, padded_batch):
         nograd.registry.unregister("test_broken")
     assert attn_names(model) == names and torch.equal(logits(model, ids, mask), plain)
     assert nograd.attached(model) == [] and registered_names() == []
+
+
+def _target(method):
+    """A model (or pipeline) ``method`` attaches to, and its options."""
+    if method in ("refam", "softpag", "pag", "headhunter"):
+        pytest.importorskip("diffusers")
+        options = {"refam": {}, "softpag": dict(heads={0: [1]}), "pag": {},
+                   "headhunter": dict(heads={0: [1]})}[method]
+        return nograd.tiny.sd3(), options
+    if method in ("zerotuning", "act"):
+        return nograd.tiny.llm()[0], {}
+    model, processor = nograd.tiny.vlm("llava")
+    if method == "frank":
+        return model, dict(reasoning=nograd.tiny.llm(layers=8)[0], rule="linear", lambda_r=0.5)
+    return model, (dict(processor=processor) if method == "carve" else {})
+
+
+@pytest.mark.parametrize("method", ["act", "carve", "clearsight", "fastv", "frank", "headhunter", "pag", "pai", "paint",
+                                    "pyramiddrop", "refam", "softpag", "zerotuning"])
+def test_a_model_dropped_with_a_method_attached_is_freed(method):
+    """Nothing global holds a model: dropped with its handle still live, it is garbage-collected, and the attention
+    names nograd registered for it go with it."""
+    import gc
+    import weakref
+
+    target, options = _target(method)
+    handle = nograd.apply(target, method, **options)
+    model = weakref.ref(handle.model)
+    del target, handle, options
+    gc.collect()
+    assert model() is None and registered_names() == []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nograd
-from checks import TEXT_FAMILIES
+from checks import TEXT_FAMILIES, attn_names
 from nograd.attention import Intervention, intervene, split_mask
 from nograd import kernels
 from nograd.kernels import causal_visibility
@@ -186,3 +186,20 @@ def test_edited_rows_over_the_base_equal_the_fused_path(build, padded_batch, mon
     real = mask.bool()
     torch.testing.assert_close(over_base[real], fused[real], atol=1e-5, rtol=0)
     assert (over_base - logits(model, ids, mask))[real].abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family, switch", [("llama", "eager"), ("llava", {"text_config": "eager"})])
+def test_an_implementation_set_after_apply_raises_and_stays(build, family, switch):
+    """``set_attn_implementation`` after ``apply`` would switch the method off unseen: the next forward raises, and
+    ``remove()`` keeps the user's implementation (and unregisters nograd's names) instead of restoring the old one."""
+    model = build(family)
+    ids = torch.randint(4, 100, (1, 9))
+    with nograd.apply(model, "zerotuning", gamma=2.0):
+        model.set_attn_implementation(switch)
+        user = attn_names(model)
+        with pytest.raises(RuntimeError, match=r"was set to 'eager' after nograd\.apply"):
+            logits(model, ids)
+    assert attn_names(model) == user and nograd.attention.registered_names() == []
+    plain = logits(model, ids)
+    model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(logits(model, ids), plain, atol=1e-5, rtol=0)  # eager as the user set it, unsteered

@@ -94,7 +94,8 @@ class ACT(Method):
              "through Attention Calibration")
     arxiv = "2406.15765"
     kinds = ("text", "vlm")
-    resources = ("score_edit", "token_layout")  # sinks are kept by key position, which token dropping moves
+    resources = ("score_edit",)
+    reads = ("token_layout",)  # sinks are kept by key position, which token dropping moves
     Config = ACTConfig
 
     def layers(self) -> range:

@@ -27,6 +27,10 @@ class Method:
     resources: ClassVar[tuple[str, ...]] = ()
     """What the method needs for itself on a model. Two methods claiming the same resource cannot share a model;
     every method claims its own name (it cannot be attached twice)."""
+    reads: ClassVar[tuple[str, ...]] = ()
+    """What the method relies on without holding it: it shares a model with other readers, but not with a method
+    that claims the same name in ``resources`` (``"token_layout"``: methods that find keys by position read it,
+    token dropping changes it)."""
 
     def __init__(self, adapter, config: MethodConfig):
         self.adapter = adapter
@@ -35,6 +39,12 @@ class Method:
     @classmethod
     def claims(cls) -> set[str]:
         return {cls.name, *cls.resources}
+
+    @classmethod
+    def conflicts(cls, other: type["Method"]) -> set[str]:
+        """What keeps ``cls`` and ``other`` off one model: a resource both claim, or one that one claims and the
+        other reads (empty: they share it)."""
+        return (cls.claims() & other.claims()) | (cls.claims() & set(other.reads)) | (set(cls.reads) & other.claims())
 
     def supports_assisted_decoding(self) -> bool:
         """Whether ``generate()``'s assisted / prompt-lookup decoding gives this method's results. Its first forward

@@ -187,7 +187,7 @@ class CARVE(Method):
     kinds = ("vlm",)
     families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "qwen3_vl", "gemma3",
                 "mistral3", "internvl")
-    resources = ("token_layout",)  # its row probes read image keys by position, which token dropping moves
+    reads = ("token_layout",)  # its row probes read image keys by position, which token dropping moves
     Config = CARVEConfig
 
     def layers(self) -> list[int]:

@@ -213,7 +213,8 @@ class VisualEditMethod(Method):
     """Base of the VLM score-edit methods: subclasses give the per-position coefficients and the default layers."""
 
     kinds = ("vlm",)
-    resources = ("score_edit", "token_layout")
+    resources = ("score_edit",)
+    reads = ("token_layout",)
     default_layers: tuple[float, float] = (0.0, 1.0)
     measures_heads: bool = False
     """Whether the layers' edits read each head's visual share (``record_visual_share``)."""

@@ -135,7 +135,7 @@ class ZeroTuning(Method):
     paper = "ZeroTuning: Unlocking the Initial Token's Power to Enhance Large Language Models Without Training"
     arxiv = "2505.11739"
     kinds = ("text", "vlm")
-    resources = ("token_layout",)  # the initial token's key index, which token dropping moves
+    reads = ("token_layout",)  # the initial token's key index, which token dropping moves
     Config = ZeroTuningConfig
 
     def check_model(self) -> None:

@@ -11,14 +11,17 @@ from checks import attention_function, attn_names, same_state, snapshot
 
 
 
-def official_act(layers, heads, beta=0.4, threshold=0.1):
+def official_act(layers, heads, beta=0.4, threshold=0.1, first_key_bias=0.0):
     """``llama_modelling_aug.py`` on one unpadded prompt: post-softmax A, per-key mean over the queries that see the
-    key, sinks above the threshold minus the first one, then ``beta * A`` on sinks and the rest renormalised."""
+    key, sinks above the threshold minus the first one, then ``beta * A`` on sinks and the rest renormalised.
+    ``first_key_bias`` adds a logit bias to key 0 of every layer and head first (ZeroTuning's ``ln gamma``)."""
 
     def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         groups = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(groups, 1).float(), value.repeat_interleave(groups, 1).float()
-        weights = ((query.float() @ key.transpose(-1, -2)) * scaling + attention_mask.float()).softmax(-1)
+        logits = (query.float() @ key.transpose(-1, -2)) * scaling + attention_mask.float()
+        logits[..., 0] += first_key_bias
+        weights = logits.softmax(-1)
         if module.layer_idx in layers:
             n = weights.shape[-1]
             mean = weights.sum(2) / torch.arange(n, 0, -1)
@@ -74,6 +77,29 @@ def test_equals_the_official_algorithm(build, reference_logits, family):
         assert handle.stats["layers"] == [1, 2] and all(count > 0 for count in handle.stats["sinks"].values())
     assert (got - plain).abs().max() > 1e-4
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_shares_a_model_with_zerotuning(build, reference_logits):
+    """Both read keys by position and neither moves them: they stack. The sinks are found on ZeroTuning's biased
+    attention (ACT sees the call as it runs), which the reference writes out; gamma=1 leaves ACT's logits exactly."""
+    import math
+
+    model = build("llama")
+    ids = torch.randint(4, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    expected = reference_logits(model, ids, layers={1, 2}, heads=[0, 2], first_key_bias=math.log(1.5))
+    plain = logits(model, ids)
+    with nograd.apply(model, "act", layers=(1, None), heads=[0, 2]):
+        act_alone = logits(model, ids)
+        with nograd.apply(model, "zerotuning", gamma=1.0):
+            assert torch.equal(logits(model, ids), act_alone)
+        zerotuning = nograd.apply(model, "zerotuning", gamma=1.5)
+        both = logits(model, ids)
+    torch.testing.assert_close(both, expected, atol=1e-5, rtol=0)
+    act = nograd.apply(model, "act", layers=(1, None), heads=[0, 2])  # the other order, and ACT removed first
+    assert torch.equal(logits(model, ids), both)
+    act.remove()
+    zerotuning.remove()
+    assert nograd.attached(model) == [] and torch.equal(logits(model, ids), plain)
 
 
 def test_per_layer_head_table(build, reference_logits):

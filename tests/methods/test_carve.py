@@ -147,6 +147,30 @@ def test_pipeline_gives_the_same_answer_as_generate(carve_models):
     assert "_forward" not in vars(pipe) and "preprocess" not in vars(pipe)
 
 
+def test_reads_the_attention_of_the_methods_it_shares_a_model_with(carve_models):
+    """CARVE reads image keys by position and moves none: it shares a model with ZeroTuning and the visual edits,
+    and its maps are those of the steered model (gamma=1 leaves them exactly); token dropping stays refused."""
+    model = carve_models("llava")
+    saved, names = snapshot(model), attn_names(model)
+    picture = image(70, 42, seed=6)
+    with nograd.apply(model, "carve", processor=PROCESSORS["llava"]()) as handle:
+        alone = handle.generate(picture, QUESTION)
+        with nograd.apply(model, "zerotuning", gamma=1.0):
+            neutral = handle.generate(picture, QUESTION)
+        with nograd.apply(model, "zerotuning", gamma=8.0):
+            steered = handle.generate(picture, QUESTION)
+        with nograd.apply(model, "pai", alpha=0.5) as pai:
+            edited = handle.generate(picture, QUESTION)
+            assert pai.stats["edited_calls"] > 0
+        with pytest.raises(nograd.IncompatibleMethodsError, match="the attached 'carve' reads token_layout"):
+            nograd.apply(model, "fastv")
+    # (a repeated question reads the cached general pass: equal up to rounding)
+    torch.testing.assert_close(neutral.saliency, alone.saliency, atol=1e-5, rtol=1e-6)
+    assert neutral.text == alone.text and (steered.saliency - alone.saliency).abs().max() > 1e-3
+    assert edited.saliency.shape == alone.saliency.shape
+    assert same_state(model, saved) and attn_names(model) == names and nograd.attached(model) == []
+
+
 def test_remove_restores_the_model_and_bad_options_raise(carve_models):
     model = carve_models("qwen2_vl")
     saved, names = snapshot(model), attn_names(model)

@@ -14,8 +14,10 @@ from tiny.vlm import IMAGE, VIDEO, VIDEO_FAMILIES, make_inputs, make_video_input
 FAMILIES = ["llava", "qwen2_vl", "llava_onevision"]
 
 
-def official_edit(image, system, prompt_end, image_end, layers, alpha=0.0, enhance=1.0, suppress=1.0):
-    """Dense eager attention with the official edits written out.
+def official_edit(image, system, prompt_end, image_end, layers, alpha=0.0, enhance=1.0, suppress=1.0, first_real=None,
+                  first_key_bias=0.0):
+    """Dense eager attention with the official edits written out (and ``first_key_bias``, ZeroTuning's ``ln gamma``,
+    on each row's first real key ``first_real`` in every layer).
 
     PAI (``llama_new_forward``): after the mask add, on the rows from the prompt's last token on,
     ``s + alpha * |s|`` on image keys. ClearSight (``AttnAdapter``): on the rows after the image, the raw logits of
@@ -38,6 +40,8 @@ def official_edit(image, system, prompt_end, image_end, layers, alpha=0.0, enhan
         if module.layer_idx in layers:
             from_end = (rows[None, :] >= prompt_end[:, None])[:, None, :, None]
             scores = torch.where(from_end & keys_image, scores + alpha * scores.abs(), scores)
+        if first_key_bias:
+            scores[torch.arange(scores.shape[0]), :, :, first_real] += first_key_bias
         out = scores.softmax(-1) @ value
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
@@ -54,7 +58,7 @@ def reference_logits():
         system = mask & (positions[None, :] < first_image[:, None])
         prompt_end = torch.where(mask, positions, -1).amax(1)
         image_end = torch.where(image, positions + 1, 0).amax(1)
-        reference = official_edit(image, system, prompt_end, image_end, **edit)
+        reference = official_edit(image, system, prompt_end, image_end, first_real=mask.int().argmax(1), **edit)
         with attention_function(model, reference, "text_config"), torch.no_grad():
             return model(**inputs).logits
 
@@ -89,6 +93,33 @@ def test_pai_equals_the_official_edit(build, reference_logits, family):
     # only the prompt's last row changes at prefill: every earlier row is the base implementation's, bit for bit
     assert torch.equal(got[:, :-1], plain[:, :-1])
     assert (got[:, -1] - plain[:, -1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("method, options, edit", [("pai", dict(alpha=0.5, layers=(1, None)), dict(layers={1}, alpha=0.5)),
+                                                   ("clearsight", dict(enhance=1.6, suppress=0.7, layers=(0, 1)),
+                                                    dict(layers={0}, enhance=1.6, suppress=0.7))])
+def test_shares_a_model_with_zerotuning(build, reference_logits, method, options, edit):
+    """Neither moves keys: the edits stack with ZeroTuning's bias on each row's first real key (a padded batch), in
+    either order, equal to both written out; gamma=1 leaves the edit's logits exactly."""
+    import math
+
+    model = build("llava")
+    inputs = make_inputs("llava", model, batch=2)
+    real = inputs["attention_mask"].bool()
+    assert not real.all()  # left padding: the first real key is not key 0 in every row
+    plain = logits(model, inputs)
+    expected = reference_logits(model, inputs, first_key_bias=math.log(2.0), **edit)
+    with nograd.apply(model, method, **options):
+        alone = logits(model, inputs)
+        with nograd.apply(model, "zerotuning", gamma=1.0):
+            assert torch.equal(logits(model, inputs), alone)
+        zerotuning = nograd.apply(model, "zerotuning", gamma=2.0)
+        both = logits(model, inputs)
+    torch.testing.assert_close(both[real], expected[real], atol=1e-5, rtol=0)
+    with nograd.apply(model, method, **options):
+        assert torch.equal(logits(model, inputs), both)
+    zerotuning.remove()
+    assert torch.equal(logits(model, inputs), plain)
 
 
 @pytest.mark.parametrize("images", [True, False], ids=["images+video", "video"])
