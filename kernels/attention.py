@@ -68,6 +68,11 @@ class ScoreEdit:
     mul_coef: torch.Tensor | None = None
     rows_from: torch.Tensor | None = None
 
+    @property
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """The coefficients (for autograd checks: a coefficient that requires grad needs a backend with a backward)."""
+        return self.abs_coef, self.mul_coef
+
     def first_row(self, m: int, n: int) -> int:
         """The first query row (of M) that any batch row edits (M if none)."""
         if self.rows_from is None:
@@ -133,14 +138,18 @@ def _check(q, k, v, key_bias, blend, backend, window=None):
     if not q.dtype == k.dtype == v.dtype or not q.device == k.device == v.device:
         raise ValueError(f"q, k, v must share a dtype and a device; got {q.dtype}/{k.dtype}/{v.dtype} on "
                          f"{q.device}/{k.device}/{v.device}")
-    if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[0] != b or k.shape[3] != d:
-        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)} (k and v are "
+                         "(B, H_kv, N, D) with the D of q)")
     if h % k.shape[1]:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({k.shape[1]})")
     if key_bias is not None:  # by hand: torch.broadcast_shapes costs more than a decode step's attention on CPU
+        if not key_bias.is_floating_point():
+            raise ValueError(f"key_bias is a logit bias (floating point, -inf hides a key); got {key_bias.dtype} "
+                             "(a boolean mask becomes one with nograd.kernels.padding_to_bias)")
         target = (b, h, k.shape[2])
         shape = (1,) * (3 - key_bias.dim()) + tuple(key_bias.shape)
-        if key_bias.dim() > 3 or any(size not in (1, want) for size, want in zip(shape, target)):
+        if not 1 <= key_bias.dim() <= 3 or any(size not in (1, want) for size, want in zip(shape, target)):
             raise ValueError(f"key_bias {tuple(key_bias.shape)} does not broadcast to (B, H, N) = {target}")
     if window is not None and not window >= 1:
         raise ValueError(f"window must be a number of positions >= 1 (or None); got {window!r}")
@@ -218,18 +227,22 @@ def self_values(v: torch.Tensor, heads: int, m: int) -> torch.Tensor:
 
 def soft_identity_blend(out: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """SoftPAG: ``(1 - u) * out + u * v_self`` per head, in fp32, in ``out.dtype``, written into ``out`` (a fresh
-    attention output) and returned. Only the (batch, head) pairs with u != 0 are read and written, so u = 0 leaves
-    ``out`` exactly as it was (a perturbed row among unperturbed ones costs one row's lerp)."""
+    attention output; a new tensor where autograd records ``out``, whose backward may need it) and returned. Only the
+    (batch, head) pairs with u != 0 are read and written (every pair where u requires grad), so u = 0 leaves ``out``
+    exactly as it was (a perturbed row among unperturbed ones costs one row's lerp)."""
     b, h, m, _ = out.shape
     weight = per_pair_blend(u, b, h)
     rows, heads = torch.nonzero(weight != 0, as_tuple=True)
-    if rows.numel() == b * h:
+    if rows.numel() == b * h or (weight.requires_grad and torch.is_grad_enabled()):  # every pair has a d/du
         return torch.lerp(out.float(), self_values(v, h, m).float(), weight[..., None, None]).to(out.dtype)
     if rows.numel():
         n, groups = v.shape[2], h // v.shape[1]
         own = v[rows.to(v.device), (heads // groups).to(v.device), n - m:].float()
         rows, heads = rows.to(out.device), heads.to(out.device)
-        out[rows, heads] = torch.lerp(out[rows, heads].float(), own, weight[rows, heads][:, None, None]).to(out.dtype)
+        blended = torch.lerp(out[rows, heads].float(), own, weight[rows, heads][:, None, None]).to(out.dtype)
+        if out.requires_grad:
+            return out.index_put((rows, heads), blended)
+        out[rows, heads] = blended
     return out
 
 
@@ -238,8 +251,8 @@ def attention_eager(q, k, v, *, key_bias=None, causal=False, scale=None, mask=No
     """The reference: explicit fp32 logits, softmax and weighted sum. Returns (out in q.dtype, lse fp32)."""
     logits = scaled_logits(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap,
                            window=window, edit=edit)
+    out = _grouped_matmul(softmax_rows(logits), v.float())
     lse = logsumexp_rows(logits)
-    out = _grouped_matmul(softmax_rows(logits, lse), v.float())
     return out.to(q.dtype), lse
 
 
@@ -413,7 +426,7 @@ def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, r
     if backend in ("auto", "triton"):
         from .triton_attention import records_grad
 
-        grad = records_grad(q, k, v, key_bias, blend)
+        grad = records_grad(q, k, v, key_bias, blend, *(edit.tensors if edit is not None else ()))
         if backend == "triton" and grad:
             raise ValueError("backend='triton' is forward-only (no backward): under autograd use backend='auto', "
                              "'sdpa', 'flex' or 'eager', or run it in torch.no_grad()")
@@ -431,7 +444,8 @@ def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, r
             raise ValueError("backend='triton' runs on CUDA tensors (or anywhere under TRITON_INTERPRET=1, set before "
                              f"triton is imported); q is on {q.device}")
         return attention_triton(q, k, v, blend=blend, return_lse=return_lse, edit=edit, **args)
-    if blend is not None and backend in ("sdpa", "flex") and edit is None and not return_lse:
+    if blend is not None and backend in ("sdpa", "flex") and edit is None and not return_lse \
+            and not (blend.requires_grad and torch.is_grad_enabled()):  # u = 1 heads skipped would have no d/du
         u = per_pair_blend(blend, q.shape[0], q.shape[1])
         if bool((u == 1).any()):
             def run(q_, k_, v_, bias_, mask_, blend_):
@@ -515,6 +529,9 @@ def logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.masked_fill(dead, 0.0), dim=-1).masked_fill(dead[..., 0], -math.inf)
 
 
-def softmax_rows(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """The probabilities ``exp(logits - lse)`` of rows with LSE ``lse`` (..., M); a row that sees no key is 0."""
-    return torch.exp(logits - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
+def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``torch.softmax`` over the last dim, where a row of ``-inf`` (a query that sees no key) is 0 with a zero
+    gradient. Normalised by its own sum, not by ``exp(logits - lse)``: a row of huge finite negatives (a float mask's
+    ``finfo.min``) has an LSE that rounds to its logits, which would give every key weight 1."""
+    dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    return torch.softmax(logits.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)

@@ -4,9 +4,11 @@ ACT (Yu et al., ICML 2024, arXiv 2406.15765; spec ``extras-and-patch-points.md``
 head: the weights of the sink keys S become ``f * A_is`` and the other keys share what they gave up in proportion
 to their weights, ``A_ij * (1 - f * m_i) / (1 - m_i)`` with ``m_i = sum_{s in S} A_is``. That depends on the row
 through m_i, so it is not a key bias; it is computed exactly from two passes of ``attention`` that never hold the
-matrix: the full row (out O, LSE) and the row restricted to S (out O_S / m_i, LSE_S), with ``m_i =
-exp(LSE_S - LSE)``: ``O' = f * m * O_S_norm + (1 - f * m) / (1 - m) * (O - m * O_S_norm)``. Its reference
-(``rescaled_set_eager``, also the CPU path, where the LSE needs the matrix anyway) reweights the matrix once.
+matrix: the row restricted to S (normalised output O_S, LSE_S) and the row restricted to the rest (O_R, LSE_R), with
+``m = sigmoid(LSE_S - LSE_R)``: ``O' = f * m * O_S + (1 - f * m) * O_R``. A row whose visible keys are all in S
+(no rest: LSE_R = -inf) keeps its attention O_S; no term divides by ``1 - m``, so rounding is never amplified. Its
+reference (``rescaled_set_eager``, also the CPU path, where the LSE needs the matrix anyway) reweights the matrix
+once.
 """
 
 from __future__ import annotations
@@ -15,50 +17,49 @@ import math
 
 import torch
 
-from .attention import _grouped_matmul, attention, choose_backend, logsumexp_rows, scaled_logits, softmax_rows
+from .attention import _grouped_matmul, attention, choose_backend, scaled_logits, softmax_rows
 from .broadcast import per_key
 
 
-def _set_weights(mass: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(on the set, on the rest): the factors of each row's weights; a row with all its mass on the set (m = 1)
-    keeps its weights."""
-    movable = mass < 1.0
-    rest = torch.where(movable, (1 - factor * mass) / (1 - mass).clamp(min=1e-12), 1.0)
-    return torch.where(movable, factor, 1.0), rest
-
-
-def attention_rescaled_set(q, k, v, *, key_set: torch.Tensor, factor: float, key_bias=None, backend="auto", **kwargs):
-    """``attention(q, k, v, key_bias=..., **kwargs)`` with the weights of ``key_set`` (bool, broadcastable to
-    (B, H, N)) scaled by ``factor`` in every row and the rest renormalised; also returns ``m`` (B, H, M), the
-    mass each row had on the set before. A row with all its mass on the set (m = 1) is left unchanged. Where the
-    LSE comes from the fp32 reference anyway (``backend`` resolves to ``"eager"``: CPU), the matrix is built once
-    (``rescaled_set_eager``) instead of twice."""
+def attention_rescaled_set(q, k, v, *, key_set: torch.Tensor, factor: float, key_bias=None, causal=False, scale=None,
+                           mask=None, softcap=None, window=None, edit=None, backend="auto"):
+    """``attention(q, k, v, key_bias=..., ...)`` with the weights of ``key_set`` (bool, broadcastable to (B, H, N))
+    scaled by ``factor`` in every row and the rest renormalised; also returns ``m`` (B, H, M), the mass each row had
+    on the set before. A row that sees no key outside the set is left unchanged. Where the LSE comes from the fp32
+    reference anyway (``backend`` resolves to ``"eager"``: CPU), the matrix is built once (``rescaled_set_eager``)
+    instead of twice."""
+    common = dict(causal=causal, scale=scale, mask=mask, softcap=softcap, window=window, edit=edit)
     if backend == "auto":
         from .triton_attention import records_grad
 
-        backend = choose_backend(q, mask=kwargs.get("mask"), softcap=kwargs.get("softcap"), return_lse=True,
-                                 grad=records_grad(q, k, v, key_bias))
+        backend = choose_backend(q, mask=mask, softcap=softcap, return_lse=True,
+                                 grad=records_grad(q, k, v, key_bias, *(edit.tensors if edit is not None else ())))
     if backend == "eager":
-        return rescaled_set_eager(q, k, v, key_set=key_set, factor=factor, key_bias=key_bias, **kwargs)
-    out, lse = attention(q, k, v, key_bias=key_bias, return_lse=True, backend=backend, **kwargs)
-    only_set = torch.where(key_set, 0.0, -math.inf)
-    set_bias = only_set if key_bias is None else key_bias + only_set
-    out_set, lse_set = attention(q, k, v, key_bias=set_bias, return_lse=True, backend=backend, **kwargs)
-    # exp(-inf) where a row sees no key: its mass is 0, and no NaN of exp(-inf - -inf) reaches autograd
-    mass = torch.exp(torch.where(torch.isfinite(lse), lse_set - lse, -math.inf)).clamp(max=1.0)
-    on_set, rest = _set_weights(mass, factor)
-    out32, set32 = out.float(), out_set.float()
-    result = (on_set * mass)[..., None] * set32 + rest[..., None] * (out32 - mass[..., None] * set32)
-    return result.to(out.dtype), mass
+        return rescaled_set_eager(q, k, v, key_set=key_set, factor=factor, key_bias=key_bias, **common)
+    passes = []
+    for hidden in (torch.where(key_set, 0.0, -math.inf), torch.where(key_set, -math.inf, 0.0)):  # the set, the rest
+        passes.append(attention(q, k, v, key_bias=hidden if key_bias is None else key_bias + hidden, return_lse=True,
+                                backend=backend, **common))
+    (out_set, lse_set), (out_rest, lse_rest) = passes
+    has_set, has_rest = torch.isfinite(lse_set), torch.isfinite(lse_rest)
+    # the set's share of the row; the where()s keep exp(-inf - -inf) = NaN out of values and gradients
+    mass = torch.where(has_set & has_rest, torch.sigmoid(torch.where(has_set & has_rest, lse_set - lse_rest, 0.0)),
+                       has_set.float())
+    on_set = torch.where(has_rest, factor * mass, 1.0)[..., None]
+    result = on_set * out_set.float() + (1 - on_set) * out_rest.float()
+    return result.to(out_set.dtype), mass
 
 
 def rescaled_set_eager(q, k, v, *, key_set: torch.Tensor, factor: float, key_bias=None, **kwargs):
     """The reference of ``attention_rescaled_set``: the fp32 weights of every row, those of the set times ``factor``
-    and the others times ``(1 - factor * m) / (1 - m)``, then the weighted sum of the values (the matrix once)."""
+    and the others times ``(1 - factor * m) / r``, where ``r`` is the rest's own sum (``1 - m`` up to rounding, so
+    each row sums to 1 again), then the weighted sum of the values (the matrix once)."""
     logits = scaled_logits(q, k, key_bias=key_bias, **kwargs)
-    probs = softmax_rows(logits, logsumexp_rows(logits))
+    probs = softmax_rows(logits)
     on = per_key(key_set)[..., None, :].to(probs.device)
-    mass = (probs * on).sum(dim=-1).clamp(max=1.0)
-    on_set, rest = _set_weights(mass, factor)
-    weights = probs * torch.where(on, on_set[..., None], rest[..., None])
+    mass = (probs * on).sum(dim=-1)
+    rest = (probs * ~on).sum(dim=-1)
+    movable = rest > 0  # a row that sees no key outside the set keeps its weights
+    rest_factor = torch.where(movable, (1 - factor * mass) / torch.where(movable, rest, 1.0), 1.0)
+    weights = probs * torch.where(on, torch.where(movable, factor, 1.0)[..., None], rest_factor[..., None])
     return _grouped_matmul(weights, v.float()).to(q.dtype), mass

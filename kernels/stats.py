@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from .attention import logsumexp_rows, query_blocks, scaled_logits, softmax_rows, visible_keys
+from .attention import query_blocks, scaled_logits, softmax_rows, visible_keys
 
 
 def _probs(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
-    return softmax_rows(logits, logsumexp_rows(logits) if lse is None else lse)
+    """The rows' probabilities: normalised over ``logits`` themselves, or by a given row LSE (a block of a longer row)."""
+    if lse is None:
+        return softmax_rows(logits)
+    return torch.exp(logits - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
 
 
 def _triton(q: torch.Tensor, backend: str, mask=None, softcap=None, edit=None, inputs=()) -> bool:
@@ -80,7 +83,7 @@ def key_attention_mass(q, k, lse=None, *, key_bias=None, causal=False, scale=Non
     """
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce={reduce!r} is not one of ('sum', 'mean')")
-    if _triton(q, backend, mask, softcap, edit, inputs=(q, k, key_bias)):
+    if _triton(q, backend, mask, softcap, edit, inputs=(q, k, key_bias, lse)):
         from .triton_stats import key_attention_mass_triton
 
         return key_attention_mass_triton(q, k, lse, key_bias=key_bias, causal=causal, scale=scale, window=window,
@@ -103,8 +106,11 @@ def key_attention_mass(q, k, lse=None, *, key_bias=None, causal=False, scale=Non
 
 def attention_block(q, k, lse, *, keys: slice, key_bias=None, scale=None, backend="auto") -> torch.Tensor:
     """``exp(s - lse)`` (B, H, M, len(keys)) fp32: the probabilities of the queries ``q`` over the key span ``keys``,
-    normalised by the row LSE (B, H, M) of the full attention call (``attention(..., return_lse=True)``)."""
-    if _triton(q, backend, inputs=(q, k, key_bias)):
+    normalised by the row LSE (B, H, M) of the full attention call (``attention(..., return_lse=True)``). ``keys``
+    is a contiguous span (``slice(start, stop)``, negative and open ends as in Python)."""
+    if keys.step not in (None, 1):
+        raise ValueError(f"keys must be a contiguous span slice(start, stop); got step {keys.step}")
+    if _triton(q, backend, inputs=(q, k, key_bias, lse)):
         from .triton_stats import attention_probabilities_triton
 
         return attention_probabilities_triton(q, k, lse=lse, key_bias=key_bias, scale=scale, keys=keys)

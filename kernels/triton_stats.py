@@ -165,6 +165,7 @@ def key_attention_mass_triton(q, k, lse=None, *, key_bias=None, causal=False, sc
     if lse is None:
         _, lse = attention_triton(q, k, k, key_bias=key_bias, causal=causal, scale=scale, window=window,
                                   return_lse=True)
+    lse = lse.float().contiguous()  # the kernel steps over rows with unit stride
     q, k, bias_args, block_d, flags = _common(q, k, key_bias)
     mass = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     count = torch.empty_like(mass)
@@ -189,8 +190,11 @@ def attention_probabilities_triton(q_rows, k, *, lse=None, positions=None, key_b
     """
     b, h, r, d = q_rows.shape
     n = k.shape[2]
-    keys = keys or slice(0, n)
-    start, stop = keys.start or 0, n if keys.stop is None else keys.stop
+    start, stop, step = (keys or slice(None)).indices(n)
+    if step != 1:
+        raise ValueError(f"keys must be a contiguous span slice(start, stop); got step {step}")
+    stop = max(stop, start)
+    lse = None if lse is None else lse.float().contiguous()  # the kernel steps over rows with unit stride
     scale = d ** -0.5 if scale is None else scale
     q_rows, k, bias_args, block_d, flags = _common(q_rows, k, key_bias)
     out = torch.empty((b, h, r, stop - start), device=q_rows.device, dtype=torch.float32)

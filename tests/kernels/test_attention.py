@@ -546,3 +546,56 @@ def test_a_row_that_sees_no_key_has_finite_gradients(backend):
     torch.testing.assert_close(grads[0], want[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(grads[1], want[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(grads[2], want[2], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "eager"])
+def test_blend_gradients_equal_the_references(backend):
+    """SoftPAG weights that require grad (u = 0, 1 and between): the backends with a backward give eager's gradients,
+    d/du of a u = 1 head included (its identity shortcut is skipped), and never fail on an in-place write."""
+    q, k, v = (t.requires_grad_() for t in inputs((1, 4, 2, 6, 6, 16)))
+    u = torch.tensor([0.0, 1.0, 0.5, 0.0], requires_grad=True)
+    out = kernels.attention(q, k, v, blend=u, causal=True, backend=backend)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, u))
+    reference = kernels.attention(q, k, v, causal=True, backend="eager")
+    want_out = torch.lerp(reference.float(), v.repeat_interleave(2, 1).float(), u[None, :, None, None])
+    want = torch.autograd.grad(want_out.square().sum(), (q, k, v, u))
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_score_edit_coefficients_that_require_grad_never_meet_triton():
+    q, k, v = inputs((1, 4, 2, 6, 9, 16))
+    coef = torch.full((1, 4, 9), 0.3, requires_grad=True)
+    edit = kernels.ScoreEdit(abs_coef=coef)
+    with pytest.raises(ValueError, match="forward-only"):
+        kernels.attention(q, k, v, edit=edit, backend="triton")
+    with kernels.use_backend("triton"):
+        out = kernels.attention(q, k, v, edit=edit, causal=True)
+    got = torch.autograd.grad(out.square().sum(), coef)[0]
+    want = torch.autograd.grad(kernels.attention(q, k, v, edit=edit, causal=True, backend="eager").square().sum(),
+                               coef)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_huge_finite_negative_logits_are_normalised():
+    """A row whose keys all carry a float mask's ``finfo.min`` (or -1e9): the reference normalises it by its own sum,
+    as SDPA does (was: every weight exp(0) = 1, since the LSE rounds to the logits)."""
+    q, k, v = inputs((1, 2, 2, 5, 20, 16))
+    for value in (torch.finfo(torch.float32).min, -1e9):
+        bias = torch.zeros(1, 2, 20)
+        bias[0, 0] = value
+        eager = kernels.attention(q, k, v, key_bias=bias, backend="eager")
+        torch.testing.assert_close(eager, kernels.attention(q, k, v, key_bias=bias, backend="sdpa"), atol=1e-5,
+                                   rtol=0)
+        rows = kernels.attention_rows(q, k, key_bias=bias, backend="torch")
+        torch.testing.assert_close(rows.sum(-1), torch.ones(1, 2, 5), atol=1e-5, rtol=0)
+
+
+def test_inputs_outside_the_signature_are_refused():
+    q, k, v = inputs((1, 2, 2, 4, 6, 16))
+    with pytest.raises(ValueError, match=r"do not fit q .*\(B, H_kv, N, D\) with the D of q"):
+        kernels.attention(q, k, v[..., :8])
+    with pytest.raises(ValueError, match="key_bias is a logit bias"):
+        kernels.attention(q, k, v, key_bias=torch.ones(6, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"key_bias \(\) does not broadcast"):
+        kernels.attention(q, k, v, key_bias=torch.tensor(1.0))

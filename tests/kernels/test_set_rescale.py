@@ -78,3 +78,19 @@ def test_a_row_that_sees_no_key_has_finite_gradients(backend):
     assert not out[:, :, 0].any() and not mass[:, :, 0].any()
     grads = torch.autograd.grad(out.square().sum() + mass.sum(), (q, k, v))
     assert all(torch.isfinite(g).all() for g in grads) and not grads[0][:, :, 0].any()
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "triton"])
+def test_a_row_that_sees_only_the_set_is_unchanged(backend):
+    """Causal rows whose visible keys are all in the set have nothing to give their mass to: they keep their
+    attention exactly, whatever the rounding of their mass on the set (was: the eager path scaled them by factor)."""
+    if backend == "triton" and not triton_attention.available(torch.device("cpu")):
+        pytest.skip("triton is not installed")
+    q, k, v, _, _ = case((1, 4, 2, 9, 9, 16), seed=2)
+    key_set = torch.zeros(1, 4, 9, dtype=torch.bool)
+    key_set[..., :3] = True  # rows 0..2 see only set keys
+    out, mass = kernels.attention_rescaled_set(q, k, v, key_set=key_set, factor=0.5, causal=True, backend=backend)
+    plain = kernels.attention(q, k, v, causal=True, backend="eager")
+    torch.testing.assert_close(out[:, :, :3], plain[:, :, :3], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mass[:, :, :3], torch.ones(1, 4, 3), atol=1e-6, rtol=0)
+    assert (out[:, :, 3:] - plain[:, :, 3:]).abs().max() > 1e-3

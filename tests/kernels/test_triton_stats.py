@@ -79,3 +79,28 @@ def test_stats_backend_errors():
         kernels.key_attention_mass(q, k, backend="cuda")
     with pytest.raises(ValueError, match="dense mask"):
         kernels.key_attention_mass(q, k, mask=torch.ones(1, 1, 4, 4, dtype=torch.bool), backend="triton")
+
+
+@pytest.mark.parametrize("keys", [slice(-10, None), slice(None, -5), slice(30, 100), slice(12, 4)])
+def test_block_keys_are_a_python_slice(keys):
+    """Negative and open ends, and a stop past N, select what ``k[:, :, keys]`` does; a step is refused."""
+    q, k, v = inputs((1, 2, 2, 6, 40, 16))
+    _, lse = kernels.attention(q, k, v, backend="triton", return_lse=True)
+    got = kernels.attention_block(q, k, lse, keys=keys, backend="triton")
+    want = kernels.attention_block(cpu(q), cpu(k), cpu(lse), keys=keys, backend="torch")
+    assert got.shape == want.shape == (1, 2, 6, len(range(40)[keys]))
+    torch.testing.assert_close(cpu(got), want, atol=1e-6, rtol=0)
+    for backend in ("triton", "torch"):
+        with pytest.raises(ValueError, match="contiguous span"):
+            kernels.attention_block(q, k, lse, keys=slice(0, 40, 2), backend=backend)
+
+
+def test_a_strided_lse_is_read_by_its_strides():
+    """An LSE that is a (B, H, M) view of a (B, M, H) buffer gives the masses of its values."""
+    q, k, v = inputs((1, 4, 2, 20, 20, 16))
+    _, lse = kernels.attention(q, k, v, causal=True, backend="triton", return_lse=True)
+    strided = lse.transpose(1, 2).contiguous().transpose(1, 2)
+    assert strided.stride(2) != 1
+    for stats in (lambda x: kernels.key_attention_mass(q, k, x, causal=True, backend="triton"),
+                  lambda x: kernels.attention_block(q, k, x, keys=slice(0, 7), backend="triton")):
+        torch.testing.assert_close(stats(strided), stats(lse), atol=0, rtol=0)
