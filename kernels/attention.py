@@ -155,6 +155,8 @@ def _check(q, k, v, key_bias, blend, backend, window=None):
         raise ValueError(f"window must be a number of positions >= 1 (or None); got {window!r}")
     if blend is not None and blend.shape not in ((h,), (b, h)):
         raise ValueError(f"blend must be (H,) or (B, H) = ({h},) or ({b}, {h}); got {tuple(blend.shape)}")
+    if blend is not None and q.shape[2] > k.shape[2]:
+        raise ValueError(f"blend needs every query to have its own key (M={q.shape[2]} > N={k.shape[2]})")
 
 
 def visibility(m: int, n: int, causal: bool, window: int | None, device=None) -> torch.Tensor | None:
@@ -361,7 +363,9 @@ def _sdpa_in_query_blocks(q, k, v, key_bias, causal, window, scale):
     for r0, r1, hi in query_blocks(m, n, causal):
         lo = max(r0 + n - m - window + 1, 0) if window is not None else 0
         seen = visible_keys(torch.arange(r0, r1, device=q.device) + (n - m), torch.arange(lo, hi), causal, window)
-        bias = zero if key_bias is None else key_bias[..., lo:hi].to(q.dtype)[..., None, :]
+        bias = zero
+        if key_bias is not None:  # a bias with one key column holds for every key
+            bias = (key_bias[..., lo:hi] if key_bias.shape[-1] > 1 else key_bias).to(q.dtype)[..., None, :]
         out[:, :, r0:r1] = _packed(q[:, :, r0:r1], k[:, :, lo:hi], v[:, :, lo:hi], torch.where(seen, bias, -math.inf),
                                    scale)
     return out

@@ -599,3 +599,14 @@ def test_inputs_outside_the_signature_are_refused():
         kernels.attention(q, k, v, key_bias=torch.ones(6, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"key_bias \(\) does not broadcast"):
         kernels.attention(q, k, v, key_bias=torch.tensor(1.0))
+
+
+def test_a_one_column_bias_on_a_window_past_the_first_keys():
+    """A (B, H, 1) bias (one value for every key) on the blocked sliding-window path, whose blocks start past key 0."""
+    q, k, v = inputs((1, 2, 2, 300, 300, 16))
+    bias = torch.randn(1, 2, 1)
+    got = kernels.attention(q, k, v, key_bias=bias, causal=True, window=40, backend="sdpa")
+    want = kernels.attention(q, k, v, causal=True, window=40, backend="eager")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="blend needs every query to have its own key"):
+        kernels.attention(q, k[:, :, :10], v[:, :, :10], blend=torch.ones(2), backend="sdpa")
