@@ -14,6 +14,13 @@ _MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 """Every model with a live handle, held weakly (for checks that span models)."""
 
 
+def _refuse_deepcopy(memo) -> None:
+    """``copy.deepcopy`` of a model with live handles (``copy`` finds it on the instance): the copy would carry the
+    method's hooks and attention names half-attached, unsteered, and break once the original's handles go."""
+    raise TypeError("nograd: copy.deepcopy of a model with methods attached would copy them half-attached; copy the "
+                    "model before nograd.apply, or remove its handles first (nograd.remove_all(model))")
+
+
 class Handle:
     """One method attached to one model.
 
@@ -50,6 +57,8 @@ class Handle:
 
     def _activate(self) -> None:
         self._live = True
+        if HANDLES not in self.model.__dict__:
+            self.model.__dict__["__deepcopy__"] = _refuse_deepcopy
         self.model.__dict__.setdefault(HANDLES, []).append(self)
         _MODELS.add(self.model)
 
@@ -69,6 +78,7 @@ class Handle:
                 handles.remove(self)
             if not handles:
                 self.model.__dict__.pop(HANDLES, None)
+                self.model.__dict__.pop("__deepcopy__", None)
                 _MODELS.discard(self.model)
 
     def __enter__(self) -> "Handle":

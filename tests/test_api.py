@@ -100,6 +100,17 @@ def test_a_model_and_its_own_language_model_cannot_both_carry_methods(build, out
     assert registered_names() == []
 
 
+def test_deepcopy_refuses_a_model_with_methods_attached(build):
+    import copy
+
+    model = build("llama")
+    with nograd.apply(model, "zerotuning", gamma=2.0), nograd.apply(model, "act"):
+        with pytest.raises(TypeError, match="deepcopy of a model with methods attached"):
+            copy.deepcopy(model)
+    ids = torch.randint(4, 100, (1, 7))
+    assert torch.equal(logits(copy.deepcopy(model), ids), logits(model, ids)) and "__deepcopy__" not in vars(model)
+
+
 @dataclass(frozen=True)
 class LastKeyConfig(nograd.MethodConfig):
     bias: float = nograd.option(1.0, "logit bias on each row's last key")
