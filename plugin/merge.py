@@ -388,6 +388,8 @@ def side_of(source, what: str) -> Side | None:
     if isinstance(source, Checkpoint):
         return CheckpointSide(source, what)
     if isinstance(source, (str, os.PathLike)):
+        if not Path(source).exists():
+            raise FileNotFoundError(f"{what}: no checkpoint at {os.fspath(source)!r}")
         return CheckpointSide(source, what)
     if isinstance(source, nn.Module):
         return ModelSide(source, what)

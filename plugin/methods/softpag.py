@@ -133,6 +133,8 @@ class PAGConfig(GuidanceOptions):
 
 @dataclass(frozen=True)
 class HeadHunterConfig(SoftPAGConfig):
+    heads: object = option(None, "the guided heads (required): a HeadSet, a .json head-set file from "
+                                 "nograd.headhunter.search, 'paper:<model>/<name>' or (layer, head) pairs")
     top: object = option(None, "use only the first `top` heads of the set (its selection order; the paper's top-k "
                                "prefixes, k=9 with u=0.5 for general quality); None = all")
 

@@ -183,7 +183,7 @@ def test_remove_restores_the_model_and_bad_options_raise(carve_models):
         assert torch.equal(model(**inputs).logits, plain)
     assert same_state(model, saved) and attn_names(model) == names
     for options, name in [(dict(top_p=0), "top_p"), (dict(layers=[99]), "layers"), (dict(steps="middle"), "steps"),
-                          (dict(preset="best"), "preset"), (dict(min_regions=0), "min_regions")]:
+                          (dict(preset="best"), "preset"), (dict(preset=["paper"]), "preset"), (dict(min_regions=0), "min_regions")]:
         with pytest.raises(ValueError, match=name):
             nograd.apply(model, "carve", processor=PROCESSORS["qwen2_vl"](), **options)
     with pytest.raises(ValueError, match="processor"):

@@ -266,6 +266,8 @@ def test_validation_and_config_warnings(trio):
         nograd.apply(mllm, "frank", reasoning=reasoning, base=base, prior=[1.0, 0.0])
     with pytest.raises(ValueError, match="option layers"):
         nograd.apply(mllm, "frank", reasoning=reasoning, base=base, layers=(2, 9))
+    with pytest.raises(FileNotFoundError, match="base: no checkpoint at '/no/such/folder'"):
+        nograd.apply(mllm, "frank", reasoning=reasoning, base="/no/such/folder")
     _, other, other_base = make_trio(LAYERS, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     with pytest.warns(UserWarning, match="rope_theta"):
         h = nograd.apply(mllm, "frank", reasoning=other, base=base, prior=[1.0, 0.5, 0.5, 0.0])
