@@ -198,8 +198,8 @@ def greedy_select(pool: Iterable, evaluate: Callable[[list], list], *, k: int = 
 
     ``state`` resumes an earlier run (its ``heads``, ``rounds``, ``scores`` and the current round's ``pending``
     scores are kept); ``cost`` is the number of images one candidate costs (M prompt-seed pairs) and ``budget``
-    caps the images of this call: when the next batch would pass it, the state is returned with
-    ``complete=False``. ``on_progress`` is called after every batch (saving).
+    caps the images of this call: a batch is cut to what is left of it, and once no candidate fits, the state is
+    returned with ``complete=False``. ``on_progress`` is called after every batch (saving).
     """
     pool = sorted({tuple(int(x) for x in p) for p in pool})
     state = state if state is not None else HeadSet([])
@@ -215,9 +215,11 @@ def greedy_select(pool: Iterable, evaluate: Callable[[list], list], *, k: int = 
             if not candidates:
                 break
             todo_now = [p for p in candidates if _key(p) not in state.pending]
-            for start in range(0, len(todo_now), candidate_batch):
-                chunk = todo_now[start:start + candidate_batch]
-                if budget is not None and spent + len(chunk) * cost > budget:
+            while todo_now:
+                chunk = todo_now[:candidate_batch]
+                if budget is not None:
+                    chunk = chunk[:max((budget - spent) // cost, 0)]  # the candidates the budget still pays for
+                if not chunk:
                     state.complete = False
                     if on_progress:
                         on_progress(state)
@@ -225,6 +227,7 @@ def greedy_select(pool: Iterable, evaluate: Callable[[list], list], *, k: int = 
                 scores = evaluate([list(state.heads) + [p] for p in chunk])
                 for p, score in zip(chunk, scores):
                     state.pending[_key(p)] = float(score)
+                todo_now = todo_now[len(chunk):]
                 spent += len(chunk) * cost
                 bar.update(len(chunk) * cost)
                 if on_progress:
@@ -277,6 +280,9 @@ def search(pipe, reward: Callable, prompts: list[str], seeds: list[int] | None =
     for name, value in (("k", k), ("rounds", rounds), ("candidate_batch", candidate_batch)):
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"search: {name}={value!r} is not allowed; expected an integer >= 1")
+    if budget is not None and not (isinstance(budget, int) and budget >= len(prompts)):
+        raise ValueError(f"search: budget={budget!r} is not allowed; expected None or an integer >= {len(prompts)} "
+                         "(one candidate costs one image per prompt)")
     model, _ = nograd.resolve(pipe)
     from nograd.patches import adapter_for
 

@@ -55,6 +55,18 @@ def test_budget_stops_and_a_resume_finishes_without_repeating_work(tmp_path):
     assert done.heads == full.heads and done.scores == full.scores and done.complete
 
 
+def test_a_budget_below_one_batch_still_makes_progress():
+    """A call whose budget pays for fewer candidates than a batch scores those it pays for (was: none, forever)."""
+    full = hh.greedy_select(POOL, additive, k=2, rounds=2, candidate_batch=4)
+    state, calls = None, 0
+    while state is None or not state.complete:
+        before = len(state.pending) + sum(map(len, state.scores)) if state is not None else 0
+        state = hh.greedy_select(POOL, additive, k=2, rounds=2, candidate_batch=4, budget=3, state=state)
+        calls += 1
+        assert state.complete or len(state.pending) + sum(map(len, state.scores)) > before
+    assert state.heads == full.heads and state.scores == full.scores and calls > 2
+
+
 def test_head_set_file_round_trip_and_model_check(tmp_path):
     path = tmp_path / "set.json"
     heads = hh.HeadSet([(1, 2), (0, 3)], "SD3Transformer2DModel", 2, 4, 8, rounds=[[(1, 2), (0, 3)]],
@@ -89,6 +101,8 @@ def test_search_finds_the_planted_head_and_writes_a_loadable_preset(tmp_path):
     path = tmp_path / "found.json"
     kwargs = dict(reward=toy_reward, prompts=[prompt], k=1, rounds=2, scale=3.0, candidate_batch=3, save=path,
                   pool={0: [0, 3], 1: "all"}, progress=False, **call)
+    with pytest.raises(ValueError, match=r"budget=0 is not allowed; expected None or an integer >= 1"):
+        nograd.headhunter.search(pipe, budget=0, **kwargs)
     partial = nograd.headhunter.search(pipe, budget=3, **kwargs)
     assert not partial.complete and partial.heads == [] and len(partial.pending) == 3
     found = nograd.headhunter.search(pipe, budget=3 + 5, **kwargs)  # resumes: 3 more (round 1) + 5 (round 2)
