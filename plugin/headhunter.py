@@ -107,7 +107,7 @@ class HeadSet:
             if want is not None and have != want:
                 raise ValueError(f"heads: this head set was made for {self.model_class} with {self.num_layers} layers "
                                  f"x {self.num_heads} heads (head dim {self.head_dim}); the model is {found[0]} with "
-                                 f"{found[1]} layers x {found[2]} heads (head dim {found[3]}): {what} differ")
+                                 f"{found[1]} layers x {found[2]} heads (head dim {found[3]}): the {what} differs")
 
     def to_dict(self) -> dict:
         data = asdict(self)
