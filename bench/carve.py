@@ -38,7 +38,7 @@ sys.path[:0] = [str(ROOT / "bench")]
 
 import nograd  # noqa: E402
 from attention import Memory  # noqa: E402  (bench/attention.py)
-from nograd.tiny.processors import QwenProcessor, image  # noqa: E402
+from nograd.tiny.processors import image, qwen2_vl_processor  # noqa: E402
 from nograd.tiny.vlms import IMAGE, QWEN_TOKENS  # noqa: E402
 
 QUESTION = "What is on the left of the sign?"
@@ -81,8 +81,8 @@ def build_model(args, attn: str):
     return model.to(args.device).eval()
 
 
-def processor_for(args) -> QwenProcessor:
-    processor = QwenProcessor()
+def processor_for(args):
+    processor = qwen2_vl_processor()
     w, h = args.image
     processor.image_processor.size = {"shortest_edge": w * h, "longest_edge": w * h}  # pixel budget: no resize
     return processor

@@ -228,9 +228,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class BadInput(Exception):
+    """An input file the command cannot read (missing, not JSON, not the expected fields): one line, exit 2."""
+
+
+def read_input(what: str, load: Callable, *args):
+    """``load(*args)``, with any way an input file can be wrong raised as ``BadInput`` naming ``what``."""
+    try:
+        return load(*args)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
+        detail = f"missing field {error}" if isinstance(error, KeyError) else str(error)
+        raise BadInput(f"{what}: {detail}") from error
+
+
 def cmd_score(args) -> int:
-    truth = GroundTruth.from_coco(args.annotations, args.captions_annotations)
-    runs = load_captions(args.captions, args.image_id_key, args.caption_key)
+    truth = read_input("--annotations", GroundTruth.from_coco, args.annotations, args.captions_annotations)
+    runs = read_input("--captions", load_captions, args.captions, args.image_id_key, args.caption_key)
     results = {name: score(pairs, truth, strict=not args.allow_unknown_images) for name, pairs in runs.items()}
     print(table(results))
     if args.out:
@@ -246,14 +259,25 @@ def cmd_chair(args) -> int:
 
     options = dict(args.option)
     try:  # a bad method name or option fails before any loading, not after the plain run
-        registry.get(args.method).Config.from_options(options)
+        method = registry.get(args.method)
+        method.Config.from_options(options)
     except (ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    truth = GroundTruth.from_coco(args.annotations, args.captions_annotations)
-    chosen = select_images(annotation_images(args.annotations), args.limit, args.seed, args.images, args.order)
+    if "vlm" not in method.kinds or method.own_generate:
+        captioning = sorted(name for name, m in registry._METHODS.items() if "vlm" in m.kinds and not m.own_generate)
+        print(f"error: {args.method!r} does not caption through model.generate on a VLM; methods that do: "
+              f"{', '.join(captioning)}", file=sys.stderr)
+        return 2
+    if not os.path.isdir(args.images):
+        print(f"error: --images {args.images}: no such folder", file=sys.stderr)
+        return 2
+    truth = read_input("--annotations", GroundTruth.from_coco, args.annotations, args.captions_annotations)
+    chosen = read_input("--annotations", lambda: select_images(annotation_images(args.annotations), args.limit,
+                                                               args.seed, args.images, args.order))
     if not chosen:
-        raise SystemExit(f"no annotated image found in {args.images}")
+        print(f"error: no image of --annotations found in {args.images}", file=sys.stderr)
+        return 2
     images = [(image["id"], os.path.join(args.images, image["file_name"])) for image in chosen]
     model, processor = load_model(args.model, args.dtype, args.device)
     payload = {
@@ -291,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"chair": cmd_chair, "score": cmd_score}[args.command](args)
     except UnknownImagesError as error:
         print(f"error: {error.args[0]} (--allow-unknown-images scores them as having no objects)", file=sys.stderr)
+        return 2
+    except BadInput as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
 

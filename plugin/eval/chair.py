@@ -206,12 +206,13 @@ IRREGULAR: dict[str, str] = {
     "grandchildren": "grandchild", "knives": "knife", "mice": "mouse", "geese": "goose", "busses": "bus",
 }
 
-_SUFFIX_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("men", ("man",)),  # women, policemen, gentlemen, servicemen
-    ("s", ("",)),  # dogs, horses, ties, phones (not "phon"), doggies
-    ("ies", ("y",)),  # puppies, babies
-    ("ves", ("f", "fe")),  # calves, knives
-    ("es", ("",)),  # buses, benches, sandwiches, glasses, couches, boxes
+_SUFFIX_RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    # (suffix, replacements, what the stem must end with: "" = anything)
+    ("men", ("man",), ("",)),  # women, policemen, gentlemen, servicemen
+    ("s", ("",), ("",)),  # dogs, horses, ties, phones (not "phon"), doggies
+    ("ies", ("y",), ("",)),  # puppies, babies
+    ("ves", ("f", "fe"), ("",)),  # calves, knives
+    ("es", ("",), ("s", "x", "z", "ch", "sh")),  # buses, benches, glasses, boxes; not skies, manes, vanes
 )
 
 
@@ -225,8 +226,8 @@ def singularize(word: str) -> str:
         return word
     if word in IRREGULAR:
         return IRREGULAR[word]
-    for suffix, replacements in _SUFFIX_RULES:
-        if word.endswith(suffix):
+    for suffix, replacements, stem_ends in _SUFFIX_RULES:
+        if word.endswith(suffix) and word[: -len(suffix)].endswith(stem_ends):
             stem = word[: -len(suffix)]
             for replacement in replacements:
                 if stem + replacement in VOCABULARY:  # (the empty string never is)

@@ -27,6 +27,9 @@ class Method:
     resources: ClassVar[tuple[str, ...]] = ()
     """What the method needs for itself on a model. Two methods claiming the same resource cannot share a model;
     every method claims its own name (it cannot be attached twice)."""
+    own_generate: ClassVar[bool] = False
+    """True if the method answers through its handle's own ``generate(...)`` (CARVE's passes) rather than through
+    ``model.generate``."""
     reads: ClassVar[tuple[str, ...]] = ()
     """What the method relies on without holding it: it shares a model with other readers, but not with a method
     that claims the same name in ``resources`` (``"token_layout"``: methods that find keys by position read it,

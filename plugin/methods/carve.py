@@ -187,6 +187,7 @@ class CARVE(Method):
     kinds = ("vlm",)
     families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "qwen3_vl", "gemma3",
                 "mistral3", "internvl")
+    own_generate = True
     reads = ("token_layout",)  # its row probes read image keys by position, which token dropping moves
     Config = CARVEConfig
 
@@ -236,7 +237,7 @@ class CARVE(Method):
 
         def carve_forward(model_inputs, generate_kwargs=None):
             image, question = model_inputs["carve"]
-            self.generate(image, question)
+            self.generate(image, question, **(generate_kwargs or {}))  # the call's max_new_tokens, ...
             input_ids = self.final_inputs["input_ids"]
             sequence = torch.cat([input_ids, self.final_tokens.to(input_ids.device)], dim=1)
             return {"generated_sequence": sequence, "prompt_text": model_inputs["text"], "input_ids": input_ids}
@@ -314,9 +315,9 @@ class CARVE(Method):
             tokenizer.padding_side = side
         return inputs.to(self.model.device)
 
-    def _generate(self, inputs, max_new_tokens: int) -> torch.Tensor:
+    def _generate(self, inputs, options: dict) -> torch.Tensor:
         with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            out = self.model.generate(**inputs, **{"do_sample": False, **options})
         self.stats["passes"] += 1
         return out[:, inputs["input_ids"].shape[1]:]
 
@@ -340,7 +341,7 @@ class CARVE(Method):
         steps = 1 if self.config.steps == "first" else self.config.probe_max_new_tokens
         self.probe.start(index, inputs["input_ids"].shape[1])
         try:
-            tokens = self._generate(inputs, steps)
+            tokens = self._generate(inputs, {"max_new_tokens": steps})
         finally:
             maps = self.probe.stop()
         eos = self.model.generation_config.eos_token_id
@@ -402,8 +403,10 @@ class CARVE(Method):
         image, question = self._request(image, question)
         return self._refined(image, self.saliency(image, question))[0]
 
-    def generate(self, image, question: str) -> CARVEOutput:
-        """CARVE's answer to ``question`` on ``image`` (a PIL image): probe passes, refinement, final pass."""
+    def generate(self, image, question: str, **generate_kwargs) -> CARVEOutput:
+        """CARVE's answer to ``question`` on ``image`` (a PIL image): probe passes, refinement, final pass.
+        ``generate_kwargs`` go to the final pass's ``model.generate`` (over ``max_new_tokens`` and greedy decoding);
+        the probe passes keep the configured ones."""
         image, question = self._request(image, question)
         saliency, task = self._saliency(image, question)
         refined, regions, flat = self._refined(image, saliency)
@@ -411,7 +414,7 @@ class CARVE(Method):
         images = [image, refined] if self.config.final_images == "both" else [refined]
         inputs = self.build_inputs(images, [self._prompt(question)], images_per_text=len(images))
         self.final_inputs = inputs
-        self.final_tokens = self._generate(inputs, self.config.max_new_tokens)
+        self.final_tokens = self._generate(inputs, {"max_new_tokens": self.config.max_new_tokens, **generate_kwargs})
         text = self._decode(self.final_tokens)[0]
         mask = regions.mask if regions is not None else torch.ones(saliency.shape, dtype=torch.bool)
         self.stats.update(flat=flat, empty=empty, regions=regions.kept if regions is not None else 0)

@@ -1,12 +1,11 @@
 """Processors for the tiny VLMs, built offline: a character-level tokenizer whose ids fit the tiny vocabularies
 (characters 4..149, the image and vision tokens of ``nograd.tiny.vlms``), a one-turn chat template, and the family's PIL
-image processor. LLaVA gets the real ``LlavaProcessor``; Qwen2-VL's own processor needs torchvision (its video
-processor), so ``QwenProcessor`` does what it does for images: ``<|image_pad|>`` repeated per merged patch,
-``mm_token_type_ids``. LLaVA-NeXT gets the real ``LlavaNextProcessor``; LLaVA-OneVision the real
-``LlavaOnevisionProcessor`` without its video processor (``OnevisionProcessor``: the video processor needs torchvision,
-and ``ProcessorMixin`` rejects ``None`` for it; images never touch it). Both with their PIL image processors at the tiny
-models' sizes (``nograd.tiny.vlms``: 28x28 tiles of 7x7 patches, ``PINPOINTS``), so their image-token counts are the
-models' own. Idefics3 and SmolVLM get the real ``Idefics3Processor`` with its PIL image processor.
+image processor. LLaVA gets the real ``LlavaProcessor``, LLaVA-NeXT the real ``LlavaNextProcessor``; Qwen2-VL / 2.5-VL
+the real ``Qwen2VLProcessor`` and LLaVA-OneVision the real ``LlavaOnevisionProcessor``, both without their video
+processor (``NoVideo``, ``OnevisionProcessor``: the video processor needs torchvision, and ``ProcessorMixin`` rejects
+``None`` for it; images never touch it). All with their PIL image processors at the tiny models' sizes
+(``nograd.tiny.vlms``: 28x28 tiles of 7x7 patches, ``PINPOINTS``), so their image-token counts are the models' own.
+Idefics3 and SmolVLM get the real ``Idefics3Processor`` with its PIL image processor.
 
 Qwen3-VL, Gemma3, Mistral3 and InternVL-hf get their real processors (``Qwen3VLProcessor`` and ``InternVLProcessor``
 without a video processor, the ``NoVideo`` mixin; ``Gemma3Processor``; ``PixtralProcessor``, whose module needs a
@@ -20,9 +19,10 @@ import string
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (BatchFeature, CLIPImageProcessorPil, Gemma3Processor, Idefics3Processor, InternVLProcessor,
+from transformers import (CLIPImageProcessorPil, Gemma3Processor, Idefics3Processor, InternVLProcessor,
                           LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaOnevisionImageProcessorPil,
-                          LlavaOnevisionProcessor, LlavaProcessor, PreTrainedTokenizerFast, Qwen3VLProcessor)
+                          LlavaOnevisionProcessor, LlavaProcessor, PreTrainedTokenizerFast, Qwen2VLProcessor,
+                          Qwen3VLProcessor)
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
@@ -37,6 +37,7 @@ LETTERS = "".join(map(chr, range(0x410, 0x450))) + "".join(map(chr, range(0x3B1,
 special tokens decodes to a character, so a random model's answer is never empty."""
 TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}{{ image }}"
             "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT:")
+QWEN_TEMPLATE = TEMPLATE.replace("{{ image }}", "<|vision_start|><|image_pad|><|vision_end|>")
 
 
 def tokenizer(special: dict[str, int] | None = None, **named: str) -> PreTrainedTokenizerFast:
@@ -109,40 +110,16 @@ def llava_onevision_processor() -> OnevisionProcessor:
                               chat_template=TEMPLATE.replace("{{ image }}", "<image>"))
 
 
-class QwenProcessor:
-    """Qwen2-VL's processor for images only (no torchvision): the same token expansion and outputs."""
+class Qwen2VLImagesProcessor(NoVideo, Qwen2VLProcessor):
+    """The real ``Qwen2VLProcessor`` with no video processor."""
 
-    def __init__(self):
-        self.tokenizer = tokenizer({"<|image_pad|>": IMAGE, "<|video_pad|>": VIDEO, "<|vision_start|>": VISION_START,
-                                    "<|vision_end|>": VISION_END})
-        self.image_processor = Qwen2VLImageProcessorPil(patch_size=7, merge_size=2, temporal_patch_size=2,
-                                                        min_pixels=14 * 14 * 4, max_pixels=14 * 14 * 64)
-        self.chat_template = TEMPLATE.replace("{{ image }}", "<|vision_start|><|image_pad|><|vision_end|>")
 
-    def apply_chat_template(self, conversation, add_generation_prompt=True, tokenize=False, **kwargs):
-        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
-
-    def __call__(self, text, images=None, padding=False, return_tensors="pt", videos=None, **kwargs):
-        refuse_videos(self, videos)
-        text = [text] if isinstance(text, str) else list(text)
-        features = self.image_processor(images=images, return_tensors="pt") if images else {}
-        counts = iter((features["image_grid_thw"].prod(-1) // 4).tolist() if images else [])
-        expanded = []
-        for prompt in text:
-            while "<|image_pad|>" in prompt:
-                prompt = prompt.replace("<|image_pad|>", "<|placeholder|>" * next(counts), 1)
-            expanded.append(prompt.replace("<|placeholder|>", "<|image_pad|>"))
-        encoded = self.tokenizer(expanded, padding=padding, return_tensors="pt")
-        out = {**encoded, **features, "mm_token_type_ids": (encoded["input_ids"] == IMAGE).int()}
-        return BatchFeature(out)
-
-    def batch_decode(self, tokens, **kwargs):
-        return self.tokenizer.batch_decode(tokens, **kwargs)
-
-    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
-        """What the ``image-text-to-text`` pipeline decodes its outputs with (as ``ProcessorMixin``)."""
-        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+def qwen2_vl_processor() -> Qwen2VLImagesProcessor:
+    """The tiny Qwen2-VL / 2.5-VL (7x7 patches, merge 2): the real processor with Qwen2-VL's PIL image processor,
+    ``smart_resize`` to multiples of 14 between 4 and 64 merged tokens, ``<|image_pad|>`` per merged token between
+    ``<|vision_start|>`` and ``<|vision_end|>``, and ``mm_token_type_ids``."""
+    return Qwen2VLImagesProcessor(image_processor=qwen_image_processor(), tokenizer=qwen_tokenizer(),
+                                  video_processor=None, chat_template=QWEN_TEMPLATE)
 
 
 def idefics3_processor() -> Idefics3Processor:
@@ -165,16 +142,20 @@ class Qwen3VLImagesProcessor(NoVideo, Qwen3VLProcessor):
 
 
 def qwen3_vl_processor() -> Qwen3VLImagesProcessor:
-    """The tiny Qwen3-VL (7x7 patches, merge 2): Qwen2-VL's PIL image processor (Qwen3-VL's own image processor
-    class), ``smart_resize`` to multiples of 14 between 4 and 64 merged tokens, ``<|image_pad|>`` per merged token
-    between ``<|vision_start|>`` and ``<|vision_end|>``."""
-    images = Qwen2VLImageProcessorPil(patch_size=7, merge_size=2, temporal_patch_size=2, min_pixels=14 * 14 * 4,
-                                      max_pixels=14 * 14 * 64)
-    tokens = tokenizer({"<|image_pad|>": IMAGE, "<|video_pad|>": VIDEO, "<|vision_start|>": VISION_START,
-                        "<|vision_end|>": VISION_END})
-    return Qwen3VLImagesProcessor(image_processor=images, tokenizer=tokens, video_processor=None,
-                                  chat_template=TEMPLATE.replace("{{ image }}",
-                                                                 "<|vision_start|><|image_pad|><|vision_end|>"))
+    """The tiny Qwen3-VL: as ``qwen2_vl_processor`` (Qwen2-VL's PIL image processor is Qwen3-VL's own image
+    processor class)."""
+    return Qwen3VLImagesProcessor(image_processor=qwen_image_processor(), tokenizer=qwen_tokenizer(),
+                                  video_processor=None, chat_template=QWEN_TEMPLATE)
+
+
+def qwen_image_processor() -> Qwen2VLImageProcessorPil:
+    return Qwen2VLImageProcessorPil(patch_size=7, merge_size=2, temporal_patch_size=2, min_pixels=14 * 14 * 4,
+                                    max_pixels=14 * 14 * 64)
+
+
+def qwen_tokenizer() -> PreTrainedTokenizerFast:
+    return tokenizer({"<|image_pad|>": IMAGE, "<|video_pad|>": VIDEO, "<|vision_start|>": VISION_START,
+                      "<|vision_end|>": VISION_END})
 
 
 def gemma3_processor() -> Gemma3Processor:
@@ -236,7 +217,8 @@ def internvl_processor() -> InternVLImagesProcessor:
 
 
 PROCESSORS = {"llava": llava_processor, "llava_next": llava_next_processor,
-              "llava_onevision": llava_onevision_processor, "qwen2_vl": QwenProcessor, "qwen2_5_vl": QwenProcessor,
+              "llava_onevision": llava_onevision_processor, "qwen2_vl": qwen2_vl_processor,
+              "qwen2_5_vl": qwen2_vl_processor,
               "idefics3": idefics3_processor, "smolvlm": idefics3_processor,
               "qwen3_vl": qwen3_vl_processor, "gemma3": gemma3_processor, "mistral3": mistral3_processor,
               "internvl": internvl_processor}

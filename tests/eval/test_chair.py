@@ -124,6 +124,10 @@ def test_singularize_only_reduces_to_known_words():
     # known words stay; unknown words are never changed, so no new match can appear
     assert [singularize(w) for w in "bus skis scissors people children tennis boxes is this".split()] == \
         "bus skis scissors people children tennis boxes is this".split()
+    # "es" comes off only after s, x, z, ch, sh: skies, manes and vanes are no skis, men or vans
+    assert [singularize(w) for w in "skies manes vanes benches".split()] == "skies manes vanes bench".split()
+    assert caption_objects("Two horses with flowing manes stand under blue skies near vanes.") == \
+        [("horse", "horse")]
 
 
 def test_words_and_repetition():
@@ -211,6 +215,23 @@ def test_score_cli_formats(files, capsys):
     (files / "bad.json").write_text(json.dumps([{"image_id": 99, "caption": "A dog."}]))
     assert main(["score", "--captions", str(files / "bad.json"), "--annotations", str(files / "instances.json")]) == 2
     assert "allow-unknown-images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("captions, annotations, match", [
+    (None, "instances.json", r"--captions: .*No such file"),
+    ("{not json", "instances.json", "--captions: "),
+    ('[{"id": 1, "text": "A dog."}]', "instances.json", "--captions: missing field 'image_id'"),
+    ('[{"image_id": 1, "caption": "A dog."}]', "missing.json", r"--annotations: .*No such file"),
+    ('[{"image_id": 1, "caption": "A dog."}]', "not_coco.json", "--annotations: "),
+])
+def test_score_cli_bad_input_files_are_one_line_and_exit_2(files, capsys, captions, annotations, match):
+    path = files / "in.json"
+    if captions is not None:
+        path.write_text(captions)
+    (files / "not_coco.json").write_text('["a", "list"]')
+    assert main(["score", "--captions", str(path), "--annotations", str(files / annotations)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and __import__("re").search(match, err)
 
 
 # ---- the chair CLI: image order and arguments -------------------------------------------------------------------
@@ -334,8 +355,22 @@ def test_a_one_record_jsonl_file_is_one_caption(tmp_path):
 
 
 @pytest.mark.parametrize("method, option, match", [("zerotunning", [], "did you mean 'zerotuning'"),
-                                                   ("pai", ["--option", "alpah=0.5"], "unknown option 'alpah'")])
+                                                   ("pai", ["--option", "alpah=0.5"], "unknown option 'alpah'"),
+                                                   ("carve", [], "'carve' does not caption through model.generate"),
+                                                   ("softpag", [], "methods that do: act, clearsight, fastv")])
 def test_chair_checks_the_method_before_loading_anything(tmp_path, capsys, method, option, match):
     assert main(["chair", "--model", str(tmp_path / "missing"), "--method", method, *option, "--images",
                  str(tmp_path), "--annotations", str(tmp_path / "instances.json")]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_chair_checks_its_inputs_before_loading_the_model(tmp_path, capsys):
+    common = ["chair", "--model", str(tmp_path / "missing"), "--method", "pai"]
+    assert main([*common, "--images", str(tmp_path / "nowhere"), "--annotations", str(tmp_path / "a.json")]) == 2
+    assert "--images" in capsys.readouterr().err
+    assert main([*common, "--images", str(tmp_path), "--annotations", str(tmp_path / "a.json")]) == 2
+    assert capsys.readouterr().err.startswith("error: --annotations: ")
+    (tmp_path / "a.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "x.jpg"}], "annotations": [],
+                                                 "categories": []}))
+    assert main([*common, "--images", str(tmp_path), "--annotations", str(tmp_path / "a.json")]) == 2
+    assert "no image of --annotations found" in capsys.readouterr().err

@@ -131,9 +131,11 @@ def test_pipeline_gives_the_same_answer_as_generate(carve_models):
         got = pipe(images=picture, text=QUESTION, return_full_text=False)
         with_token = pipe(images=picture, text=processor.image_token + QUESTION, return_full_text=False)
         chatted = pipe(text=chat, return_full_text=False)
+        short = pipe(images=picture, text=QUESTION, return_full_text=False, max_new_tokens=2)  # the call's options
+        short_direct = handle.generate(picture, QUESTION, max_new_tokens=2).text
         with pytest.raises(NotImplementedError, match="one image and one question"):
             pipe(images=[picture, picture], text=QUESTION)
-    assert handle.stats["general_cache_hits"] == 2
+    assert handle.stats["general_cache_hits"] == 4  # every call after the first on this image
     assert got[0]["generated_text"].strip() == expected == with_token[0]["generated_text"].strip()
     with nograd.apply(model, "carve", processor=processor) as handle:  # generate() strips the image token alike
         assert handle.generate(picture, processor.image_token + QUESTION).text == expected
@@ -144,6 +146,8 @@ def test_pipeline_gives_the_same_answer_as_generate(carve_models):
         with pytest.raises(TypeError, match="carve takes a PIL image; got Tensor"):
             handle.refine(torch.zeros(3, 42, 70), QUESTION)
     assert chatted[0]["generated_text"] == got[0]["generated_text"]
+    assert short[0]["generated_text"].strip() == short_direct and len(short_direct) < len(expected)
+    assert expected.startswith(short_direct)
     assert "_forward" not in vars(pipe) and "preprocess" not in vars(pipe)
 
 
