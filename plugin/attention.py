@@ -313,8 +313,8 @@ class ModelPatch:
     def discard(self, module: nn.Module, intervention: Intervention) -> None:
         """Take one intervention off; when none is left on the model, uninstall everything."""
         ours = self.interventions.get(module, [])
-        if intervention in ours:
-            ours.remove(intervention)
+        # by identity: two equal interventions (a dataclass author's, say) are still two methods' own
+        self.interventions[module] = ours = [iv for iv in ours if iv is not intervention]
         if not ours:
             self.interventions.pop(module, None)
         patches = self.model.__dict__.get(self.PATCHES, {})

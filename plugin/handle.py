@@ -42,8 +42,14 @@ class Handle:
         self._live = False
 
     def expose(self, name: str, function: Callable) -> None:
-        """Make a method-specific action callable as ``handle.<name>(...)`` (e.g. PAINT's ``save_head_stats``)."""
+        """Make a method-specific action callable as ``handle.<name>(...)`` (e.g. PAINT's ``save_head_stats``); a name
+        the handle already has (``remove``, ``stats``...) raises ``ValueError``, since it would never be reached."""
+        if hasattr(type(self), name) or name in self.__dict__:
+            raise ValueError(f"{self.method}: cannot expose {name!r}, a name every handle already has")
         self._exposed[name] = function
+
+    def __dir__(self):
+        return [*super().__dir__(), *self.__dict__.get("_exposed", {})]
 
     def __getattr__(self, name: str):
         exposed = self.__dict__.get("_exposed", {})

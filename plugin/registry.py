@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from .config import nearest
@@ -28,13 +28,40 @@ class MethodInfo:
         return f"<{self.name}: {self.summary} (arXiv {self.arxiv}); families: {', '.join(self.families)}>"
 
 
+KINDS = ("text", "vlm", "dit")
+
+
 def register(cls: type["Method"]) -> type["Method"]:
-    """Class decorator: make a ``Method`` subclass reachable as ``nograd.apply(model, cls.name)``."""
-    if not cls.name or cls.name != cls.name.lower():
-        raise ValueError(f"method name must be a non-empty lower-case string, got {cls.name!r}")
+    """Class decorator: make a ``Method`` subclass reachable as ``nograd.apply(model, cls.name)``.
+
+    Checked here, not at the first ``apply``: a lower-case ``name`` no other class holds, ``kinds`` from ``KINDS``,
+    and a ``Config`` that subclasses ``MethodConfig`` as a ``@dataclass(frozen=True)`` whose every option is an
+    ``option(default, doc)``. A Config another method already uses (or none: ``MethodConfig`` itself) is given a
+    subclass of its own, so that its errors name this method."""
+    from .config import MethodConfig
+
+    where = cls.__qualname__
+    if not isinstance(cls.name, str) or not cls.name or cls.name != cls.name.lower():
+        raise ValueError(f"{where}: method name must be a non-empty lower-case string, got {cls.name!r}")
     if cls.name in _METHODS and _METHODS[cls.name] is not cls:
         raise ValueError(f"a method named {cls.name!r} is already registered ({_METHODS[cls.name].__qualname__})")
-    cls.Config.method = cls.name
+    if not cls.kinds or not set(cls.kinds) <= set(KINDS):
+        raise ValueError(f"{where}: kinds must name the model kinds it supports, some of {KINDS}; got {cls.kinds!r}")
+    config = cls.Config
+    if not (isinstance(config, type) and issubclass(config, MethodConfig)):
+        raise TypeError(f"{where}: Config must be a subclass of nograd.MethodConfig, got {config!r}")
+    if vars(config).get("__annotations__") and "__dataclass_fields__" not in vars(config):
+        raise TypeError(f"{where}: Config {config.__qualname__} is not a dataclass (its options would be lost); "
+                        "decorate it with @dataclass(frozen=True)")
+    undocumented = [f.name for f in fields(config) if "doc" not in f.metadata]
+    if undocumented:
+        raise TypeError(f"{where}: options {', '.join(undocumented)} of {config.__qualname__} are not built with "
+                        "nograd.option(default, doc)")
+    if vars(config).get("method", cls.name) != cls.name:  # shared with another method, or MethodConfig itself
+        config = dataclass(frozen=True)(type(config.__name__, (config,), {"__module__": cls.__module__,
+                                                                          "__qualname__": f"{where}.Config"}))
+        cls.Config = config
+    config.method = cls.name
     _METHODS[cls.name] = cls
     return cls
 

@@ -200,6 +200,92 @@ def test_failed_attach_rolls_back(build, padded_batch):
     assert nograd.attached(model) == [] and registered_names() == []
 
 
+# ---- the method-author API ------------------------------------------------------------------------------------------
+@dataclass(eq=True)
+class CountCalls(Intervention):
+    """An observer whose instances compare equal (a dataclass): removal must still find its own object."""
+
+    stats: dict
+    observes = True
+
+    def observe(self, call):
+        self.stats["calls"] = self.stats.get("calls", 0) + 1
+
+
+def _counting(name):
+    class Counting(nograd.Method):
+        kinds = ("text",)
+
+        def attach(self, handle):
+            intervene(handle, {m: CountCalls(handle.stats) for m in self.adapter.attention_modules})
+
+    Counting.name = name
+    return nograd.register(Counting)
+
+
+def test_remove_takes_off_its_own_interventions_not_equal_ones(build):
+    model = build("llama")
+    ids = torch.randint(4, 100, (1, 6))
+    for name in ("test_count_a", "test_count_b"):
+        _counting(name)
+    try:
+        a, b = nograd.apply(model, "test_count_a"), nograd.apply(model, "test_count_b")
+        b.remove()
+        a.stats.clear(), b.stats.clear()
+        logits(model, ids)
+        assert a.stats == {"calls": model.config.num_hidden_layers} and b.stats == {}
+        a.remove()
+    finally:
+        for name in ("test_count_a", "test_count_b"):
+            nograd.registry.unregister(name)
+    assert registered_names() == []
+
+
+def test_register_checks_the_class_and_gives_a_shared_config_its_own_name():
+    @dataclass(frozen=True)
+    class Shared(nograd.MethodConfig):
+        x: int = nograd.option(0, "x")
+
+    made = []
+    try:
+        for name in ("test_shared_a", "test_shared_b", "test_no_config"):
+            made.append(nograd.register(type(name, (nograd.Method,), {"name": name, "kinds": ("text",),
+                                                                      **({} if name == "test_no_config" else
+                                                                         {"Config": Shared})})))
+        with pytest.raises(TypeError, match="^test_shared_a: unknown option 'y'"):
+            made[0].Config.from_options({"y": 1})
+        with pytest.raises(TypeError, match="^test_shared_b: unknown option 'y'"):
+            made[1].Config.from_options({"y": 1})
+        assert nograd.MethodConfig.method == "" and made[2].Config.method == "test_no_config"
+    finally:
+        for method in made:
+            nograd.registry.unregister(method.name)
+
+    class Undecorated(nograd.MethodConfig):
+        strength: float = nograd.option(1.0, "lost without @dataclass")
+
+    @dataclass(frozen=True)
+    class Bare(nograd.MethodConfig):
+        strength: float = 1.0
+
+    for attributes, error, match in [({}, ValueError, "kinds must name the model kinds"),
+                                     ({"kinds": ("txt",)}, ValueError, "kinds must name"),
+                                     ({"kinds": ("text",), "Config": Undecorated}, TypeError, "is not a dataclass"),
+                                     ({"kinds": ("text",), "Config": Bare}, TypeError, "strength of .*nograd.option")]:
+        with pytest.raises(error, match=match):
+            nograd.register(type("Bad", (nograd.Method,), {"name": "test_bad", **attributes}))
+        assert "test_bad" not in nograd.methods()
+
+
+def test_expose_refuses_the_names_of_the_handle(build):
+    handle = nograd.Handle(build("llama"), None, "test", None)
+    handle.expose("act_now", lambda: "done")
+    assert handle.act_now() == "done" and "act_now" in dir(handle)
+    for name in ("remove", "stats", "config"):
+        with pytest.raises(ValueError, match=f"cannot expose '{name}'"):
+            handle.expose(name, lambda: None)
+
+
 def _target(method):
     """A model (or pipeline) ``method`` attaches to, and its options."""
     if method in ("refam", "softpag", "pag", "headhunter"):
