@@ -420,6 +420,22 @@ def choose_backend(q: torch.Tensor, *, mask=None, softcap=None, return_lse=False
     return "eager" if return_lse else "sdpa"
 
 
+def resolve_backend(backend: str, q, k, v, *, key_bias=None, blend=None, edit=None, mask=None, softcap=None,
+                    return_lse=False) -> str:
+    """The backend a call with ``backend`` runs: ``auto`` chosen by ``choose_backend``, never the forward-only Triton
+    kernel where autograd records one of the inputs (an explicit ``"triton"`` there raises ``ValueError``)."""
+    if backend not in ("auto", "triton"):
+        return backend
+    from .triton_attention import records_grad
+
+    grad = records_grad(q, k, v, key_bias, blend, *(edit.tensors if edit is not None else ()))
+    if backend == "triton" and grad:
+        raise ValueError("backend='triton' is forward-only (no backward): under autograd use backend='auto', "
+                         "'sdpa', 'flex' or 'eager', or run it in torch.no_grad()")
+    return choose_backend(q, mask=mask, softcap=softcap, return_lse=return_lse, grad=grad) if backend == "auto" \
+        else backend
+
+
 def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, return_lse=False, backend="auto",
               mask=None, softcap=None, window=None, edit=None):
     """Scaled dot-product attention with a key bias, causal edge, SoftPAG blend and optional LSE (see module doc).
@@ -427,15 +443,8 @@ def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, r
     Returns ``out`` (B, H, M, D) in ``q.dtype``, or ``(out, lse)`` with ``lse`` (B, H, M) fp32 when ``return_lse``.
     """
     _check(q, k, v, key_bias, blend, backend, window)
-    if backend in ("auto", "triton"):
-        from .triton_attention import records_grad
-
-        grad = records_grad(q, k, v, key_bias, blend, *(edit.tensors if edit is not None else ()))
-        if backend == "triton" and grad:
-            raise ValueError("backend='triton' is forward-only (no backward): under autograd use backend='auto', "
-                             "'sdpa', 'flex' or 'eager', or run it in torch.no_grad()")
-        if backend == "auto":
-            backend = choose_backend(q, mask=mask, softcap=softcap, return_lse=return_lse, grad=grad)
+    backend = resolve_backend(backend, q, k, v, key_bias=key_bias, blend=blend, edit=edit, mask=mask, softcap=softcap,
+                              return_lse=return_lse)
     if softcap is not None and backend != "eager":
         raise ValueError(f"backend={backend!r} does not support softcap; use backend='eager' or 'auto'")
     if mask is not None and backend in ("triton", "flex"):

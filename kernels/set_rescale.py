@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .attention import _grouped_matmul, attention, choose_backend, scaled_logits, softmax_rows
+from .attention import _grouped_matmul, attention, resolve_backend, scaled_logits, softmax_rows
 from .broadcast import per_key
 
 
@@ -29,11 +29,8 @@ def attention_rescaled_set(q, k, v, *, key_set: torch.Tensor, factor: float, key
     reference anyway (``backend`` resolves to ``"eager"``: CPU), the matrix is built once (``rescaled_set_eager``)
     instead of twice."""
     common = dict(causal=causal, scale=scale, mask=mask, softcap=softcap, window=window, edit=edit)
-    if backend == "auto":
-        from .triton_attention import records_grad
-
-        backend = choose_backend(q, mask=mask, softcap=softcap, return_lse=True,
-                                 grad=records_grad(q, k, v, key_bias, *(edit.tensors if edit is not None else ())))
+    backend = resolve_backend(backend, q, k, v, key_bias=key_bias, edit=edit, mask=mask, softcap=softcap,
+                              return_lse=True)
     if backend == "eager":
         return rescaled_set_eager(q, k, v, key_set=key_set, factor=factor, key_bias=key_bias, **common)
     passes = []

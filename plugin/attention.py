@@ -171,27 +171,27 @@ def split_mask(mask: torch.Tensor | None, m: int, n: int, causal: bool):
         key_valid = mask.bool()
         return (None if bool(key_valid.all()) else key_valid), causal, None
     if mask.dtype == torch.bool:
-        allowed = mask
+        allowed, hidden = mask, None
     else:
-        if not bool(((mask == 0) | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
-            return None, False, residual_mask(mask)
+        hidden = mask <= torch.finfo(mask.dtype).min / 2
+        if not bool(((mask == 0) | hidden).all()):
+            return None, False, residual_mask(mask, hidden)
         allowed = mask == 0
     if allowed.dim() != 4 or allowed.shape[1] != 1 or allowed.shape[-2:] != (m, n):
-        return None, False, residual_mask(mask)
+        return None, False, residual_mask(mask, hidden)
     allowed = allowed[:, 0]
     key_valid = allowed.any(dim=1)
     if torch.equal(allowed, causal_visibility(m, n, allowed.device)[None] & key_valid[:, None, :]):
         return (None if bool(key_valid.all()) else key_valid), True, None
     if torch.equal(allowed, key_valid[:, None, :].expand_as(allowed)):
         return (None if bool(key_valid.all()) else key_valid), False, None
-    return None, False, residual_mask(mask)
+    return None, False, residual_mask(mask, hidden)
 
 
-def residual_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean mask as it is; a float one with its masked entries (the dtype's minimum) as ``-inf``."""
-    if mask.dtype == torch.bool:
-        return mask
-    return mask.masked_fill(mask <= torch.finfo(mask.dtype).min / 2, -math.inf)
+def residual_mask(mask: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+    """``mask`` as the kernels take it: a boolean one (``hidden`` None) as it is; a float one with its ``hidden``
+    entries (the dtype's minimum) as ``-inf``."""
+    return mask if hidden is None else mask.masked_fill(hidden, -math.inf)
 
 
 # ---- the registered function ---------------------------------------------------------------------------------------
@@ -366,14 +366,14 @@ class AttentionPatch(ModelPatch):
         self.model.set_attn_implementation(name if config_key is None else {config_key: name})
         for module in modules:
             _PATCH_OF_MODULE[module] = weakref.ref(self)
-        self._ours = {key: config for key, (config, implementation) in _config_implementations(self.model).items()
-                      if implementation is not None and implementation.startswith(PREFIX)}
+        self._ours = [config for config, implementation in _config_implementations(self.model).values()
+                      if implementation is not None and implementation.startswith(PREFIX)]
         return name
 
     def _replaced(self) -> list:
         """The configs whose implementation is no longer the nograd name set at install (a user's
         ``set_attn_implementation`` after ``apply``)."""
-        return [config for config in self._ours.values()
+        return [config for config in self._ours
                 if not (config._attn_implementation_internal or "").startswith(PREFIX)]
 
     def add(self, module: nn.Module, intervention: Intervention) -> None:

@@ -21,6 +21,8 @@ import functools
 import inspect
 from typing import Any, Callable
 
+from .forward_inputs import cache_of
+
 _ACTIVE = "__nograd_observing__"
 
 
@@ -67,7 +69,7 @@ def observe_calls(handle, obj: Any, name: str, callback: Callable[[dict], None])
 
 
 class GenerationStarts:
-    """Whether a ``generate()`` call on ``handle.model`` began since the last ``take()``: the first forward of a call
+    """Whether a ``generate()`` call on ``handle.model`` began since the last forward: the first forward of a call
     is a new prompt, never a no-cache re-run of the last one (only the later forwards of ``generate(use_cache=False)``
     are). Seen through ``observe_calls`` on ``model.generate``; undone by ``handle.remove()``."""
 
@@ -78,10 +80,13 @@ class GenerationStarts:
     def _start(self, arguments: dict) -> None:
         self._started = True
 
-    def take(self) -> bool:
-        """True once after each ``generate()`` call began (read at its first forward)."""
+    def may_rerun(self, inputs: dict) -> bool:
+        """Whether the forward with (bound) ``inputs`` can be a later forward of ``generate(use_cache=False)``,
+        which re-runs the prompt plus the tokens generated so far: not the first of a ``generate()`` call, no cache
+        object, ``use_cache=False``. Call it at every forward (it reads the start of a call once); whether the tokens
+        do extend the last prompt is the caller's to check."""
         started, self._started = self._started, False
-        return started
+        return not started and cache_of(inputs) is None and inputs.get("use_cache") is False
 
 
 def refuse_assisted_decoding(handle, reason: str) -> None:

@@ -303,9 +303,8 @@ class TokenDropMethod(Method):
     def _before_model(self, module, args, kwargs):
         """H0 (spec §5.2): classify the forward, record the prompt at a prefill."""
         inputs = bound_inputs(self._signature, args, kwargs)
-        starts = self._generation.take()
+        may_rerun = self._generation.may_rerun(inputs)
         input_ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
-        cache = cache_of(inputs)
         cached = cached_length(inputs)
         if input_ids is None:
             self.current = None
@@ -325,8 +324,7 @@ class TokenDropMethod(Method):
                 raise NotImplementedError(f"{self.name}: a cached continuation with new images (multi-turn) is not "
                                           "supported; start a new prompt without the cache")
             self.current = Pass("decode", mask) if prompt is not None else None
-        elif (prompt is not None and cache is None and inputs.get("use_cache") is False and not starts
-              and self._reruns(prompt, input_ids)):  # a later forward of generate(use_cache=False)
+        elif prompt is not None and may_rerun and self._reruns(prompt, input_ids):  # generate(use_cache=False)
             self.current = Pass("rerun", mask, extra=length - prompt.input_ids.shape[1])
         else:
             self._record_prompt(input_ids, mask, inputs.get("token_type_ids"))

@@ -24,7 +24,7 @@ import torch
 from .. import kernels
 from ..attention import AttentionCall, Intervention, intervene, keys_from
 from ..config import is_number
-from ..forward_inputs import bound_inputs, cache_of, cached_length
+from ..forward_inputs import bound_inputs, cached_length
 from ..kernels import ScoreEdit
 from ..observe import GenerationStarts
 from .base import Method
@@ -109,7 +109,7 @@ class PromptTracker:
         if self.paused:
             return
         inputs = bound_inputs(self._signature, args, kwargs)
-        starts = self._generation.take()
+        may_rerun = self._generation.may_rerun(inputs)
         if cached_length(inputs) > 0:
             return  # a decode step: the prompt stays
         input_ids = inputs.get("input_ids")
@@ -126,8 +126,7 @@ class PromptTracker:
                           "are (pai and clearsight edit them as visual tokens)", stacklevel=2)
         if fresh is None or not bool(fresh.visual.any()):
             self.prompt = None
-        elif (starts or cache_of(inputs) is not None or inputs.get("use_cache") is not False
-              or not self._continues(fresh)):
+        elif not (may_rerun and self._continues(fresh)):
             fresh.image_inputs = {key: inputs[key] for key in IMAGE_INPUTS if inputs.get(key) is not None}
             self.prompt = fresh
         else:
@@ -136,10 +135,10 @@ class PromptTracker:
             self.on_prompt(self.prompt)
 
     def _continues(self, fresh: VisualPrompt) -> bool:
-        """A forward with ``use_cache=False`` (as ``generate(use_cache=False)`` passes it), not the first of a
-        ``generate()`` call, that re-runs the recorded prompt's tokens plus generated tokens; any other forward (a
-        cache object, one the model makes afresh, a new ``generate()``) is a new prompt, even one that extends the
-        last (a chat re-sent with its history, prompt + answer scored)."""
+        """Whether ``fresh`` re-runs the recorded prompt's tokens plus generated tokens. Only a forward that
+        ``GenerationStarts.may_rerun`` allows is asked; any other (a cache object, one the model makes afresh, a new
+        ``generate()``) is a new prompt, even one that extends the last (a chat re-sent with its history, prompt +
+        answer scored)."""
         old = self.prompt
         if old is None or fresh.real.shape[0] != old.real.shape[0] or fresh.real.shape[1] <= old.real.shape[1]:
             return False
