@@ -696,7 +696,7 @@ def merge(method: str = "frank", /, *, mllm, reasoning, base=None, out, **option
 
     cls = registry.get(method)
     if not hasattr(cls, "stream"):
-        merging = sorted(name for name, c in registry._METHODS.items() if hasattr(c, "stream"))
+        merging = [name for name, c in registry.classes().items() if hasattr(c, "stream")]
         raise ValueError(f"{method!r} is not a merge method; merge methods: {', '.join(merging)}")
     if not isinstance(mllm, (str, os.PathLike)):
         raise TypeError(f"mllm must be the path of a safetensors checkpoint folder, got {type(mllm).__name__}; to "

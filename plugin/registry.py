@@ -85,6 +85,11 @@ def get(name: str) -> type["Method"]:
     return _METHODS[key]
 
 
+def classes() -> dict[str, type["Method"]]:
+    """Every registered Method class, by name (a copy, sorted by name)."""
+    return dict(sorted(_METHODS.items()))
+
+
 def methods() -> dict[str, MethodInfo]:
     """Every registered method: name -> MethodInfo (summary, paper, arXiv id, families, options)."""
     from .patches import supported_families
@@ -93,5 +98,5 @@ def methods() -> dict[str, MethodInfo]:
         name: MethodInfo(name, cls.summary, cls.paper, cls.arxiv,
                          cls.families or tuple(f for kind in cls.kinds for f in supported_families(kind)),
                          cls.Config.describe())
-        for name, cls in sorted(_METHODS.items())
+        for name, cls in classes().items()
     }

@@ -265,7 +265,7 @@ def cmd_chair(args) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if "vlm" not in method.kinds or method.own_generate:
-        captioning = sorted(name for name, m in registry._METHODS.items() if "vlm" in m.kinds and not m.own_generate)
+        captioning = [name for name, m in registry.classes().items() if "vlm" in m.kinds and not m.own_generate]
         print(f"error: {args.method!r} does not caption through model.generate on a VLM; methods that do: "
               f"{', '.join(captioning)}", file=sys.stderr)
         return 2
