@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from torch import nn
@@ -14,15 +15,18 @@ from .patches import adapter_for, supported_families
 
 
 def _is_instance(obj, module: str, name: str) -> bool:
-    try:
-        cls = getattr(__import__(module, fromlist=[name]), name)
-    except (ImportError, AttributeError):
-        return False
-    return isinstance(obj, cls)
+    """Whether ``obj`` is a ``module.name``; a module not imported yet holds no object (nothing is imported here)."""
+    cls = getattr(sys.modules.get(module), name, None)
+    return isinstance(cls, type) and isinstance(obj, cls)
 
 
 def resolve(target: Any) -> tuple[nn.Module, Any]:
-    """(model, processor) of a transformers model or Pipeline, a diffusers pipeline or a diffusers model."""
+    """(model, processor) of a transformers model or Pipeline, a diffusers pipeline or a diffusers model; a PEFT
+    wrapper (``PeftModel``, or its ``LoraModel``-style tuner) resolves to the model it adapts."""
+    if _is_instance(target, "peft", "PeftModel"):
+        return target.get_base_model(), None
+    if _is_instance(target, "peft.tuners.tuners_utils", "BaseTuner"):
+        return target.model, None
     if _is_instance(target, "transformers", "Pipeline"):
         processor = getattr(target, "processor", None) or getattr(target, "tokenizer", None)
         return target.model, processor

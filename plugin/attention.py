@@ -106,6 +106,12 @@ def keys_from(values: torch.Tensor, start: int, n_keys: int) -> torch.Tensor:
     return values
 
 
+def recomputing() -> bool:
+    """True while autograd runs a backward pass: a forward called then is gradient checkpointing's recomputation of
+    one already made, which ``h.stats`` must not count again."""
+    return torch._C._current_graph_task_id() != -1
+
+
 @dataclass
 class AttentionCall:
     """One attention call of one layer, as interventions see it. Shapes: q (B, H, M, D), k/v (B, H_kv, N, D)."""

@@ -14,11 +14,16 @@ _MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 """Every model with a live handle, held weakly (for checks that span models)."""
 
 
-def _refuse_deepcopy(memo) -> None:
-    """``copy.deepcopy`` of a model with live handles (``copy`` finds it on the instance): the copy would carry the
-    method's hooks and attention names half-attached, unsteered, and break once the original's handles go."""
-    raise TypeError("nograd: copy.deepcopy of a model with methods attached would copy them half-attached; copy the "
-                    "model before nograd.apply, or remove its handles first (nograd.remove_all(model))")
+def _refuse_copy(memo_or_protocol) -> None:
+    """``copy.deepcopy``, ``copy.copy``, ``pickle`` or ``torch.save`` of a model with live handles (each finds this on
+    the instance as ``__deepcopy__`` / ``__reduce_ex__``): a copy would carry the method's hooks and attention names
+    half-attached, unsteered, and break once the original's handles go; a pickle fails on the hooks' closures."""
+    raise TypeError("nograd: a model with methods attached cannot be copied or pickled (the copy would carry them "
+                    "half-attached); copy it before nograd.apply or after nograd.remove_all(model), and save it with "
+                    "save_pretrained or its state_dict, which hold the plain model")
+
+
+_COPY_HOOKS = ("__deepcopy__", "__reduce_ex__")
 
 
 class Handle:
@@ -64,7 +69,7 @@ class Handle:
     def _activate(self) -> None:
         self._live = True
         if HANDLES not in self.model.__dict__:
-            self.model.__dict__["__deepcopy__"] = _refuse_deepcopy
+            self.model.__dict__.update(dict.fromkeys(_COPY_HOOKS, _refuse_copy))
         self.model.__dict__.setdefault(HANDLES, []).append(self)
         _MODELS.add(self.model)
 
@@ -84,7 +89,8 @@ class Handle:
                 handles.remove(self)
             if not handles:
                 self.model.__dict__.pop(HANDLES, None)
-                self.model.__dict__.pop("__deepcopy__", None)
+                for name in _COPY_HOOKS:
+                    self.model.__dict__.pop(name, None)
                 _MODELS.discard(self.model)
 
     def __enter__(self) -> "Handle":

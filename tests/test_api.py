@@ -100,15 +100,43 @@ def test_a_model_and_its_own_language_model_cannot_both_carry_methods(build, out
     assert registered_names() == []
 
 
-def test_deepcopy_refuses_a_model_with_methods_attached(build):
+def test_copying_or_pickling_refuses_a_model_with_methods_attached(build, tmp_path):
+    """deepcopy, copy and pickle (torch.save) would carry the methods half-attached (or fail on a hook's closure):
+    refused with one clear error while a handle lives; the plain model copies and pickles after ``remove()``."""
     import copy
+    import pickle
 
     model = build("llama")
+    attempts = {"deepcopy": copy.deepcopy, "copy": copy.copy, "pickle": pickle.dumps,
+                "torch.save": lambda m: torch.save(m, tmp_path / "model.pt")}
     with nograd.apply(model, "zerotuning", gamma=2.0), nograd.apply(model, "act"):
-        with pytest.raises(TypeError, match="deepcopy of a model with methods attached"):
-            copy.deepcopy(model)
+        for name, attempt in attempts.items():
+            with pytest.raises(TypeError, match="methods attached cannot be copied or pickled"):
+                attempt(model)
     ids = torch.randint(4, 100, (1, 7))
-    assert torch.equal(logits(copy.deepcopy(model), ids), logits(model, ids)) and "__deepcopy__" not in vars(model)
+    assert torch.equal(logits(copy.deepcopy(model), ids), logits(model, ids))
+    assert torch.equal(logits(pickle.loads(pickle.dumps(model)), ids), logits(model, ids))
+    assert not {"__deepcopy__", "__reduce_ex__"} & set(vars(model))
+
+
+@pytest.mark.parametrize("wrapper", ["PeftModel", "LoraModel"])
+def test_a_peft_wrapped_model_takes_methods_on_the_model_it_adapts(build, wrapper):
+    """``nograd.apply(peft_model, ...)`` attaches to the adapted transformers model (LoRA layers included):
+    the same logits as applying to ``get_base_model()``; ``attached`` / ``remove_all`` see through the wrapper."""
+    peft = pytest.importorskip("peft")
+    model = build("llama")
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False))
+    target = adapted if wrapper == "PeftModel" else adapted.base_model
+    ids = torch.randint(4, 100, (2, 7))
+    plain, saved = logits(model, ids), snapshot(model)
+    with nograd.apply(model, "zerotuning", gamma=2.0):
+        expected = logits(model, ids)
+    handle = nograd.apply(target, "zerotuning", gamma=2.0)
+    assert handle.model is model and nograd.attached(adapted) == nograd.attached(model) == [handle]
+    assert torch.equal(logits(adapted, ids), expected) and not torch.equal(expected, plain)
+    nograd.remove_all(target)
+    assert not handle.live and same_state(model, saved) and torch.equal(logits(adapted, ids), plain)
 
 
 @dataclass(frozen=True)

@@ -359,7 +359,10 @@ class PAINT(VisualEditMethod):
 
     def coefficients(self, prompt: VisualPrompt):
         if self._selected is None or self._selected[0] is not prompt:
-            self._selected = (prompt, self._margins(prompt))
+            # the selection is discrete (its margins are constants): built without autograd, or gradient
+            # checkpointing's recomputation, which finds it cached, would save fewer tensors than the forward did
+            with torch.no_grad():
+                self._selected = (prompt, self._margins(prompt))
         return self._selected[1], None
 
     def _token_scores(self, key: str, sizes: list[int]) -> list[torch.Tensor]:

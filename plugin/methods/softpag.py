@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from ..attention import AttentionCall, Intervention, intervene
+from ..attention import AttentionCall, Intervention, intervene, recomputing
 from ..config import MethodConfig, is_int, is_number, option
 from ..guidance import GuidanceState, PerturbedGuidance
 from ..headhunter import HeadSet, load_heads
@@ -291,7 +291,7 @@ class HeadPerturbation(Intervention):
         u[rows] = self.weights if table is None else table[:, self.layer].float()
         if not bool((u > 0).any()):
             return None
-        self.stats["perturbed_attention_calls"] += 1
+        self.stats["perturbed_attention_calls"] += not recomputing()
         return u.to(call.query.device)
 
     def _count_skipped(self, call: AttentionCall, u: torch.Tensor, queries: int) -> None:

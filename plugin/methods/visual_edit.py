@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from ..attention import AttentionCall, Intervention, intervene, keys_from
+from ..attention import AttentionCall, Intervention, intervene, keys_from, recomputing
 from ..config import is_number
 from ..forward_inputs import bound_inputs, cached_length
 from ..kernels import ScoreEdit
@@ -190,7 +190,7 @@ class VisualScoreEdit(Intervention):
         abs_coef, mul_coef = self.method.coefficients(prompt)
         rows_from = prompt.prompt_end if self.method.config.rows == "prompt_end" else prompt.visual_end
         rows_from = torch.where(prompt.has_visual, rows_from, NO_ROWS)  # a text-only row of a mixed batch: untouched
-        self.stats["edited_calls"] += 1
+        self.stats["edited_calls"] += not recomputing()
         return ScoreEdit(
             abs_coef=None if abs_coef is None else prompt.key_classes(abs_coef, n, offset)[:, None, :] * gains,
             mul_coef=None if mul_coef is None else prompt.key_classes(mul_coef, n, offset)[:, None, :] * gains,

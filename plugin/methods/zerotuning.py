@@ -21,7 +21,7 @@ from numbers import Real
 
 import torch
 
-from ..attention import AttentionCall, Intervention, intervene
+from ..attention import AttentionCall, Intervention, intervene, recomputing
 from ..config import MethodConfig, is_int, is_number, option
 from ..registry import register
 from .base import Method
@@ -123,7 +123,7 @@ class FirstTokenBias(Intervention):
         # by position: a sliding-window cache's keys start at call.key_offset (the oldest ones dropped)
         positions = torch.arange(n, device=device)[None, :] + call.key_offset
         chosen = (positions >= first[:, None] + self.start) & (positions < first[:, None] + self.end)
-        self.stats["biased_calls"] += 1
+        self.stats["biased_calls"] += not recomputing()
         self.stats["target_key"] = first
         return chosen[:, None, :].float() * self.log_gamma.to(device)[None, :, None]
 

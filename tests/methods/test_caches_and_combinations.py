@@ -230,3 +230,28 @@ def test_visual_edits_refuse_inputs_embeds(method):
     assert not torch.equal(edited, plain)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, plain)
+
+
+@pytest.mark.parametrize("method, options, counter", [("paint", dict(alpha=0.5, beta=0.3), "edited_calls"),
+                                                      ("pai", dict(alpha=2.0), "edited_calls"),
+                                                      ("zerotuning", dict(gamma=3.0), "biased_calls"),
+                                                      ("act", {}, None), ("fastv", dict(layer=2), None)])
+def test_gradient_checkpointing_gives_the_gradients_and_stats_of_a_plain_backward(method, options, counter):
+    """transformers' (non-reentrant) gradient checkpointing re-runs each decoder layer in backward: the method must
+    save what it saved in the forward (PAINT's cached token selection did not) and count the call once."""
+    def loss_and_grads(checkpointing: bool):
+        model = nograd.tiny.build("llava", seed=1, text_layers=4).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        inputs = nograd.tiny.vlms.make_inputs("llava", model)
+        with nograd.apply(model, method, **options) as h:
+            loss = model(**inputs, use_cache=False).logits[:, -1].float().square().mean()
+            loss.backward()
+            calls = h.stats[counter] if counter else None
+        return loss.detach(), [p.grad for p in model.parameters() if p.grad is not None], calls
+
+    loss, grads, calls = loss_and_grads(False)
+    loss_gc, grads_gc, calls_gc = loss_and_grads(True)
+    assert torch.equal(loss_gc, loss) and calls_gc == calls and len(grads_gc) == len(grads) > 0
+    for grad_gc, grad in zip(grads_gc, grads):
+        torch.testing.assert_close(grad_gc, grad, atol=1e-6, rtol=1e-5)
