@@ -62,6 +62,8 @@ class SinkCalibration(Intervention):
         self.config = config
         self.stats = stats
         self.sinks: torch.Tensor | None = None
+        self.found = 0
+        """How many (row, head, key) sinks the prompt call found."""
         self.offset = 0
         """The position of the sinks' key 0 (the prompt call's key offset)."""
 
@@ -71,8 +73,8 @@ class SinkCalibration(Intervention):
         if m > 1 or m == n:  # a prompt (a one-token prompt too); decode steps reuse its sinks
             self.sinks = self._detect(call)
             self.offset = offset
-        if self.sinks is None or self.sinks.shape[0] != call.shape[0]:
-            return None
+        if self.sinks is None or self.sinks.shape[0] != call.shape[0] or not self.found:
+            return None  # no prompt yet, another batch, or no sink found: the plain attention, bit for bit
         # the sinks by position (a sliding-window cache has dropped the oldest keys); generated keys are never sinks
         return keys_from(self.sinks, offset - self.offset, n), self.config.beta
 
@@ -82,7 +84,7 @@ class SinkCalibration(Intervention):
         first = found.int().argmax(dim=-1, keepdim=True)
         found = found & (torch.arange(found.shape[-1], device=found.device) != first)
         found = found & self.heads.to(found.device)[None, :, None]
-        self.stats["sinks"][self.layer] = int(found.sum())
+        self.found = self.stats["sinks"][self.layer] = int(found.sum())
         return found
 
 

@@ -66,6 +66,17 @@ def test_beta_one_is_bit_identical(build, padded_batch):
         assert torch.equal(logits(model, ids, mask), plain) and handle.stats["layers"] == []
 
 
+def test_a_prompt_without_sinks_is_bit_identical(build, padded_batch):
+    """A threshold no key reaches finds no sink: the attention is the plain one, bit for bit (not a rescale by beta
+    of an empty key set, which rounds differently)."""
+    model = build("llama")
+    ids, mask = padded_batch
+    plain = logits(model, ids, mask)
+    with nograd.apply(model, "act", threshold=0.999) as handle:
+        assert torch.equal(logits(model, ids, mask), plain)
+        assert handle.stats["layers"] and not any(handle.stats["sinks"].values())
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_equals_the_official_algorithm(build, reference_logits, family):
     model = build(family)
