@@ -3,6 +3,8 @@ builds and generates, and a VLM's processor writes exactly as many image tokens 
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -44,6 +46,31 @@ def test_tiny_processors_refuse_videos_and_say_how_to_build_them(family):
     frames = [nograd.tiny.image(28, 28), nograd.tiny.image(28, 28, seed=1)]
     with pytest.raises(NotImplementedError, match="encodes images only .* nograd.tiny.vlms.make_video_inputs"):
         processor(text=["a video"], videos=[frames], return_tensors="pt")
+
+
+@pytest.mark.parametrize("family", nograd.tiny.VLM_FAMILIES)
+def test_tiny_processors_save_and_reload_or_refuse_before_writing(family, tmp_path):
+    """A tiny processor saved with ``save_pretrained`` reloads through ``AutoProcessor`` to the same inputs; one built
+    without its video processor (which needs torchvision) refuses before writing a file, rather than leave a folder
+    that reloads as a bare tokenizer."""
+    from transformers import AutoProcessor
+
+    _, processor = nograd.tiny.vlm(family, layers=2)
+    if family == "mistral3" and importlib.util.find_spec("torchvision") is None:
+        pytest.skip("transformers' PixtralProcessor needs torchvision to load")
+    if isinstance(processor, nograd.tiny.processors.NoVideo):
+        with pytest.raises(NotImplementedError, match="no video processor and cannot be saved"):
+            processor.save_pretrained(tmp_path)
+        assert list(tmp_path.iterdir()) == []
+        return
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    image = nograd.tiny.image(40, 28)
+    inputs = [p(images=[image], text=p.apply_chat_template(chat, add_generation_prompt=True), return_tensors="pt")
+              for p in (processor, reloaded)]
+    assert type(reloaded) is type(processor) and inputs[0].keys() == inputs[1].keys()
+    assert all(torch.equal(inputs[0][key], inputs[1][key]) for key in inputs[0])
 
 
 @pytest.mark.parametrize("family", nograd.tiny.VLM_FAMILIES)

@@ -87,6 +87,13 @@ class NoVideo:
         refuse_videos(self, videos)
         return super().__call__(*args, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Refused before writing anything: the real class would reload it with a video processor (which needs
+        torchvision), and ``ProcessorMixin`` fails on the missing one after writing the tokenizer alone."""
+        raise NotImplementedError(f"the tiny {type(self).__name__} has no video processor and cannot be saved as a "
+                                  "processor; save its image_processor and tokenizer, or use a tiny LLaVA / "
+                                  "LLaVA-NeXT / Idefics3 processor, which save and reload")
+
 
 def refuse_videos(processor, videos) -> None:
     """The offline processors encode images only: ``videos=`` raises, naming how to build video inputs instead."""
@@ -129,7 +136,10 @@ def idefics3_processor() -> Idefics3Processor:
     torchvision for its video processor), so the tiny SmolVLM uses this one too."""
     tags = {f"<row_{r}_col_{c}>": ROW_COL_TAGS + 2 * (r - 1) + (c - 1) for r in (1, 2) for c in (1, 2)}
     images = Idefics3ImageProcessorPil(size={"longest_edge": 56}, max_image_size={"longest_edge": 28})
-    tokens = tokenizer({"<image>": IMAGE, "<fake_token_around_image>": FAKE, "<global-img>": GLOBAL, **tags})
+    # <end_of_utterance>, which the processor adds when missing, gets an id Idefics3 leaves unused (Qwen's vision end):
+    # added, it took the first free id, another after a reload (a tag's: save_pretrained gave other input_ids)
+    tokens = tokenizer({"<image>": IMAGE, "<fake_token_around_image>": FAKE, "<global-img>": GLOBAL, **tags,
+                        "<end_of_utterance>": VISION_END})
     return Idefics3Processor(image_processor=images, tokenizer=tokens, image_seq_len=4,
                              chat_template=TEMPLATE.replace("{{ image }}", "<image>"))
 
