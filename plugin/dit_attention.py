@@ -42,6 +42,22 @@ class NogradProcessor(nn.Module):
         call.__signature__ = signature
         self.__dict__["__call__"] = call  # diffusers passes only the arguments named in `processor.__call__`
 
+    FORWARDED = ("_attention_backend", "_parallel_config")
+    """The wrapped processor's settings that diffusers sets on every processor that has them
+    (``set_attention_backend``, context parallelism): read and written on the wrapped processor, so a choice made
+    while a method is attached reaches it and stays after ``remove()``."""
+
+    def __getattr__(self, name: str):
+        if name in NogradProcessor.FORWARDED:
+            return getattr(self.base, name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in NogradProcessor.FORWARDED:
+            setattr(self.base, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  **kwargs):
         interventions = self.patch.interventions.get(attn)

@@ -22,7 +22,7 @@ convention, as ``PAGMixin._apply_perturbed_attention_guidance`` and the official
    1 without CFG), and return the original ``n`` rows.
 
 Calls that must not be perturbed pass through untouched: SD3's skip-layer-guidance call (``skip_layers=``), FLUX's
-true-CFG ``cache_context("uncond")`` call, steps outside the ``[start, stop)`` window (step index from the
+true-CFG call of the negative prompt, steps outside the ``[start, stop)`` window (step index from the
 pipeline's scheduler, counted from its ``begin_index`` as img2img starts later) and nograd's own forwards inside
 ``suspended()`` (RefAM's read-out pass). SD3's skip-layer guidance adds ``s (cond - skip)`` with the pipeline's
 conditional prediction, which carries the fold: the skip-layer call that follows a folded call gets the same shift,
@@ -134,12 +134,14 @@ def _running_pipeline(model: nn.Module, fallback):
     return fallback
 
 
-def _true_cfg_scale(pipe) -> float | None:
-    """FLUX's ``true_cfg_scale`` of the running ``FluxPipeline.__call__`` (a local there), or None when true CFG is
-    off. Read from the caller frames, since the pipeline keeps it nowhere else."""
+def _true_cfg(pipe) -> tuple[float, object] | None:
+    """FLUX's true CFG in the running pipeline ``__call__``: ``(true_cfg_scale, negative_prompt_embeds)``, locals
+    there (the pipeline keeps them nowhere else), read from the caller frames; None when true CFG is off."""
     for local in _caller_locals():
         if local.get("self") is pipe and "true_cfg_scale" in local:
-            return float(local["true_cfg_scale"]) if local.get("do_true_cfg") else None
+            if not local.get("do_true_cfg"):
+                return None
+            return float(local["true_cfg_scale"]), local.get("negative_prompt_embeds")
     return None
 
 
@@ -224,8 +226,12 @@ class PerturbedGuidance:
         step = 0 if index is None else index - (getattr(scheduler, "begin_index", None) or 0)
         return self.start <= step / total < self.stop
 
-    def _guidance_rows(self, n: int, pipe) -> tuple[slice, float] | None:
-        """(conditional rows, fold factor w / g) for a call of ``n`` rows, or None if it must not be perturbed."""
+    def _guidance_rows(self, n: int, pipe, bound: dict) -> tuple[slice, float] | None:
+        """(conditional rows, fold factor w / g) for a call of ``n`` rows, or None if it must not be perturbed.
+
+        FLUX's true CFG calls the transformer twice a step; the negative prompt's call is left alone. ``FluxPipeline``
+        names it (``cache_context("uncond")``); its img2img, inpaint, Kontext and ControlNet siblings do not, and it
+        is the call given the pipeline's ``negative_prompt_embeds``."""
         if self._context == "uncond":
             return None
         if pipe is not None and getattr(pipe, "do_classifier_free_guidance", False):
@@ -233,10 +239,13 @@ class PerturbedGuidance:
             if n % 2 or abs(g) < 1e-8:
                 return None
             return slice(n // 2, n), self.scale / g
-        if pipe is not None and self._context == "cond":
-            true_cfg = _true_cfg_scale(pipe)
-            if true_cfg is not None and abs(true_cfg) > 1e-8:
-                return slice(0, n), self.scale / true_cfg
+        true_cfg = _true_cfg(pipe) if pipe is not None else None
+        if true_cfg is not None:
+            true_cfg_scale, negative = true_cfg
+            if self._context is None and negative is not None and bound.get("encoder_hidden_states") is negative:
+                return None
+            if abs(true_cfg_scale) > 1e-8:
+                return slice(0, n), self.scale / true_cfg_scale
         return slice(0, n), self.scale
 
     def _pre(self, module, args, kwargs):
@@ -261,7 +270,7 @@ class PerturbedGuidance:
             self._frames.append(_Shift(fold) if fold is not None and fold.shape[0] == n else None)
             return None
         pipe = _running_pipeline(self.model, self.pipe)
-        rows = self._guidance_rows(n, pipe) if self._in_window(pipe) else None
+        rows = self._guidance_rows(n, pipe, bound) if self._in_window(pipe) else None
         if rows is None:
             self._frames.append(None)
             return None

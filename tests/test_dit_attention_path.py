@@ -227,3 +227,28 @@ def test_processors_replaced_after_apply_raise_and_are_kept_by_remove():
     handle.remove()
     assert modules[0].processor is mine
     assert all(module.processor is processor for module, processor in zip(modules[1:], stock[1:]))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_an_attention_backend_set_while_attached_reaches_the_processors_and_stays(family):
+    """diffusers' ``set_attention_backend`` sets ``_attention_backend`` on every processor that has one (FLUX's; not
+    SD3's): through the wrapper it reaches the wrapped processor, as on a plain model (it skipped the wrapper, and
+    the choice was gone after ``remove()``)."""
+    def backends(model):
+        return [str(getattr(m.processor, "_attention_backend", None)) for m in adapter_for(model).attention_modules]
+
+    plain, model = BUILDERS[family](), BUILDERS[family]()
+    if not hasattr(plain, "set_attention_backend"):
+        pytest.skip("this diffusers has no set_attention_backend")
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry as registry
+
+    active = registry._active_backend
+    try:
+        plain.set_attention_backend("_native_math")
+        with nograd.apply(model, "softpag", heads={0: "all"}, u=1.0):
+            model.set_attention_backend("_native_math")
+            assert backends(model) == backends(plain)
+        assert backends(model) == backends(plain)
+        assert family == "sd3" or set(backends(plain)) == {"AttentionBackendName._NATIVE_MATH"}
+    finally:  # diffusers also makes it the process's active backend
+        registry.set_active_backend(active)

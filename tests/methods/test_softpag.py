@@ -30,7 +30,7 @@ def pipeline(family, **transformer_overrides):
 
 def images(pipe, prompt="a cat", seed=0, **kwargs):
     kwargs = {**STEPS, "output_type": "latent", "generator": torch.Generator().manual_seed(seed), **kwargs}
-    return pipe(prompt, **kwargs).images
+    return pipe(prompt=prompt, **kwargs).images
 
 
 @pytest.fixture(scope="module")
@@ -359,6 +359,30 @@ def test_flux_true_cfg_folds_w_over_true_cfg_scale(flux):
         assert handle.stats["perturbed_calls"] == 2  # the "uncond" call is never perturbed
     assert term.abs().max() > 1e-4
     torch.testing.assert_close(term_cfg, term, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pipeline_class", ["FluxPipeline", "FluxImg2ImgPipeline", "FluxKontextPipeline"])
+def test_flux_true_cfg_perturbs_only_the_conditional_call_in_every_flux_pipeline(flux, pipeline_class):
+    """One Euler step: true CFG with the method is ``neg + tc (cond - neg) + w (cond - ptb)`` (written out from plain
+    runs and a perturbed-only run). FluxPipeline names its negative call (``cache_context("uncond")``); img2img and
+    Kontext do not, and their negative call was perturbed and folded too (off by the whole effect)."""
+    import diffusers
+
+    pipe = getattr(diffusers, pipeline_class)(**flux.components)
+    pipe.set_progress_bar_config(disable=True)
+    extra = {} if pipeline_class == "FluxPipeline" else dict(image=nograd.tiny.image(32, 32))
+    extra |= dict(strength=1.0) if pipeline_class == "FluxImg2ImgPipeline" else {}
+    extra |= dict(_auto_resize=False, max_area=32 * 32) if pipeline_class == "FluxKontextPipeline" else {}
+    one = dict(num_inference_steps=1, **extra)
+    true_cfg = dict(negative_prompt="a dog", true_cfg_scale=4.0, **one)
+    plain, plain_cfg = images(pipe, **one), images(pipe, **true_cfg)
+    with nograd.apply(pipe, "softpag", heads={0: "all"}, u=1.0, scale=2.0) as handle:
+        with handle.perturbed_only():
+            perturbed = images(pipe, **one)
+        guided = images(pipe, **true_cfg)
+        assert handle.stats["perturbed_calls"] == 1
+    assert (guided - plain_cfg).abs().max() > 1e-2
+    torch.testing.assert_close(guided, plain_cfg + 2.0 * (plain - perturbed), atol=2e-5, rtol=0)
 
 
 # ---- addressing and validation ------------------------------------------------------------------------------------------
