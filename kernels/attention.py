@@ -20,6 +20,8 @@ method reaches attention through (spec: ``shared/specs/kernels.md`` §3.3). Conv
 - ``softcap``: Gemma2's ``tanh`` logit soft-capping, applied before the bias.
 - ``edit``: a ``ScoreEdit``, the per-key pointwise edit ``s + a|s| + m s`` of the scaled (soft-capped) scores of
   the query rows at or after a position (PAI / PAINT / ClearSight), applied before the bias and the masks.
+- ``dropout``: attention dropout as transformers' eager attention applies it in training (``F.dropout`` of the
+  weights before the weighted sum; ``lse`` is the undropped row's); it runs on the reference (``"auto"`` picks it).
 - A row that sees no key returns 0 and ``lse = -inf``, never NaN.
 
 Backends (one signature, results equal to the reference within float tolerance):
@@ -129,9 +131,13 @@ def causal_visibility(m: int, n: int, device=None) -> torch.Tensor:
     return visible_keys(torch.arange(m, device=device) + (n - m), torch.arange(n, device=device), True, None)
 
 
-def _check(q, k, v, key_bias, blend, backend, window=None):
+def _check(q, k, v, key_bias, blend, backend, window=None, dropout=0.0):
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}")
+    if dropout and backend not in ("auto", "eager"):
+        raise ValueError(f"backend={backend!r} does not apply dropout; use backend='eager' or 'auto'")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (B, H, M|N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     b, h, _, d = q.shape
@@ -249,11 +255,12 @@ def soft_identity_blend(out: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> 
 
 
 def attention_eager(q, k, v, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None, window=None,
-                    edit=None):
-    """The reference: explicit fp32 logits, softmax and weighted sum. Returns (out in q.dtype, lse fp32)."""
+                    edit=None, dropout=0.0):
+    """The reference: explicit fp32 logits, softmax (``dropout`` of its weights) and weighted sum. Returns (out in
+    q.dtype, lse fp32)."""
     logits = scaled_logits(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap,
                            window=window, edit=edit)
-    out = _grouped_matmul(softmax_rows(logits), v.float())
+    out = _grouped_matmul(F.dropout(softmax_rows(logits), p=dropout) if dropout else softmax_rows(logits), v.float())
     lse = logsumexp_rows(logits)
     return out.to(q.dtype), lse
 
@@ -421,9 +428,12 @@ def choose_backend(q: torch.Tensor, *, mask=None, softcap=None, return_lse=False
 
 
 def resolve_backend(backend: str, q, k, v, *, key_bias=None, blend=None, edit=None, mask=None, softcap=None,
-                    return_lse=False) -> str:
-    """The backend a call with ``backend`` runs: ``auto`` chosen by ``choose_backend``, never the forward-only Triton
-    kernel where autograd records one of the inputs (an explicit ``"triton"`` there raises ``ValueError``)."""
+                    return_lse=False, dropout=0.0) -> str:
+    """The backend a call with ``backend`` runs: ``auto`` chosen by ``choose_backend`` (the reference for dropout),
+    never the forward-only Triton kernel where autograd records one of the inputs (an explicit ``"triton"`` there
+    raises ``ValueError``)."""
+    if backend == "auto" and dropout:
+        return "eager"
     if backend not in ("auto", "triton"):
         return backend
     from .triton_attention import records_grad
@@ -437,14 +447,14 @@ def resolve_backend(backend: str, q, k, v, *, key_bias=None, blend=None, edit=No
 
 
 def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, return_lse=False, backend="auto",
-              mask=None, softcap=None, window=None, edit=None):
+              mask=None, softcap=None, window=None, edit=None, dropout=0.0):
     """Scaled dot-product attention with a key bias, causal edge, SoftPAG blend and optional LSE (see module doc).
 
     Returns ``out`` (B, H, M, D) in ``q.dtype``, or ``(out, lse)`` with ``lse`` (B, H, M) fp32 when ``return_lse``.
     """
-    _check(q, k, v, key_bias, blend, backend, window)
+    _check(q, k, v, key_bias, blend, backend, window, dropout)
     backend = resolve_backend(backend, q, k, v, key_bias=key_bias, blend=blend, edit=edit, mask=mask, softcap=softcap,
-                              return_lse=return_lse)
+                              return_lse=return_lse, dropout=dropout)
     if softcap is not None and backend != "eager":
         raise ValueError(f"backend={backend!r} does not support softcap; use backend='eager' or 'auto'")
     if mask is not None and backend in ("triton", "flex"):
@@ -474,7 +484,7 @@ def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, r
 
         out, lse = attention_flex(q, k, v, return_lse=return_lse, **args)
     elif backend == "eager":
-        out, lse = attention_eager(q, k, v, mask=mask, softcap=softcap, edit=edit, **args)
+        out, lse = attention_eager(q, k, v, mask=mask, softcap=softcap, edit=edit, dropout=dropout, **args)
     else:
         out = attention_sdpa(q, k, v, mask=mask, **args)
         lse = row_logsumexp(q, k, mask=mask, **args) if return_lse else None

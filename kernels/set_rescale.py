@@ -16,23 +16,27 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .attention import _grouped_matmul, attention, resolve_backend, scaled_logits, softmax_rows
 from .broadcast import per_key
 
 
 def attention_rescaled_set(q, k, v, *, key_set: torch.Tensor, factor: float, key_bias=None, causal=False, scale=None,
-                           mask=None, softcap=None, window=None, edit=None, backend="auto"):
+                           mask=None, softcap=None, window=None, edit=None, backend="auto", dropout=0.0):
     """``attention(q, k, v, key_bias=..., ...)`` with the weights of ``key_set`` (bool, broadcastable to (B, H, N))
     scaled by ``factor`` in every row and the rest renormalised; also returns ``m`` (B, H, M), the mass each row had
     on the set before. A row that sees no key outside the set is left unchanged. Where the LSE comes from the fp32
     reference anyway (``backend`` resolves to ``"eager"``: CPU), the matrix is built once (``rescaled_set_eager``)
-    instead of twice."""
+    instead of twice. ``dropout`` (training) runs there too, on the rescaled weights."""
     common = dict(causal=causal, scale=scale, mask=mask, softcap=softcap, window=window, edit=edit)
     backend = resolve_backend(backend, q, k, v, key_bias=key_bias, edit=edit, mask=mask, softcap=softcap,
-                              return_lse=True)
+                              return_lse=True, dropout=dropout)
     if backend == "eager":
-        return rescaled_set_eager(q, k, v, key_set=key_set, factor=factor, key_bias=key_bias, **common)
+        return rescaled_set_eager(q, k, v, key_set=key_set, factor=factor, key_bias=key_bias, dropout=dropout,
+                                  **common)
+    if dropout:
+        raise ValueError(f"backend={backend!r} does not apply dropout; use backend='eager' or 'auto'")
     passes = []
     for hidden in (torch.where(key_set, 0.0, -math.inf), torch.where(key_set, -math.inf, 0.0)):  # the set, the rest
         passes.append(attention(q, k, v, key_bias=hidden if key_bias is None else key_bias + hidden, return_lse=True,
@@ -47,7 +51,7 @@ def attention_rescaled_set(q, k, v, *, key_set: torch.Tensor, factor: float, key
     return result.to(out_set.dtype), mass
 
 
-def rescaled_set_eager(q, k, v, *, key_set: torch.Tensor, factor: float, key_bias=None, **kwargs):
+def rescaled_set_eager(q, k, v, *, key_set: torch.Tensor, factor: float, key_bias=None, dropout=0.0, **kwargs):
     """The reference of ``attention_rescaled_set``: the fp32 weights of every row, those of the set times ``factor``
     and the others times ``(1 - factor * m) / r``, where ``r`` is the rest's own sum (``1 - m`` up to rounding, so
     each row sums to 1 again), then the weighted sum of the values (the matrix once)."""
@@ -59,4 +63,5 @@ def rescaled_set_eager(q, k, v, *, key_set: torch.Tensor, factor: float, key_bia
     movable = rest > 0  # a row that sees no key outside the set keeps its weights
     rest_factor = torch.where(movable, (1 - factor * mass) / torch.where(movable, rest, 1.0), 1.0)
     weights = probs * torch.where(on, torch.where(movable, factor, 1.0)[..., None], rest_factor[..., None])
+    weights = F.dropout(weights, p=dropout) if dropout else weights
     return _grouped_matmul(weights, v.float()).to(q.dtype), mass

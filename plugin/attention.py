@@ -126,6 +126,8 @@ class AttentionCall:
     softcap: float | None = None
     window: int | None = None
     causal: bool = True
+    dropout: float = 0.0
+    """Attention dropout (the module's in training), applied as its eager attention does."""
     key_bias: torch.Tensor | None = None
     edit: kernels.ScoreEdit | None = None
     mask: torch.Tensor | None = None
@@ -429,7 +431,8 @@ class AttentionPatch(ModelPatch):
         call = AttentionCall(module=module, layer_idx=getattr(module, "layer_idx", -1), query=query, key=key,
                              value=value, scaling=kwargs.get("scaling") or query.shape[-1] ** -0.5,
                              batch=self.batch, softcap=kwargs.get("softcap"), window=kwargs.get("sliding_window"),
-                             causal=kwargs.get("is_causal", getattr(module, "is_causal", True)))
+                             causal=kwargs.get("is_causal", getattr(module, "is_causal", True)),
+                             dropout=float(kwargs.get("dropout") or 0.0))
         out = attend(call, interventions, attention_mask, self.split_mask, base=lambda: run_base()[0].transpose(1, 2))
         return None if out is None else (out.transpose(1, 2).contiguous(), None)
 
@@ -481,8 +484,8 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
             keep = keep * (1 - u.float())
         blend = 1 - keep
     common = dict(causal=call.causal, scale=call.scaling, mask=call.mask, softcap=call.softcap, window=call.window,
-                  edit=call.edit)
-    if base is not None and call.edit is not None and not (biases or blends or rescales) \
+                  edit=call.edit, dropout=call.dropout)
+    if base is not None and call.edit is not None and not (biases or blends or rescales or call.dropout) \
             and m - call.edit.first_row(m, n) <= EDITED_ROWS_OVER_BASE:
         out = _edited_rows_over(base(), call)
     elif rescales:

@@ -609,3 +609,29 @@ def test_a_one_column_bias_on_a_window_past_the_first_keys():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="blend needs every query to have its own key"):
         kernels.attention(q, k[:, :, :10], v[:, :, :10], blend=torch.ones(2), backend="sdpa")
+
+
+def test_dropout_drops_the_weights_as_eager_attention_does():
+    """``dropout`` (training): the same seed gives ``F.dropout`` of the reference's weights, on ``auto`` (which runs
+    the reference) and in the set rescale; a backend without it, or a p outside [0, 1), raises."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    bias = torch.randn(2, 4, 5, generator=g)
+    logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 8 ** -0.5 + bias[:, :, None, :]
+    torch.manual_seed(3)
+    expected = F.dropout(logits.softmax(-1), p=0.4) @ v.repeat_interleave(2, 1)
+    torch.manual_seed(3)
+    got = kernels.attention(q, k, v, key_bias=bias, dropout=0.4)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    key_set = torch.zeros(5, dtype=torch.bool)
+    key_set[0] = True
+    torch.manual_seed(3)
+    kept, _ = kernels.attention_rescaled_set(q, k, v, key_set=key_set, factor=1.0, key_bias=bias, dropout=0.4)
+    torch.testing.assert_close(kept, expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="backend='sdpa' does not apply dropout"):
+        kernels.attention(q, k, v, dropout=0.4, backend="sdpa")
+    with pytest.raises(ValueError, match="backend='sdpa' does not apply dropout"):
+        kernels.attention_rescaled_set(q, k, v, key_set=key_set, factor=0.5, dropout=0.4, backend="sdpa")
+    with pytest.raises(ValueError, match=r"dropout must be a probability in \[0, 1\)"):
+        kernels.attention(q, k, v, dropout=1.0)

@@ -26,6 +26,7 @@ def post_softmax_reference(gamma: torch.Tensor):
             scale[row, :, :, column] = gamma[module.layer_idx][:, None].float()
         weights = weights * scale
         weights = weights / weights.sum(-1, keepdim=True)
+        weights = torch.nn.functional.dropout(weights, p=dropout)  # training: as transformers' eager attention
         out = weights @ value.float()
         return out.to(query.dtype).transpose(1, 2).contiguous(), weights
 
@@ -56,6 +57,27 @@ def test_gamma_one_is_bit_identical(build, padded_batch, family):
     with nograd.apply(model, "zerotuning", gamma=1.0) as handle:
         assert torch.equal(logits(model, ids, mask), plain)
         assert handle.stats["heads_touched"] == 0
+
+
+def test_training_applies_attention_dropout_as_the_reference(build, padded_batch):
+    """In training the layers nograd computes apply the model's attention dropout (they ran without it): the same
+    seed gives the reference's dropout masks, and so its logits."""
+    model = build("llama", attention_dropout=0.3).train()
+    ids, mask = padded_batch
+    gamma = torch.full((model.config.num_hidden_layers, model.config.num_attention_heads), 2.5)
+
+    def seeded(seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return model(ids, attention_mask=mask).logits
+
+    with attention_function(model, post_softmax_reference(gamma)):
+        expected = seeded(0)
+    with nograd.apply(model, "zerotuning", gamma=2.5):
+        got, other_seed = seeded(0), seeded(1)
+    real = mask.bool()
+    assert not torch.equal(got, other_seed)
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", REFERENCE_FAMILIES)
