@@ -23,9 +23,13 @@ class DecoderLMAdapter(Adapter):
 
     @property
     def text_model(self) -> nn.Module:
+        """The decoder: ``.model`` of a ``...ForCausalLM`` (and of the sequence / token classification heads),
+        ``.transformer`` of a ``...ForQuestionAnswering``; a bare ``...Model`` is its own."""
         model = self.model
-        # `...ForCausalLM.model` is the decoder; a bare `...Model` is its own decoder.
-        return model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
+        for name in ("model", "transformer"):
+            if hasattr(getattr(model, name, None), "layers"):
+                return getattr(model, name)
+        return model
 
 
 class LlamaAdapter(DecoderLMAdapter):

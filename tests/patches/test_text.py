@@ -35,3 +35,30 @@ def test_adapter_facts(build, family):
 
 def test_supported_families_lists_text_families():
     assert {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text"} <= set(supported_families("text"))
+
+
+@pytest.mark.parametrize("head", ["ForQuestionAnswering", "ForSequenceClassification", "ForTokenClassification"])
+def test_task_heads_keep_their_decoder_where_the_adapter_finds_it(build, head):
+    """The task heads of a family are the family: their decoder is ``.model``, or ``.transformer`` (question
+    answering; it raised AttributeError): a method acts on it, and ``remove()`` restores it bit for bit."""
+    import transformers
+
+    import nograd
+
+    config = build("llama").config
+    config.pad_token_id = 0
+    torch.manual_seed(0)
+    model = getattr(transformers, f"Llama{head}")(config).eval()
+    adapter = adapter_for(model)
+    assert type(adapter) is LlamaAdapter and len(adapter.attention_modules) == config.num_hidden_layers
+    ids = torch.randint(4, 100, (2, 7))
+
+    def outputs():
+        with torch.no_grad():
+            out = model(ids)
+        return torch.cat([value.flatten() for key, value in out.items() if isinstance(value, torch.Tensor)])
+
+    plain = outputs()
+    with nograd.apply(model, "zerotuning", gamma=3.0):
+        assert not torch.equal(outputs(), plain)
+    assert torch.equal(outputs(), plain)
