@@ -265,12 +265,15 @@ UNSUPPORTED_IMPLEMENTATIONS = {"flex_attention": "BlockMasks, whose padding nogr
 
 
 def refuse_unsupported_call(bound: dict, config) -> None:
-    """Raise ``NotImplementedError`` for a forward that nograd's attention path would get silently wrong: a static KV
-    cache (its 4-D masks hide the padding the methods need) or ``output_attentions`` (layers a method changes have
-    no attention weights to return)."""
-    if getattr(cache_of(bound), "is_compileable", False):
-        raise NotImplementedError("nograd: a static KV cache (generate(cache_implementation='static'), StaticCache) "
-                                  "is not supported while a method is attached; use the default dynamic cache")
+    """Raise ``NotImplementedError`` for a forward that nograd's attention path would get silently wrong: a fixed-size
+    (compileable) KV cache (its 4-D masks hide the padding the methods need) or ``output_attentions`` (layers a method
+    changes have no attention weights to return)."""
+    cache = cache_of(bound)
+    if getattr(cache, "is_compileable", False):
+        raise NotImplementedError(
+            f"nograd: a fixed-size KV cache ({type(cache).__name__}, as generate(cache_implementation='static' or "
+            "'sliding_window') builds) is not supported while a method is attached; use the default dynamic cache "
+            "(it keeps sliding-window layers' windows too)")
     if bound.get("output_attentions", getattr(config, "output_attentions", False)):
         raise NotImplementedError("nograd: output_attentions=True is not supported while a method is attached (the "
                                   "layers it changes return no attention weights); read them with the model alone, "

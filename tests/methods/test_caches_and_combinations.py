@@ -127,10 +127,12 @@ def test_flex_attention_is_refused_before_any_change():
     assert attn_names(model) == names and registered_names() == [] and nograd.attached(model) == []
 
 
-@pytest.mark.parametrize("call, match", [(dict(cache_implementation="static"), "static KV cache"),
-                                         (dict(output_attentions=True), "output_attentions=True")])
-def test_calls_the_attention_path_cannot_honour_raise(call, match):
-    model, _ = nograd.tiny.llm()
+@pytest.mark.parametrize("family, call, match", [
+    ("llama", dict(cache_implementation="static"), r"fixed-size KV cache \(StaticCache"),
+    ("mistral", dict(cache_implementation="sliding_window"), r"fixed-size KV cache \(\w+Cache.*'sliding_window'"),
+    ("llama", dict(output_attentions=True), "output_attentions=True")])
+def test_calls_the_attention_path_cannot_honour_raise(family, call, match):
+    model, _ = nograd.tiny.llm(family=family)
     ids = torch.tensor([[1, 5, 6, 7]])
     with nograd.apply(model, "zerotuning"):
         with pytest.raises(NotImplementedError, match=match):
