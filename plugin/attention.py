@@ -216,6 +216,9 @@ def base_function(base: str, module: nn.Module) -> Callable:
 
 
 def _make_function(base: str) -> Callable:
+    # torch.compile runs it outside the graph: traced, the lookup by module was specialised to the first layer's
+    # interventions (every layer ran layer 0's; ACT's decode then used stale sinks)
+    @torch.compiler.disable
     def nograd_attention(module, query, key, value, attention_mask, **kwargs):
         ref = _PATCH_OF_MODULE.get(module)
         patch = ref() if ref is not None else None

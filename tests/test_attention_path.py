@@ -203,3 +203,25 @@ def test_an_implementation_set_after_apply_raises_and_stays(build, family, switc
     plain = logits(model, ids)
     model.set_attn_implementation("sdpa")
     torch.testing.assert_close(logits(model, ids), plain, atol=1e-5, rtol=0)  # eager as the user set it, unsteered
+
+
+def test_torch_compile_runs_each_layers_own_interventions():
+    """``torch.compile`` of a model with a method attached gives the eager model's logits and generation: traced,
+    the lookup of a layer's interventions was specialised to the first layer's (layer 1 ran layer 0's ACT sinks)."""
+    ids = torch.tensor([[1, 5, 9, 23, 44, 7, 8, 60, 33, 12]])
+    longer = torch.cat([ids, torch.tensor([[4, 4]])], dim=1)
+    greedy = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+
+    def session(compiled: bool):
+        model, _ = nograd.tiny.llm(layers=2)
+        with nograd.apply(model, "act", beta=0.4, threshold=0.05) as handle, torch.no_grad():
+            if compiled:
+                model.forward = torch.compile(model.forward, backend="eager")
+            return (model(ids).logits, model(longer).logits, torch.stack(model.generate(ids, **greedy).logits),
+                    dict(handle.stats))
+
+    torch.compiler.reset()  # no compiled code or recompile count left from an earlier test
+    expected, got = session(False), session(True)
+    for g, e in zip(got[:3], expected[:3]):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=0)
+    assert got[3]["sinks"] == expected[3]["sinks"]
