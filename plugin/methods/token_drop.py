@@ -6,9 +6,10 @@ each row's last prompt token over every visible key (``nograd.kernels.attention_
 computed apart from the attention call so any attention implementation keeps working. PyramidDrop scores with the
 input norm, Q/K projections and RoPE of layer ``l_s`` itself on its input (the official ``rank_layer =
 layer_idx + 1``); FastV with those of layer ``l_s - 1`` on *its* input (the official code reads layer ``K - 1``'s
-``output_attentions``). The top ``K_{b,s}`` visual tokens of a row stay, in their original order; text tokens and
-pad slots always stay. The hidden states and the rotary cos/sin are gathered (one ``index_select`` each) into the
-stage's shorter sequence; rows that keep fewer slots get extra *left* pad slots, so the batch stays rectangular.
+``output_attentions``). The top ``K_{b,s}`` visual tokens of a row stay, in their original order; text tokens
+always stay. The hidden states and the rotary cos/sin are gathered (one ``index_select`` each) into the stage's
+shorter sequence, as long as its longest row now is; rows that keep fewer tokens get *left* pad slots (their own pads
+dropped, new ones added as needed), so the batch stays rectangular.
 
 Every layer from ``l_1`` on gets, through a forward pre-hook, its stage's hidden states, mask
 (``create_causal_mask(..., layer_idx=i)`` from the stage's 2-D padding mask, sized against that layer's own KV
@@ -474,7 +475,9 @@ class TokenDropMethod(Method):
         scores = rank_scores(scoring_layer, scoring_hidden, scoring_positions, previous.valid.to(hidden.device),
                              self.config.backend).to(previous.visual.device)
         kept_visual = top_visual(scores, previous.visual, keep_counts)
-        index, filled = compact(~previous.visual | kept_visual)
+        # the real text and the kept visual tokens, packed to the right: a row's pad slots go too, so the stage is as
+        # long as its longest row now is (a shorter or text-only row no longer holds it at the prompt's length)
+        index, filled = compact((previous.valid & ~previous.visual) | kept_visual)
         visual = kept_visual.gather(1, index) & filled
         origin = previous.origin.gather(1, index)
         dropped_now = torch.zeros_like(previous.dropped).scatter_add_(
@@ -520,9 +523,8 @@ def drop_cost(text_config, plan: DropSchedule, visual_tokens: list[list[int]], r
     once) and ``macs`` over whole sequences plus the ranking rows (spec §5.6), each summed over the rows as if each
     ran alone, before and after; and ``kv_bytes_saved``, what the batch's cache holds fewer. ``visual_tokens[b]``:
     row b's visual tokens per stage; ``real_lengths[b]``: its non-pad prompt length; ``length``: the batch's padded
-    prompt length (default: the longest row). A stage's rows are padded to its longest, so the batch's cache saves
-    per layer B times the fewest tokens any row dropped (the sum over rows when batch 1, or when every row drops
-    alike). A sliding-window layer (``text_config.layer_types``) saves only what the default cache's sliding layer
+    prompt length (default: the longest row). A stage's rows are padded to its longest remaining row, so the batch's
+    cache saves per layer B times ``length`` less that row's length. A sliding-window layer (``text_config.layer_types``) saves only what the default cache's sliding layer
     would have held: its last ``sliding_window - 1`` keys."""
     d, m = text_config.hidden_size, text_config.intermediate_size
     heads = text_config.num_attention_heads
@@ -541,10 +543,14 @@ def drop_cost(text_config, plan: DropSchedule, visual_tokens: list[list[int]], r
     saved = 0
     if visual_tokens:
         length = max(real_lengths) if length is None else length
-        fewest = [min(tokens[0] - tokens[plan.stage_of_layer(i)] for tokens in visual_tokens)
-                  for i in range(plan.num_layers)]
-        saved = len(visual_tokens) * kv_bytes_saved([cached_drop(text_config, i, length, dropped)
-                                                     for i, dropped in enumerate(fewest)], kv_dim, value_bytes)
+        stage_lengths = [length]
+        for s in range(1, len(plan.boundaries) + 1):  # a stage that drops nothing keeps the previous layout
+            drops = any(tokens[s] < tokens[s - 1] for tokens in visual_tokens)
+            longest = max(real - tokens[0] + tokens[s] for tokens, real in zip(visual_tokens, real_lengths))
+            stage_lengths.append(longest if drops else stage_lengths[-1])
+        saved = len(visual_tokens) * kv_bytes_saved(
+            [cached_drop(text_config, i, length, length - stage_lengths[plan.stage_of_layer(i)])
+             for i in range(plan.num_layers)], kv_dim, value_bytes)
     return {"flops": {"before": before, "after": after, "ratio": after / before if before else 1.0},
             "macs": {"before": macs_before, "after": macs_after, "ratio": macs_after / macs_before if macs_before
                      else 1.0},

@@ -154,7 +154,7 @@ def test_only_image_tokens_drop_as_the_schedule_says(models, family):
         for row, positions in enumerate(kept):
             assert bool((positions.diff() > 0).all()) and bool((ids[row, positions] == IMAGE).all())
     dropped = [n - PLAN.kept_counts(n)[-1] for n in counts]
-    assert handle.stats["stage_lengths"][-1] == max(ids.shape[1] - d for d in dropped) == logits.shape[1]
+    assert handle.stats["stage_lengths"][-1] == max(int(real) - d for real, d in zip(mask.sum(1), dropped)) == logits.shape[1]
     with nograd.apply(model, "fastv", layer=3, keep=0.5) as handle, torch.no_grad():
         model(**inputs)
     assert handle.stats["visual_tokens"] == [[n, n // 2] for n in counts]
@@ -309,3 +309,37 @@ def test_gemma3_stages_with_one_layer_type_equal_physical_removal(models, method
     model, inputs = models("gemma3")
     boundaries = options.get("boundaries", [options.get("layer")])
     assert_generate_equals_physical_removal(model, inputs, method, options, boundaries, positions, steps=5)
+
+
+def test_a_shorter_text_only_row_does_not_hold_the_stages_at_the_prompt_length():
+    """A left-padded batch of a text-only row and an image row: each stage is as long as its longest row now is (the
+    text row's pads go; they held every stage at the prompt's length, saving nothing), the cache saving is the
+    measured one, and each row generates as alone."""
+    model, proc = nograd.tiny.vlm("llava", layers=LAYERS)
+
+    def chat(content):
+        return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    texts = [chat([{"type": "text", "text": "Hi!"}]),
+             chat([{"type": "image"}, {"type": "text", "text": "What is in the picture?"}])]
+    inputs = dict(proc(images=[nograd.tiny.image(28, 28)], text=texts, padding=True, return_tensors="pt"))
+    real = inputs["attention_mask"].sum(1).tolist()
+    assert real[0] < real[1]
+    plain, _ = cache_bytes(model, inputs)
+    with nograd.apply(model, "pyramiddrop", **SCHEDULE) as handle:
+        dropped, lengths = cache_bytes(model, inputs)
+        stats = dict(handle.stats)
+        batch_tokens, _ = generate(model, inputs)
+    visual = stats["visual_tokens"][1]
+    expected = [real[1]] + [max(real[0], real[1] - visual[0] + kept) for kept in visual[1:]]
+    assert stats["stage_lengths"] == expected and expected[-1] < real[1]
+    assert lengths == [expected[PLAN.stage_of_layer(i)] for i in range(LAYERS)]
+    assert stats["kv_bytes_saved"] == plain - dropped > 0
+    for row in range(2):
+        alone = {"input_ids": inputs["input_ids"][row:row + 1, -real[row]:],
+                 "attention_mask": torch.ones(1, real[row], dtype=torch.long)}
+        if row == 1:
+            alone["pixel_values"] = inputs["pixel_values"]
+        with nograd.apply(model, "pyramiddrop", **SCHEDULE):
+            tokens, _ = generate(model, alone)
+        assert torch.equal(tokens[0], batch_tokens[row])
