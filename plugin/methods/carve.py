@@ -127,6 +127,8 @@ class CARVEOutput:
     regions: int = 0
     maps: dict = field(default_factory=dict)
     """The raw rows: "task" and "general" (T, L, N_v) fp32, and "positions", the probe batch's image-key positions."""
+    texts: list[str] = field(default_factory=list)
+    """Every answer of the final pass (``num_return_sequences`` of them); ``text`` is the first."""
 
     def __str__(self) -> str:
         return self.text
@@ -415,9 +417,9 @@ class CARVE(Method):
         inputs = self.build_inputs(images, [self._prompt(question)], images_per_text=len(images))
         self.final_inputs = inputs
         self.final_tokens = self._generate(inputs, {"max_new_tokens": self.config.max_new_tokens, **generate_kwargs})
-        text = self._decode(self.final_tokens)[0]
+        texts = self._decode(self.final_tokens)
         mask = regions.mask if regions is not None else torch.ones(saliency.shape, dtype=torch.bool)
         self.stats.update(flat=flat, empty=empty, regions=regions.kept if regions is not None else 0)
-        return CARVEOutput(text=text, original_text=task.text, saliency=saliency, mask=mask, refined_image=refined,
+        return CARVEOutput(text=texts[0], texts=texts, original_text=task.text, saliency=saliency, mask=mask, refined_image=refined,
                            bbox=None if regions is None else regions.bbox, flat=flat, empty=empty,
                            regions=regions.kept if regions is not None else 0, maps=self.maps)

@@ -151,6 +151,16 @@ def test_pipeline_gives_the_same_answer_as_generate(carve_models):
     assert "_forward" not in vars(pipe) and "preprocess" not in vars(pipe)
 
 
+def test_every_final_answer_is_returned(carve_models):
+    """``num_return_sequences`` answers of the final pass are all in ``out.texts`` (only the first came back)."""
+    model = carve_models("llava")
+    picture = image(70, 42, seed=5)
+    with nograd.apply(model, "carve", processor=PROCESSORS["llava"]()) as handle:
+        single = handle.generate(picture, QUESTION, num_beams=2)
+        both = handle.generate(picture, QUESTION, num_beams=2, num_return_sequences=2)
+    assert single.texts == [single.text] and len(both.texts) == 2 and both.text == both.texts[0] == single.text
+
+
 def test_reads_the_attention_of_the_methods_it_shares_a_model_with(carve_models):
     """CARVE reads image keys by position and moves none: it shares a model with ZeroTuning and the visual edits,
     and its maps are those of the steered model (gamma=1 leaves them exactly); token dropping stays refused."""
