@@ -35,12 +35,10 @@ def attention_rescaled_set(q, k, v, *, key_set: torch.Tensor, factor: float, key
     if backend == "eager":
         return rescaled_set_eager(q, k, v, key_set=key_set, factor=factor, key_bias=key_bias, dropout=dropout,
                                   **common)
-    if dropout:
-        raise ValueError(f"backend={backend!r} does not apply dropout; use backend='eager' or 'auto'")
     passes = []
     for hidden in (torch.where(key_set, 0.0, -math.inf), torch.where(key_set, -math.inf, 0.0)):  # the set, the rest
         passes.append(attention(q, k, v, key_bias=hidden if key_bias is None else key_bias + hidden, return_lse=True,
-                                backend=backend, **common))
+                                backend=backend, dropout=dropout, **common))  # dropout: refused by this backend
     (out_set, lse_set), (out_rest, lse_rest) = passes
     has_set, has_rest = torch.isfinite(lse_set), torch.isfinite(lse_rest)
     # the set's share of the row; the where()s keep exp(-inf - -inf) = NaN out of values and gradients

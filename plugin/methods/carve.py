@@ -420,6 +420,6 @@ class CARVE(Method):
         texts = self._decode(self.final_tokens)
         mask = regions.mask if regions is not None else torch.ones(saliency.shape, dtype=torch.bool)
         self.stats.update(flat=flat, empty=empty, regions=regions.kept if regions is not None else 0)
-        return CARVEOutput(text=texts[0], texts=texts, original_text=task.text, saliency=saliency, mask=mask, refined_image=refined,
-                           bbox=None if regions is None else regions.bbox, flat=flat, empty=empty,
-                           regions=regions.kept if regions is not None else 0, maps=self.maps)
+        return CARVEOutput(text=texts[0], texts=texts, original_text=task.text, saliency=saliency, mask=mask,
+                           refined_image=refined, bbox=None if regions is None else regions.bbox, flat=flat,
+                           empty=empty, regions=regions.kept if regions is not None else 0, maps=self.maps)
