@@ -56,15 +56,18 @@ def test_tiny_processors_save_and_reload_or_refuse_before_writing(family, tmp_pa
     from transformers import AutoProcessor
 
     _, processor = nograd.tiny.vlm(family, layers=2)
-    if family == "mistral3" and importlib.util.find_spec("torchvision") is None:
-        pytest.skip("transformers' PixtralProcessor needs torchvision to load")
     if isinstance(processor, nograd.tiny.processors.NoVideo):
         with pytest.raises(NotImplementedError, match="no video processor and cannot be saved"):
             processor.save_pretrained(tmp_path)
         assert list(tmp_path.iterdir()) == []
         return
     processor.save_pretrained(tmp_path)
-    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    try:
+        reloaded = AutoProcessor.from_pretrained(tmp_path)
+    except (ImportError, ValueError) as error:  # Mistral3's PixtralProcessor; Idefics3's on transformers 5.17
+        if "torchvision" not in str(error).lower() or importlib.util.find_spec("torchvision") is not None:
+            raise
+        pytest.skip(f"this transformers loads {type(processor).__name__} only with torchvision")
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
     image = nograd.tiny.image(40, 28)
     inputs = [p(images=[image], text=p.apply_chat_template(chat, add_generation_prompt=True), return_tensors="pt")
