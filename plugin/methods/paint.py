@@ -227,9 +227,10 @@ class PAINT(VisualEditMethod):
         if prompt is None:  # nothing selected for a prompt without image tokens: the stats say so
             self.stats.update(local_tokens=[], summary_tokens=[], selection=[], heads_modulated={})
 
-    def head_gains(self, layer: int) -> torch.Tensor:
+    def head_gains(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """The spec's reconstruction of the v1 head modulation (paint.md §1.4), from the visual shares: (H,) from
-        ``head_stats``, else (B, H) from each row's own shares on the current prompt."""
+        ``head_stats``, else (B, H) from each row's own shares on the current prompt. ``h.stats["heads_modulated"]``
+        gets, per layer, each batch row's count of heads with a gain other than 1 (0 for a row without an image)."""
         heads, num_heads = self.config.heads, self.adapter.num_heads
         if isinstance(heads, torch.Tensor):
             return heads[layer]
@@ -244,7 +245,8 @@ class PAINT(VisualEditMethod):
             ratio = share / share.mean(dim=-1, keepdim=True).clamp(min=1e-12)
             ratio = ratio if heads == "proportional" else 1 / ratio.clamp(min=1e-12)
             gains = ratio.clamp(0, self.config.head_gain_max)
-        self.stats["heads_modulated"][layer] = int((gains != 1).reshape(-1, num_heads).any(dim=0).sum())
+        modulated = (gains != 1).reshape(-1, num_heads).sum(dim=-1).cpu().expand(len(rows)) * rows.cpu()
+        self.stats["heads_modulated"][layer] = modulated.tolist()
         return gains
 
     def record_visual_share(self, layer: int, share: torch.Tensor, rows: torch.Tensor) -> None:

@@ -186,7 +186,8 @@ class VisualScoreEdit(Intervention):
             self.method.record_visual_share(self.layer, self.visual_share(call, prompt), prompt.has_visual)
             self.measured = prompt
         n, offset = call.shape[3], call.key_offset
-        gains = torch.atleast_2d(self.method.head_gains(self.layer)).to(call.query.device)[:, :, None]
+        gains = torch.atleast_2d(self.method.head_gains(self.layer, prompt.has_visual))
+        gains = gains.to(call.query.device)[:, :, None]
         abs_coef, mul_coef = self.method.coefficients(prompt)
         rows_from = prompt.prompt_end if self.method.config.rows == "prompt_end" else prompt.visual_end
         rows_from = torch.where(prompt.has_visual, rows_from, NO_ROWS)  # a text-only row of a mixed batch: untouched
@@ -218,9 +219,9 @@ class VisualEditMethod(Method):
     measures_heads: bool = False
     """Whether the layers' edits read each head's visual share (``record_visual_share``)."""
 
-    def head_gains(self, layer: int) -> torch.Tensor:
+    def head_gains(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """(H,), or (B, H) per batch row, factor on the edit's coefficients for each head of ``layer`` (1: the
-        official uniform edit)."""
+        official uniform edit); ``rows`` (B,) bool: the rows the edit acts on (those with an image)."""
         return torch.ones(self.adapter.num_heads)
 
     def record_visual_share(self, layer: int, share: torch.Tensor, rows: torch.Tensor) -> None:

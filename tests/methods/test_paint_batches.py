@@ -108,10 +108,11 @@ def test_measured_head_gains_are_each_rows_own_on_the_current_prompt(tiny_vlm, h
     model, processor = tiny_vlm("llava")
     batch = prompts(processor, [0, 1])
     alone = [prompts(processor, [row]) for row in (0, 1)]
-    fresh = []
+    fresh, modulated = [], []
     for row, inputs in enumerate(alone):
         with nograd.apply(model, "paint", heads=heads, **EDIT) as handle:
             fresh.append(generate(model, inputs))
+            modulated.append(handle.stats["heads_modulated"])
             handle.save_head_stats(str(tmp_path / f"row{row}.safetensors"))
         table = gains_from(load_file(str(tmp_path / f"row{row}.safetensors"))["visual_share"], heads)
         assert (table != 1).any()
@@ -119,8 +120,11 @@ def test_measured_head_gains_are_each_rows_own_on_the_current_prompt(tiny_vlm, h
             tokens, logits = generate(model, inputs)
         assert torch.equal(tokens, fresh[row][0])
         torch.testing.assert_close(logits, fresh[row][1], atol=1e-5, rtol=0)
-    with nograd.apply(model, "paint", heads=heads, **EDIT):
+    with nograd.apply(model, "paint", heads=heads, **EDIT) as handle:
         tokens, logits = generate(model, batch)
+        # each row's own count of modulated heads, as alone (a union over the batch's rows was reported)
+        assert handle.stats["heads_modulated"] == {layer: [modulated[0][layer][0], modulated[1][layer][0]]
+                                                   for layer in modulated[0]}
         again = [generate(model, inputs) for inputs in alone]
         uncached = [generate(model, inputs, use_cache=False) for inputs in alone]
     for row, (want_tokens, want_logits) in enumerate(fresh):
