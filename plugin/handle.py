@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 import weakref
 from typing import Any, Callable
 
@@ -24,6 +26,65 @@ def _refuse_copy(memo_or_protocol) -> None:
 
 
 _COPY_HOOKS = ("__deepcopy__", "__reduce_ex__")
+
+GUARD = "_nograd_one_thread"
+"""The attribute of a model that holds its ``OneThreadAtATime`` while it has live handles."""
+
+
+class OneThreadAtATime:
+    """On a model with methods attached: a forward or ``generate()`` that starts while a forward or ``generate()`` of
+    the same model runs in another thread raises ``RuntimeError``. The methods keep the running call's state on the
+    model (its padding, its prompt and images, the sinks or kept tokens found at its prefill, used by every decode
+    step), so two threads' calls would read each other's (wrong logits, or shape errors). A call inside the same
+    thread's call passes (``generate``'s forwards, nograd's own extra passes)."""
+
+    def __init__(self, model: nn.Module):
+        from .observe import shadow_method
+
+        self.model_name = type(model).__name__
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._depth = 0
+        self._entered = threading.local()
+        hooks = (model.register_forward_pre_hook(self._enter), model.register_forward_hook(self._leave,
+                                                                                            always_call=True))
+        self._undo = [hook.remove for hook in hooks]
+        if hasattr(model, "generate"):
+            self._undo.append(shadow_method(model, "generate", self._guarded))
+
+    def _guarded(self, generate: Callable) -> Callable:
+        @functools.wraps(generate)
+        def guarded(*args, **kwargs):
+            self._enter()
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self._leave()
+
+        return guarded
+
+    def _enter(self, *_) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            busy = self._depth and self._owner != me
+            if not busy:
+                self._owner, self._depth = me, self._depth + 1
+        self._entered.__dict__.setdefault("stack", []).append(not busy)
+        if busy:
+            raise RuntimeError(
+                f"nograd: this {self.model_name} has methods attached and is running a call in another thread; the "
+                "methods keep the running call's state on the model, so it serves one thread at a time: give each "
+                "thread its own model, or serialize the calls (a lock around generate / forward)")
+
+    def _leave(self, *_) -> None:
+        stack = self._entered.__dict__.get("stack")
+        if stack and stack.pop():
+            with self._lock:
+                self._depth -= 1
+
+    def remove(self) -> None:
+        for undo in self._undo:
+            undo()
 
 
 class Handle:
@@ -70,6 +131,7 @@ class Handle:
         self._live = True
         if HANDLES not in self.model.__dict__:
             self.model.__dict__.update(dict.fromkeys(_COPY_HOOKS, _refuse_copy))
+            self.model.__dict__[GUARD] = OneThreadAtATime(self.model)
         self.model.__dict__.setdefault(HANDLES, []).append(self)
         _MODELS.add(self.model)
 
@@ -91,6 +153,7 @@ class Handle:
                 self.model.__dict__.pop(HANDLES, None)
                 for name in _COPY_HOOKS:
                     self.model.__dict__.pop(name, None)
+                self.model.__dict__.pop(GUARD).remove()
                 _MODELS.discard(self.model)
 
     def __enter__(self) -> "Handle":

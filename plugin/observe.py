@@ -35,37 +35,46 @@ def observe_calls(handle, obj: Any, name: str, callback: Callable[[dict], None])
     itself goes to the original with the caller's own ``args`` and ``kwargs``; its result is returned unchanged.
     Observers stack, and each ``remove()`` undoes only its own, in any order.
     """
+    def observing(original):
+        signature = inspect.signature(original)
+        var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+        @functools.wraps(original)
+        def observed(*args, **kwargs):
+            if getattr(observed, _ACTIVE):
+                arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
+                if var_keyword is not None:
+                    arguments.update(arguments.pop(var_keyword, {}))
+                callback(arguments)
+            return original(*args, **kwargs)
+
+        return observed
+
+    handle.on_remove(f"observe {type(obj).__name__}.{name}", shadow_method(obj, name, observing))
+
+
+def shadow_method(obj: Any, name: str, make: Callable[[Callable], Callable]) -> Callable[[], None]:
+    """Shadow ``obj.<name>`` with the instance attribute ``make(original)``, which calls ``original``; returns the
+    undo. Shadows stack: an undone one that another still covers stays as a pass-through (its ``_ACTIVE`` flag off,
+    which ``make``'s wrapper reads) until those above it are undone too, then every inactive one is unwound from the
+    top, down to the exact object the instance held before (or none)."""
     own = vars(obj)
-    had_own, previous = name in own, own.get(name)
-    original = getattr(obj, name)
-    signature = inspect.signature(original)
-    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-
-    @functools.wraps(original)
-    def observed(*args, **kwargs):
-        if getattr(observed, _ACTIVE):
-            arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
-            if var_keyword is not None:
-                arguments.update(arguments.pop(var_keyword, {}))
-            callback(arguments)
-        return original(*args, **kwargs)
-
-    setattr(observed, _ACTIVE, True)
-    observed.__nograd_before__ = (had_own, previous)
-    object.__setattr__(obj, name, observed)
+    before = (name in own, own.get(name))
+    wrapper = make(getattr(obj, name))
+    setattr(wrapper, _ACTIVE, True)
+    wrapper.__nograd_before__ = before
+    object.__setattr__(obj, name, wrapper)
 
     def undo():
-        setattr(observed, _ACTIVE, False)
-        # Unwind from the top every observer that is no longer active: an observer removed while another one
-        # stacked on it stays as a pass-through until that one is removed too.
+        setattr(wrapper, _ACTIVE, False)
         while (top := vars(obj).get(name)) is not None and getattr(top, _ACTIVE, True) is False:
-            had, before = top.__nograd_before__
+            had, previous = top.__nograd_before__
             if had:
-                object.__setattr__(obj, name, before)
+                object.__setattr__(obj, name, previous)
             else:
                 object.__delattr__(obj, name)
 
-    handle.on_remove(f"observe {type(obj).__name__}.{name}", undo)
+    return undo
 
 
 class GenerationStarts:

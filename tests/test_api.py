@@ -343,3 +343,51 @@ def test_a_model_dropped_with_a_method_attached_is_freed(method):
     del target, handle, options
     gc.collect()
     assert model() is None and registered_names() == []
+
+
+def test_a_model_with_methods_serves_one_thread_at_a_time(build):
+    """A forward that starts while another thread's forward of the same model runs raises RuntimeError (the methods
+    keep the running call's state on the model: a second thread read the first's padding, prompt or sinks); the
+    first thread's call is unaffected, a forward inside the same thread's forward passes, and remove() lifts it."""
+    import threading
+
+    model = build("llama")
+    ids = torch.randint(4, 100, (1, 7))
+    inside, release = threading.Event(), threading.Event()
+    results = {}
+
+    def hold(module, args, output):
+        if threading.current_thread().name == "first":
+            inside.set()
+            release.wait(timeout=30)
+
+    def first():
+        results["first"] = logits(model, ids)
+
+    with nograd.apply(model, "zerotuning", gamma=2.0):
+        expected = logits(model, ids)
+        hook = model.model.layers[0].register_forward_hook(hold)
+        thread = threading.Thread(target=first, name="first")
+        thread.start()
+        assert inside.wait(timeout=30)
+        try:
+            with pytest.raises(RuntimeError, match="running a call in another thread"):
+                logits(model, ids)
+        finally:
+            release.set()
+            thread.join(timeout=30)
+        hook.remove()
+        assert torch.equal(results["first"], expected) and torch.equal(logits(model, ids), expected)
+        calls = []
+
+        def nest(module, args, output):
+            if not calls:  # once: a forward of the model inside its own forward, in this thread
+                calls.append("nested")
+                model(ids[:, :3])
+
+        nested = model.model.layers[0].register_forward_hook(nest)
+        with torch.no_grad():
+            model(ids)
+        nested.remove()
+        assert len(calls) == 1
+    assert not model._forward_pre_hooks and not model._forward_hooks
