@@ -178,7 +178,7 @@ def logit_bias(q, k, *, key_bias=None, causal=False, mask=None, window=None,
                dtype=torch.float32) -> torch.Tensor | None:
     """Everything added to the scaled logits, as one ``dtype`` tensor broadcastable to (B, H, M, N) (None if
     nothing): the key bias, -inf past the causal edge / window, and the extra mask."""
-    total = None if key_bias is None else key_bias.to(dtype)[..., None, :]
+    total = None if key_bias is None else bias_in(key_bias, dtype)[..., None, :]
     seen = visibility(q.shape[2], k.shape[2], causal, window, q.device)
     if seen is not None:
         total = torch.where(seen, torch.zeros((), dtype=dtype, device=q.device) if total is None else total, -math.inf)
@@ -315,6 +315,13 @@ def _fold_floor(dtype: torch.dtype) -> float:
     return max(torch.finfo(dtype).min, torch.finfo(torch.float32).min) / 4
 
 
+def bias_in(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``bias`` cast to ``dtype`` for an SDPA mask, its large finite values capped at a quarter of the dtype's range
+    (a bias of 2e4 is +inf in fp16 after folding, and a mask of +inf, or one the logits overflow, gives NaN rows);
+    a capped key still takes the whole row, as the exact bias does. -inf stays."""
+    return bias.clamp(max=-_fold_floor(dtype)).to(dtype)
+
+
 def foldable(key_bias, dtype: torch.dtype, scale: float) -> bool:
     """Whether ``fold_key_bias`` is exact for this bias: a positive scale, and every finite ``bias / scale`` above
     the finite stand-in for -inf (a huge negative finite bias in fp16 would otherwise mask like -inf)."""
@@ -337,7 +344,7 @@ def fold_key_bias(q, k, key_bias, scale: float):
     bias = bias.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     groups = 1 if bias.shape[1] == 1 else h // kv_heads
     bias = bias.expand(b, kv_heads * groups, n).reshape(b, kv_heads, groups, n).transpose(-1, -2) / scale
-    extra_k = bias.clamp(min=_fold_floor(q.dtype)).to(q.dtype)
+    extra_k = bias_in(bias.clamp(min=_fold_floor(q.dtype)), q.dtype)
     extra_q = torch.eye(groups, dtype=q.dtype, device=q.device).repeat(h // groups, 1)
     extra_q = extra_q[None, :, None, :].expand(b, h, m, groups)
     pad = -(q.shape[-1] + groups) % 8
@@ -372,7 +379,7 @@ def _sdpa_in_query_blocks(q, k, v, key_bias, causal, window, scale):
         seen = visible_keys(torch.arange(r0, r1, device=q.device) + (n - m), torch.arange(lo, hi), causal, window)
         bias = zero
         if key_bias is not None:  # a bias with one key column holds for every key
-            bias = (key_bias[..., lo:hi] if key_bias.shape[-1] > 1 else key_bias).to(q.dtype)[..., None, :]
+            bias = bias_in(key_bias[..., lo:hi] if key_bias.shape[-1] > 1 else key_bias, q.dtype)[..., None, :]
         out[:, :, r0:r1] = _packed(q[:, :, r0:r1], k[:, :, lo:hi], v[:, :, lo:hi], torch.where(seen, bias, -math.inf),
                                    scale)
     return out

@@ -635,3 +635,18 @@ def test_dropout_drops_the_weights_as_eager_attention_does():
         kernels.attention_rescaled_set(q, k, v, key_set=key_set, factor=0.5, dropout=0.4, backend="sdpa")
     with pytest.raises(ValueError, match=r"dropout must be a probability in \[0, 1\)"):
         kernels.attention(q, k, v, dropout=1.0)
+
+
+@pytest.mark.parametrize("dtype, big", [(torch.float32, 1e38), (torch.float16, 2e4), (torch.float16, 1e38)])
+@pytest.mark.parametrize("m, n, causal", [(4, 4, True), (1, 6, True), (3, 7, True), (5, 5, False)])
+def test_a_huge_finite_positive_bias_takes_the_row_on_every_backend(dtype, big, m, n, causal):
+    """A finite bias beyond what the dtype's mask (or a folded bias / scale) can hold: SDPA gave NaN rows (the cast
+    made it +inf); capped, the key still takes every row that sees it, as in the fp32 reference."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, rows, 16, generator=g) for rows in (m, n, n))
+    bias = torch.zeros(1, 2, n)
+    bias[..., 1] = big
+    expected = kernels.attention(q, k, v, key_bias=bias, causal=causal, backend="eager")
+    for backend in ("sdpa", "eager", "auto"):  # flex adds the bias in fp32 (and compiles per shape: slow here)
+        got = kernels.attention(q.to(dtype), k.to(dtype), v.to(dtype), key_bias=bias, causal=causal, backend=backend)
+        torch.testing.assert_close(got.float(), expected, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=0)
