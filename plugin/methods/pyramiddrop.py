@@ -106,8 +106,12 @@ class PyramidDrop(TokenDropMethod):
     def row_schedule(self, n_visual: int) -> DropSchedule:
         if self.config.tokens is None:
             return self.plan
-        return _budget(self.adapter.num_layers, n_visual, float(self.config.tokens), self.plan.boundaries,
-                       self.config.min_keep)
+        try:
+            return _budget(self.adapter.num_layers, n_visual, float(self.config.tokens), self.plan.boundaries,
+                           self.config.min_keep)
+        except ValueError as error:  # the budget this row cannot reach, named as the user's option
+            raise ValueError(f"{self.name}: option {str(error).removeprefix('DropSchedule: ')} (a row of "
+                             f"{n_visual} visual tokens)") from None
 
 
 @lru_cache(maxsize=256)

@@ -90,8 +90,10 @@ def _check_heads_syntax(config: MethodConfig, name: str) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             if isinstance(key, tuple):
-                if not (len(key) == 2 and is_number(item) and 0 <= item <= 1):
+                if not (len(key) == 2 and is_number(item)):
                     config.invalid(name, allowed + " (per-head u in [0, 1])", TypeError)
+                if not 0 <= item <= 1:
+                    config.invalid(name, allowed + " (per-head u in [0, 1])")
             elif not isinstance(key, (int, str)) or isinstance(key, bool):
                 config.invalid(name, allowed, TypeError)
             elif not (item == "all" or isinstance(item, (list, tuple, range))):

@@ -160,6 +160,10 @@ def test_budget_solves_the_mean_tokens_per_layer(models):
         per_layer = [tokens[DropSchedule(LAYERS, tuple(handle.stats["boundaries"]), (1.0,) * 3).stage_of_layer(i)]
                      for i in range(LAYERS)]
         assert abs(sum(per_layer) / LAYERS - 8) <= 1
+    with nograd.apply(model, "pyramiddrop", tokens=1), torch.no_grad():  # out of reach: named as the option
+        with pytest.raises(ValueError, match=r"^pyramiddrop: option tokens=1.0 is not allowed; expected a mean in .* "
+                                             r"\(a row of 16 visual tokens\)$"):
+            model(**inputs)
 
 
 def test_stats_flops_follow_the_formula(models):

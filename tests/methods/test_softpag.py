@@ -417,6 +417,10 @@ def test_options_are_validated_before_touching_the_model():
         nograd.apply(model, "softpag", heads=[(0, 0)], mode="identity")
     with pytest.raises(ValueError, match=r"option u=1.5"):
         nograd.apply(model, "softpag", heads=[(0, 0)], u=1.5)
+    with pytest.raises(ValueError, match=r"option heads=\{\(0, 1\): 2.0\} .* \(per-head u in \[0, 1\]\)"):
+        nograd.apply(model, "softpag", heads={(0, 1): 2.0})
+    with pytest.raises(TypeError, match=r"\(per-head u in \[0, 1\]\)"):
+        nograd.apply(model, "softpag", heads={(0, 1): "strong"})
     with pytest.raises(ValueError, match=r"head 7 of layer 0 is out of range; .* 2 layers x 4 heads"):
         nograd.apply(model, "softpag", heads=[(0, 7)])
     with pytest.raises(ValueError, match=r"no layer named 'blocks.5'"):
