@@ -367,7 +367,10 @@ class AttentionPatch(ModelPatch):
         self._vision: set[nn.Module] = set()
         batch_module = adapter.padding_mask_module
         self._signature = inspect.signature(batch_module.forward)
-        self._hook = batch_module.register_forward_pre_hook(self._capture_batch, with_kwargs=True)
+        self._outer: list[tuple] = []
+        """The batch state of the forwards this one runs inside (a forward of the model within its own forward)."""
+        self._hooks = (batch_module.register_forward_pre_hook(self._capture_batch, with_kwargs=True),
+                       batch_module.register_forward_hook(self._restore_batch, always_call=True))
 
     def _switch(self, config_key: str | None, base: str, modules) -> str:
         if base in UNSUPPORTED_IMPLEMENTATIONS:
@@ -400,7 +403,8 @@ class AttentionPatch(ModelPatch):
 
     def _uninstall(self) -> None:
         """Restore every config's implementation name, drop the hook and (with the last model) the registrations."""
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         for module in [*self.adapter.attention_modules, *self._vision]:
             _PATCH_OF_MODULE.pop(module, None)
         replaced = {id(config) for config in self._replaced()}
@@ -410,6 +414,7 @@ class AttentionPatch(ModelPatch):
         self._unregister()
 
     def _capture_batch(self, module, args, kwargs):
+        self._outer.append((self.batch.padding_mask, self.batch.length))
         replaced = self._replaced()
         if replaced:
             now = ", ".join(sorted({repr(config._attn_implementation_internal) for config in replaced}))
@@ -421,6 +426,12 @@ class AttentionPatch(ModelPatch):
         mask = bound.get("attention_mask")
         self.batch.padding_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         self.batch.length = self._length(bound)
+
+    def _restore_batch(self, module, args, output) -> None:
+        """After a forward run inside another forward of the model: the outer one's batch state again."""
+        state = self._outer.pop()
+        if self._outer:
+            self.batch.padding_mask, self.batch.length = state
 
     @staticmethod
     def _length(bound: dict) -> int | None:

@@ -225,3 +225,25 @@ def test_torch_compile_runs_each_layers_own_interventions():
     for g, e in zip(got[:3], expected[:3]):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=0)
     assert got[3]["sinks"] == expected[3]["sinks"]
+
+
+def test_a_forward_inside_the_models_own_forward_keeps_the_outer_calls_padding():
+    """A longer prompt run by a hook inside the model's forward: the outer call still finds its own first real token
+    and length (the inner forward's batch state was left behind: the outer call's key offset moved off key 0)."""
+    model, _ = nograd.tiny.llm(layers=2)
+    short, long = torch.tensor([[1, 5, 9]]), torch.tensor([[1, 5, 9, 23, 44, 7, 8, 60, 33, 12]])
+    with nograd.apply(model, "zerotuning", gamma=3.0), torch.no_grad():
+        expected_short, expected_long = model(short).logits, model(long).logits
+        inner = []
+
+        def run_long_once(module, args, output):
+            if not inner:
+                inner.append(None)
+                inner[0] = model(long).logits
+
+        hook = model.model.layers[0].register_forward_hook(run_long_once)
+        try:
+            outer = model(short).logits
+        finally:
+            hook.remove()
+    assert torch.equal(outer, expected_short) and torch.equal(inner[0], expected_long)
