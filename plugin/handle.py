@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 import weakref
 from typing import Any, Callable
@@ -53,7 +52,6 @@ class OneThreadAtATime:
             self._undo.append(shadow_method(model, "generate", self._guarded))
 
     def _guarded(self, generate: Callable) -> Callable:
-        @functools.wraps(generate)
         def guarded(*args, **kwargs):
             self._enter()
             try:

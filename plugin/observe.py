@@ -39,13 +39,11 @@ def observe_calls(handle, obj: Any, name: str, callback: Callable[[dict], None])
         signature = inspect.signature(original)
         var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
-        @functools.wraps(original)
         def observed(*args, **kwargs):
-            if getattr(observed, _ACTIVE):
-                arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
-                if var_keyword is not None:
-                    arguments.update(arguments.pop(var_keyword, {}))
-                callback(arguments)
+            arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
+            if var_keyword is not None:
+                arguments.update(arguments.pop(var_keyword, {}))
+            callback(arguments)
             return original(*args, **kwargs)
 
         return observed
@@ -54,19 +52,25 @@ def observe_calls(handle, obj: Any, name: str, callback: Callable[[dict], None])
 
 
 def shadow_method(obj: Any, name: str, make: Callable[[Callable], Callable]) -> Callable[[], None]:
-    """Shadow ``obj.<name>`` with the instance attribute ``make(original)``, which calls ``original``; returns the
-    undo. Shadows stack: an undone one that another still covers stays as a pass-through (its ``_ACTIVE`` flag off,
-    which ``make``'s wrapper reads) until those above it are undone too, then every inactive one is unwound from the
-    top, down to the exact object the instance held before (or none)."""
+    """Shadow ``obj.<name>`` with an instance attribute that calls ``make(original)`` (a function that calls
+    ``original``); returns the undo. Shadows stack: an undone one that another still covers becomes a pass-through
+    to ``original`` until those above it are undone too, then every undone one is unwound from the top, down to the
+    exact object the instance held before (or none)."""
     own = vars(obj)
     before = (name in own, own.get(name))
-    wrapper = make(getattr(obj, name))
-    setattr(wrapper, _ACTIVE, True)
-    wrapper.__nograd_before__ = before
-    object.__setattr__(obj, name, wrapper)
+    original = getattr(obj, name)
+    wrapped = make(original)
+
+    @functools.wraps(original)
+    def shadow(*args, **kwargs):
+        return (wrapped if getattr(shadow, _ACTIVE) else original)(*args, **kwargs)
+
+    setattr(shadow, _ACTIVE, True)
+    shadow.__nograd_before__ = before
+    object.__setattr__(obj, name, shadow)
 
     def undo():
-        setattr(wrapper, _ACTIVE, False)
+        setattr(shadow, _ACTIVE, False)
         while (top := vars(obj).get(name)) is not None and getattr(top, _ACTIVE, True) is False:
             had, previous = top.__nograd_before__
             if had:
