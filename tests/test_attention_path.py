@@ -205,6 +205,7 @@ def test_an_implementation_set_after_apply_raises_and_stays(build, family, switc
     torch.testing.assert_close(logits(model, ids), plain, atol=1e-5, rtol=0)  # eager as the user set it, unsteered
 
 
+@pytest.mark.slow  # compiles the model (about 12 s on two cores)
 def test_torch_compile_runs_each_layers_own_interventions():
     """``torch.compile`` of a model with a method attached gives the eager model's logits and generation: traced,
     the lookup of a layer's interventions was specialised to the first layer's (layer 1 ran layer 0's ACT sinks)."""
