@@ -428,9 +428,10 @@ class AttentionPatch(ModelPatch):
         self.batch.length = self._length(bound)
 
     def _restore_batch(self, module, args, output) -> None:
-        """After a forward run inside another forward of the model: the outer one's batch state again."""
-        state = self._outer.pop()
-        if self._outer:
+        """After a forward run inside another forward of the model: the outer one's batch state again (nothing
+        when ``_capture_batch`` never ran: an earlier pre-hook raised)."""
+        state = self._outer.pop() if self._outer else None
+        if state is not None and self._outer:
             self.batch.padding_mask, self.batch.length = state
 
     @staticmethod
