@@ -118,13 +118,18 @@ class DiTAdapter(Adapter):
         """What the stock processor returns, given the joint attention output ``out`` (B, H, S, D)."""
         raise NotImplementedError
 
-    def image_grid(self, height: int, width: int, vae_scale_factor: int = 8) -> tuple[int, int]:
-        """The (rows, cols) of image-token patches for a ``height`` x ``width`` pixel image.
+    def token_cell(self, vae_scale_factor: int = 8) -> int:
+        """The side in pixels of the square one image token covers.
 
         ``vae_scale_factor`` is the pipeline's ``pipe.vae_scale_factor`` (``2 ** (len(vae.block_out_channels) - 1)``,
         8 for the released VAEs and the pipelines' default).
         """
         raise NotImplementedError
+
+    def image_grid(self, height: int, width: int, vae_scale_factor: int = 8) -> tuple[int, int]:
+        """The (rows, cols) of image-token patches for a ``height`` x ``width`` pixel image."""
+        cell = self.token_cell(vae_scale_factor)
+        return height // cell, width // cell
 
 
 class SD3Adapter(DiTAdapter):
@@ -169,10 +174,9 @@ class SD3Adapter(DiTAdapter):
         text = out[:, hidden_states.shape[1] :]
         return image, (text if attn.context_pre_only else attn.to_add_out(text))
 
-    def image_grid(self, height: int, width: int, vae_scale_factor: int = 8) -> tuple[int, int]:
+    def token_cell(self, vae_scale_factor: int = 8) -> int:
         """``PatchEmbed`` cuts the ``height // vae_scale_factor`` latent into ``config.patch_size`` squares."""
-        patch = self.model.config.patch_size
-        return height // vae_scale_factor // patch, width // vae_scale_factor // patch
+        return vae_scale_factor * self.model.config.patch_size
 
 
 class FluxAdapter(DiTAdapter):
@@ -217,9 +221,9 @@ class FluxAdapter(DiTAdapter):
         image = attn.to_out[1](attn.to_out[0](image.contiguous()))
         return image, attn.to_add_out(text.contiguous())
 
-    def image_grid(self, height: int, width: int, vae_scale_factor: int = 8) -> tuple[int, int]:
+    def token_cell(self, vae_scale_factor: int = 8) -> int:
         """``FluxPipeline._pack_latents`` packs 2x2 latent patches into one token (``config.patch_size`` is 1)."""
-        return height // (vae_scale_factor * 2), width // (vae_scale_factor * 2)
+        return vae_scale_factor * 2
 
 
 DIT_ADAPTERS = (SD3Adapter, FluxAdapter)

@@ -405,8 +405,8 @@ class RefAM(Method):
         if not isinstance(image, PIL.Image.Image):
             raise TypeError(f"refam grounds in one PIL image at a time; got {type(image).__name__} (a list: call "
                             "ground once per image; a tensor: convert it with PIL.Image.fromarray)")
-        pipe, flux = self._require_pipeline(), self.adapter.family == "flux"
-        cell = pipe.vae_scale_factor * (2 if flux else self.model.config.patch_size)
+        pipe = self._require_pipeline()
+        cell = self.adapter.token_cell(pipe.vae_scale_factor)
         width, height = image.size
         scale = self.config.resolution / max(width, height)
         w, h = (max(cell, round(side * scale / cell) * cell) for side in (width, height))

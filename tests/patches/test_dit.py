@@ -187,6 +187,8 @@ def test_image_grid_counts_the_image_tokens_the_transformer_sees(family):
 
     rows, cols = adapter.image_grid(height, width, vae_scale_factor=pipe.vae_scale_factor)
     assert rows * cols == seen["image_tokens"]
+    cell = adapter.token_cell(pipe.vae_scale_factor)
+    assert (rows, cols) == (height // cell, width // cell) and cell * cell * seen["image_tokens"] <= height * width
     if family == "flux":  # FLUX's image position ids are (0, row, col) of each packed token
         assert (rows, cols) == tuple(int(seen["img_ids"][:, axis].max()) + 1 for axis in (1, 2))
 
