@@ -74,12 +74,13 @@ def attention_rows(q_rows, k, *, positions=None, key_bias=None, scale=None, mask
 
 
 def key_attention_mass(q, k, lse=None, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None,
-                       window=None, edit=None, reduce="sum", backend="auto") -> torch.Tensor:
+                       window=None, edit=None, query_valid=None, reduce="sum", backend="auto") -> torch.Tensor:
     """Attention received by each key, per head: (B, H, N) fp32.
 
     ``reduce="sum"`` adds the weights over all M queries; ``"mean"`` divides by the number of queries that can see
     the key (``N - j`` for key j under a full causal prefill: ACT's per-key mean). ``lse`` (B, H, M) from the
-    attention call avoids recomputing the normalisers.
+    attention call avoids recomputing the normalisers. ``query_valid`` (B, M) bool: only these queries count (the
+    pad queries at the end of a right-padded row see the real keys, but their weights are not the prompt's).
     """
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce={reduce!r} is not one of ('sum', 'mean')")
@@ -87,7 +88,7 @@ def key_attention_mass(q, k, lse=None, *, key_bias=None, causal=False, scale=Non
         from .triton_stats import key_attention_mass_triton
 
         return key_attention_mass_triton(q, k, lse, key_bias=key_bias, causal=causal, scale=scale, window=window,
-                                         reduce=reduce)
+                                         query_valid=query_valid, reduce=reduce)
     b, h, m, _ = q.shape
     n = k.shape[2]
     mass = torch.zeros(b, h, n, dtype=torch.float32, device=q.device)
@@ -99,6 +100,8 @@ def key_attention_mass(q, k, lse=None, *, key_bias=None, causal=False, scale=Non
         logits = scaled_logits(q[:, :, r0:r1], k[:, :, :hi], key_bias=None if key_bias is None else key_bias[..., :hi],
                                scale=scale, mask=block_mask, softcap=softcap,
                                edit=None if edit is None else edit.first_keys(hi), positions=positions)
+        if query_valid is not None:  # a query that does not count sees no key
+            logits = logits.masked_fill(~query_valid[:, None, r0:r1, None].to(logits.device), float("-inf"))
         mass[..., :hi] += _probs(logits, None if lse is None else lse[..., r0:r1]).sum(dim=2)
         seen[..., :hi] += torch.isfinite(logits).sum(dim=2)
     return mass if reduce == "sum" else mass / seen.clamp(min=1)

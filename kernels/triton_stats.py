@@ -157,15 +157,19 @@ def _common(q, k, key_bias):
 
 
 def key_attention_mass_triton(q, k, lse=None, *, key_bias=None, causal=False, scale=None, window=None,
-                              reduce="sum"):
-    """Triton ``key_attention_mass``: (B, H, N) fp32; the LSE is computed by the forward kernel when not given."""
+                              query_valid=None, reduce="sum"):
+    """Triton ``key_attention_mass``: (B, H, N) fp32; the LSE is computed by the forward kernel when not given.
+    A query outside ``query_valid`` (B, M) gets the LSE of a row that sees no key (-inf), which the kernel skips."""
     b, h, m, d = q.shape
     n = k.shape[2]
     scale = d ** -0.5 if scale is None else scale
     if lse is None:
         _, lse = attention_triton(q, k, k, key_bias=key_bias, causal=causal, scale=scale, window=window,
                                   return_lse=True)
-    lse = lse.float().contiguous()  # the kernel steps over rows with unit stride
+    lse = lse.float()
+    if query_valid is not None:
+        lse = lse.masked_fill(~query_valid[:, None].to(lse.device), float("-inf"))
+    lse = lse.contiguous()  # the kernel steps over rows with unit stride
     q, k, bias_args, block_d, flags = _common(q, k, key_bias)
     mass = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     count = torch.empty_like(mass)

@@ -156,10 +156,21 @@ class AttentionCall:
                                       edit=self.edit if edited else None, edit_positions=rows + (n - m))
 
     def key_mass(self, reduce: str = "sum") -> torch.Tensor:
-        """Attention received by each key (B, H, N), summed (or averaged) over this call's queries."""
+        """Attention received by each key (B, H, N), summed (or averaged) over this call's real queries (the pad
+        queries of a right-padded row see the real keys, and are left out)."""
         return kernels.key_attention_mass(self.query, self.key, key_bias=self.key_bias, causal=self.causal,
                                           scale=self.scaling, mask=self.mask, softcap=self.softcap,
-                                          window=self.window, edit=self.edit, reduce=reduce)
+                                          window=self.window, edit=self.edit, query_valid=self.real_queries(),
+                                          reduce=reduce)
+
+    def real_queries(self) -> torch.Tensor | None:
+        """(B, M) bool, False at this call's pad queries; None where every query is real (or it is not known)."""
+        mask, length = self.batch.padding_mask, self.batch.length
+        b, _, m, _ = self.shape
+        if mask is None or mask.dim() != 2 or length is None or mask.shape != (b, length) or m > length:
+            return None
+        real = mask[:, length - m:] != 0
+        return None if bool(real.all()) else real.to(self.query.device)
 
 
 # ---- transformers masks -> (padding, causal, residual) -------------------------------------------------------------

@@ -197,6 +197,19 @@ def test_key_mass_sum_mean_and_planted_sink():
                                atol=1e-5, rtol=0)
 
 
+def test_key_mass_counts_only_the_valid_queries():
+    """The last 4 queries (a right-padded row's pads) neither add weight nor count in the mean."""
+    q, k, _ = inputs((1, 2, 2, 12, 12, 16))
+    valid = torch.ones(1, 12, dtype=torch.bool)
+    valid[0, 8:] = False
+    probs = kernels.scaled_logits(q, k, causal=True).softmax(-1)[:, :, :8]
+    for lse in (None, kernels.attention(q, k, k, causal=True, return_lse=True)[1]):
+        total = kernels.key_attention_mass(q, k, lse, causal=True, query_valid=valid)
+        torch.testing.assert_close(total, probs.sum(2), atol=1e-5, rtol=0)
+        mean = kernels.key_attention_mass(q, k, lse, causal=True, query_valid=valid, reduce="mean")
+        torch.testing.assert_close(mean, probs.sum(2) / torch.arange(8, -4, -1).clamp(min=1), atol=1e-6, rtol=0)
+
+
 def test_sdpa_broadcast_bias_matches_torch_sdpa():
     """Non-causal/decode with a key bias is a broadcast mask for SDPA: the same numbers as calling it directly."""
     q, k, v = inputs((2, 4, 4, 1, 50, 32))

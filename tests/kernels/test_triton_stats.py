@@ -38,6 +38,19 @@ def test_key_mass(shape, causal, reduce):
     torch.testing.assert_close(cpu(got), want, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_key_mass_with_valid_queries(reduce):
+    shape = (2, 4, 2, 37, 45, 32)
+    q, k, _ = inputs(shape)
+    valid = torch.ones(2, 37, dtype=torch.bool, device=DEVICE)
+    valid[0, 30:], valid[1, :5] = False, False
+    got = kernels.key_attention_mass(q, k, causal=True, query_valid=valid, reduce=reduce, backend="triton")
+    want = kernels.key_attention_mass(cpu(q), cpu(k), causal=True, query_valid=valid.cpu(), reduce=reduce,
+                                      backend="torch")
+    torch.testing.assert_close(cpu(got), want, atol=2e-5, rtol=0)
+    assert not torch.equal(want, kernels.key_attention_mass(cpu(q), cpu(k), causal=True, reduce=reduce))
+
+
 def test_key_mass_uses_the_given_lse_and_finds_a_planted_sink():
     q, k, v = inputs((1, 2, 2, 40, 40, 32))
     bias = torch.zeros(1, 2, 40, device=DEVICE)
