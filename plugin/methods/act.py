@@ -116,12 +116,15 @@ class ACT(Method):
         return self.config.beta == 1  # the sinks are found over every query of a prompt's first forward
 
     def check_model(self) -> None:
+        """A ``{layer: [heads]}`` table names only calibrated layers (the official tables are indexed by the layers
+        of ``range(2, 31)``): an entry outside ``layers`` would otherwise be silently ignored."""
         depth, num_heads = self.adapter.num_layers, self.adapter.num_heads
         check_layer_range(self.config, depth)
-        heads = self.config.heads
+        heads, calibrated = self.config.heads, self.layers()
         table = heads if isinstance(heads, dict) else {None: heads or []}
-        if any(layer is not None and not 0 <= layer < depth for layer in table):
-            self.config.invalid("heads", f"layer indices in 0..{depth - 1}")
+        if any(layer is not None and layer not in calibrated for layer in table):
+            self.config.invalid("heads", f"layer indices in the calibrated layers {calibrated.start}.."
+                                         f"{calibrated.stop - 1} (option layers, of {depth} decoder layers)")
         if any(h >= num_heads for chosen in table.values() for h in chosen):
             self.config.invalid("heads", f"head indices in 0..{num_heads - 1}")
 

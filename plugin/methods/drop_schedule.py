@@ -26,10 +26,16 @@ def _invalid(name: str, value, allowed: str):
     raise ValueError(f"DropSchedule: {name}={value!r} is not allowed; expected {allowed}")
 
 
+KEEP_DIGITS = 12
+"""Significant digits of a keep fraction in ``kept_count``: float drift beyond them is not part of the ratio."""
+
+
 def kept_count(n_visual: int, keep: float, min_keep: int) -> int:
     """``floor(N * keep)`` clamped to ``[min_keep, N]``. The product is exact on ``keep`` as written (its shortest
-    decimal), so 100 x 0.29 keeps 29 where float arithmetic (and the official ``int``) gives 28."""
-    return min(n_visual, max(min_keep, math.floor(n_visual * Fraction(str(keep)))))
+    decimal, rounded to ``KEEP_DIGITS`` significant digits), so 100 x 0.29 keeps 29 where float arithmetic (and the
+    official ``int``) gives 28, and ``0.3 ** 3`` (0.026999999999999996) keeps 27 of 1000 like the official explicit
+    ratio list ``[0.3, 0.09, 0.027]`` (spec §1.1: ``floor(N * lambda^s)``)."""
+    return min(n_visual, max(min_keep, math.floor(n_visual * Fraction(f"{keep:.{KEEP_DIGITS}g}"))))
 
 
 @dataclass(frozen=True)

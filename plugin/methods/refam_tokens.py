@@ -40,6 +40,15 @@ SPATIAL_CUES = {
 _NP_BREAKS = frozenset("""on in at with of to from by near behind under over above below beside next between
 that which who whose where while holding wearing""".split())
 
+_ING_NOUNS = frozenset("""ceiling painting building clothing railing awning earring drawing wedding morning evening
+pudding sibling string spring topping frosting stuffing filling bedding siding lighting lightning stocking dumpling
+duckling sapling herring viking offspring dining parking living shopping""".split())
+"""Words in "-ing" with a stem of 3+ letters that are nouns (or noun modifiers: "dining table", "parking meter") in
+referring expressions; shorter ones ("king", "ring", "wing", "icing") are left out by the stem rule."""
+
+_SHORT_ING_VERBS = frozenset("lying dying tying going".split())
+""""-ing" verbs whose stem has fewer than 3 letters (the stem rule of ``_is_ing_verb`` would miss them)."""
+
 
 def normalise_word(word: str) -> str:
     """Lower-case, with leading and trailing punctuation stripped ("Car," -> "car")."""
@@ -86,9 +95,18 @@ def classify(pieces: list[str], offsets: list[tuple[int, int]], special: list[bo
     return tokens
 
 
+def _is_ing_verb(word: str) -> bool:
+    """An "-ing" verb of spec §1.9's NP heuristic ("man *standing* near the car"): a stem of at least 3 letters
+    ("king", "ring", "thing" are not) and not a common "-ing" noun ("ceiling", "painting")."""
+    if word in _SHORT_ING_VERBS:
+        return True
+    return word.endswith("ing") and len(word) >= 6 and word not in _ING_NOUNS
+
+
 def noun_phrase(tokens: list[TextToken]) -> set[int]:
     """Word indices of the head noun phrase (spec §1.9, offline heuristic): the content words before the first
-    preposition, relative pronoun or "-ing" verb of the expression (all content words if that leaves none)."""
+    preposition, relative pronoun or "-ing" verb (``_is_ing_verb``) after a content word of the expression (all
+    content words if that leaves none)."""
     words: dict[int, str] = {}
     for token in tokens:
         if token.word_index >= 0:
@@ -96,7 +114,7 @@ def noun_phrase(tokens: list[TextToken]) -> set[int]:
     phrase = set()
     for index in sorted(words):
         word = words[index]
-        if phrase and (word in _NP_BREAKS or word.endswith("ing")):
+        if phrase and (word in _NP_BREAKS or _is_ing_verb(word)):
             break
         if word not in STOP_WORDS:
             phrase.add(index)

@@ -204,7 +204,9 @@ def test_act_on_a_vlm(build):
     ({"beta": -1}, ["beta", ">= 0"]),
     ({"threshold": 1.5}, ["threshold", "(0, 1)"]),
     ({"heads": [9]}, ["heads", "0..3"]),
-    ({"heads": {7: [0]}}, ["heads", "layer indices"]),
+    ({"heads": {7: [0]}}, ["heads", "layer indices", "0..2"]),
+    ({"layers": (1, 3), "heads": {0: [1], 2: [0]}}, ["heads", "calibrated layers 1..2"]),  # layer 0 not calibrated
+    ({"layers": (0, 2), "heads": {2: [0]}}, ["heads", "calibrated layers 0..1"]),
     ({"heads": "all"}, ["heads"]),
 ])
 def test_bad_options(build, options, words):

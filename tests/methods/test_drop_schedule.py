@@ -92,6 +92,15 @@ def test_kept_counts_floor_the_fraction_as_written():
     assert DropSchedule(8, (2,), (0.3,)).kept_counts(10) == [10, 3]
 
 
+@pytest.mark.parametrize("ratio, n, counts", [(0.3, 1000, [1000, 300, 90, 27]), (0.7, 1000, [1000, 700, 490, 343]),
+                                              (0.5, 1000, [1000, 500, 250, 125]), (0.5, 7, [7, 3, 1, 1])])
+def test_even_counts_floor_the_power_of_the_ratio(ratio, n, counts):
+    """Spec §1.1 floor(N * lambda^s), like the official explicit list [0.3, 0.09, 0.027]: 0.3 ** 3 is
+    0.026999999999999996 in floats and 0.7 ** 3 is 0.3429999999999999, yet 1000 of them keep 27 and 343."""
+    assert DropSchedule.even(32, 4, ratio).kept_counts(n) == counts
+    assert DropSchedule(32, (8, 16, 24), (ratio, ratio ** 2, ratio ** 3)).kept_counts(n) == counts
+
+
 @pytest.mark.parametrize("tokens, rho", [(192, 0.5417), (128, 0.3194), (64, 0.0972)])
 def test_budget_solves_the_mean_tokens_per_layer(tokens, rho):
     """Spec §1.5: [2, 10, 20] with halving after the first drop averages 36 + 288 rho on 576 tokens."""

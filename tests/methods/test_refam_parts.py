@@ -12,7 +12,8 @@ from PIL import Image
 import nograd.data
 from nograd.methods import refam_mask as rm
 from nograd.methods.refam import block_probabilities
-from nograd.methods.refam_tokens import STOP_WORDS, classify, detect_sinks, kept_mask, spatial_cues
+from nograd.methods.refam_tokens import (STOP_WORDS, TextToken, classify, detect_sinks, kept_mask, noun_phrase,
+                                         spatial_cues)
 
 
 def joint_qk(text_first=True, n=24, t=10, heads=3, d=8, seed=0):
@@ -95,6 +96,21 @@ def test_stop_words_and_sub_tokens():
     assert kept_mask(tokens).tolist() == [False, True, True, True, True, False]
     assert kept_mask(tokens, noun_phrase_only=True).tolist() == [False, True, True, True, True, False]
     assert spatial_cues("the cup on the far Left, upper shelf") == ["left", "top"]
+
+
+@pytest.mark.parametrize("expression, phrase", [
+    ("the red king on the left", ["red", "king"]), ("white ceiling lamp", ["white", "ceiling", "lamp"]),
+    ("large painting above the sofa", ["large", "painting"]), ("a tall building behind the bus", ["tall", "building"]),
+    ("gold earring", ["gold", "earring"]), ("wooden dining table", ["wooden", "dining", "table"]),
+    ("the thing", ["thing"]), ("man standing near the car", ["man"]), ("woman holding a cup", ["woman"]),
+    ("a horse jumping over obstacles", ["horse"]), ("cat lying on the couch", ["cat"]),
+    ("giraffe on the right", ["giraffe"]), ("running man", ["running", "man"]), ("the one", ["one"]),
+])
+def test_noun_phrase_heuristic(expression, phrase):
+    """Spec §1.9 NP: content words before the first preposition, relative pronoun or "-ing" verb; "-ing" nouns
+    (king, ceiling, painting) are part of the phrase."""
+    tokens = [TextToken(i, w, w, i, "stop" if w in STOP_WORDS else "content") for i, w in enumerate(expression.split())]
+    assert [tokens[i].word for i in sorted(noun_phrase(tokens))] == phrase
 
 
 @pytest.mark.parametrize("rows, cols, height, width", [(3, 5, 30, 50), (4, 2, 40, 18), (6, 6, 36, 36)])
