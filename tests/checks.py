@@ -107,18 +107,23 @@ def assert_attn_request_switches_the_decoder_only(model):
 
 
 def assert_refine_is_written_out(model, plain_twin, inputs, visual_ids, gamma=1.1, steps=3, **options):
-    """PAI's image-free refine (``cfg_gamma``), written out: greedy steps without a cache, z_c from ``model`` under
-    PAI (``options``) with the visual inputs, z_u from ``plain_twin`` on each row's tokens without its ``visual_ids``
-    tokens, z = gamma (z_c - z_u) + z_u cut below 0.1 of the max; ``generate()`` under PAI with ``cfg_gamma`` gives
-    the same scores and tokens at every step."""
+    """PAI's image-free refine (``cfg_gamma``), written out: greedy steps without a cache, z_c from ``model`` with
+    the visual inputs, z_u from ``plain_twin`` on each row's tokens without its ``visual_ids`` tokens, z = gamma
+    (z_c - z_u) + z_u cut below 0.1 of the max; ``generate()`` under PAI with ``cfg_gamma`` gives the same scores
+    and tokens at every step. As in the official code (whose ``use_cfg`` flag is cleared by the first refine), the
+    attention edit (PAI with ``options``) leaves the prompt alone and starts at the first generated token: z_c of
+    step 0 is the plain model's, later steps edit the rows from the first generated token on."""
     with nograd.apply(model, "pai", cfg_gamma=gamma, **options):
         out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_scores=True,
                              return_dict_in_generate=True)
     seq, mask = inputs["input_ids"], inputs["attention_mask"]
     visual = torch.isin(seq, torch.tensor(visual_ids)) & mask.bool()
     pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    with nograd.apply(model, "pai", **options):
+    handle = None
+    try:
         for step in range(steps):
+            if step == 1:  # a new prompt for the tracker: it ends at the first generated token, where rows start
+                handle = nograd.apply(model, "pai", **options)
             types = {"mm_token_type_ids": (seq == IMAGE).int() + 2 * (seq == VIDEO).int()} \
                 if "mm_token_type_ids" in inputs else {}
             with torch.no_grad():  # use_cache=False: a re-run of the prompt, as generate(use_cache=False)
@@ -140,3 +145,6 @@ def assert_refine_is_written_out(model, plain_twin, inputs, visual_ids, gamma=1.
             token = z.argmax(-1, keepdim=True)
             assert torch.equal(token[:, 0], out.sequences[:, seq.shape[1]])
             seq, mask = torch.cat([seq, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    finally:
+        if handle is not None:
+            handle.remove()

@@ -1,4 +1,4 @@
-"""PAI's image-free logits refine, shared by PAI and PAINT (spec ``paint.md`` §1.3; official ``CFG.py``).
+"""PAI's image-free logits refine, shared by PAI and PAINT (spec ``paint.md`` §1.3, §5.5; official ``CFG.py``).
 
 At every forward of the model with an image prompt, a second, image-free copy of the prompt (the same tokens with
 the visual tokens, image and video, removed, left-padded again) runs through the plain model with its own KV cache,
@@ -7,10 +7,13 @@ and the last position's logits of each row with image tokens become
     z = gamma * (z_c - z_u) + z_u,   z_c, z_u = log_softmax(with image), log_softmax(image-free)
     z = -inf where z_c < log(cutoff) + max(z_c)          (plausibility cutoff, official 0.1)
 
-with gamma 1.1 in every published PAI / PAINT result; rows without image tokens keep the model's logits. It is a
-forward hook on the model, so ``generate()`` and pipelines use it unchanged; during the image-free pass the method's
-other hooks and edits stand aside. A pre-hook starts the image-free cache afresh at every prefill (a forward on an
-empty or no KV cache) and has the model's cache carry it along when beam search reorders the beams.
+with gamma 1.1 in every published PAI / PAINT result; rows without image tokens keep the model's logits. Inside
+``generate()`` the refine is a logits processor after the generation config's own (the official ``CFGLogits`` is a
+custom ``logits_processor``, which transformers runs after repetition penalties and n-gram bans and before the
+sampling warpers), so ``z_c`` is the scores those processors left; a forward outside ``generate()`` gets its logits
+refined by a forward hook. During the image-free pass the method's other hooks and edits stand aside. A pre-hook
+starts the image-free cache afresh at every prefill (a forward on an empty or no KV cache) and has the model's cache
+carry it along when beam search reorders the beams.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import math
 import weakref
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from ..forward_inputs import bound_inputs, cache_of
+from ..observe import shadow_method
 
 
 class ImageFreeContrast:
@@ -42,10 +46,31 @@ class ImageFreeContrast:
         self.model = model
         self._signature = inspect.signature(model.forward)
         self._cache_arg = "cache" if "cache" in self._signature.parameters else "past_key_values"
+        self._generating = False
+        self._pending = None
+        """(image-free log-probabilities, rows with an image) of the last forward, for the ``generate()`` processor."""
         start = model.register_forward_pre_hook(self._start, with_kwargs=True)
         hook = model.register_forward_hook(self._refine, with_kwargs=True)
         handle.on_remove("image-free contrast hooks", lambda: (start.remove(), hook.remove()))
         handle.on_remove("image-free contrast cache", self._forget)
+        if hasattr(model, "generate"):
+            handle.on_remove("image-free contrast processor", shadow_method(model, "generate", self._with_processor))
+
+    def _with_processor(self, generate):
+        """``generate`` with the refine appended to the caller's ``logits_processor`` list."""
+        signature = inspect.signature(generate)
+
+        def generating(*args, **kwargs):
+            bound = signature.bind_partial(*args, **kwargs)
+            bound.arguments["logits_processor"] = LogitsProcessorList(
+                [*(bound.arguments.get("logits_processor") or []), ImageFreeRefine(self)])
+            outer, self._generating, self._pending = self._generating, True, None
+            try:
+                return generate(*bound.args, **bound.kwargs)
+            finally:
+                self._generating, self._pending = outer, None
+
+        return generating
 
     def _start(self, module, args, kwargs):
         """At a prefill, drop the last generation's image-free cache and follow the new main cache's beam reorders."""
@@ -91,8 +116,10 @@ class ImageFreeContrast:
                 cache.reorder_cache = previous
 
     def _refine(self, module, args, kwargs, output):
-        prompt = self.tracker.prompt
-        if not self.active or prompt is None or getattr(output, "logits", None) is None:
+        if not self.active:
+            return None
+        prompt, self._pending = self.tracker.prompt, None
+        if prompt is None or getattr(output, "logits", None) is None:
             return None
         inputs = bound_inputs(self._signature, args, kwargs)
         self.active = False
@@ -100,15 +127,22 @@ class ImageFreeContrast:
             text_logits = self._image_free_logits(inputs, prompt)
         finally:
             self.active = True
-        logits = output.logits[:, -1].float()
-        with_image = torch.log_softmax(logits, dim=-1)
-        without = torch.log_softmax(text_logits.float(), dim=-1)
+        logits = output.logits[:, -1]
+        without = torch.log_softmax(text_logits.float(), dim=-1).to(logits.device)
+        has_image = self._visual(prompt).any(dim=1, keepdim=True).to(logits.device)
+        if self._generating:  # the processor refines the scores generate() makes of these logits
+            self._pending = (without, has_image)
+            return None
+        output.logits[:, -1] = self.refine(logits, without, has_image)
+        return output
+
+    def refine(self, scores: torch.Tensor, without: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+        """``scores`` (B, V) with the image refined against ``without`` (B, V) image-free log-probabilities, in the
+        rows ``has_image`` (B, 1); the other rows as they are."""
+        with_image = torch.log_softmax(scores.float(), dim=-1)
         refined = self.gamma * (with_image - without) + without
         cut = with_image < self.log_cutoff + with_image.amax(dim=-1, keepdim=True)
-        has_image = self._visual(prompt).any(dim=1, keepdim=True).to(logits.device)
-        refined = torch.where(has_image, refined.masked_fill(cut, -math.inf), logits)
-        output.logits[:, -1] = refined.to(output.logits.dtype)
-        return output
+        return torch.where(has_image, refined.masked_fill(cut, -math.inf), scores.float()).to(scores.dtype)
 
     def _image_free_logits(self, inputs, prompt) -> torch.Tensor:
         input_ids = inputs["input_ids"]
@@ -155,3 +189,18 @@ class ImageFreeContrast:
             ids[index, length - len(row):] = row
             mask[index, length - len(row):] = 1
         return ids, mask
+
+
+class ImageFreeRefine(LogitsProcessor):
+    """The refine as ``generate()``'s last logits processor: the scores of the forward that just ran, against its
+    image-free pass."""
+
+    def __init__(self, contrast: ImageFreeContrast):
+        self.contrast = contrast
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        pending, self.contrast._pending = self.contrast._pending, None
+        if pending is None:  # a forward without an image prompt
+            return scores
+        without, has_image = pending
+        return self.contrast.refine(scores, without.to(scores.device), has_image.to(scores.device))

@@ -10,7 +10,9 @@ visual rows are left alone (no coefficients, no edited rows). Decode steps reuse
 tokens: a later forward of the same ``generate()`` with ``use_cache=False`` that extends the recorded prompt's
 tokens keeps it; any other forward is a new prompt. The edit applies to the rows from ``rows_from`` on: the
 prompt's last row and every generated row (``"prompt_end"``, the official "last row of every forward" in its
-cache-consistent form, §5.1.4), or every row after the image (``"after_image"``).
+cache-consistent form, §5.1.4), or every row after the image (``"after_image"``). With PAI's image-free refine
+(``cfg_gamma``) no prompt row is edited, only the generated ones: the official ``llama_modify(..., use_cfg)`` sets a
+flag that turns the edit off until the first ``CFGLogits`` call clears it, after the prefill.
 """
 
 from __future__ import annotations
@@ -185,11 +187,15 @@ class VisualScoreEdit(Intervention):
         if self.method.measures_heads and self.measured is not prompt:
             self.method.record_visual_share(self.layer, self.visual_share(call, prompt), prompt.has_visual)
             self.measured = prompt
+        if self.method.is_neutral():
+            return None  # zero margins measure the plain model's shares (calibration, spec §5.4) and edit nothing
         n, offset = call.shape[3], call.key_offset
         gains = torch.atleast_2d(self.method.head_gains(self.layer, prompt.has_visual))
         gains = gains.to(call.query.device)[:, :, None]
         abs_coef, mul_coef = self.method.coefficients(prompt)
         rows_from = prompt.prompt_end if self.method.config.rows == "prompt_end" else prompt.visual_end
+        if self.tracker.contrast is not None:  # official: the refine's ``use_cfg`` flag keeps the prefill unedited
+            rows_from = torch.maximum(rows_from, prompt.prompt_end + 1)
         rows_from = torch.where(prompt.has_visual, rows_from, NO_ROWS)  # a text-only row of a mixed batch: untouched
         self.stats["edited_calls"] += not recomputing()
         return ScoreEdit(
@@ -245,31 +251,35 @@ class VisualEditMethod(Method):
     def supports_assisted_decoding(self) -> bool:
         """Only where nothing depends on the prompt's last token: every row after the image edited alike
         (``rows="after_image"``), no head shares measured at the prompt's end, no image-free refine."""
-        if getattr(self.config, "cfg_gamma", None) is not None:
+        if self.refines():
             return False
-        return self.is_neutral() or (self.config.rows == "after_image" and not self.measures_heads)
+        return not self.measures_heads and (self.is_neutral() or self.config.rows == "after_image")
 
     def layers(self) -> range:
         return layer_range(self.config.layers, self.adapter.num_layers, self.default_layers)
+
+    def refines(self) -> bool:
+        """Whether PAI's image-free refine runs: ``cfg_gamma`` set and not 1 (at 1 the official ``CFGLogits``
+        returns the scores as they are)."""
+        return getattr(self.config, "cfg_gamma", None) not in (None, 1)
 
     def check_model(self) -> None:
         check_layer_range(self.config, self.adapter.num_layers)
 
     def attach(self, handle) -> None:
         edits = not self.is_neutral()
-        gamma = getattr(self.config, "cfg_gamma", None)
         handle.stats.update(layers=list(self.layers()) if edits else [], heads=self.adapter.num_heads, edited_calls=0)
-        if not edits and gamma is None:
+        if not (edits or self.refines() or self.measures_heads):
             return
         tracker = PromptTracker(handle, video=self.edits_video, on_prompt=self.new_prompt)
-        if gamma is not None:
+        if self.refines():
             from .image_contrast import ImageFreeContrast
 
-            tracker.contrast = ImageFreeContrast(handle, tracker, gamma)
-        if edits:
+            tracker.contrast = ImageFreeContrast(handle, tracker, self.config.cfg_gamma)
+        if edits or self.measures_heads:
             modules = self.adapter.attention_modules
             intervene(handle, {modules[layer]: VisualScoreEdit(self, tracker, layer, handle.stats)
-                               for layer in handle.stats["layers"]})
+                               for layer in self.layers()})
 
 
 def check_cfg_gamma(config) -> None:
@@ -280,7 +290,8 @@ def check_cfg_gamma(config) -> None:
 
 
 CFG_GAMMA_DOC = ("PAI's image-free logits refine gamma*(z_img - z_free) + z_free with the 0.1 plausibility cutoff: "
-                 "None = off, 1.1 = every published PAI / PAINT result (one image-free forward per step)")
+                 "None or 1 = off, 1.1 = every published PAI / PAINT result (one image-free forward per step; the "
+                 "attention edit then starts at the first generated token, as in the official code)")
 
 
 def check_layer_range(config, depth: int) -> None:

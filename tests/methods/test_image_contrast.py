@@ -3,14 +3,16 @@ cache equal to beam search without it, rows without image tokens left alone, and
 
 from __future__ import annotations
 
+import math
+
 import nograd
 import pytest
 import torch
 import transformers
-from tiny.vlm import BOS, PAD, make_inputs
+from tiny.vlm import BOS, IMAGE, PAD, make_inputs
 from transformers import DynamicCache
 
-GREEDY = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": PAD, "output_logits": True,
+GREEDY = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": PAD, "output_scores": True,
           "return_dict_in_generate": True}
 
 
@@ -22,8 +24,9 @@ def peaked(model):
     return model
 
 
-def generated_logits(model, inputs, **options):
-    return torch.stack(model.generate(**inputs, **GREEDY, **options).logits, 1)
+def generated_scores(model, inputs, **options):
+    """(B, steps, V) the scores greedy decoding chose from (the refine is generate()'s last logits processor)."""
+    return torch.stack(model.generate(**inputs, **GREEDY, **options).scores, 1)
 
 
 @pytest.mark.parametrize("method", ["pai", "paint"])
@@ -33,11 +36,11 @@ def test_each_generate_starts_afresh(build, method):
     model = peaked(build("llava"))
     pair, single = make_inputs("llava", model), make_inputs("llava", model, batch=1, seed=1)
     with nograd.apply(model, method, cfg_gamma=1.1):
-        fresh = generated_logits(model, single)
+        fresh = generated_scores(model, single)
     with nograd.apply(model, method, cfg_gamma=1.1):
-        first = generated_logits(model, pair)
-        assert torch.equal(generated_logits(model, pair), first)
-        assert torch.equal(generated_logits(model, single), fresh)
+        first = generated_scores(model, pair)
+        assert torch.equal(generated_scores(model, pair), first)
+        assert torch.equal(generated_scores(model, single), fresh)
     assert torch.isinf(fresh).any() and not torch.isinf(first).all(dim=-1).any()  # the cutoff ran, kept some
 
 
@@ -69,9 +72,9 @@ def test_text_only_row_is_left_alone(build):
     batch = dict(image_row, input_ids=torch.stack([ids, padded]),
                  attention_mask=torch.stack([torch.ones_like(ids), padded != PAD]).long())
     alone = {"input_ids": text[None], "attention_mask": torch.ones_like(text)[None]}
-    plain_batch, plain_alone = generated_logits(model, batch), generated_logits(model, alone)
+    plain_batch, plain_alone = generated_scores(model, batch), generated_scores(model, alone)
     with nograd.apply(model, "pai", alpha=0.0, cfg_gamma=1.1):
-        steered = generated_logits(model, batch)
+        steered = generated_scores(model, batch)
     assert torch.equal(steered[1], plain_batch[1])
     torch.testing.assert_close(steered[1], plain_alone[0], atol=1e-5, rtol=0)
     assert torch.isinf(steered[0]).any() and not torch.isinf(plain_batch).any()
@@ -90,3 +93,53 @@ def test_remove_gives_the_model_cache_back(build):
     handle.remove()
     assert "reorder_cache" not in vars(cache)
     cache.reorder_cache(torch.tensor([1, 0]))
+
+
+def test_the_refine_follows_generates_own_logits_processors(build):
+    """As the official ``CFGLogits`` (a custom ``logits_processor``): z_c is the scores after the generation
+    config's repetition penalty and n-gram ban, so the cutoff is taken over the tokens still allowed. (Refined before
+    them, the ban left no token above the cutoff: greedy chose a banned token's -inf row.) Written out without a
+    cache on the plain model (alpha 0: the refine alone)."""
+    model = peaked(build("llava"))
+    inputs = make_inputs("llava", model)
+    rules = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 1}
+    with nograd.apply(model, "pai", alpha=0.0, cfg_gamma=1.1):
+        out = model.generate(**inputs, **GREEDY, **rules)
+    processors = transformers.LogitsProcessorList([transformers.RepetitionPenaltyLogitsProcessor(1.3),
+                                                   transformers.NoRepeatNGramLogitsProcessor(1)])
+    seq, mask = inputs["input_ids"], inputs["attention_mask"]
+    image = seq == IMAGE
+    text = [row[keep] for row, keep in zip(seq, mask.bool() & ~image)]
+    width = max(len(row) for row in text)
+    pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    for step in range(GREEDY["max_new_tokens"]):
+        with torch.no_grad():
+            z_c = model(input_ids=seq, attention_mask=mask, **pixels).logits[:, -1]
+            free = torch.stack([torch.nn.functional.pad(row, (width - len(row), 0), value=PAD) for row in text])
+            z_u = model(input_ids=free, attention_mask=(free != PAD).long()).logits[:, -1]
+        z_c = processors(seq, z_c.float()).log_softmax(-1)
+        z_u = z_u.float().log_softmax(-1)
+        z = (1.1 * (z_c - z_u) + z_u).masked_fill(z_c < math.log(0.1) + z_c.amax(-1, keepdim=True), -math.inf)
+        finite = torch.isfinite(z)
+        assert torch.equal(finite, torch.isfinite(out.scores[step])) and finite.any(-1).all()
+        torch.testing.assert_close(out.scores[step][finite], z[finite], atol=1e-4, rtol=0)
+        token = z.argmax(-1)
+        assert torch.equal(token, out.sequences[:, seq.shape[1]]) and not torch.isin(token, seq).any()
+        seq, mask = torch.cat([seq, token[:, None]], 1), torch.cat([mask, torch.ones_like(token)[:, None]], 1)
+        text = [torch.cat([row, t[None]]) for row, t in zip(text, token)]
+        width += 1
+
+
+def test_gamma_one_is_off(build):
+    """``cfg_gamma=1`` is the identity (the official ``CFGLogits`` returns the scores as they are): no image-free
+    pass, bit-identical to ``cfg_gamma=None``."""
+    model = peaked(build("llava"))
+    inputs = make_inputs("llava", model)
+    with nograd.apply(model, "pai", alpha=0.5):
+        off = generated_scores(model, inputs)
+    calls = []
+    hook = model.register_forward_hook(lambda *args: calls.append(1))
+    with nograd.apply(model, "pai", alpha=0.5, cfg_gamma=1):
+        assert torch.equal(generated_scores(model, inputs), off)
+    hook.remove()
+    assert len(calls) == GREEDY["max_new_tokens"]

@@ -225,6 +225,25 @@ def test_measured_visual_shares_equal_eager_attentions_and_round_trip(build, tmp
     torch.testing.assert_close(from_stats, from_table, atol=1e-6, rtol=0)
 
 
+def test_zero_margins_calibrate_on_the_plain_model(build, tmp_path):
+    """Spec §5.4: calibration runs with the coefficients zero, so every layer's shares are the plain model's (with
+    the edit on, a layer's input carries the earlier layers' edits); the outputs stay bit-identical."""
+    model = build("llava")
+    inputs = make_inputs("llava", model)
+    want = eager_visual_share(model, inputs)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    path = str(tmp_path / "heads.safetensors")
+    with nograd.apply(model, "paint", alpha=0, beta=0, layers=(0, None), heads="proportional") as handle:
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, plain)
+        handle.save_head_stats(path)
+        assert handle.stats["layers"] == [] and handle.stats["edited_calls"] == 0
+    from safetensors.torch import load_file
+
+    torch.testing.assert_close(load_file(path)["visual_share"], want, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("options, words", [
     ({"heads": "loud"}, ["heads", "'uniform'"]),
     ({"heads": [[1.0, 1.0]]}, ["heads", "(2, 4)"]),

@@ -224,9 +224,10 @@ def test_a_flash_vision_tower_that_packs_the_images_is_refused(family):
 
 
 def test_qwen3_vl_image_free_refine_runs_with_the_kv_cache():
-    """``cfg_gamma`` on Qwen3-VL: the first step is the written-out refine (z_c from the edited model, z_u from the
-    plain model on the prompt without its image tokens), and generate with the KV cache equals it without (the
-    image-free copy must not use the image prompt's M-RoPE offsets, which the model keeps)."""
+    """``cfg_gamma`` on Qwen3-VL: the first step is the written-out refine (z_c from the unedited prompt, as the
+    official code edits from the first generated token on; z_u from the plain model on the prompt without its image
+    tokens), and generate with the KV cache equals it without (the image-free copy must not use the image prompt's
+    M-RoPE offsets, which the model keeps)."""
     import math
 
     model = tiny_families.build("qwen3_vl")
@@ -240,7 +241,7 @@ def test_qwen3_vl_image_free_refine_runs_with_the_kv_cache():
         text[index, text.shape[1] - len(row):], text_mask[index, text.shape[1] - len(row):] = row, 1
     with torch.no_grad():
         z_u = model(input_ids=text, attention_mask=text_mask, mm_token_type_ids=torch.zeros_like(text)).logits[:, -1]
-    with nograd.apply(model, "paint", layers=(0, None)), torch.no_grad():
+    with torch.no_grad():
         z_c = model(**inputs).logits[:, -1]
     z_c, z_u = z_c.float().log_softmax(-1), z_u.float().log_softmax(-1)
     z = (1.1 * (z_c - z_u) + z_u).masked_fill(z_c < math.log(0.1) + z_c.amax(-1, keepdim=True), -math.inf)
