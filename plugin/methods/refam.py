@@ -477,7 +477,8 @@ class RefAM(Method):
         smoothed = rm.smooth(heat.view(grid).cpu(), self.config.smooth_sigma)
         pixels = rm.to_pixels(smoothed, height, width)
         cues = spatial_cues(text) if self.config.spatial_bias else []
-        if cues:
+        if cues:  # ours: the ramp scales the map above its floor (spec §1.9 [D] scales the map itself, whose
+            # background mass the ramp would turn into a peak at the image's edge)
             pixels = (pixels - pixels.min()) * rm.spatial_ramp(cues, height, width, self.config.spatial_beta)
         heatmap = rm.normalise(pixels)
         return heatmap, rm.argmax_point(heatmap)

@@ -123,6 +123,22 @@ def test_one_hot_token_lands_in_its_pixel_cell(rows, cols, height, width):
             assert int(y * rows / height) == r and int(x * cols / width) == c
 
 
+def test_spatial_bias_scales_the_map_above_its_floor():
+    """A background of 0.7 everywhere and the object (1.0) left of centre, cue "left": the ramp on the map itself
+    would put the point at the image's left edge (0.7 x ramp ~1 beats 1.0 x ramp 0.6); above the floor it stays on
+    the object."""
+    from types import SimpleNamespace
+
+    from nograd.methods.refam import RefAM, RefAMConfig
+
+    heat = torch.full((8, 8), 0.7)
+    heat[3:5, 2:4] = 1.0
+    image = Image.new("RGB", (64, 64))
+    heatmap, (x, y) = RefAM._finish(SimpleNamespace(config=RefAMConfig()), image, "the cup on the left",
+                                    heat.flatten(), (8, 8))
+    assert heatmap.shape == (64, 64) and 16 <= x < 32 and 24 <= y < 40
+
+
 def test_spatial_ramps():
     ramp = rm.spatial_ramp(["left"], 4, 10)
     assert rm.argmax_point(ramp)[0] == 0 and bool((ramp[:, :-1] > ramp[:, 1:]).all())
