@@ -3,8 +3,9 @@
 *Focusing by Contrastive Attention: Enhancing VLMs' Visual Reasoning*; official code ``YuyaoGe/CARVE`` (spec
 ``carve.md``). Three passes over one image:
 1. the task pass on (image, question + suffix) and 2. the general pass on (image, "Write a general description of
-   the image." + suffix), greedy, up to 32 tokens each, recording at every step t and every layer l of the window
-   the head-mean attention row of the last position over the image tokens (softmax over *all* keys);
+   the image." + suffix), a plain argmax (no logits processor of the checkpoint's ``generation_config``), up to 32
+   tokens each (the task pass's answer in full: the baseline), recording at every step t and every layer l of the
+   window the head-mean attention row of the last position over the image tokens (softmax over *all* keys);
 2. the contrast ``A_Q / (A_G + lambda)`` per layer and step (steps paired by index, official ``lam=1e-8``), summed
    over layers and weighted by ``t + 1`` over steps (the code's v4, ``steps="all"``), spread over the image's pixels
    (``carve_geometry``), thresholded at the top ``p`` pixels, cut into 4-connected regions of which the best are
@@ -18,8 +19,9 @@ image. Official defaults (``carve/pipeline.py``): layers ``range(20, 26)`` (scal
 fewer than 26 layers), ``top_percent=0.2``, ``min_keep_regions=3`` used as a *minimum* (``keep_rule="official"``),
 ``attention_sum`` ranking; ``preset="paper"`` gives the paper's variant (t_end, K as a maximum, the best cell of its
 Fig. 7: p=0.4, K=2, the refined image alone). Where we fix the official code: the LLaVA-1.5 map covers the
-processor's centre crop (not the stretched image), Qwen grids come from ``image_grid_thw`` (no square guess), and an
-empty or flat map leaves the image as it is (never a black image).
+processor's centre crop (not the stretched image) and nothing outside it is kept, Qwen grids come from
+``image_grid_thw`` (no square guess), and an empty or flat map leaves the image as it is (never a black image).
+``prompt_style="official"`` gives LLaVA-1.5 the official code's literal prompt in place of the chat template.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ from ..attention import AttentionCall, Intervention, intervene
 from ..config import MethodConfig, is_int, is_number, option
 from ..registry import register
 from .base import Method
-from .carve_geometry import GEOMETRIES, processor_views, to_pixels
+from .carve_geometry import GEOMETRIES, covered_pixels, processor_views, to_pixels
 from .carve_regions import KEEP_RULES, REFINE_MODES, STRATEGIES, is_flat, refine_image, select_regions
 
 GENERAL_PROMPT = "Write a general description of the image."
 ANSWER_SUFFIX = " Answer the question using a single word or phrase."
 STEPS = ("all", "first", "last")
+PROMPT_STYLES = ("chat", "official")
 PRESETS = {"paper": dict(steps="last", keep_rule="paper", top_p=0.4, min_regions=2, final_images="refined")}
 
 
@@ -69,6 +72,9 @@ class CARVEConfig(MethodConfig):
     cache_general: bool = option(True, "reuse the general pass of an image seen before", choices=(True, False))
     geometry: str = option("processor", "LLaVA-1.5: the map over the processor's centre crop, or stretched over the "
                                         "whole image as the official code ('official')", choices=GEOMETRIES)
+    prompt_style: str = option("chat", "'chat' (the processor's chat template) or, LLaVA-1.5 only, 'official': the "
+                                       "official code's literal '<image>\\nUSER: {q} {suffix}\\nASSISTANT:'",
+                               choices=PROMPT_STYLES)
 
     @classmethod
     def from_options(cls, options):
@@ -206,6 +212,9 @@ class CARVE(Method):
         depth = self.adapter.num_layers
         if any(not 0 <= layer < depth for layer in self.layers()):
             self.config.invalid("layers", f"decoder layer indices in 0..{depth - 1}")
+        if self.config.prompt_style == "official" and self.adapter.family != "llava":
+            self.config.invalid("prompt_style", f"'chat' on a {self.adapter.family} model ('official' is the official "
+                                                "code's LLaVA-1.5 prompt)")
 
     def attach(self, handle) -> None:
         self.processor = self.config.processor if self.config.processor is not None else handle.processor
@@ -299,15 +308,22 @@ class CARVE(Method):
     def _prompt(self, question: str) -> str:
         return question + (self.config.answer_suffix or "")
 
+    def _prompt_string(self, text: str, images_per_text: int = 1) -> str:
+        """The prompt string of ``text`` after ``images_per_text`` images (spec §5.4): one user turn of the
+        processor's chat template, or with ``prompt_style="official"`` (LLaVA-1.5) the official code's literal
+        ``"<image>\\nUSER: {q} {suffix}\\nASSISTANT:"``, ``"<image><image>\\n..."`` in the two-image final pass
+        (spec §3, Prompts)."""
+        if self.config.prompt_style == "official":
+            return f"{self.processor.image_token * images_per_text}\nUSER: {text}\nASSISTANT:"
+        chat = [{"role": "user", "content": [{"type": "image"}] * images_per_text + [{"type": "text", "text": text}]}]
+        return self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+
     def build_inputs(self, images: list, texts: list[str], images_per_text: int = 1):
-        """Processor inputs for ``texts`` (one chat turn each, ``images_per_text`` images first), left-padded. The
+        """Processor inputs for ``texts`` (``_prompt_string`` each, ``images_per_text`` images first), left-padded. The
         images go to the processor nested per text (a list per prompt): processors that check the images of each
         prompt (Gemma3) need it, and LLaVA-OneVision reads a two-image prompt from it (``batch_num_images``)."""
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        chats = [[{"role": "user", "content": [{"type": "image"}] * images_per_text + [{"type": "text", "text": t}]}]
-                 for t in texts]
-        prompts = [self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-                   for chat in chats]
+        prompts = [self._prompt_string(text, images_per_text) for text in texts]
         side = tokenizer.padding_side
         tokenizer.padding_side = "left"
         try:
@@ -323,12 +339,30 @@ class CARVE(Method):
         self.stats["passes"] += 1
         return out[:, inputs["input_ids"].shape[1]:]
 
+    def _probe_generate(self, inputs) -> torch.Tensor:
+        """The probe passes' tokens, ``probe_max_new_tokens`` of them: a plain argmax, as the official
+        ``generate_with_attention`` (no logits processor). ``model.generate`` fills every option its
+        ``generation_config`` leaves unset (None) from the model's own (a checkpoint's ``repetition_penalty``,
+        ``suppress_tokens``, ``forced_bos_token_id``...), so the model's is swapped, for the pass, for a clean one
+        that keeps only its special token ids. The final pass keeps the model's settings, as the official code."""
+        from transformers import GenerationConfig
+
+        own = self.model.generation_config
+        ids = {name: getattr(own, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        self.model.generation_config = GenerationConfig(**ids)
+        try:
+            return self._generate(inputs, {"max_new_tokens": self.config.probe_max_new_tokens})
+        finally:
+            self.model.generation_config = own
+
     def _decode(self, tokens: torch.Tensor) -> list[str]:
         return [text.strip() for text in self.processor.batch_decode(tokens, skip_special_tokens=True)]
 
     # ---- passes 1-2 -----------------------------------------------------------------------------------------------
     def _probe(self, image, questions: list[str]) -> tuple[list[ProbeRun], tuple]:
-        """Probe passes on ``image`` for each of ``questions`` (one left-padded batch); also the views of row 0."""
+        """Probe passes on ``image`` for each of ``questions`` (one left-padded batch); also the views of row 0.
+        Every row generates its whole answer, with ``steps="first"`` too: the task pass's text is the baseline answer
+        (spec §5.1), and the general row, in the same batch, would save nothing by stopping at its first step."""
         inputs = self.build_inputs([image] * len(questions), questions)
         image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         grids = self.adapter.image_grids(inputs["input_ids"], **image_inputs)
@@ -340,10 +374,9 @@ class CARVE(Method):
                    for grid in grids]
         index = torch.stack([positions for positions, _ in located])
         self.positions = index
-        steps = 1 if self.config.steps == "first" else self.config.probe_max_new_tokens
         self.probe.start(index, inputs["input_ids"].shape[1])
         try:
-            tokens = self._generate(inputs, {"max_new_tokens": steps})
+            tokens = self._probe_generate(inputs)
         finally:
             maps = self.probe.stop()
         eos = self.model.generation_config.eos_token_id
@@ -356,8 +389,12 @@ class CARVE(Method):
         return runs, located[0][1]
 
     def _image_key(self, image) -> str:
+        """The general pass's cache key: the image and what makes its tokens (the image processor's settings, which
+        a user may change between calls) and the general prompt."""
         digest = hashlib.sha1(image.tobytes()).hexdigest()
-        return f"{digest}:{image.size}:{image.mode}:{self.config.general_prompt}"
+        settings = getattr(getattr(self.processor, "image_processor", None), "to_dict", dict)()
+        setup = hashlib.sha1(repr(sorted(settings.items(), key=lambda item: item[0])).encode()).hexdigest()
+        return f"{digest}:{image.size}:{image.mode}:{setup}:{self.config.general_prompt}"
 
     def _task_and_general(self, image, question: str):
         key = self._image_key(image)
@@ -384,34 +421,38 @@ class CARVE(Method):
         return (task.maps[task.step(which)] / (general.maps[general.step(which)] + lam)).sum(dim=0)
 
     def _saliency(self, image, question: str):
+        """The (H, W) saliency, the (H, W) pixels its map covers (``covered_pixels``) and the task pass."""
         task, general, views = self._task_and_general(image, question)
         self.maps = {"task": task.maps, "general": general.maps, "positions": self.positions}
-        return to_pixels(self._fuse(task, general), views, image.size), task
+        return to_pixels(self._fuse(task, general), views, image.size), covered_pixels(views, image.size), task
 
     # ---- the user's calls -----------------------------------------------------------------------------------------
     def saliency(self, image, question: str) -> torch.Tensor:
         """(H, W) fp32 saliency of ``question`` on ``image`` in pixel space (passes 1-2), for plotting."""
         return self._saliency(*self._request(image, question))[0]
 
-    def _refined(self, image, saliency: torch.Tensor):
+    def _refined(self, image, saliency: torch.Tensor, covered: torch.Tensor):
+        """(refined image, regions, flat): regions only where the map covers the image (spec §5.2: outside
+        LLaVA-1.5's centre crop nothing is ever kept)."""
         if is_flat(saliency):
             return image.copy(), None, True
         regions = select_regions(saliency, self.config.top_p, self.config.min_regions, self.config.keep_rule,
-                                 self.config.strategy)
+                                 self.config.strategy, valid=covered)
         return refine_image(image, regions, self.config.refine_mode), regions, False
 
     def refine(self, image, question: str):
         """The image the final pass sees next to the original: masked, cropped and enlarged around the regions."""
         image, question = self._request(image, question)
-        return self._refined(image, self.saliency(image, question))[0]
+        saliency, covered, _ = self._saliency(image, question)
+        return self._refined(image, saliency, covered)[0]
 
     def generate(self, image, question: str, **generate_kwargs) -> CARVEOutput:
         """CARVE's answer to ``question`` on ``image`` (a PIL image): probe passes, refinement, final pass.
         ``generate_kwargs`` go to the final pass's ``model.generate`` (over ``max_new_tokens`` and greedy decoding);
         the probe passes keep the configured ones."""
         image, question = self._request(image, question)
-        saliency, task = self._saliency(image, question)
-        refined, regions, flat = self._refined(image, saliency)
+        saliency, covered, task = self._saliency(image, question)
+        refined, regions, flat = self._refined(image, saliency, covered)
         empty = regions is not None and regions.bbox is None
         images = [image, refined] if self.config.final_images == "both" else [refined]
         inputs = self.build_inputs(images, [self._prompt(question)], images_per_text=len(images))

@@ -3,8 +3,8 @@
 One ``View`` per raster of an image's tokens (``adapter.image_grids``): which of the image's tokens it holds (its
 patch tokens, newlines left out), its rows x cols and the pixel box of the original image it covers. A map over the
 image's tokens is reshaped row-major onto each view, upsampled bilinearly (``align_corners=False``, as PIL's
-``BILINEAR`` the official code uses) into the view's box and summed; pixels no view covers get the map's minimum, so
-they are never kept.
+``BILINEAR`` the official code uses) into the view's box and summed; pixels no view covers (``covered_pixels``) get
+the map's minimum, and ``select_regions`` never keeps them (its threshold is taken over the covered pixels only).
 
 - Qwen2-VL / Qwen2.5-VL: one raster of ``h/merge x w/merge`` merged tokens over the whole image (the processor's
   ``smart_resize`` keeps the aspect ratio), read from ``image_grid_thw``: never a square guess (the official code's
@@ -110,17 +110,27 @@ def processor_views(adapter, processor, grid, size: tuple[int, int],
     return image_views(adapter, grid, size, geometry, crop, split)
 
 
+def covered_pixels(views: list[View], size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) bool: the pixels of an image of ``size`` = (W, H) that ``views`` cover (all of them but outside
+    LLaVA-1.5's centre crop)."""
+    width, height = size
+    covered = torch.zeros(height, width, dtype=torch.bool)
+    for x0, y0, x1, y1 in (view.box for view in views):
+        covered[y0:y1, x0:x1] = True
+    return covered
+
+
 def to_pixels(token_map: torch.Tensor, views: list[View], size: tuple[int, int]) -> torch.Tensor:
-    """(H, W) fp32: ``token_map`` (N,) spread over the image through ``views``."""
+    """(H, W) fp32: ``token_map`` (N,) spread over the image through ``views``; the pixels they do not cover get the
+    minimum of those they do."""
     width, height = size
     canvas = torch.zeros(height, width, dtype=torch.float32, device=token_map.device)
-    covered = torch.zeros(height, width, dtype=torch.bool, device=token_map.device)
     for view in views:
         x0, y0, x1, y1 = view.box
         raster = token_map.float()[view.index.to(token_map.device)].reshape(1, 1, view.rows, view.cols)
         canvas[y0:y1, x0:x1] += F.interpolate(raster, size=(y1 - y0, x1 - x0), mode="bilinear",
                                               align_corners=False)[0, 0]
-        covered[y0:y1, x0:x1] = True
+    covered = covered_pixels(views, size).to(token_map.device)
     if not bool(covered.all()):
         canvas[~covered] = canvas[covered].min()
     return canvas

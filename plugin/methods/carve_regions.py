@@ -3,7 +3,8 @@
 Pure functions, no model. The official code ``YuyaoGe/CARVE`` (``carve/masking.py``: ``create_attention_mask``,
 ``apply_mask_to_image``, ``get_crop_bbox_from_mask``, ``resize_crop_to_match_original``) does, on the fused (H, W)
 saliency S of the original image:
-1. threshold ``tau = numpy.percentile(S, 100 (1 - p))`` (linear interpolation), ``M0 = S >= tau``;
+1. threshold ``tau = numpy.percentile(S, 100 (1 - p))`` (linear interpolation), ``M0 = S >= tau``; over the pixels
+   the map covers, where it covers only part of the image (``valid``: LLaVA-1.5's centre crop, spec §5.2);
 2. 4-connected components of ``M0`` (``scipy.ndimage.label``), ranked by a strategy: ``attention_sum`` (sum of S over
    the component, v3/v4), ``size`` (pixel count, v2), or ``remove_small`` (v1: no ranking, components smaller than
    ``outlier_percent`` % of the area of ``M0`` are dropped);
@@ -134,7 +135,7 @@ class Regions:
     mask: torch.Tensor
     """(H, W) bool, the union of the kept components."""
     threshold: float
-    """tau, the (1 - top_p) percentile of the saliency."""
+    """tau, the (1 - top_p) percentile of the saliency (over its ``valid`` pixels)."""
     num_components: int
     """n, components of the thresholded map ``S >= tau``."""
     kept: int
@@ -177,7 +178,7 @@ def keep_count(num_components: int, top_p: float, min_regions: int, keep_rule: s
     return min(wanted, num_components)
 
 
-def _check_selection(saliency, top_p, min_regions, keep_rule, strategy, outlier_percent) -> None:
+def _check_selection(saliency, top_p, min_regions, keep_rule, strategy, outlier_percent, valid) -> None:
     if not isinstance(saliency, torch.Tensor) or saliency.dim() != 2 or saliency.numel() == 0:
         raise ValueError("carve_regions: saliency must be a non-empty (H, W) tensor; got "
                          f"{type(saliency).__name__} {tuple(getattr(saliency, 'shape', ()))}")
@@ -191,10 +192,15 @@ def _check_selection(saliency, top_p, min_regions, keep_rule, strategy, outlier_
     _choice("strategy", strategy, STRATEGIES)
     if not (_number(outlier_percent) and 0 <= outlier_percent <= 100):
         raise ValueError(f"carve_regions: outlier_percent must be a number in [0, 100]; got {outlier_percent!r}")
+    if valid is not None and not (isinstance(valid, torch.Tensor) and valid.dtype == torch.bool
+                                  and valid.shape == saliency.shape and bool(valid.any())):
+        raise ValueError(f"carve_regions: valid must be None or a (H, W) = {tuple(saliency.shape)} bool tensor with a "
+                         f"True pixel; got {type(valid).__name__} {tuple(getattr(valid, 'shape', ()))}")
 
 
 def select_regions(saliency: torch.Tensor, top_p: float = 0.2, min_regions: int = 3, keep_rule: str = "official",
-                   strategy: str = "attention_sum", outlier_percent: float = 0.1) -> Regions:
+                   strategy: str = "attention_sum", outlier_percent: float = 0.1,
+                   valid: torch.Tensor | None = None) -> Regions:
     """The regions of the (H, W) saliency S that CARVE keeps (official ``create_attention_mask``).
 
     ``tau`` = the ``(1 - top_p)`` percentile of S over all pixels (``percentile_threshold``), ``M0 = S >= tau``, its
@@ -202,13 +208,17 @@ def select_regions(saliency: torch.Tensor, top_p: float = 0.2, min_regions: int 
     count; ties keep the lower-numbered component, as the official stable sort) of which ``keep_count`` are kept
     (``keep_rule="official"``: ``max(min_regions, floor(top_p n))``, ``min_regions`` a minimum, as the code;
     ``"paper"``: ``min(min_regions, n)``); ``remove_small`` ranks nothing and drops the components smaller than
-    ``int(outlier_percent / 100 * |M0|)`` pixels. ``top_p=1`` keeps every pixel."""
-    _check_selection(saliency, top_p, min_regions, keep_rule, strategy, outlier_percent)
+    ``int(outlier_percent / 100 * |M0|)`` pixels. ``top_p=1`` keeps every pixel. ``valid`` (H, W) bool: the pixels
+    the map covers (``carve_geometry.covered_pixels``); ``tau`` is the percentile over them and ``M0`` holds none of
+    the others, which are never kept (they hold the map's minimum: over all pixels they would tie at ``tau`` once
+    ``top_p`` reaches the covered fraction). None: every pixel, as the official code."""
+    _check_selection(saliency, top_p, min_regions, keep_rule, strategy, outlier_percent, valid)
     values = saliency.detach()
     if values.dtype not in (torch.float32, torch.float64):
         values = values.float()
-    threshold = percentile_threshold(values, top_p)
-    thresholded = values >= threshold
+    valid = torch.ones_like(values, dtype=torch.bool) if valid is None else valid.to(values.device)
+    threshold = percentile_threshold(values[valid], top_p)
+    thresholded = (values >= threshold) & valid
     labels, count = label_components(thresholded)
     flat_labels = labels.flatten()
     sizes = torch.bincount(flat_labels, minlength=count + 1)[1:]

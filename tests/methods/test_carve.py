@@ -64,7 +64,8 @@ def test_a_planted_peak_lands_in_its_pixel_box(carve_models, family, size, token
     model = carve_models(family)
     processor = PROCESSORS[family]()
     picture = image(*size)
-    with nograd.apply(model, "carve", processor=processor, steps="first", answer_suffix=None) as carve:
+    with nograd.apply(model, "carve", processor=processor, steps="first", probe_max_new_tokens=1,
+                      answer_suffix=None) as carve:
         _, grids = probe_grids(carve, picture, QUESTION)
         positions, views = image_views(carve.adapter, grids[0], picture.size)
         (view,) = views
@@ -102,6 +103,20 @@ def test_identical_prompts_give_a_flat_map_and_the_original_image(carve_models):
     with nograd.apply(model, "carve", processor=PROCESSORS["llava"](), general_prompt=QUESTION) as handle:
         out = handle.generate(picture, QUESTION)
     assert out.flat and out.refined_image.tobytes() == picture.tobytes() and bool(out.mask.all())
+
+
+def test_the_general_cache_misses_when_the_image_processor_changes(carve_models):
+    """The cached general pass belongs to the image as the processor made its tokens: a changed image-processor
+    setting (here the normalisation, which changes every pixel value) runs it again."""
+    model = carve_models("llava")
+    picture, processor = image(70, 42, seed=4), PROCESSORS["llava"]()
+    with nograd.apply(model, "carve", processor=processor, probe_max_new_tokens=2) as handle:
+        handle.saliency(picture, QUESTION)
+        processor.image_processor.do_normalize = not processor.image_processor.do_normalize
+        handle.saliency(picture, QUESTION)
+        assert handle.stats["general_cache_hits"] == 0
+        handle.saliency(picture, QUESTION)
+        assert handle.stats["general_cache_hits"] == 1
 
 
 def test_regions_follow_the_options_and_the_general_pass_is_cached(carve_models):

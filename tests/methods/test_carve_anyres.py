@@ -48,7 +48,8 @@ CASES = [
 def test_a_planted_peak_lands_in_its_pixel_box(carve_models, family, size, shape, token, box):
     model = carve_models(family)
     picture = image(*size)
-    with nograd.apply(model, "carve", processor=PROCESSORS[family](), steps="first", answer_suffix=None) as carve:
+    with nograd.apply(model, "carve", processor=PROCESSORS[family](), steps="first", probe_max_new_tokens=1,
+                      answer_suffix=None) as carve:
         _, grids = probe_grids(carve, picture, QUESTION)
         grid = grids[0]  # batch row 0's image
         positions, views = image_views(carve.adapter, grid, picture.size)

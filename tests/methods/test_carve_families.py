@@ -64,7 +64,8 @@ CASES = [
 @pytest.mark.parametrize("family, size, shapes, k, token, box", CASES)
 def test_a_planted_peak_lands_in_its_pixel_box(carve_models, family, size, shapes, k, token, box):
     model, picture, processor = carve_models(family), image(*size), PROCESSORS[family]()
-    with nograd.apply(model, "carve", processor=processor, steps="first", answer_suffix=None) as carve:
+    with nograd.apply(model, "carve", processor=processor, steps="first", probe_max_new_tokens=1,
+                      answer_suffix=None) as carve:
         _, grid = probe_grid(carve, picture)
         split = crop_split(carve.adapter, processor.image_processor, picture.size)
         positions, views = image_views(carve.adapter, grid, picture.size, split=split)

@@ -50,7 +50,8 @@ CASES = [
 def test_a_planted_peak_lands_in_its_pixel_box(carve_models, family, size, crop, token, box):
     picture = image(*size)
     model = carve_models(family)
-    with nograd.apply(model, "carve", processor=PROCESSORS[family](), steps="first", answer_suffix=None) as carve:
+    with nograd.apply(model, "carve", processor=PROCESSORS[family](), steps="first", probe_max_new_tokens=1,
+                      answer_suffix=None) as carve:
         _, grid = probe_grid(carve, picture)
         positions, views = image_views(carve.adapter, grid, picture.size)
         (k,) = [k for k, t in enumerate(t for t in grid.tiles if t.kind == "crop") if t.cell[:2] == crop]

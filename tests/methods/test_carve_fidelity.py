@@ -1,0 +1,122 @@
+"""CARVE against its spec and the official code: with ``steps="first"`` the task probe still answers in full (spec
+§5.1), the probes decode by plain argmax whatever the checkpoint's ``generation_config`` sets (official
+``generate_with_attention``) while the final pass keeps it, nothing outside LLaVA-1.5's centre crop is kept (§5.2),
+and ``prompt_style="official"`` builds the official LLaVA-1.5 prompt (§3 Prompts, §5.4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import nograd
+from nograd.methods.carve_geometry import View, covered_pixels, to_pixels
+from nograd.methods.carve_regions import select_regions
+from tiny.processor import PROCESSORS, image
+
+QUESTION = "What is on the left?"
+PROMPT = QUESTION + " Answer the question using a single word or phrase."
+
+
+def argmax_decode(model, inputs, steps: int) -> torch.Tensor:
+    """The official probe's decoding of one prompt: the argmax of the last logits of the whole growing sequence, up
+    to ``steps`` tokens, ending after EOS."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    eos = model.generation_config.eos_token_id
+    eos = set([eos] if isinstance(eos, int) else eos or [])
+    for _ in range(steps):
+        with torch.no_grad():
+            token = model(input_ids=ids, attention_mask=mask, **extra).logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+        if int(token) in eos:
+            break
+    return ids[:, inputs["input_ids"].shape[1]:]
+
+
+def decode(processor, tokens: torch.Tensor) -> str:
+    return processor.batch_decode(tokens, skip_special_tokens=True)[0].strip()
+
+
+def test_steps_first_still_gives_the_task_pass_answer_in_full(carve_models):
+    """Only the first step's rows enter the map, but the task pass's text is the baseline answer (spec §5.1)."""
+    model, processor = carve_models("llava"), PROCESSORS["llava"]()
+    picture = image(70, 42, seed=7)
+    with nograd.apply(model, "carve", processor=processor) as handle:
+        full = handle.generate(picture, QUESTION)
+    with nograd.apply(model, "carve", processor=processor, steps="first") as handle:
+        first = handle.generate(picture, QUESTION)
+    assert len(full.maps["task"]) > 1 and first.original_text == full.original_text
+    assert len(first.maps["task"]) == len(full.maps["task"])
+
+
+def test_probes_decode_by_plain_argmax_and_the_final_pass_keeps_the_generation_config(carve_models, monkeypatch):
+    """A checkpoint's ``generation_config`` (here ``repetition_penalty=1.3``) leaves the probe tokens those of a
+    plain argmax loop (the official code); the final pass decodes as ``model.generate`` does with it."""
+    model, processor = carve_models("llava"), PROCESSORS["llava"]()
+    monkeypatch.setattr(model.generation_config, "repetition_penalty", 1.3)
+    picture = image(70, 42, seed=8)
+    with nograd.apply(model, "carve", processor=processor, probe_max_new_tokens=12) as handle:
+        out = handle.generate(picture, QUESTION)
+        probe = handle.build_inputs([picture], [PROMPT])
+        final = handle.build_inputs([picture, out.refined_image], [PROMPT], images_per_text=2)
+    with torch.no_grad():
+        penalised = model.generate(**probe, max_new_tokens=12, do_sample=False)[:, probe["input_ids"].shape[1]:]
+        answer = model.generate(**final, max_new_tokens=32, do_sample=False)[:, final["input_ids"].shape[1]:]
+    plain = decode(processor, argmax_decode(model, probe, 12))
+    assert plain != decode(processor, penalised)  # the penalty matters on this prompt
+    assert out.original_text == plain and out.text == decode(processor, answer)
+    assert model.generation_config.repetition_penalty == 1.3
+
+
+def test_select_regions_keeps_no_pixel_the_map_does_not_cover():
+    """A 210x90 (21:9) image whose map covers the central 90x90 (43% of the pixels): at top_p=0.6 the uncovered
+    pixels (the map's minimum) tied at a whole-image threshold and were kept, the bbox the whole image."""
+    width, height, x0 = 210, 90, 60
+    view = View(torch.arange(16), 4, 4, (x0, 0, x0 + height, height))
+    torch.manual_seed(0)
+    saliency = to_pixels(torch.rand(16) + 0.1, [view], (width, height))
+    covered = covered_pixels([view], (width, height))
+    assert int(covered.sum()) == height * height and bool(covered[:, x0:x0 + height].all())
+    for top_p in (0.2, 0.6, 1.0):
+        regions = select_regions(saliency, top_p, 2, "paper", valid=covered)
+        assert not bool(regions.mask[~covered].any())
+        assert x0 <= regions.bbox[0] and regions.bbox[2] <= x0 + height
+        assert regions.threshold == pytest.approx(float(np.percentile(saliency[covered].numpy(), 100 * (1 - top_p))),
+                                                  rel=1e-6)
+    with pytest.raises(ValueError, match="valid"):
+        select_regions(saliency, 0.2, valid=torch.zeros(height, width, dtype=torch.bool))
+
+
+def test_generate_keeps_nothing_outside_the_llava_centre_crop(carve_models):
+    """End to end on a 210x90 image (the LLaVA processor sees its central 90x90) at top_p=0.6."""
+    model = carve_models("llava")
+    picture = image(210, 90, seed=9)
+    with nograd.apply(model, "carve", processor=PROCESSORS["llava"](), top_p=0.6, min_regions=2,
+                      keep_rule="paper") as handle:
+        out = handle.generate(picture, QUESTION)
+    assert not out.flat and out.regions >= 1 and bool(out.mask[:, 60:150].any())
+    assert not bool(out.mask[:, :60].any()) and not bool(out.mask[:, 150:].any())
+    assert 60 <= out.bbox[0] and out.bbox[2] <= 150
+
+
+def test_official_prompt_style_builds_the_official_llava_prompt(carve_models):
+    """``"<image>\\nUSER: {q} {suffix}\\nASSISTANT:"``, and ``"<image><image>\\n..."`` for the two-image final
+    pass (spec §3, Prompts); the chat template stays the default; other families refuse it."""
+    model, processor = carve_models("llava"), PROCESSORS["llava"]()
+    picture = image(70, 42, seed=10)
+    official = "\nUSER: What is on the left? Answer the question using a single word or phrase.\nASSISTANT:"
+    with nograd.apply(model, "carve", processor=processor, prompt_style="official") as handle:
+        built = [handle.build_inputs([picture] * count, [PROMPT], images_per_text=count) for count in (1, 2)]
+        assert handle.generate(picture, QUESTION).mask.shape == (42, 70)  # the official prompts end to end
+    with nograd.apply(model, "carve", processor=processor) as handle:
+        chat = handle.build_inputs([picture], [PROMPT])
+    for count, inputs in zip((1, 2), built):
+        expected = processor(text="<image>" * count + official, images=[picture] * count, return_tensors="pt")
+        assert torch.equal(inputs["input_ids"], expected["input_ids"])
+    assert not torch.equal(chat["input_ids"], built[0]["input_ids"])
+    with pytest.raises(ValueError, match="prompt_style='official' is not allowed; expected 'chat' on a qwen2_vl"):
+        nograd.apply(carve_models("qwen2_vl"), "carve", processor=PROCESSORS["qwen2_vl"](), prompt_style="official")
+    with pytest.raises(ValueError, match="prompt_style='plain' is not allowed; expected one of 'chat', 'official'"):
+        nograd.apply(model, "carve", processor=processor, prompt_style="plain")
+    assert not nograd.attached(model)
