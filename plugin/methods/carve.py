@@ -435,9 +435,11 @@ class CARVE(Method):
         """(refined image, regions, flat): regions only where the map covers the image (spec §5.2: outside
         LLaVA-1.5's centre crop nothing is ever kept)."""
         if is_flat(saliency):
+            self.stats.update(flat=True, empty=False, regions=0)
             return image.copy(), None, True
         regions = select_regions(saliency, self.config.top_p, self.config.min_regions, self.config.keep_rule,
                                  self.config.strategy, valid=covered)
+        self.stats.update(flat=False, empty=regions.bbox is None, regions=regions.kept)
         return refine_image(image, regions, self.config.refine_mode), regions, False
 
     def refine(self, image, question: str):
@@ -460,7 +462,6 @@ class CARVE(Method):
         self.final_tokens = self._generate(inputs, {"max_new_tokens": self.config.max_new_tokens, **generate_kwargs})
         texts = self._decode(self.final_tokens)
         mask = regions.mask if regions is not None else torch.ones(saliency.shape, dtype=torch.bool)
-        self.stats.update(flat=flat, empty=empty, regions=regions.kept if regions is not None else 0)
         return CARVEOutput(text=texts[0], texts=texts, original_text=task.text, saliency=saliency, mask=mask,
                            refined_image=refined, bbox=None if regions is None else regions.bbox, flat=flat,
                            empty=empty, regions=regions.kept if regions is not None else 0, maps=self.maps)

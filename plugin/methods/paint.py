@@ -225,12 +225,13 @@ class PAINT(VisualEditMethod):
 
     def new_prompt(self, prompt: VisualPrompt | None) -> None:
         if prompt is None:  # nothing selected for a prompt without image tokens: the stats say so
-            self.stats.update(local_tokens=[], summary_tokens=[], selection=[], heads_modulated={})
+            self.stats.update(local_tokens=[], summary_tokens=[], selection=[], heads_edited={}, heads_modulated={})
 
     def head_gains(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """The spec's reconstruction of the v1 head modulation (paint.md §1.4), from the visual shares: (H,) from
-        ``head_stats``, else (B, H) from each row's own shares on the current prompt. ``h.stats["heads_modulated"]``
-        gets, per layer, each batch row's count of heads with a gain other than 1 (0 for a row without an image)."""
+        ``head_stats``, else (B, H) from each row's own shares on the current prompt. Per layer, each batch row's
+        count (0 for a row without an image) of the heads the edit acts on (gain > 0) goes to
+        ``h.stats["heads_edited"]``, and of those with a gain other than 1 to ``h.stats["heads_modulated"]``."""
         heads, num_heads = self.config.heads, self.adapter.num_heads
         if isinstance(heads, torch.Tensor):
             return heads[layer]
@@ -245,8 +246,9 @@ class PAINT(VisualEditMethod):
             ratio = share / share.mean(dim=-1, keepdim=True).clamp(min=1e-12)
             ratio = ratio if heads == "proportional" else 1 / ratio.clamp(min=1e-12)
             gains = ratio.clamp(0, self.config.head_gain_max)
-        modulated = (gains != 1).reshape(-1, num_heads).sum(dim=-1).cpu().expand(len(rows)) * rows.cpu()
-        self.stats["heads_modulated"][layer] = modulated.tolist()
+        for key, heads in (("heads_edited", gains > 0), ("heads_modulated", (gains > 0) & (gains != 1))):
+            self.stats[key][layer] = (heads.reshape(-1, num_heads).sum(dim=-1).cpu().expand(len(rows))
+                                      * rows.cpu()).tolist()
         return gains
 
     def record_visual_share(self, layer: int, share: torch.Tensor, rows: torch.Tensor) -> None:
@@ -286,7 +288,7 @@ class PAINT(VisualEditMethod):
 
     def attach(self, handle) -> None:
         self.stats = handle.stats
-        handle.stats.update(local_tokens=[], summary_tokens=[], selection=[], heads_modulated={})
+        handle.stats.update(local_tokens=[], summary_tokens=[], selection=[], heads_edited={}, heads_modulated={})
         handle.expose("save_head_stats", self.save_head_stats)
         super().attach(handle)
         if self.is_neutral():

@@ -197,6 +197,8 @@ class VisualScoreEdit(Intervention):
         if self.tracker.contrast is not None:  # official: the refine's ``use_cfg`` flag keeps the prefill unedited
             rows_from = torch.maximum(rows_from, prompt.prompt_end + 1)
         rows_from = torch.where(prompt.has_visual, rows_from, NO_ROWS)  # a text-only row of a mixed batch: untouched
+        if not bool((rows_from < offset + n).any()):
+            return None  # no row of this call is edited (a prefill under the refine): the plain attention
         self.stats["edited_calls"] += not recomputing()
         return ScoreEdit(
             abs_coef=None if abs_coef is None else prompt.key_classes(abs_coef, n, offset)[:, None, :] * gains,

@@ -102,6 +102,11 @@ def test_identical_prompts_give_a_flat_map_and_the_original_image(carve_models):
     picture = image(70, 42, seed=3)
     with nograd.apply(model, "carve", processor=PROCESSORS["llava"](), general_prompt=QUESTION) as handle:
         out = handle.generate(picture, QUESTION)
+        assert handle.stats["flat"] and handle.stats["regions"] == 0
+        handle.refine(picture, "Is it red?")  # the stats follow refine() too
+        assert not handle.stats["flat"] and handle.stats["regions"] > 0
+        handle.refine(picture, QUESTION)
+        assert handle.stats["flat"] and handle.stats["regions"] == 0
     assert out.flat and out.refined_image.tobytes() == picture.tobytes() and bool(out.mask.all())
 
 

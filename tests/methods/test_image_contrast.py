@@ -143,3 +143,14 @@ def test_gamma_one_is_off(build):
         assert torch.equal(generated_scores(model, inputs), off)
     hook.remove()
     assert len(calls) == GREEDY["max_new_tokens"]
+
+
+def test_the_unedited_prefill_is_not_counted(build):
+    """Under the refine the prefill runs the plain attention (no row to edit): ``edited_calls`` counts only the decode
+    steps' calls, one per edited layer and step."""
+    model = build("llava")
+    inputs = make_inputs("llava", model)
+    with nograd.apply(model, "pai", alpha=0.5, cfg_gamma=1.1) as handle:
+        model.generate(**inputs, **GREEDY)
+        layers = len(handle.stats["layers"])
+        assert layers > 0 and handle.stats["edited_calls"] == layers * (GREEDY["max_new_tokens"] - 1)

@@ -219,7 +219,7 @@ def test_measured_visual_shares_equal_eager_attentions_and_round_trip(build, tmp
     with nograd.apply(model, "paint", layers=(1, None), heads="proportional", head_stats=path) as handle:
         with torch.no_grad():
             from_stats = model(**inputs).logits
-        assert handle.stats["heads_modulated"] == {1: [4, 4]}  # each row's count
+        assert handle.stats["heads_modulated"] == handle.stats["heads_edited"] == {1: [4, 4]}  # each row's count
     with nograd.apply(model, "paint", layers=(1, None), heads=gains), torch.no_grad():
         from_table = model(**inputs).logits
     torch.testing.assert_close(from_stats, from_table, atol=1e-6, rtol=0)

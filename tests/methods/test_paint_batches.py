@@ -112,7 +112,7 @@ def test_measured_head_gains_are_each_rows_own_on_the_current_prompt(tiny_vlm, h
     for row, inputs in enumerate(alone):
         with nograd.apply(model, "paint", heads=heads, **EDIT) as handle:
             fresh.append(generate(model, inputs))
-            modulated.append(handle.stats["heads_modulated"])
+            modulated.append({key: handle.stats[key] for key in ("heads_edited", "heads_modulated")})
             handle.save_head_stats(str(tmp_path / f"row{row}.safetensors"))
         table = gains_from(load_file(str(tmp_path / f"row{row}.safetensors"))["visual_share"], heads)
         assert (table != 1).any()
@@ -122,9 +122,13 @@ def test_measured_head_gains_are_each_rows_own_on_the_current_prompt(tiny_vlm, h
         torch.testing.assert_close(logits, fresh[row][1], atol=1e-5, rtol=0)
     with nograd.apply(model, "paint", heads=heads, **EDIT) as handle:
         tokens, logits = generate(model, batch)
-        # each row's own count of modulated heads, as alone (a union over the batch's rows was reported)
-        assert handle.stats["heads_modulated"] == {layer: [modulated[0][layer][0], modulated[1][layer][0]]
-                                                   for layer in modulated[0]}
+        # each row's own counts of edited and modulated heads, as alone (a union over the batch's rows was reported)
+        for key in ("heads_edited", "heads_modulated"):
+            assert handle.stats[key] == {layer: [modulated[0][key][layer][0], modulated[1][key][layer][0]]
+                                         for layer in modulated[0][key]}
+        if heads == "topk":  # the top half of the heads edited alike, the others not at all
+            assert all(counts == [2, 2] for counts in handle.stats["heads_edited"].values())
+            assert all(counts == [0, 0] for counts in handle.stats["heads_modulated"].values())
         again = [generate(model, inputs) for inputs in alone]
         uncached = [generate(model, inputs, use_cache=False) for inputs in alone]
     for row, (want_tokens, want_logits) in enumerate(fresh):
