@@ -10,7 +10,7 @@ from torch import nn
 from . import registry
 from .errors import IncompatibleMethodsError, UnsupportedModelError
 from .handle import Handle, attached, models_with_handles
-from .observe import refuse_assisted_decoding
+from .observe import refuse_assisted_decoding, refuse_model_guidance
 from .patches import adapter_for, supported_families
 
 
@@ -105,6 +105,10 @@ def apply(target: Any, method: str, /, **options) -> Handle:
             refuse_assisted_decoding(handle, f"{method_cls.name}: assisted and prompt-lookup decoding run the prompt "
                                      "and a draft in one first forward, where the method reads the prompt's last "
                                      "token; generate without assistant_model / prompt_lookup_num_tokens")
+        if instance.keeps_prompt_state():
+            refuse_model_guidance(handle, f"{method_cls.name}: transformers' guidance_scale runs the model again "
+                                  "between the generation's steps (an unconditional forward), which the method would "
+                                  "take for a new prompt; generate without guidance_scale")
     except BaseException:
         handle.remove()
         raise

@@ -120,3 +120,22 @@ def refuse_assisted_decoding(handle, reason: str) -> None:
             raise NotImplementedError(reason)
 
     observe_calls(handle, model, "_validate_generation_mode", check)
+
+
+def refuse_model_guidance(handle, reason: str) -> None:
+    """``generate()`` on ``handle.model`` raises ``NotImplementedError(reason)`` before it decodes with transformers'
+    own classifier-free guidance (``guidance_scale`` other than 1): its logits processor runs the model again, on an
+    unconditional sequence and cache of its own, between the steps of the generation, and a method that keeps the
+    prompt's state from forward to forward would take that forward for a new prompt. Seen where transformers 5.x
+    builds the processors (``_get_logits_processor``), before any forward; undone by ``handle.remove()``."""
+    model = handle.model
+    if not hasattr(model, "_get_logits_processor"):
+        return
+
+    def check(arguments: dict) -> None:
+        scale = getattr(arguments.get("generation_config"), "guidance_scale", None)
+        if scale is not None and scale != 1:
+            raise NotImplementedError(reason)
+
+    observe_calls(handle, model, "_get_logits_processor", check)
+

@@ -112,6 +112,9 @@ class ACT(Method):
             chosen[list(heads.get(layer, []) if isinstance(heads, dict) else heads)] = True
         return chosen
 
+    def keeps_prompt_state(self) -> bool:
+        return True  # the sinks found at the prefill
+
     def supports_assisted_decoding(self) -> bool:
         return self.config.beta == 1  # the sinks are found over every query of a prompt's first forward
 

@@ -55,6 +55,13 @@ class Method:
         ``nograd.apply`` makes such a ``generate()`` raise ``NotImplementedError``."""
         return True
 
+    def keeps_prompt_state(self) -> bool:
+        """Whether the method keeps what it found in a prompt's forward for the later forwards of a generation (sinks,
+        keep sets, the image's positions). A forward of the model between them that is not the generation's (what
+        transformers' ``guidance_scale`` runs) would replace it, so ``nograd.apply`` makes such a ``generate()``
+        raise ``NotImplementedError``."""
+        return False
+
     def check_model(self) -> None:
         """Validate options against this model (layer and head indices...); raise ``ValueError`` naming the option."""
 

@@ -69,11 +69,33 @@ def crop_split(adapter, image_processor, size: tuple[int, int]) -> tuple[int, in
     return rows, cols
 
 
+def centre_crop_box(size: tuple[int, int], resize: dict | None, crop: dict | None) -> tuple[int, int, int, int]:
+    """The pixel box (x0, y0, x1, y1) of an image of ``size`` = (W, H) that a CLIP image processor's resize then
+    centre crop keep (transformers' ``get_resize_output_image_size`` and ``center_crop``): ``resize`` is its
+    ``size`` (``{"shortest_edge": S}`` keeps the aspect ratio, ``{"height", "width"}`` stretches), ``crop`` its
+    ``crop_size``; a crop larger than the resized image keeps all of it."""
+    width, height = size
+    if resize and resize.get("shortest_edge"):
+        short = resize["shortest_edge"]
+        scaled = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+    elif resize and resize.get("height") and resize.get("width"):
+        scaled = (resize["width"], resize["height"])
+    else:
+        scaled = (width, height)
+    crop_w, crop_h = (crop["width"], crop["height"]) if crop else scaled
+    left, top = (scaled[0] - crop_w) // 2, (scaled[1] - crop_h) // 2
+    fx, fy = width / scaled[0], height / scaled[1]
+    return (max(0, round(left * fx)), max(0, round(top * fy)), min(width, round((left + crop_w) * fx)),
+            min(height, round((top + crop_h) * fy)))
+
+
 def image_views(adapter, grid, size: tuple[int, int], geometry: str = "processor",
-                center_crop: bool = True, split: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[View]]:
+                crop_box: tuple[int, int, int, int] | None = None,
+                split: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[View]]:
     """The token positions of one image (``ImageGrid``) whose map CARVE reads, and its views, for an original image
-    of ``size`` = (W, H). ``center_crop``: whether the LLaVA-1.5 processor crops (``image_processor.do_center_crop``).
-    ``split``: InternVL-hf's (R, C) (``crop_split``)."""
+    of ``size`` = (W, H). ``crop_box``: the pixels a LLaVA-1.5 processor's centre crop keeps (``centre_crop_box``;
+    None: the ``min(W, H)`` square of a processor whose resize and crop sizes agree). ``split``: InternVL-hf's
+    (R, C) (``crop_split``)."""
     width, height = size
     tiles = list(grid.tiles)
     if adapter.family in ("llava_next", "llava_onevision", "idefics3", "internvl"):
@@ -91,10 +113,10 @@ def image_views(adapter, grid, size: tuple[int, int], geometry: str = "processor
         if tile.cell is not None:
             r, c, rows, cols = tile.cell
             box = (c * width // cols, r * height // rows, (c + 1) * width // cols, (r + 1) * height // rows)
-        elif adapter.family == "llava" and geometry == "processor" and center_crop:
+        elif adapter.family == "llava" and geometry == "processor":
             side = min(width, height)
             x0, y0 = (width - side) // 2, (height - side) // 2
-            box = (x0, y0, x0 + side, y0 + side)
+            box = crop_box or (x0, y0, x0 + side, y0 + side)
         count = tile.rows * tile.cols
         views.append(View(torch.arange(start, start + count), tile.rows, tile.cols, box))
         start += count
@@ -105,9 +127,12 @@ def processor_views(adapter, processor, grid, size: tuple[int, int],
                     geometry: str = "processor") -> tuple[torch.Tensor, list[View]]:
     """``image_views`` with what ``processor`` decides: LLaVA-1.5's centre crop, InternVL-hf's R x C split."""
     image_processor = getattr(processor, "image_processor", None)
-    crop = bool(getattr(image_processor, "do_center_crop", False))
+    crop_box = (0, 0, *size)  # no crop: the whole image
+    if getattr(image_processor, "do_center_crop", False):
+        resize = getattr(image_processor, "size", None) if getattr(image_processor, "do_resize", True) else None
+        crop_box = centre_crop_box(size, resize, getattr(image_processor, "crop_size", None))
     split = crop_split(adapter, image_processor, size)
-    return image_views(adapter, grid, size, geometry, crop, split)
+    return image_views(adapter, grid, size, geometry, crop_box, split)
 
 
 def covered_pixels(views: list[View], size: tuple[int, int]) -> torch.Tensor:

@@ -119,22 +119,32 @@ class ImageFreeContrast:
         if not self.active:
             return None
         prompt, self._pending = self.tracker.prompt, None
-        if prompt is None or getattr(output, "logits", None) is None:
-            return None
         inputs = bound_inputs(self._signature, args, kwargs)
+        all_logits = self._logits(output, inputs)
+        if prompt is None or all_logits is None:
+            return None
         self.active = False
         try:
             text_logits = self._image_free_logits(inputs, prompt)
         finally:
             self.active = True
-        logits = output.logits[:, -1]
+        logits = all_logits[:, -1]
         without = torch.log_softmax(text_logits.float(), dim=-1).to(logits.device)
         has_image = self._visual(prompt).any(dim=1, keepdim=True).to(logits.device)
         if self._generating:  # the processor refines the scores generate() makes of these logits
             self._pending = (without, has_image)
             return None
-        output.logits[:, -1] = self.refine(logits, without, has_image)
+        all_logits[:, -1] = self.refine(logits, without, has_image)
         return output
+
+    @staticmethod
+    def _logits(output, inputs: dict) -> torch.Tensor | None:
+        """The forward's logits (B, T, V): ``output.logits``, or in a ``return_dict=False`` tuple the first entry
+        after the loss (there when ``labels`` were given)."""
+        if isinstance(output, tuple):
+            at = 1 if inputs.get("labels") is not None else 0
+            return output[at] if len(output) > at and isinstance(output[at], torch.Tensor) else None
+        return getattr(output, "logits", None)
 
     def refine(self, scores: torch.Tensor, without: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
         """``scores`` (B, V) with the image refined against ``without`` (B, V) image-free log-probabilities, in the

@@ -297,6 +297,8 @@ class HeadPerturbation(Intervention):
         return u.to(call.query.device)
 
     def _count_skipped(self, call: AttentionCall, u: torch.Tensor, queries: int) -> None:
+        if recomputing():
+            return
         skipped = int((u == 1).sum())
         n = call.shape[3]
         self.stats["identity_heads_skipped"] = self.stats.get("identity_heads_skipped", 0) + skipped
@@ -397,17 +399,19 @@ class _HeadGuidance(Method):
 
     def attach(self, handle) -> None:
         table, config, adapter = self._table, self.config, self.adapter
+        scale = self.scale()
         heads = [(int(l), int(h)) for l, h in torch.nonzero(table > 0).tolist()]
+        if scale == 0 or config.start >= config.stop:
+            heads = []  # nothing is perturbed: no head touched, the model untouched (bit-identical)
         layers = sorted({l for l, _ in heads})
         names = layer_names(adapter)
-        scale = self.scale()
         handle.stats.update(heads=heads, layers=[names[l] for l in layers], scale=scale, mode=config.mode,
                             u={f"{l},{h}": float(table[l, h]) for l, h in heads},
                             perturbed_calls=0, perturbed_rows=0, perturbed_attention_calls=0, extra_flops=0,
                             identity_heads_skipped=0, attention_flops_saved=0)
         handle.stats["heads_touched"] = len(heads)
-        if not heads or scale == 0 or config.start >= config.stop:
-            return  # nothing to perturb: the model is untouched (bit-identical)
+        if not heads:
+            return
         guidance = PerturbedGuidance(adapter.model, handle.target, scale, batch=config.batch, start=config.start,
                                      stop=config.stop, stats=handle.stats, fork=self.fork_modules(layers[0]))
         modules = layer_modules(adapter)

@@ -210,6 +210,9 @@ class TokenDropMethod(Method):
     def supports_assisted_decoding(self) -> bool:
         return False  # the ranking query is the prompt's last token
 
+    def keeps_prompt_state(self) -> bool:
+        return True  # the keep sets of the prompt
+
     def row_schedule(self, n_visual: int) -> DropSchedule:
         """The schedule of a row with ``n_visual`` visual tokens (a token budget solves one per count)."""
         return self.plan

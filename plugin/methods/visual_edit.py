@@ -260,6 +260,9 @@ class VisualEditMethod(Method):
     def layers(self) -> range:
         return layer_range(self.config.layers, self.adapter.num_layers, self.default_layers)
 
+    def keeps_prompt_state(self) -> bool:
+        return not self.is_neutral() or self.refines() or self.measures_heads  # the tracked prompt
+
     def refines(self) -> bool:
         """Whether PAI's image-free refine runs: ``cfg_gamma`` set and not 1 (at 1 the official ``CFGLogits``
         returns the scores as they are)."""

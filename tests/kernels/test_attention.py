@@ -197,6 +197,15 @@ def test_key_mass_sum_mean_and_planted_sink():
                                atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("valid", [torch.ones(1, 12, dtype=torch.long), torch.ones(1, 13, dtype=torch.bool),
+                                   torch.ones(12, dtype=torch.bool), [True] * 12])
+def test_key_mass_refuses_a_query_valid_of_another_shape_or_dtype(valid):
+    """A (B, N) attention mask or a 0/1 int mask was taken (its first M columns, or a masked_fill error)."""
+    q, k, _ = inputs((1, 2, 2, 12, 12, 16))
+    with pytest.raises(ValueError, match=r"query_valid must be a bool tensor of shape \(B, M\) = \(1, 12\)"):
+        kernels.key_attention_mass(q, k, causal=True, query_valid=valid)
+
+
 def test_key_mass_counts_only_the_valid_queries():
     """The last 4 queries (a right-padded row's pads) neither add weight nor count in the mean."""
     q, k, _ = inputs((1, 2, 2, 12, 12, 16))

@@ -194,6 +194,27 @@ def test_assisted_decoding_is_refused_where_the_prompt_end_matters(method, optio
     assert torch.equal(again.sequences, plain.sequences)
 
 
+@pytest.mark.parametrize("method, options", [("pyramiddrop", dict(boundaries=[1, 2, 3], keep=[0.5, 0.25, 0.125])),
+                                             ("pai", dict(cfg_gamma=1.1)), ("clearsight", {}), ("act", {}),
+                                             ("zerotuning", {})])
+def test_transformers_guidance_scale_is_refused_where_the_prompt_state_matters(method, options):
+    """transformers' guidance_scale runs an unconditional forward of the model inside its logits processor, between
+    the steps: a method that keeps the prompt's state (which that forward replaced: PAI's edits and refine stopped
+    after the prefill, silently) raises before any forward; ZeroTuning, which keeps none, runs as the plain model."""
+    model, inputs = _one_llava_row()
+    guided = dict(max_new_tokens=3, guidance_scale=1.5, **GREEDY)
+    with nograd.apply(model, method, **options):
+        if method == "zerotuning":
+            with torch.no_grad():
+                model.generate(**inputs, **guided)
+            return
+        with pytest.raises(NotImplementedError, match=f"{method}: transformers' guidance_scale"), torch.no_grad():
+            model.generate(**inputs, **guided)
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=3, guidance_scale=1.0, **GREEDY)
+    assert "_get_logits_processor" not in vars(model)
+
+
 VISUAL_METHODS = [("pai", {}), ("paint", {}), ("clearsight", dict(rows="prompt_end")), ("fastv", dict(layer=2)),
                   ("pyramiddrop", dict(boundaries=[1, 2, 3], keep=[0.5, 0.25, 0.125]))]
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import nograd
-from nograd.methods.carve_geometry import View, covered_pixels, to_pixels
+from nograd.methods.carve_geometry import View, centre_crop_box, covered_pixels, to_pixels
 from nograd.methods.carve_regions import select_regions
 from tiny.processor import PROCESSORS, image
 
@@ -89,15 +90,53 @@ def test_select_regions_keeps_no_pixel_the_map_does_not_cover():
 
 
 def test_generate_keeps_nothing_outside_the_llava_centre_crop(carve_models):
-    """End to end on a 210x90 image (the LLaVA processor sees its central 90x90) at top_p=0.6."""
+    """End to end on a 210x90 image (the LLaVA processor resizes it to 65 x 28 and keeps the central 28 x 28: x 58..149)
+    at top_p=0.6."""
     model = carve_models("llava")
     picture = image(210, 90, seed=9)
     with nograd.apply(model, "carve", processor=PROCESSORS["llava"](), top_p=0.6, min_regions=2,
                       keep_rule="paper") as handle:
         out = handle.generate(picture, QUESTION)
-    assert not out.flat and out.regions >= 1 and bool(out.mask[:, 60:150].any())
-    assert not bool(out.mask[:, :60].any()) and not bool(out.mask[:, 150:].any())
-    assert 60 <= out.bbox[0] and out.bbox[2] <= 150
+    assert not out.flat and out.regions >= 1 and bool(out.mask[:, 58:149].any())
+    assert not bool(out.mask[:, :58].any()) and not bool(out.mask[:, 149:].any())
+    assert 58 <= out.bbox[0] and out.bbox[2] <= 149
+
+
+@pytest.mark.parametrize("size, resize, crop, box", [
+    ((120, 60), {"shortest_edge": 56}, {"height": 28, "width": 28}, (45, 15, 75, 45)),
+    ((60, 120), {"shortest_edge": 56}, {"height": 28, "width": 28}, (15, 45, 45, 75)),
+    ((210, 90), {"shortest_edge": 28}, {"height": 28, "width": 28}, (58, 0, 149, 90)),  # resized to 65 x 28
+    ((57, 56), {"shortest_edge": 28}, {"height": 28, "width": 28}, (0, 0, 57, 56)),  # resized to 28 x 28: no crop
+    ((80, 40), {"height": 28, "width": 28}, {"height": 14, "width": 14}, (20, 10, 60, 30)),
+])
+def test_centre_crop_box_is_what_the_processor_keeps(size, resize, crop, box):
+    """The crop of a CLIP processor whose resize (shortest edge S) and crop sizes differ is smaller than the
+    min(W, H) square: read from its settings, checked on the processor's own pixels (a ramp image's kept columns)."""
+    assert centre_crop_box(size, resize, crop) == box
+    if "shortest_edge" in resize:
+        processor = PROCESSORS["llava"]().image_processor
+        processor.size, processor.crop_size = dict(resize), dict(crop)
+        processor.do_normalize = processor.do_rescale = False
+        ramp = np.tile(np.arange(size[0], dtype=np.float64) * 255 / max(size[0] - 1, 1), (size[1], 1))
+        pixels = processor(Image.fromarray(ramp.astype(np.uint8)).convert("RGB"), return_tensors="pt")
+        seen = pixels["pixel_values"][0, 0].double()
+        lo, hi = float(seen[:, 0].mean()), float(seen[:, -1].mean())
+        step = (box[2] - box[0]) / crop["width"]  # original pixels per resized pixel: the resampling's blur
+        assert abs(lo * (size[0] - 1) / 255 - box[0]) <= step and abs(hi * (size[0] - 1) / 255 - (box[2] - 1)) <= step
+
+
+def test_generate_keeps_nothing_outside_a_smaller_centre_crop(carve_models):
+    """A processor resizing the short side to 56 then cropping 28 x 28 sees x 45..75, y 15..45 of a 120x60 image:
+    nothing outside is kept (the min(W, H) square was assumed)."""
+    model = carve_models("llava")
+    processor = PROCESSORS["llava"]()
+    processor.image_processor.size = {"shortest_edge": 56}
+    with nograd.apply(model, "carve", processor=processor, top_p=0.6, min_regions=2, keep_rule="paper") as handle:
+        out = handle.generate(image(120, 60, seed=1), QUESTION)
+    assert out.regions >= 1 and bool(out.mask[15:45, 45:75].any())
+    outside = out.mask.clone()
+    outside[15:45, 45:75] = False
+    assert not bool(outside.any())
 
 
 def test_official_prompt_style_builds_the_official_llava_prompt(carve_models):

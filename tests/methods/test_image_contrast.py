@@ -154,3 +154,16 @@ def test_the_unedited_prefill_is_not_counted(build):
         model.generate(**inputs, **GREEDY)
         layers = len(handle.stats["layers"])
         assert layers > 0 and handle.stats["edited_calls"] == layers * (GREEDY["max_new_tokens"] - 1)
+
+
+def test_a_forward_is_refined_with_return_dict_false_too(build):
+    """Outside generate() the refine is on the forward's logits, in the tuple of ``return_dict=False`` as in the
+    output object (it returned the plain model's logits)."""
+    model = peaked(build("llava"))
+    inputs = make_inputs("llava", model)
+    with nograd.apply(model, "pai", alpha=0.5, cfg_gamma=1.1), torch.no_grad():
+        refined = model(**inputs).logits
+        assert torch.isinf(refined[:, -1]).any()
+        assert torch.equal(model(**inputs, return_dict=False)[0], refined)
+        labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE, -100)
+        assert torch.equal(model(**inputs, labels=labels, return_dict=False)[1], refined)

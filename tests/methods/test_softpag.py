@@ -54,10 +54,12 @@ def test_u0_no_heads_zero_scale_are_bit_identical_and_remove_restores(family, re
     pipe = request.getfixturevalue(family)
     model, saved = pipe.transformer, snapshot(pipe.transformer)
     plain = images(pipe)
-    for options in (dict(heads=None), dict(heads={0: "all"}, u=0.0), dict(heads=[(0, 1)], u=1.0, scale=0.0)):
+    for options in (dict(heads=None), dict(heads={0: "all"}, u=0.0), dict(heads=[(0, 1)], u=1.0, scale=0.0),
+                    dict(heads=[(0, 1)], u=1.0, start=0.5, stop=0.5)):
         with nograd.apply(pipe, "softpag", **options) as handle:
             assert torch.equal(images(pipe), plain), options
-            assert handle.stats["perturbed_calls"] == 0
+            stats = handle.stats
+            assert stats["perturbed_calls"] == stats["heads_touched"] == 0 and stats["layers"] == [], options
     handle = nograd.apply(pipe, "softpag", heads={0: [1]}, u=1.0)
     perturbed = images(pipe)
     assert handle.stats["heads_touched"] == 1 and handle.stats["perturbed_calls"] == 2
