@@ -523,9 +523,10 @@ class TokenDropMethod(Method):
 def drop_cost(text_config, plan: DropSchedule, visual_tokens: list[list[int]], real_lengths: list[int],
               value_bytes: int, length: int | None = None) -> dict:
     """The counters of one prefill: ``flops`` in the paper's convention (spec §1.5: image tokens only, MACs counted
-    once) and ``macs`` over whole sequences plus the ranking rows (spec §5.6), each summed over the rows as if each
-    ran alone, before and after; and ``kv_bytes_saved``, what the batch's cache holds fewer. ``visual_tokens[b]``:
-    row b's visual tokens per stage; ``real_lengths[b]``: its non-pad prompt length; ``length``: the batch's padded
+    once) and ``macs`` over whole sequences plus the ranking rows of the boundaries that drop (spec §5.6; a boundary
+    that keeps every token ranks none), each summed over the rows as if each ran alone, before and after; and
+    ``kv_bytes_saved``, what the batch's cache holds fewer. ``visual_tokens[b]``: row b's visual tokens per stage;
+    ``real_lengths[b]``: its non-pad prompt length; ``length``: the batch's padded
     prompt length (default: the longest row). A stage's rows are padded to its longest remaining row, so the batch's
     cache saves per layer B times ``length`` less that row's length. A sliding-window layer
     (``text_config.layer_types``) saves only what the default cache's sliding layer would have held: its last
@@ -543,7 +544,7 @@ def drop_cost(text_config, plan: DropSchedule, visual_tokens: list[list[int]], r
         macs_before += prefill_macs([real] * plan.num_layers, d, kv_dim, m)
         macs_after += prefill_macs([real - n + k for k in per_layer], d, kv_dim, m)
         macs_after += sum(scoring_macs(real - n + tokens[s], d, kv_dim, heads, head_dim)
-                          for s in range(len(plan.boundaries)))
+                          for s in range(len(plan.boundaries)) if tokens[s + 1] < tokens[s])  # ranked to drop
     saved = 0
     if visual_tokens:
         length = max(real_lengths) if length is None else length

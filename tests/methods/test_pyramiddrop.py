@@ -44,6 +44,8 @@ def test_keeping_everything_is_bit_identical(models, family):
             assert torch.equal(model(**inputs).logits, plain)
         got_tokens, got_scores = generate(model, inputs)
         assert handle.stats["visual_tokens"] == [[n] * 4 for n in visual_counts(inputs)]
+        # nothing ranked, nothing saved: the MACs are the plain model's (the ranking rows were counted)
+        assert handle.stats["macs"]["ratio"] == handle.stats["flops"]["ratio"] == 1.0
     assert torch.equal(got_tokens, tokens) and torch.equal(got_scores, scores)
 
 
