@@ -263,6 +263,7 @@ class PerturbedGuidance:
         bound = self._bind(args, kwargs)
         n = self._batch_of(bound)
         if self.state.perturb_only:
+            self._refuse_checkpointing()
             self._frames.append(None)
             self.state.ptb = slice(0, n)
             return None
@@ -274,6 +275,7 @@ class PerturbedGuidance:
         if rows is None:
             self._frames.append(None)
             return None
+        self._refuse_checkpointing()
         cond, factor = rows
         if self.batch:
             self._frames.append(_Frame(n, cond, factor, True))
@@ -287,6 +289,15 @@ class PerturbedGuidance:
         self._frames.append(_Frame(n, cond, factor, False, _batched(bound, n, lambda value: value[cond])))
         self._count(bound, cond, self._all_params)
         return None
+
+    def _refuse_checkpointing(self) -> None:
+        """Gradient checkpointing re-runs the blocks in the backward pass, after this call's perturbed rows and their
+        late fork are gone: the recomputation would not be the forward (a ``CheckpointError``, or gradients of
+        another function)."""
+        if torch.is_grad_enabled() and getattr(self.model, "is_gradient_checkpointing", False):
+            raise NotImplementedError(
+                f"perturbed-attention guidance does not run under gradient checkpointing: call "
+                f"{type(self.model).__name__} under torch.no_grad() or disable_gradient_checkpointing() first")
 
     def _grow(self, module, args, kwargs):
         """Late fork: append the conditional rows to every tensor argument that still has the call's ``n`` rows."""

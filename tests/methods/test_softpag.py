@@ -558,3 +558,23 @@ def test_head_and_window_options_are_checked_before_any_change(options, error, m
     assert untouched(model)
     with nograd.apply(model, "softpag", heads=[(np.int64(0), np.int64(1))]) as handle:  # numpy indices are integers
         assert handle.stats["heads"] == [(0, 1)]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_gradient_checkpointing_is_refused_with_a_clear_error(family, request):
+    """Checkpointing re-runs the blocks in the backward pass, after the call's perturbed rows and late fork are gone
+    (a CheckpointError on backward): a guided call with gradients under it raises first; under no_grad it runs."""
+    pipe = request.getfixturevalue(family)
+    model = pipe.transformer
+    inputs = transformer_inputs(family, model)
+    with nograd.apply(pipe, "softpag", heads=[(0, 1)], u=1.0):
+        model.enable_gradient_checkpointing()
+        try:
+            with pytest.raises(NotImplementedError, match="gradient checkpointing.*torch.no_grad"):
+                model(**inputs)
+            with torch.no_grad():
+                guided = model(**inputs).sample
+        finally:
+            model.disable_gradient_checkpointing()
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).sample, guided)
