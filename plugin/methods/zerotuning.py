@@ -124,7 +124,7 @@ class FirstTokenBias(Intervention):
         positions = torch.arange(n, device=device)[None, :] + call.key_offset
         chosen = (positions >= first[:, None] + self.start) & (positions < first[:, None] + self.end)
         self.stats["biased_calls"] += not recomputing()
-        self.stats["target_key"] = first
+        self.stats["target_key"] = first + self.start  # each row's first biased key position
         return chosen[:, None, :].float() * self.log_gamma.to(device)[None, :, None]
 
 

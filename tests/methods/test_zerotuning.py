@@ -147,8 +147,9 @@ def test_key_range_target(build, padded_batch, reference_logits):
         first_token = logits(model, ids, mask)
     with nograd.apply(model, "zerotuning", gamma=2.0):
         assert torch.equal(logits(model, ids, mask), first_token)
-    with nograd.apply(model, "zerotuning", gamma=2.0, target=(1, 3)):
+    with nograd.apply(model, "zerotuning", gamma=2.0, target=(1, 3)) as handle:
         shifted = logits(model, ids, mask)
+        assert handle.stats["target_key"].tolist() == [1, 4]  # each row's first biased key: its first real token + 1
     assert (shifted - first_token)[mask.bool()].abs().max() > 1e-3
 
 
