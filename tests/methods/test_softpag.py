@@ -564,10 +564,9 @@ def test_head_and_window_options_are_checked_before_any_change(options, error, m
 def test_gradient_checkpointing_is_refused_with_a_clear_error(family, request):
     """Checkpointing re-runs the blocks in the backward pass, after the call's perturbed rows and late fork are gone
     (a CheckpointError on backward): a guided call with gradients under it raises first; under no_grad it runs."""
-    pipe = request.getfixturevalue(family)
-    model = pipe.transformer
+    model = request.getfixturevalue(family).transformer
     inputs = transformer_inputs(family, model)
-    with nograd.apply(pipe, "softpag", heads=[(0, 1)], u=1.0):
+    with nograd.apply(model, "softpag", heads=[(0, 1)], u=1.0):  # the transformer alone: every call is guided
         model.enable_gradient_checkpointing()
         try:
             with pytest.raises(NotImplementedError, match="gradient checkpointing.*torch.no_grad"):
