@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from typing import Any, Callable
@@ -25,6 +26,12 @@ def _refuse_copy(memo_or_protocol) -> None:
 
 
 _COPY_HOOKS = ("__deepcopy__", "__reduce_ex__")
+_SAVED_COPY_HOOKS = "_nograd_saved_copy_hooks"
+"""The attribute of a model that holds its own instance ``_COPY_HOOKS``, if it had any, while ``_refuse_copy``
+stands in for them."""
+
+_CALL_CODES = (nn.Module._call_impl.__code__,)
+"""The frames of a module call (``generate`` is guarded by ``try / finally`` and needs none)."""
 
 GUARD = "_nograd_one_thread"
 """The attribute of a model that holds its ``OneThreadAtATime`` while it has live handles."""
@@ -41,6 +48,7 @@ class OneThreadAtATime:
         from .observe import shadow_method
 
         self.model_name = type(model).__name__
+        self._model = weakref.ref(model)
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._depth = 0
@@ -65,6 +73,8 @@ class OneThreadAtATime:
         me = threading.get_ident()
         with self._lock:
             busy = self._depth and self._owner != me
+            if busy and not self._in_call(self._owner):  # its call ended by an interrupt the hooks never saw
+                self._depth, busy = 0, False
             if not busy:
                 self._owner, self._depth = me, self._depth + 1
         self._entered.__dict__.setdefault("stack", []).append(not busy)
@@ -73,6 +83,18 @@ class OneThreadAtATime:
                 f"nograd: this {self.model_name} has methods attached and is running a call in another thread; the "
                 "methods keep the running call's state on the model, so it serves one thread at a time: give each "
                 "thread its own model, or serialize the calls (a lock around generate / forward)")
+
+    def _in_call(self, thread: int) -> bool:
+        """Whether thread ``thread`` runs a forward or ``generate()`` of the model now. A ``KeyboardInterrupt`` (a
+        ``BaseException``) skips the forward hooks' ``always_call``, so a forward it ended never left; its thread's
+        stack tells."""
+        model = self._model()
+        frame = sys._current_frames().get(thread)
+        while frame is not None:
+            if frame.f_code in _CALL_CODES and frame.f_locals.get("self") is model:
+                return True
+            frame = frame.f_back
+        return False
 
     def _leave(self, *_) -> None:
         stack = self._entered.__dict__.get("stack")
@@ -127,9 +149,11 @@ class Handle:
 
     def _activate(self) -> None:
         self._live = True
-        if HANDLES not in self.model.__dict__:
-            self.model.__dict__.update(dict.fromkeys(_COPY_HOOKS, _refuse_copy))
-            self.model.__dict__[GUARD] = OneThreadAtATime(self.model)
+        own = self.model.__dict__
+        if HANDLES not in own:
+            own[_SAVED_COPY_HOOKS] = {name: own[name] for name in _COPY_HOOKS if name in own}
+            own.update(dict.fromkeys(_COPY_HOOKS, _refuse_copy))
+            own[GUARD] = OneThreadAtATime(self.model)
         self.model.__dict__.setdefault(HANDLES, []).append(self)
         _MODELS.add(self.model)
 
@@ -151,6 +175,7 @@ class Handle:
                 self.model.__dict__.pop(HANDLES, None)
                 for name in _COPY_HOOKS:
                     self.model.__dict__.pop(name, None)
+                self.model.__dict__.update(self.model.__dict__.pop(_SAVED_COPY_HOOKS, {}))  # the user's own, if any
                 self.model.__dict__.pop(GUARD).remove()
                 _MODELS.discard(self.model)
 

@@ -118,6 +118,15 @@ def test_copying_or_pickling_refuses_a_model_with_methods_attached(build, tmp_pa
     assert torch.equal(logits(pickle.loads(pickle.dumps(model)), ids), logits(model, ids))
     assert not {"__deepcopy__", "__reduce_ex__"} & set(vars(model))
 
+    def own_deepcopy(memo):  # a user's own instance hook comes back after remove() (it was deleted)
+        return "the user's copy"
+
+    model.__deepcopy__ = own_deepcopy
+    with nograd.apply(model, "zerotuning", gamma=2.0), pytest.raises(TypeError, match="cannot be copied"):
+        copy.deepcopy(model)
+    assert vars(model)["__deepcopy__"] is own_deepcopy and "__reduce_ex__" not in vars(model)
+    assert copy.deepcopy(model) == "the user's copy"
+
 
 @pytest.mark.parametrize("wrapper", ["PeftModel", "LoraModel"])
 def test_a_peft_wrapped_model_takes_methods_on_the_model_it_adapts(build, wrapper):
@@ -390,4 +399,17 @@ def test_a_model_with_methods_serves_one_thread_at_a_time(build):
             model(ids)
         nested.remove()
         assert len(calls) == 1
+
+        def interrupt(module, args, output):  # Ctrl-C mid-forward: a BaseException skips the always_call hooks
+            raise KeyboardInterrupt
+
+        stop = model.model.layers[0].register_forward_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            logits(model, ids)
+        stop.remove()
+        other = threading.Thread(target=first, name="other")  # nothing runs now: another thread is served
+        results.clear()
+        other.start()
+        other.join(timeout=30)
+        assert torch.equal(results["first"], expected)
     assert not model._forward_pre_hooks and not model._forward_hooks

@@ -12,15 +12,15 @@ with gamma 1.1 in every published PAI / PAINT result; rows without image tokens 
 custom ``logits_processor``, which transformers runs after repetition penalties and n-gram bans and before the
 sampling warpers), so ``z_c`` is the scores those processors left; a forward outside ``generate()`` gets its logits
 refined by a forward hook. During the image-free pass the method's other hooks and edits stand aside. A pre-hook
-starts the image-free cache afresh at every prefill (a forward on an empty or no KV cache) and has the model's cache
-carry it along when beam search reorders the beams.
+starts the image-free cache afresh at every prefill (a forward on an empty or no KV cache), and the model's
+``_reorder_cache`` (which beam search calls) carries it along when the beams are re-ranked.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-import weakref
+from typing import Callable
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
@@ -40,8 +40,6 @@ class ImageFreeContrast:
         self._cache = None
         """The image-free pass's KV cache for the current generation (None: the next forward is a prefill)."""
         self._mask = None
-        self._followed = None
-        """(weak reference to the model's cache, its former own ``reorder_cache``, the one set here), or None."""
         model = handle.model
         self.model = model
         self._signature = inspect.signature(model.forward)
@@ -53,6 +51,7 @@ class ImageFreeContrast:
         hook = model.register_forward_hook(self._refine, with_kwargs=True)
         handle.on_remove("image-free contrast hooks", lambda: (start.remove(), hook.remove()))
         handle.on_remove("image-free contrast cache", self._forget)
+        handle.on_remove("image-free contrast beam reorder", self._follow_beams(model))
         if hasattr(model, "generate"):
             handle.on_remove("image-free contrast processor", shadow_method(model, "generate", self._with_processor))
 
@@ -73,47 +72,40 @@ class ImageFreeContrast:
         return generating
 
     def _start(self, module, args, kwargs):
-        """At a prefill, drop the last generation's image-free cache and follow the new main cache's beam reorders."""
+        """At a prefill, drop the last generation's image-free cache."""
         if not self.active:
             return
-        inputs = bound_inputs(self._signature, args, kwargs)
-        cache = cache_of(inputs)
-        if cache is not None and cache.get_seq_length() > 0:
-            return  # a decode step
-        self._forget()
-        if cache is not None:
-            self._follow(cache)
+        cache = cache_of(bound_inputs(self._signature, args, kwargs))
+        if cache is None or cache.get_seq_length() == 0:
+            self._forget()
 
-    def _follow(self, cache) -> None:
-        """Have ``cache.reorder_cache`` (how ``generate()``'s beam search re-ranks beams) reorder the image-free
-        cache too. The wrapper holds the cache only weakly, so the cache is freed with its generation."""
-        main, previous = weakref.ref(cache), vars(cache).get("reorder_cache")
+    def _with_reorder(self, reorder):
+        """The model's ``_reorder_cache`` (how ``generate()``'s beam search re-ranks the beams' cache, where the
+        model has one, else ``cache.reorder_cache``) that re-ranks the image-free cache too."""
 
-        def reorder_cache(beam_idx):
-            if previous is None:
-                type(main()).reorder_cache(main(), beam_idx)
+        def reorder_cache(cache, beam_idx):
+            if reorder is not None:
+                cache = reorder(cache, beam_idx)
             else:
-                previous(beam_idx)
+                cache.reorder_cache(beam_idx)
             if self._cache is not None:
                 self._cache.reorder_cache(beam_idx)
                 self._mask = self._mask[beam_idx.to(self._mask.device)]
+            return cache
 
-        cache.reorder_cache = reorder_cache
-        self._followed = (main, previous, reorder_cache)
+        return reorder_cache
+
+    def _follow_beams(self, model) -> Callable[[], None]:
+        """Install ``_with_reorder`` as the model's ``_reorder_cache`` (nothing on the caches, which the user may keep
+        and copy); returns the undo."""
+        if hasattr(model, "_reorder_cache"):
+            return shadow_method(model, "_reorder_cache", self._with_reorder)
+        object.__setattr__(model, "_reorder_cache", self._with_reorder(None))
+        return lambda: vars(model).pop("_reorder_cache", None)
 
     def _forget(self) -> None:
-        """Drop the image-free cache and give the followed main cache back its own ``reorder_cache``."""
+        """Drop the image-free cache."""
         self._cache = self._mask = None
-        if self._followed is None:
-            return
-        main, previous, wrapper = self._followed
-        self._followed = None
-        cache = main()
-        if cache is not None and vars(cache).get("reorder_cache") is wrapper:
-            if previous is None:
-                del cache.reorder_cache
-            else:
-                cache.reorder_cache = previous
 
     def _refine(self, module, args, kwargs, output):
         if not self.active:

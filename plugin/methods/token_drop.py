@@ -63,6 +63,7 @@ from transformers.masking_utils import (blockwise_overlay, create_causal_mask, c
                                         sliding_window_overlay)
 
 from .. import kernels
+from ..attention import refuse_unsupported_call
 from ..forward_inputs import bound_inputs, cache_of, cached_length
 from ..observe import GenerationStarts
 from .base import Method
@@ -307,6 +308,7 @@ class TokenDropMethod(Method):
     def _before_model(self, module, args, kwargs):
         """H0 (spec §5.2): classify the forward, record the prompt at a prefill."""
         inputs = bound_inputs(self._signature, args, kwargs)
+        refuse_unsupported_call(inputs, module.config)  # output_attentions, a fixed-size cache: as every method
         may_rerun = self._generation.may_rerun(inputs)
         input_ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
         cached = cached_length(inputs)

@@ -139,6 +139,22 @@ def test_calls_the_attention_path_cannot_honour_raise(family, call, match):
             model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, **call)
 
 
+@pytest.mark.parametrize("method, options", [("pyramiddrop", dict(boundaries=[1, 2, 3], keep=[0.5, 0.25, 0.125])),
+                                             ("fastv", dict(layer=2))])
+@pytest.mark.parametrize("call, match", [(dict(output_attentions=True), "output_attentions=True"),
+                                         (dict(cache_implementation="static"), r"fixed-size KV cache")])
+def test_token_dropping_refuses_the_same_calls(method, options, call, match):
+    """Token dropping runs its own hooks: they refuse what the attention path refuses (output_attentions returned
+    shrinking maps over the kept tokens, silently)."""
+    model, inputs = _one_llava_row()
+    model.set_attn_implementation("eager")
+    with nograd.apply(model, method, **options):
+        with pytest.raises(NotImplementedError, match=match), torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, **GREEDY, **call)
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, **GREEDY)
+
+
 @pytest.mark.parametrize("options", [dict(layers=-1), dict(heads=-1), dict(layers=-99)])
 def test_zerotuning_negative_indices_are_refused(options):
     model, _ = nograd.tiny.llm()

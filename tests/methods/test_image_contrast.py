@@ -80,19 +80,28 @@ def test_text_only_row_is_left_alone(build):
     assert torch.isinf(steered[0]).any() and not torch.isinf(plain_batch).any()
 
 
-def test_remove_gives_the_model_cache_back(build):
-    """The model's cache follows beam reorders through its own ``reorder_cache`` while the method is on, and has
-    the class's back after ``remove()``."""
+def test_caches_hold_nothing_of_the_method(build):
+    """Beam search re-ranks the image-free cache through the model's ``_reorder_cache`` (gone after ``remove()``):
+    the caches the user gets and copies hold no wrapper (a deepcopy kept one that re-ranked the original cache, and
+    could not be pickled)."""
+    import copy
+    import pickle
+
     model = peaked(build("llava"))
     inputs = make_inputs("llava", model)
     cache = DynamicCache()
     handle = nograd.apply(model, "pai", cfg_gamma=1.1)
     with torch.no_grad():
         model(**inputs, cache=cache, use_cache=True)
-    assert "reorder_cache" in vars(cache)
+    beams = model.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False, pad_token_id=PAD,
+                           return_dict_in_generate=True)
+    kept = copy.deepcopy(cache)
+    assert "reorder_cache" not in vars(cache) and "reorder_cache" not in vars(kept)
+    assert "reorder_cache" not in vars(beams.past_key_values)
     handle.remove()
-    assert "reorder_cache" not in vars(cache)
-    cache.reorder_cache(torch.tensor([1, 0]))
+    assert "_reorder_cache" not in vars(model)
+    pickle.dumps(kept)
+    kept.reorder_cache(torch.tensor([1, 0]))
 
 
 def test_the_refine_follows_generates_own_logits_processors(build):
