@@ -8,11 +8,14 @@ before a method touches the model.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 from dataclasses import MISSING, dataclass, field, fields
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any, ClassVar
+
+import torch
 
 
 def option(default: Any, doc: str, *, choices: tuple | None = None):
@@ -26,8 +29,32 @@ def is_number(value: Any) -> bool:
 
 
 def is_int(value: Any) -> bool:
-    """An ``int`` (``bool`` excluded)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer: ``int`` or a numpy integer (``bool`` excluded)."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_choice(value: Any, choices: tuple) -> bool:
+    """``value`` is one of ``choices``, of the same type (``1`` is not ``True``; an array is no choice at all)."""
+    return any(type(value) is type(choice) and value == choice for choice in choices)
+
+
+def _own_copy(value: Any) -> Any:
+    """A value the config can keep without sharing it with the caller: a tensor cloned, a list / dict / tuple of
+    plain data (numbers, strings, None, nested containers of them) copied; anything else (models, processors,
+    calibration batches) as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple, dict)) and _plain(value):
+        return copy.deepcopy(value)
+    return value
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(_plain(k) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, Real))
 
 
 def nearest(name: str, candidates) -> list[str]:
@@ -55,8 +82,9 @@ class MethodConfig:
 
     def __post_init__(self):
         for f in fields(self):
+            object.__setattr__(self, f.name, _own_copy(getattr(self, f.name)))  # the caller's later edits stay theirs
             choices = f.metadata.get("choices")
-            if choices is not None and getattr(self, f.name) not in choices:
+            if choices is not None and not _is_choice(getattr(self, f.name), choices):
                 self.invalid(f.name, f"one of {', '.join(map(repr, choices))}")
         self.validate()
 

@@ -82,6 +82,19 @@ def test_mllm_unchanged_when_lambda_r_is_zero(saved_trio, tmp_path):
     assert a == b
 
 
+@pytest.mark.parametrize("options, error, match", [
+    (dict(device=True), TypeError, r"option device=True .* a torch\.device, or a CUDA index"),
+    (dict(device="gpu"), ValueError, r"option device='gpu' .* 'cpu', 'cuda' or 'cuda:1'"),
+    (dict(max_shard_size=0), ValueError, r"option max_shard_size=0 .* a positive int \(bytes\) or a size"),
+    (dict(max_shard_size=True), TypeError, r"option max_shard_size=True .* '5GB'"),
+])
+def test_bad_options_are_refused_before_writing(saved_trio, tmp_path, options, error, match):
+    folder, mllm, reasoning, base = saved_trio
+    with pytest.raises(error, match=match):
+        nograd.merge("frank", mllm=folder / "mllm", reasoning=reasoning, base=base, out=tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
+
+
 def test_out_holding_weights_is_refused(saved_trio, tmp_path):
     # an earlier sharded merge in out: its index would point from_pretrained at its old shards beside a new single file
     folder, mllm, reasoning, base = saved_trio

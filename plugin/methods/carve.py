@@ -79,7 +79,7 @@ class CARVEConfig(MethodConfig):
     @classmethod
     def from_options(cls, options):
         preset = options.get("preset")
-        if preset is not None and preset not in tuple(PRESETS):  # a tuple: an unhashable value is just not one
+        if preset is not None and not (isinstance(preset, str) and preset in PRESETS):
             raise ValueError(f"carve: option preset={preset!r} is not allowed; expected None or one of "
                              f"{', '.join(map(repr, PRESETS))}")
         return super().from_options({**PRESETS.get(preset, {}), **options})

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..attention import AttentionCall, Intervention, intervene
-from ..config import MethodConfig, is_number, option
+from ..config import MethodConfig, is_int, is_number, option
 from ..handle import Handle
 from ..registry import register
 from .base import Method
@@ -71,7 +71,7 @@ class FrankConfig(MethodConfig):
                                     "exp(-prior_beta·l/(L-1)), ours), 'auto' (attention if calibration is given, "
                                     "else exp), or a list of L numbers in [0, 1]")
     calibration: object = option(None, "image+question inputs for the prior: a dict of model inputs (processor "
-                                       "output) or a list of them; the paper's set is unknown")
+                                       "output with input_ids) or a list of them; the paper's set is unknown")
     prior_beta: float = option(3.0, "decay of the data-free prior (ours, not the paper's)")
     prior_normalize: str = option("minmax", "fitted share -> prior: 'minmax' (layer 0 -> 1, last -> 0) or 'first' "
                                             "(r̂(l)/r̂(0)); ours", choices=("minmax", "first"))
@@ -84,15 +84,19 @@ class FrankConfig(MethodConfig):
     non_layer_policy: str = option("mllm", "embeddings, final norm, lm_head: keep the MLLM's ('mllm', ours: the paper "
                                            "does not say) or take the reasoning LLM's ('reasoning'; same vocab only)",
                                    choices=("mllm", "reasoning"))
-    device: object = option(None, "where the arithmetic runs: None = each MLLM tensor's device (streamed: 'cpu')")
+    device: object = option(None, "where the arithmetic runs: None = each MLLM tensor's device (streamed: 'cpu'), "
+                                  "else a device string such as 'cuda:1', a torch.device or a CUDA index")
     max_shard_size: object = option(None, "nograd.merge only: None keeps the MLLM's shard layout, else a size "
-                                          "such as '5GB' or bytes")
+                                          "such as '5GB' or a positive number of bytes")
 
     def validate(self) -> None:
         if self.reasoning is None or not _is_source(self.reasoning):
             self.invalid("reasoning", "a loaded model or a path to a safetensors checkpoint folder", TypeError)
         if self.base is not None and not _is_source(self.base):
             self.invalid("base", "None, a loaded model or a path to a safetensors checkpoint folder", TypeError)
+        for name in ("reasoning", "base"):
+            if isinstance(getattr(self, name), str) and not getattr(self, name).strip():
+                self.invalid(name, "a loaded model or a non-empty path to a safetensors checkpoint folder")
         if self.base is None and self.needs_base:
             need = f"rule={self.rule!r}" if self.rule != "frank" else f"coef={self.coef!r}"
             self.invalid("base", f"the common base model: {need} needs it (coef='prior', lambda_r=... or "
@@ -123,6 +127,9 @@ class FrankConfig(MethodConfig):
         if cal is not None and not (isinstance(cal, Mapping) or (isinstance(cal, (list, tuple)) and cal
                                                                  and all(isinstance(c, Mapping) for c in cal))):
             self.invalid("calibration", "None, a dict of model inputs, or a non-empty list of such dicts", TypeError)
+        if cal is not None and not all("input_ids" in c for c in ([cal] if isinstance(cal, Mapping) else cal)):
+            self.invalid("calibration", "processor outputs (input_ids, attention_mask, pixel_values, ...): every "
+                                        "calibration batch must hold input_ids")
         if not (is_number(self.prior_beta) and self.prior_beta >= 0):
             self.invalid("prior_beta", "a finite number >= 0")
         for name in ("max_calib_samples", "keep_shallow_layers"):
@@ -137,10 +144,42 @@ class FrankConfig(MethodConfig):
             if not ok:
                 self.invalid("layers", "None or (start, end) with int start >= 0 and int-or-None end")
             object.__setattr__(self, "layers", tuple(layers))
+        self.validate_device()
+        self.validate_max_shard_size()
+
+    def validate_device(self) -> None:
+        """``device``: None, a str that ``torch.device`` parses, a ``torch.device`` or a CUDA index (an int >= 0). A
+        bool, float or tensor would be taken by ``Tensor.to`` as a dtype cast, so they are refused."""
+        device = self.device
+        allowed = "None, a device string such as 'cpu', 'cuda' or 'cuda:1', a torch.device, or a CUDA index (int >= 0)"
+        if device is None or isinstance(device, torch.device):
+            return
+        if is_int(device):
+            if device < 0:
+                self.invalid("device", allowed)
+            object.__setattr__(self, "device", int(device))
+            return
+        if not isinstance(device, str):
+            self.invalid("device", allowed, TypeError)
         try:
-            M.parse_size(self.max_shard_size)
-        except ValueError:
-            self.invalid("max_shard_size", "None, an int (bytes) or a size such as '500MB' or '5GB'")
+            torch.device(device)
+        except RuntimeError:
+            self.invalid("device", allowed)
+
+    def validate_max_shard_size(self) -> None:
+        """``max_shard_size``: None, a positive int of bytes or a size string such as '5GB'."""
+        size = self.max_shard_size
+        allowed = "None, a positive int (bytes) or a size such as '500MB' or '5GB'"
+        if size is None:
+            return
+        if not (isinstance(size, str) or is_int(size)):
+            self.invalid("max_shard_size", allowed, TypeError)
+        try:
+            ok = M.parse_size(size) > 0
+        except (ValueError, OverflowError):
+            ok = False
+        if not ok:
+            self.invalid("max_shard_size", allowed)
 
     @property
     def needs_base(self) -> bool:

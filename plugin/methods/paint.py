@@ -181,12 +181,18 @@ class PAINTConfig(MethodConfig):
                 object.__setattr__(self, "heads", torch.as_tensor(self.heads, dtype=torch.float32))
             except (TypeError, ValueError, RuntimeError):
                 self.invalid("heads", f"one of {', '.join(map(repr, HEAD_MODES))} or an (L, H) gain table", TypeError)
+            if not bool((torch.isfinite(self.heads) & (self.heads >= 0)).all()):
+                self.invalid("heads", "an (L, H) gain table of finite values >= 0")
         if not (is_number(self.head_ratio) and 0 < self.head_ratio <= 1):
             self.invalid("head_ratio", "a number in (0, 1]")
         if not (is_number(self.head_gain_max) and self.head_gain_max > 0):
             self.invalid("head_gain_max", "a number > 0")
         if self.head_stats is not None and not isinstance(self.head_stats, (str, torch.Tensor, list)):
             self.invalid("head_stats", "None, a path to a safetensors file, or an (L, H) table", TypeError)
+        if self.head_stats is not None and not (isinstance(self.heads, str) and self.heads in HEAD_MODES
+                                                and self.heads != "uniform"):
+            self.invalid("head_stats", "None unless heads is 'proportional', 'inverse' or 'topk' (the shares set "
+                                       "those modes' gains; uniform and table heads read none)")
 
 
 @register

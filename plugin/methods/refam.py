@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import PIL.Image
 import torch
+from torch import nn
 
 from .. import kernels
 from ..attention import AttentionCall, Intervention
@@ -49,6 +50,15 @@ MAGNET_MODES = ("segments_separate", "segments_joint", "string")
 NORMALISATIONS = ("text_softmax", "joint")
 CAPTURES = ("fast", "eager")
 GAS_MODES = ("redirect", "suppress", "suppress_pre", "none")
+MAX_SEQUENCE_LENGTH = 512  # T5 encoders and diffusers' FLUX / SD3 pipelines cap the text length here
+SAM_ALLOWED = "None, a callable (image, points, labels) -> masks, or a pair (SamModel, SamProcessor)"
+
+
+def is_segmenter(sam) -> bool:
+    """``sam`` is a callable ``(image, points, labels) -> masks`` or a pair (SAM-like ``nn.Module``, processor)."""
+    if isinstance(sam, (tuple, list)):
+        return len(sam) == 2 and isinstance(sam[0], nn.Module) and callable(sam[1])
+    return callable(sam)
 
 
 @dataclass(frozen=True)
@@ -59,15 +69,15 @@ class RefAMConfig(MethodConfig):
     sigma: float = option(0.5, "rectified-flow noise level of the one forward pass (spec §1.3 [D]; ConceptAttention's "
                                "encode_image uses 0.5)")
     num_samples: int = option(1, "noise samples averaged (seeds seed..seed+K-1)")
-    seed: int = option(0, "seed of the noise generator")
+    seed: int = option(0, "seed of the noise generator (an int in [0, 2**63))")
     guidance: float = option(3.5, "FLUX-dev guidance embedding (ignored by models without one)")
     resolution: int = option(1024, "long side of the resized image in pixels (rounded to the token size)")
     magnets: tuple = option(MAGNETS, "attention magnets appended to the expression (authors' teaser figure)")
     magnet_mode: str = option("segments_separate", "each magnet a </s>-terminated segment encoded alone "
                                                    "('segments_separate'), in one T5 pass ('segments_joint'), or "
                                                    "appended to the string ('string')", choices=MAGNET_MODES)
-    max_sequence_length: object = option(None, "T5 length incl. padding; None = the pipeline default (FLUX 512, "
-                                               "SD3 256)")
+    max_sequence_length: object = option(None, "T5 length incl. padding, 1..512; None = the pipeline default "
+                                               "(FLUX 512, SD3 256)")
     normalisation: str = option("text_softmax", "softmax over the valid text tokens per image patch, or the model's "
                                                 "joint softmax ('joint', via the row LSE)", choices=NORMALISATIONS)
     capture: str = option("fast", "'fast' (image->text block only) or 'eager' (full (N+T)^2 softmax, the reference; "
@@ -99,15 +109,19 @@ class RefAMConfig(MethodConfig):
             value = getattr(self, name)
             if not (is_int(value) and value >= 1):
                 self.invalid(name, "an int >= 1")
-        if not (is_int(self.seed)):
-            self.invalid("seed", "an int")
+        if not is_int(self.seed):
+            self.invalid("seed", "an int in [0, 2**63)", TypeError)
+        if not 0 <= self.seed < 2**63:
+            self.invalid("seed", "an int in [0, 2**63)")
         if not is_number(self.guidance):
             self.invalid("guidance", "a finite number")
         if not (isinstance(self.magnets, (list, tuple)) and all(isinstance(m, str) and m.strip() for m in self.magnets)):
             self.invalid("magnets", "a list of non-empty strings (may be empty)", TypeError)
-        if self.max_sequence_length is not None and not (isinstance(self.max_sequence_length, int)
-                                                         and self.max_sequence_length >= 2):
-            self.invalid("max_sequence_length", "None or an int >= 2")
+        length = self.max_sequence_length
+        if length is not None and not is_int(length):
+            self.invalid("max_sequence_length", f"None or an int in 1..{MAX_SEQUENCE_LENGTH}", TypeError)
+        if length is not None and not 1 <= length <= MAX_SEQUENCE_LENGTH:
+            self.invalid("max_sequence_length", f"None or an int in 1..{MAX_SEQUENCE_LENGTH}")
         for name in ("gas_gamma", "spatial_beta"):
             if not (is_number(getattr(self, name)) and getattr(self, name) > 0):
                 self.invalid(name, "a number > 0")
@@ -118,9 +132,8 @@ class RefAMConfig(MethodConfig):
             self.invalid("threshold", "'otsu', 'mean' or a fraction in (0, 1)")
         if self.gas_mode == "suppress_pre" and self.normalisation != "text_softmax":
             self.invalid("gas_mode", "'suppress_pre' only with normalisation='text_softmax'")
-        if self.sam is not None and not (callable(self.sam) or isinstance(self.sam, (tuple, list)) and len(self.sam) == 2):
-            self.invalid("sam", "None, (SamModel, SamProcessor) or a callable (image, points, labels) -> masks",
-                         TypeError)
+        if self.sam is not None and not is_segmenter(self.sam):
+            self.invalid("sam", SAM_ALLOWED, TypeError)
 
 
 # ---- the capture --------------------------------------------------------------------------------------------------
@@ -486,6 +499,8 @@ class RefAM(Method):
     def ground(self, image, text: str, sam=None, return_layers: bool = False) -> RefAMResult:
         """Ground ``text`` in ``image`` (PIL): heatmap, point and mask in the image's pixel space (module docstring).
         ``sam`` overrides the configured segmenter for this call."""
+        if sam is not None and not is_segmenter(sam):
+            raise TypeError(f"refam: ground(sam={sam!r}) is not allowed; expected {SAM_ALLOWED}")
         blocks = self.blocks()
         heat, probs, tokens, gas_tokens, grid = self._maps(image, text, self.config.sigma, blocks)
         total = sum(heat[b] for b in blocks) / len(blocks)

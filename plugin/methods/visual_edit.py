@@ -25,7 +25,7 @@ import torch
 
 from .. import kernels
 from ..attention import AttentionCall, Intervention, intervene, keys_from, recomputing
-from ..config import is_number
+from ..config import is_int, is_number
 from ..forward_inputs import bound_inputs, cached_length
 from ..kernels import ScoreEdit
 from ..observe import GenerationStarts
@@ -313,8 +313,8 @@ def check_layers(config) -> None:
     layers = config.layers
     if layers is None:
         return
-    ok = (isinstance(layers, (tuple, list)) and len(layers) == 2 and isinstance(layers[0], int)
-          and (layers[1] is None or isinstance(layers[1], int)))
+    ok = (isinstance(layers, (tuple, list)) and len(layers) == 2 and is_int(layers[0])
+          and (layers[1] is None or is_int(layers[1])))
     if not ok:
         config.invalid("layers", "None or (start, end) with int start and int-or-None end")
-    object.__setattr__(config, "layers", tuple(layers))
+    object.__setattr__(config, "layers", tuple(None if end is None else int(end) for end in layers))

@@ -30,12 +30,14 @@ from .base import Method
 def _int_tuple(value) -> tuple[int, ...] | None:
     if value is None:
         return None
+    if not (is_int(value) or isinstance(value, (list, tuple, range))):
+        raise TypeError  # a dict ({layer: [heads]}, ACT's form) would give its keys
     items = (value,) if is_int(value) else tuple(value)
     if not items or not all(is_int(i) and i >= 0 for i in items):
         raise ValueError
     if len(set(items)) != len(items):
         raise ValueError
-    return items
+    return tuple(int(i) for i in items)
 
 
 def _selected(indices: tuple[int, ...] | None, count: int) -> torch.Tensor:
@@ -82,14 +84,15 @@ class ZeroTuningConfig(MethodConfig):
             try:
                 object.__setattr__(self, name, _int_tuple(getattr(self, name)))
             except (TypeError, ValueError):
-                self.invalid(name, "None, an int, or a sequence of distinct non-negative ints")
+                self.invalid(name, "None, an int, or a list of distinct non-negative ints (the same heads in every "
+                                   "chosen layer; per-layer heads: a (layers, heads) gamma table)")
         target = self.target
-        if target != "first_token":
+        if not (isinstance(target, str) and target == "first_token"):
             ok = (isinstance(target, (tuple, list)) and len(target) == 2
                   and all(is_int(i) for i in target) and 0 <= target[0] < target[1])
             if not ok:
                 self.invalid("target", "'first_token' or a pair (start, end) with 0 <= start < end")
-            object.__setattr__(self, "target", tuple(target))
+            object.__setattr__(self, "target", tuple(int(i) for i in target))
 
     def key_range(self) -> tuple[int, int]:
         """[start, end) of the scaled keys, counted from each row's first real token."""

@@ -276,6 +276,38 @@ def test_validation_and_config_warnings(trio):
     assert same_state(mllm, saved)
 
 
+@pytest.mark.parametrize("options, error, match", [
+    (dict(device=True), TypeError, r"option device=True .* a torch\.device, or a CUDA index"),  # a dtype cast for .to
+    (dict(device=0.5), TypeError, r"option device=0\.5 .* a device string"),
+    (dict(device=torch.tensor([0, 1])), TypeError, r"option device=tensor\(\[0, 1\]\) .* a device string"),
+    (dict(device="gpu"), ValueError, r"option device='gpu' .* 'cpu', 'cuda' or 'cuda:1'"),
+    (dict(device=-1), ValueError, r"option device=-1 .* CUDA index \(int >= 0\)"),
+    (dict(calibration={"pixel_values": None}), ValueError,
+     r"option calibration=.* processor outputs \(input_ids, attention_mask, pixel_values, \.\.\.\)"),
+    (dict(reasoning=""), ValueError, r"option reasoning='' .* a non-empty path"),
+    (dict(max_shard_size=0), ValueError, r"option max_shard_size=0 .* a positive int \(bytes\) or a size"),
+    (dict(max_shard_size=-1), ValueError, r"option max_shard_size=-1 .* '5GB'"),
+    (dict(max_shard_size="0GB"), ValueError, r"option max_shard_size='0GB' .* '5GB'"),
+    (dict(max_shard_size=True), TypeError, r"option max_shard_size=True .* '5GB'"),
+])
+def test_bad_options_leave_the_model_untouched(trio, options, error, match):
+    mllm, reasoning, base = fresh(trio)
+    saved = snapshot(mllm)
+    with pytest.raises(error, match=match):
+        nograd.apply(mllm, "frank", **{"reasoning": reasoning, "base": base, **options})
+    assert same_state(mllm, saved) and nograd.attached(mllm) == []
+
+
+def test_device_spellings_give_the_same_merge(trio):
+    mllm, reasoning, base = fresh(trio)
+    with nograd.apply(mllm, "frank", reasoning=reasoning, base=base) as h:
+        merged, lambda_r = snapshot(mllm), h.stats["lambda_r"]
+    for device in ("cpu", torch.device("cpu")):
+        with nograd.apply(mllm, "frank", reasoning=reasoning, base=base, device=device) as h:
+            assert same_state(mllm, merged) and h.stats["lambda_r"] == lambda_r
+    assert FrankConfig(reasoning=reasoning, base=base, device=1).device == 1  # a CUDA index (not used here)
+
+
 def test_metagpt_and_non_orthogonal_warning(trio):
     mllm, reasoning, base = fresh(trio)
     with nograd.apply(mllm, "frank", reasoning=reasoning, base=base, coef="metagpt") as h:

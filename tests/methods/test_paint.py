@@ -248,7 +248,9 @@ def test_zero_margins_calibrate_on_the_plain_model(build, tmp_path):
     ({"heads": "loud"}, ["heads", "'uniform'"]),
     ({"heads": [[1.0, 1.0]]}, ["heads", "(2, 4)"]),
     ({"head_ratio": 0}, ["head_ratio"]),
-    ({"head_stats": torch.ones(3, 3)}, ["head_stats", "(2, 4)"]),
+    ({"head_stats": torch.ones(3, 3), "heads": "proportional"}, ["head_stats", "(2, 4)"]),
+    ({"head_stats": torch.ones(2, 4)}, ["head_stats", "'proportional'"]),  # ignored under heads='uniform'
+    ({"head_stats": torch.ones(2, 4), "heads": [[1.0] * 4] * 2}, ["head_stats", "'topk'"]),
 ])
 def test_bad_head_options(build, options, words):
     model = build("llava")

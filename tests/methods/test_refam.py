@@ -338,7 +338,9 @@ def test_num_samples_is_the_mean_of_single_seed_runs(apply):
 
 def test_sam_prompted_by_the_point(apply, tiny_sam):
     model, processor = tiny_sam
-    handle = apply("flux")
+    handle = apply("flux", sam=(model, processor), max_sequence_length=512)  # a SAM pair and the longest T5 text pass
+    with pytest.raises(TypeError, match=r"ground\(sam=\(1, 2\)\) .* a pair \(SamModel, SamProcessor\)"):
+        handle.ground(picture(50, 30), TEXT, sam=(1, 2))
     image = picture(50, 30)
     result = handle.ground(image, TEXT, sam=(model, processor))
     assert result.mask.shape == (30, 50) and result.mask.dtype == torch.bool
@@ -401,16 +403,24 @@ def test_sweep_point_accuracy_on_a_refcoco_folder(apply, tmp_path):
 
 
 # ---- options -------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("options, match", [
-    (dict(sigma=0), r"sigma=0 .* \(0, 1\]"),
-    (dict(gas_mode="drop"), r"gas_mode='drop' .* 'redirect', 'suppress', 'suppress_pre', 'none'"),
-    (dict(normalisation="joint", gas_mode="suppress_pre"), r"gas_mode='suppress_pre'"),
-    (dict(threshold=2.0), r"threshold=2.0 .* 'otsu', 'mean'"),
-    (dict(layers=[9]), r"layers=\[9\] .* block indices in 0..3"),
+@pytest.mark.parametrize("options, error, match", [
+    (dict(sigma=0), ValueError, r"sigma=0 .* \(0, 1\]"),
+    (dict(gas_mode="drop"), ValueError, r"gas_mode='drop' .* 'redirect', 'suppress', 'suppress_pre', 'none'"),
+    (dict(normalisation="joint", gas_mode="suppress_pre"), ValueError, r"gas_mode='suppress_pre'"),
+    (dict(threshold=2.0), ValueError, r"threshold=2.0 .* 'otsu', 'mean'"),
+    (dict(layers=[9]), ValueError, r"layers=\[9\] .* block indices in 0..3"),
+    (dict(max_sequence_length=10**5), ValueError, r"max_sequence_length=100000 .* 1..512"),
+    (dict(max_sequence_length=0), ValueError, r"max_sequence_length=0 .* 1..512"),
+    (dict(max_sequence_length=True), TypeError, r"max_sequence_length=True .* 1..512"),
+    (dict(seed=2**70), ValueError, r"seed=1180591620717411303424 .* \[0, 2\*\*63\)"),
+    (dict(seed=-1), ValueError, r"seed=-1 .* \[0, 2\*\*63\)"),
+    (dict(seed=1.0), TypeError, r"seed=1.0 .* an int"),
+    (dict(sam=(1, 2)), TypeError, r"sam=\(1, 2\) .* a pair \(SamModel, SamProcessor\)"),
+    (dict(sam=(torch.nn.Linear(1, 1), "processor")), TypeError, r"option sam=.* a callable \(image, points"),
 ])
-def test_bad_options_are_named_before_any_change(pipes, options, match):
+def test_bad_options_are_named_before_any_change(pipes, options, error, match):
     processors = dict(pipes["flux"].transformer.attn_processors)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         nograd.apply(pipes["flux"], "refam", **options)
     with pytest.raises(TypeError, match="unknown option 'sigmas'"):
         nograd.apply(pipes["flux"], "refam", sigmas=[0.5])

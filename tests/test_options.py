@@ -1,0 +1,58 @@
+"""The options contract across methods: values of another type are refused naming the option (an array was no
+choice at all but a crash), numpy integers count as ints, and the frozen config keeps its own copy of what it was
+given."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import nograd
+from checks import attn_names
+
+
+@pytest.mark.parametrize("method, options, words", [
+    ("pyramiddrop", {"positions": np.array(["original"])}, ["positions", "'original'"]),
+    ("pyramiddrop", {"positions": torch.tensor([1])}, ["positions", "'original'"]),
+    ("carve", {"steps": np.array(["all"])}, ["steps", "'all'"]),
+    ("carve", {"preset": np.array(["paper"])}, ["preset", "'paper'"]),
+    ("carve", {"cache_general": 1}, ["cache_general", "True"]),  # 1 is not True
+    ("zerotuning", {"target": np.array(["first_token"])}, ["target", "'first_token'"]),
+    ("zerotuning", {"heads": {0: [3]}}, ["heads", "gamma table"]),  # ACT's form: it took the keys, head 0
+    ("pai", {"layers": (True, None)}, ["layers", "int start"]),
+    ("paint", {"heads": [[float("nan")] * 4] * 2}, ["heads", "finite values >= 0"]),
+    ("paint", {"heads": [[-1.0] * 4] * 2}, ["heads", "finite values >= 0"]),
+])
+def test_values_of_another_kind_are_refused_naming_the_option(build, method, options, words):
+    model = build("llava")
+    names = attn_names(model)
+    with pytest.raises((ValueError, TypeError)) as info:
+        nograd.apply(model, method, **options)
+    assert all(word in str(info.value) for word in words), str(info.value)
+    assert attn_names(model) == names and nograd.attached(model) == []
+
+
+def test_numpy_integers_are_ints(build):
+    model = build("llava")
+    with nograd.apply(model, "pai", layers=(np.int64(1), None)) as pai:
+        assert pai.config.layers == (1, None) and type(pai.config.layers[0]) is int
+    with nograd.apply(model, "zerotuning", layers=[np.int64(0)], heads=np.int32(1)) as zt:
+        assert zt.config.layers == (0,) and zt.config.heads == (1,)
+
+
+def test_the_config_keeps_its_own_copy(build):
+    """A tensor or list the caller edits after apply neither changes h.config nor what runs (h.config showed the
+    edit while the method ran the value given)."""
+    model = build("llama")
+    ids = torch.randint(4, 100, (1, 7))
+    gamma = torch.full((3,), 2.0)
+    heads = [0, 1]
+    with nograd.apply(model, "zerotuning", gamma=gamma) as zt, torch.no_grad():
+        before = model(ids).logits
+        gamma.fill_(1.0)
+        assert torch.equal(zt.config.gamma, torch.full((3,), 2.0, dtype=torch.float64))
+        assert torch.equal(model(ids).logits, before)
+    with nograd.apply(model, "act", heads=heads) as act:
+        heads.append(2)
+        assert list(act.config.heads) == [0, 1]
