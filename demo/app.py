@@ -5,8 +5,9 @@
 
 It binds to 127.0.0.1 unless ``--host`` says otherwise and makes no public link unless ``--share`` is given.
 With no model given, every tab runs on built-in tiny models with random weights (``nograd.tiny``): they show the
-mechanics only. Uploads: images only (PNG, JPEG, WebP, ...), at most ``MAX_FILE_SIZE`` and ``MAX_PIXELS``; models
-load from safetensors only. Without gradio installed, this prints every method with its options instead.
+mechanics only. Uploads: images only (PNG, JPEG, WebP, ...), at most ``MAX_FILE_SIZE`` and ``compare.MAX_SIDE``
+pixels a side; models load from safetensors only. Without gradio installed, this prints every method with its
+options instead.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ FAMILIES = {
     "Diffusion": ("softpag", "pag", "headhunter", "refam"),
     "Merge": ("frank",),
 }
-MAX_PIXELS = 4096 * 4096
+MAX_SIDE = 4096
+"""The longest side the demo accepts, in pixels (so at most 4096 x 4096)."""
 """Largest uploaded image (width x height) the demo accepts."""
 MAX_NEW_TOKENS = 64
 DISPLAY = 256
@@ -130,9 +131,9 @@ def load(kind: str, source: str | None):
 def check_image(image):
     if image is None:
         raise ValueError("upload an image first (PNG, JPEG or WebP)")
-    if image.width * image.height > MAX_PIXELS:
-        raise ValueError(f"the image is {image.width}x{image.height}; the demo accepts up to {MAX_PIXELS:,} pixels "
-                         "(4096 x 4096): resize it first")
+    if max(image.size) > MAX_SIDE:
+        raise ValueError(f"the image is {image.width}x{image.height}; the demo accepts up to "
+                         f"{MAX_SIDE} x {MAX_SIDE} pixels: resize it first")
     return image.convert("RGB")
 
 
@@ -140,7 +141,7 @@ def check_image(image):
 def _enlarge(picture):
     from PIL import Image
 
-    scale = max(1, math.ceil(DISPLAY / min(picture.size)))
+    scale = max(1, min(math.ceil(DISPLAY / min(picture.size)), MAX_SIDE // max(picture.size)))  # <= MAX_SIDE
     return picture if scale == 1 else picture.resize((picture.width * scale, picture.height * scale),
                                                      Image.Resampling.NEAREST)
 

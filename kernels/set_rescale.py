@@ -7,8 +7,7 @@ through m_i, so it is not a key bias; it is computed exactly from two passes of 
 matrix: the row restricted to S (normalised output O_S, LSE_S) and the row restricted to the rest (O_R, LSE_R), with
 ``m = sigmoid(LSE_S - LSE_R)``: ``O' = f * m * O_S + (1 - f * m) * O_R``. A row whose visible keys are all in S
 (no rest: LSE_R = -inf) keeps its attention O_S; no term divides by ``1 - m``, so rounding is never amplified. Its
-reference (``rescaled_set_eager``, also the CPU path, where the LSE needs the matrix anyway) reweights the matrix
-once.
+reference (``rescaled_set_eager``, also the CPU path) reweights the weights once, a block of query rows at a time.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .attention import _grouped_matmul, attention, resolve_backend, scaled_logits, softmax_rows
+from .attention import _grouped_matmul, attention, query_blocks, resolve_backend, scaled_logits, softmax_rows
 from .broadcast import per_key
 
 
@@ -49,10 +48,35 @@ def attention_rescaled_set(q, k, v, *, key_set: torch.Tensor, factor: float, key
     return result.to(out_set.dtype), mass
 
 
-def rescaled_set_eager(q, k, v, *, key_set: torch.Tensor, factor: float, key_bias=None, dropout=0.0, **kwargs):
+def rescaled_set_eager(q, k, v, *, key_set: torch.Tensor, factor: float, key_bias=None, causal=False, scale=None,
+                       mask=None, softcap=None, window=None, edit=None, dropout=0.0):
     """The reference of ``attention_rescaled_set``: the fp32 weights of every row, those of the set times ``factor``
     and the others times ``(1 - factor * m) / r``, where ``r`` is the rest's own sum (``1 - m`` up to rounding, so
-    each row sums to 1 again), then the weighted sum of the values (the matrix once)."""
+    each row sums to 1 again), then the weighted sum of the values. One block of ``QUERY_BLOCK`` query rows at a
+    time over the keys they can see (O(block x N) memory, never the whole matrix), except with ``dropout``, which
+    draws its mask over the whole matrix as eager attention does."""
+    common = dict(scale=scale, softcap=softcap, window=window)
+    if dropout:
+        return _rescaled_rows(q, k, v, key_set, factor, key_bias=key_bias, causal=causal, mask=mask, edit=edit,
+                              dropout=dropout, **common)
+    m, n = q.shape[2], k.shape[2]
+    out = torch.zeros((*q.shape[:3], v.shape[-1]), dtype=q.dtype, device=q.device)
+    mass = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
+    for r0, r1, hi in query_blocks(m, n, causal):
+        out[:, :, r0:r1], mass[:, :, r0:r1] = _rescaled_rows(
+            q[:, :, r0:r1], k[:, :, :hi], v[:, :, :hi], _first_keys(key_set, n, hi), factor,
+            key_bias=_first_keys(key_bias, n, hi), causal=causal, edit=None if edit is None else edit.first_keys(hi),
+            mask=None if mask is None else mask[..., r0:r1, :hi] if mask.shape[-2] > 1 else mask[..., :hi],
+            positions=torch.arange(r0, r1, device=q.device) + (n - m), **common)
+    return out, mass
+
+
+def _first_keys(values, n: int, hi: int):
+    """``values`` broadcastable to (..., N) for the first ``hi`` keys."""
+    return values[..., :hi] if values is not None and values.shape[-1] == n else values
+
+
+def _rescaled_rows(q, k, v, key_set, factor, *, key_bias=None, dropout=0.0, **kwargs):
     logits = scaled_logits(q, k, key_bias=key_bias, **kwargs)
     probs = softmax_rows(logits)
     on = per_key(key_set)[..., None, :].to(probs.device)

@@ -125,9 +125,12 @@ def test_merge_tab():
 def test_inputs_are_checked_with_clear_messages(monkeypatch):
     with pytest.raises(ValueError, match="upload an image"):
         compare.check_image(None)
-    monkeypatch.setattr(compare, "MAX_PIXELS", 100)
-    with pytest.raises(ValueError, match="accepts up to 100 pixels"):
-        compare.check_image(tiny.image(20, 20))
+    monkeypatch.setattr(compare, "MAX_SIDE", 100)
+    for size in ((120, 20), (20, 120)):  # a side too long, whatever the area (a 5000 x 10 strip passed)
+        with pytest.raises(ValueError, match="accepts up to 100 x 100 pixels"):
+            compare.check_image(tiny.image(*size))
+    assert compare.check_image(tiny.image(100, 3)).size == (100, 3)
+    assert enlarged(tiny.image(100, 3)) == (100, 3)  # a thin image is not enlarged past MAX_SIDE
     with pytest.raises(ValueError, match="JSON object"):
         compare.parse_options("gamma=2")
     with pytest.raises(ValueError, match="could not load"):

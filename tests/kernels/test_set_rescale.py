@@ -20,6 +20,9 @@ CASES = [  # (B, H, H_kv, M, N, D), attention kwargs
     ((1, 4, 1, 1, 23, 16), dict(causal=True)),
     ((2, 2, 2, 5, 12, 16), dict(causal=True, window=4)),
     ((1, 4, 4, 7, 7, 32), dict()),
+    ((1, 2, 1, 600, 600, 16), dict(causal=True)),  # three blocks of query rows
+    ((1, 2, 2, 300, 700, 16), dict(causal=True, window=50)),  # a chunk over a longer cache
+    ((1, 2, 2, 520, 520, 16), dict()),
 ]
 
 
@@ -94,3 +97,24 @@ def test_a_row_that_sees_only_the_set_is_unchanged(backend):
     torch.testing.assert_close(out[:, :, :3], plain[:, :, :3], atol=1e-6, rtol=0)
     torch.testing.assert_close(mass[:, :, :3], torch.ones(1, 4, 3), atol=1e-6, rtol=0)
     assert (out[:, :, 3:] - plain[:, :, 3:]).abs().max() > 1e-3
+
+
+def test_the_reference_never_holds_the_matrix():
+    """CPU (the reference is ACT's path there): one block of query rows at a time, so the call's peak memory stays
+    below the (B, H, M, N) fp32 matrix it used to build several times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v, key_set, bias = case((1, 2, 1, 2048, 2048, 16))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        got, _ = kernels.attention_rescaled_set(q, k, v, key_set=key_set, factor=0.4, key_bias=bias, causal=True)
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    in_use = peak = 0
+    for event in events:
+        in_use += event.self_cpu_memory_usage
+        peak = max(peak, in_use)
+    assert 0 < peak < 2 * 2048 * 2048 * 4, peak
+    rows = slice(-64, None)  # the last rows, written out on their own
+    want, _ = set_rescale.rescaled_set_eager(q[:, :, rows], k, v, key_set=key_set, factor=0.4, key_bias=bias,
+                                             causal=True)
+    torch.testing.assert_close(got[:, :, rows], want, atol=1e-5, rtol=0)
+
