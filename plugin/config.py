@@ -49,6 +49,14 @@ def _own_copy(value: Any) -> Any:
     return value
 
 
+def _brief(value: Any) -> str:
+    if isinstance(value, torch.Tensor) and value.numel() > 8:
+        return f"<tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}>"
+    if _plain(value) or isinstance(value, (torch.Tensor, torch.device, range)):
+        return repr(value)
+    return f"<{type(value).__name__}>"
+
+
 def _plain(value: Any) -> bool:
     if isinstance(value, dict):
         return all(_plain(k) and _plain(v) for k, v in value.items())
@@ -66,6 +74,15 @@ class MethodConfig:
     """Base of every method's options. Subclasses add fields with ``option`` and override ``validate``."""
 
     method: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.__repr__ = MethodConfig._brief_repr  # its own: ``@dataclass`` keeps a class's own ``__repr__``
+
+    def _brief_repr(self) -> str:
+        """The options, with a model, processor or batch of inputs shown by its type (not its whole repr)."""
+        shown = ", ".join(f"{f.name}={_brief(getattr(self, f.name))}" for f in fields(self))
+        return f"{type(self).__name__}({shown})"
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "MethodConfig":

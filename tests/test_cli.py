@@ -79,3 +79,19 @@ def test_python_dash_m(tmp_path):
     result = subprocess.run([sys.executable, "-m", "nograd", "merge", "--help"], capture_output=True, text=True,
                             env=env, timeout=120)
     assert result.returncode == 0 and "--reasoning" in result.stdout
+
+
+def test_a_reader_that_leaves_ends_the_listing_quietly(monkeypatch):
+    """``nograd list | head``: the pipe closes under the listing; the command stops with the shell's 141, no
+    traceback."""
+    from nograd import cli
+
+    read, write = os.pipe()
+    os.close(read)
+    stdout = open(write, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        assert cli.main(["list"]) == 141
+    finally:
+        monkeypatch.undo()
+        stdout.close()

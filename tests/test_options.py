@@ -56,3 +56,14 @@ def test_the_config_keeps_its_own_copy(build):
     with nograd.apply(model, "act", heads=heads) as act:
         heads.append(2)
         assert list(act.config.heads) == [0, 1]
+
+
+def test_the_config_repr_names_models_and_processors_by_type(build):
+    """``h.config``'s repr shows a processor (or a model, a big table) by its type, not its whole repr."""
+    model = build("llava")
+    processor = nograd.tiny.vlm("llava", layers=2)[1]
+    with nograd.apply(model, "carve", processor=processor) as carve:
+        text = repr(carve.config)
+    assert text.startswith("CARVEConfig(processor=<") and "steps='all'" in text and len(text) < 800
+    with nograd.apply(build("llama"), "zerotuning", gamma=torch.full((3, 4), 2.0)) as zt:
+        assert "gamma=<tensor (3, 4) float64>" in repr(zt.config)

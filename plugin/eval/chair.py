@@ -293,11 +293,19 @@ def normalize_id(image_id: Any) -> Any:
     return image_id
 
 
-def _load(source: Any) -> Any:
+def _load(source: Any) -> dict:
+    """A COCO annotation file (a path, or the loaded dict): a JSON object with ``annotations`` (and, for instances,
+    ``images`` and ``categories``)."""
     if isinstance(source, (str, Path)):
         with open(source, encoding="utf-8") as f:
-            return json.load(f)
-    return source
+            data = json.load(f)
+    else:
+        data = source
+    if not isinstance(data, dict):
+        raise ValueError(f"a COCO annotation file is a JSON object with 'annotations' (and 'images', 'categories'); "
+                         f"{source if isinstance(source, (str, Path)) else 'this input'} holds a "
+                         f"{type(data).__name__}")
+    return data
 
 
 def _sources(value: Any) -> list:

@@ -222,7 +222,8 @@ def test_score_cli_formats(files, capsys):
     ("{not json", "instances.json", "--captions: "),
     ('[{"id": 1, "text": "A dog."}]', "instances.json", "--captions: missing field 'image_id'"),
     ('[{"image_id": 1, "caption": "A dog."}]', "missing.json", r"--annotations: .*No such file"),
-    ('[{"image_id": 1, "caption": "A dog."}]', "not_coco.json", "--annotations: "),
+    ('[{"image_id": 1, "caption": "A dog."}]', "not_coco.json",
+     "--annotations: a COCO annotation file is a JSON object .* holds a list"),
 ])
 def test_score_cli_bad_input_files_are_one_line_and_exit_2(files, capsys, captions, annotations, match):
     path = files / "in.json"
