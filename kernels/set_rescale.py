@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .attention import _grouped_matmul, attention, query_blocks, resolve_backend, scaled_logits, softmax_rows
+from .attention import _check, _grouped_matmul, attention, query_blocks, resolve_backend, scaled_logits, softmax_rows
 from .broadcast import per_key
 
 
@@ -28,6 +28,7 @@ def attention_rescaled_set(q, k, v, *, key_set: torch.Tensor, factor: float, key
     on the set before. A row that sees no key outside the set is left unchanged. Where the LSE comes from the fp32
     reference anyway (``backend`` resolves to ``"eager"``: CPU), the matrix is built once (``rescaled_set_eager``)
     instead of twice. ``dropout`` (training) runs there too, on the rescaled weights."""
+    _check(q, k, v, key_bias, None, backend, window, dropout)
     common = dict(causal=causal, scale=scale, mask=mask, softcap=softcap, window=window, edit=edit)
     backend = resolve_backend(backend, q, k, v, key_bias=key_bias, edit=edit, mask=mask, softcap=softcap,
                               return_lse=True, dropout=dropout)

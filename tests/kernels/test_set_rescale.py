@@ -118,3 +118,13 @@ def test_the_reference_never_holds_the_matrix():
                                              causal=True)
     torch.testing.assert_close(got[:, :, rows], want, atol=1e-5, rtol=0)
 
+
+
+@pytest.mark.parametrize("options, match", [(dict(dropout=1.5), r"dropout must be a probability in \[0, 1\)"),
+                                            (dict(dropout=0.1, backend="sdpa"), "does not apply dropout"),
+                                            (dict(backend="cuda"), "is not one of")])
+def test_bad_arguments_are_refused_as_by_attention(options, match):
+    """The eager path took any dropout (a p of 1.5 reached F.dropout's own error)."""
+    q, k, v, key_set, bias = case((1, 2, 1, 5, 5, 16))
+    with pytest.raises(ValueError, match=match):
+        kernels.attention_rescaled_set(q, k, v, key_set=key_set, factor=0.4, key_bias=bias, **options)
