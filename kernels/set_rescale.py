@@ -26,8 +26,8 @@ def attention_rescaled_set(q, k, v, *, key_set: torch.Tensor, factor: float, key
     """``attention(q, k, v, key_bias=..., ...)`` with the weights of ``key_set`` (bool, broadcastable to (B, H, N))
     scaled by ``factor`` in every row and the rest renormalised; also returns ``m`` (B, H, M), the mass each row had
     on the set before. A row that sees no key outside the set is left unchanged. Where the LSE comes from the fp32
-    reference anyway (``backend`` resolves to ``"eager"``: CPU), the matrix is built once (``rescaled_set_eager``)
-    instead of twice. ``dropout`` (training) runs there too, on the rescaled weights."""
+    reference anyway (``backend`` resolves to ``"eager"``: CPU), the reference reweights the rows in one pass
+    (``rescaled_set_eager``) instead of two. ``dropout`` (training) runs there too, on the rescaled weights."""
     _check(q, k, v, key_bias, None, backend, window, dropout)
     common = dict(causal=causal, scale=scale, mask=mask, softcap=softcap, window=window, edit=edit)
     backend = resolve_backend(backend, q, k, v, key_bias=key_bias, edit=edit, mask=mask, softcap=softcap,

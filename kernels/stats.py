@@ -86,8 +86,8 @@ def key_attention_mass(q, k, lse=None, *, key_bias=None, causal=False, scale=Non
         raise ValueError(f"reduce={reduce!r} is not one of ('sum', 'mean')")
     if query_valid is not None and not (isinstance(query_valid, torch.Tensor) and query_valid.dtype == torch.bool
                                         and tuple(query_valid.shape) == (q.shape[0], q.shape[2])):
-        raise ValueError(f"query_valid must be a bool tensor of shape (B, M) = {(q.shape[0], q.shape[2])} (one flag per "
-                         f"query; a 0/1 attention mask: .bool() of its last M columns); got "
+        raise ValueError(f"query_valid must be a bool tensor of shape (B, M) = {(q.shape[0], q.shape[2])} (one flag "
+                         f"per query; a 0/1 attention mask: .bool() of its last M columns); got "
                          f"{getattr(query_valid, 'dtype', type(query_valid).__name__)} "
                          f"{tuple(getattr(query_valid, 'shape', ()))}")
     if _triton(q, backend, mask, softcap, edit, inputs=(q, k, key_bias, lse)):

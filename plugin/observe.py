@@ -138,4 +138,3 @@ def refuse_model_guidance(handle, reason: str) -> None:
             raise NotImplementedError(reason)
 
     observe_calls(handle, model, "_get_logits_processor", check)
-

@@ -194,8 +194,8 @@ class ImageFreeContrast:
 
 
 class ImageFreeRefine(LogitsProcessor):
-    """The refine as ``generate()``'s last logits processor: the scores of the forward that just ran, against its
-    image-free pass."""
+    """The refine as a logits processor appended to ``generate()``'s (after the generation config's and the
+    caller's): the scores of the forward that just ran, against its image-free pass."""
 
     def __init__(self, contrast: ImageFreeContrast):
         self.contrast = contrast

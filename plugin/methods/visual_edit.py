@@ -317,4 +317,4 @@ def check_layers(config) -> None:
           and (layers[1] is None or is_int(layers[1])))
     if not ok:
         config.invalid("layers", "None or (start, end) with int start and int-or-None end")
-    object.__setattr__(config, "layers", tuple(None if end is None else int(end) for end in layers))
+    object.__setattr__(config, "layers", tuple(None if index is None else int(index) for index in layers))
