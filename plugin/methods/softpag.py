@@ -297,8 +297,6 @@ class HeadPerturbation(Intervention):
         return u.to(call.query.device)
 
     def _count_skipped(self, call: AttentionCall, u: torch.Tensor, queries: int) -> None:
-        if recomputing():
-            return
         skipped = int((u == 1).sum())
         n = call.shape[3]
         self.stats["identity_heads_skipped"] = self.stats.get("identity_heads_skipped", 0) + skipped
