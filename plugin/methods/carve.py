@@ -334,10 +334,15 @@ class CARVE(Method):
         return inputs.to(self.model.device)
 
     def _generate(self, inputs, options: dict) -> torch.Tensor:
+        """The new tokens of ``model.generate``: greedy, ``options`` over that; a ``generation_config`` in them sets
+        every other option itself (loose ones would override it)."""
+        if "generation_config" not in options:
+            options = {"do_sample": False, **options}
         with torch.no_grad():
-            out = self.model.generate(**inputs, **{"do_sample": False, **options})
+            out = self.model.generate(**inputs, **options)
         self.stats["passes"] += 1
-        return out[:, inputs["input_ids"].shape[1]:]
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences  # return_dict_in_generate
+        return sequences[:, inputs["input_ids"].shape[1]:]
 
     def _probe_generate(self, inputs) -> torch.Tensor:
         """The probe passes' tokens, ``probe_max_new_tokens`` of them: a plain argmax, as the official
@@ -450,8 +455,8 @@ class CARVE(Method):
 
     def generate(self, image, question: str, **generate_kwargs) -> CARVEOutput:
         """CARVE's answer to ``question`` on ``image`` (a PIL image): probe passes, refinement, final pass.
-        ``generate_kwargs`` go to the final pass's ``model.generate`` (over ``max_new_tokens`` and greedy decoding);
-        the probe passes keep the configured ones."""
+        ``generate_kwargs`` go to the final pass's ``model.generate`` (over ``max_new_tokens`` and greedy decoding;
+        a ``generation_config`` among them sets those itself); the probe passes keep the configured ones."""
         image, question = self._request(image, question)
         saliency, covered, task = self._saliency(image, question)
         refined, regions, flat = self._refined(image, saliency, covered)
@@ -459,7 +464,8 @@ class CARVE(Method):
         images = [image, refined] if self.config.final_images == "both" else [refined]
         inputs = self.build_inputs(images, [self._prompt(question)], images_per_text=len(images))
         self.final_inputs = inputs
-        self.final_tokens = self._generate(inputs, {"max_new_tokens": self.config.max_new_tokens, **generate_kwargs})
+        defaults = {} if "generation_config" in generate_kwargs else {"max_new_tokens": self.config.max_new_tokens}
+        self.final_tokens = self._generate(inputs, {**defaults, **generate_kwargs})
         texts = self._decode(self.final_tokens)
         mask = regions.mask if regions is not None else torch.ones(saliency.shape, dtype=torch.bool)
         return CARVEOutput(text=texts[0], texts=texts, original_text=task.text, saliency=saliency, mask=mask,

@@ -70,6 +70,30 @@ def test_probes_decode_by_plain_argmax_and_the_final_pass_keeps_the_generation_c
     assert model.generation_config.repetition_penalty == 1.3
 
 
+def test_the_final_pass_takes_a_generation_config_and_dict_outputs(carve_models, monkeypatch):
+    """A ``generation_config`` given to ``h.generate`` sets the final pass's length and decoding (CARVE's loose
+    max_new_tokens / do_sample overrode it: 32 tokens for 3), and ``return_dict_in_generate`` (given, or the model's
+    own setting) is read (it crashed indexing the output object)."""
+    from transformers import GenerationConfig
+
+    model, processor = carve_models("llava"), PROCESSORS["llava"]()
+    picture = image(70, 42, seed=8)
+    new_tokens, generate = [], type(model).generate
+
+    def recording(self, *args, **kwargs):
+        out = generate(self, *args, **kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        new_tokens.append(sequences.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(type(model), "generate", recording)
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with nograd.apply(model, "carve", processor=processor, probe_max_new_tokens=4) as handle:
+        handle.generate(picture, QUESTION, generation_config=config)
+        handle.generate(picture, QUESTION, max_new_tokens=2, return_dict_in_generate=True)
+    assert new_tokens[1] <= 3 and new_tokens[3] <= 2  # the final passes (after each probe pass)
+
+
 def test_select_regions_keeps_no_pixel_the_map_does_not_cover():
     """A 210x90 (21:9) image whose map covers the central 90x90 (43% of the pixels): at top_p=0.6 the uncovered
     pixels (the map's minimum) tied at a whole-image threshold and were kept, the bbox the whole image."""
