@@ -1,7 +1,8 @@
 """CARVE against its spec and the official code: with ``steps="first"`` the task probe still answers in full (spec
 §5.1), the probes decode by plain argmax whatever the checkpoint's ``generation_config`` sets (official
-``generate_with_attention``) while the final pass keeps it, nothing outside LLaVA-1.5's centre crop is kept (§5.2),
-and ``prompt_style="official"`` builds the official LLaVA-1.5 prompt (§3 Prompts, §5.4)."""
+``generate_with_attention``) while the final pass keeps it (and a ``generation_config`` or dict outputs the caller
+gives it), nothing outside LLaVA-1.5's centre crop (read from the processor's sizes) is kept (§5.2), and
+``prompt_style="official"`` builds the official LLaVA-1.5 prompt (§3 Prompts, §5.4)."""
 
 from __future__ import annotations
 
