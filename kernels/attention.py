@@ -112,6 +112,13 @@ def reweight_to_bias(scale: torch.Tensor) -> torch.Tensor:
     return torch.log(scale.float())
 
 
+def restrict_mask(mask: torch.Tensor | None, visible: torch.Tensor | None) -> torch.Tensor | None:
+    """A transformers-style mask (boolean, or additive float) further limited to ``visible`` (boolean)."""
+    if visible is None or mask is None:
+        return mask if visible is None else visible
+    return mask & visible if mask.dtype == torch.bool else mask.masked_fill(~visible, -torch.inf)
+
+
 def visible_keys(positions: torch.Tensor, keys: torch.Tensor, causal: bool, window: int | None) -> torch.Tensor | None:
     """(R, K) boolean: whether the query at key position ``positions[r]`` sees key ``keys[j]`` (``keys[j] <= p`` if
     ``causal``; ``keys[j] > p - window`` with a ``window``, the ``window`` most recent positions); None if both are

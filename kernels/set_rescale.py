@@ -17,7 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .attention import _check, _grouped_matmul, attention, query_blocks, resolve_backend, scaled_logits, softmax_rows
+from .attention import (_check, _grouped_matmul, attention, query_blocks, resolve_backend, restrict_mask,
+                        scaled_logits, softmax_rows, visible_keys)
 from .broadcast import per_key
 
 
@@ -56,19 +57,20 @@ def rescaled_set_eager(q, k, v, *, key_set: torch.Tensor, factor: float, key_bia
     each row sums to 1 again), then the weighted sum of the values. One block of ``QUERY_BLOCK`` query rows at a
     time over the keys they can see (O(block x N) memory, never the whole matrix), except with ``dropout``, which
     draws its mask over the whole matrix as eager attention does."""
-    common = dict(scale=scale, softcap=softcap, window=window)
     if dropout:
         return _rescaled_rows(q, k, v, key_set, factor, key_bias=key_bias, causal=causal, mask=mask, edit=edit,
-                              dropout=dropout, **common)
+                              dropout=dropout, scale=scale, softcap=softcap, window=window)
     m, n = q.shape[2], k.shape[2]
     out = torch.zeros((*q.shape[:3], v.shape[-1]), dtype=q.dtype, device=q.device)
     mass = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
     for r0, r1, hi in query_blocks(m, n, causal):
+        positions = torch.arange(r0, r1, device=q.device) + (n - m)  # each row's own: its causal edge and window
+        block_mask = None if mask is None else mask[..., r0:r1, :hi] if mask.shape[-2] > 1 else mask[..., :hi]
+        block_mask = restrict_mask(block_mask, visible_keys(positions, torch.arange(hi), causal, window))
         out[:, :, r0:r1], mass[:, :, r0:r1] = _rescaled_rows(
             q[:, :, r0:r1], k[:, :, :hi], v[:, :, :hi], _first_keys(key_set, n, hi), factor,
-            key_bias=_first_keys(key_bias, n, hi), causal=causal, edit=None if edit is None else edit.first_keys(hi),
-            mask=None if mask is None else mask[..., r0:r1, :hi] if mask.shape[-2] > 1 else mask[..., :hi],
-            positions=torch.arange(r0, r1, device=q.device) + (n - m), **common)
+            key_bias=_first_keys(key_bias, n, hi), edit=None if edit is None else edit.first_keys(hi),
+            mask=block_mask, positions=positions, scale=scale, softcap=softcap)
     return out, mass
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import query_blocks, scaled_logits, softmax_rows, visible_keys
+from .attention import query_blocks, restrict_mask, scaled_logits, softmax_rows, visible_keys
 
 
 def _probs(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,13 +47,6 @@ def _triton(q: torch.Tensor, backend: str, mask=None, softcap=None, edit=None, i
     return backend == "triton"
 
 
-def _restrict(mask: torch.Tensor | None, visible: torch.Tensor | None) -> torch.Tensor | None:
-    """A transformers-style mask (boolean, or additive float) further limited to ``visible`` (boolean)."""
-    if visible is None or mask is None:
-        return mask if visible is None else visible
-    return mask & visible if mask.dtype == torch.bool else mask.masked_fill(~visible, -torch.inf)
-
-
 def attention_rows(q_rows, k, *, positions=None, key_bias=None, scale=None, mask=None, softcap=None, window=None,
                    edit=None, edit_positions=None, backend="auto") -> torch.Tensor:
     """Softmax attention rows (B, H, R, N) fp32 of the queries ``q_rows`` (B, H, R, D).
@@ -68,7 +61,7 @@ def attention_rows(q_rows, k, *, positions=None, key_bias=None, scale=None, mask
         return attention_probabilities_triton(q_rows, k, positions=positions, key_bias=key_bias, scale=scale,
                                               window=window)
     if positions is not None:
-        mask = _restrict(mask, visible_keys(positions.to(k.device), torch.arange(k.shape[2]), True, window))
+        mask = restrict_mask(mask, visible_keys(positions.to(k.device), torch.arange(k.shape[2]), True, window))
     return _probs(scaled_logits(q_rows, k, key_bias=key_bias, scale=scale, mask=mask, softcap=softcap, edit=edit,
                                 positions=edit_positions if edit_positions is not None else positions))
 
@@ -102,7 +95,7 @@ def key_attention_mass(q, k, lse=None, *, key_bias=None, causal=False, scale=Non
     for r0, r1, hi in query_blocks(m, n, causal):  # one (B, H, block, N) slice of the matrix at a time
         positions = torch.arange(r0, r1, device=q.device) + (n - m)
         block_mask = None if mask is None else mask[..., r0:r1, :hi] if mask.shape[-2] > 1 else mask[..., :hi]
-        block_mask = _restrict(block_mask, visible_keys(positions, torch.arange(hi), causal, window))
+        block_mask = restrict_mask(block_mask, visible_keys(positions, torch.arange(hi), causal, window))
         logits = scaled_logits(q[:, :, r0:r1], k[:, :, :hi], key_bias=None if key_bias is None else key_bias[..., :hi],
                                scale=scale, mask=block_mask, softcap=softcap,
                                edit=None if edit is None else edit.first_keys(hi), positions=positions)

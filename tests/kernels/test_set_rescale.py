@@ -23,6 +23,7 @@ CASES = [  # (B, H, H_kv, M, N, D), attention kwargs
     ((1, 2, 1, 600, 600, 16), dict(causal=True)),  # three blocks of query rows
     ((1, 2, 2, 300, 700, 16), dict(causal=True, window=50)),  # a chunk over a longer cache
     ((1, 2, 2, 520, 520, 16), dict()),
+    ((1, 2, 2, 300, 300, 16), dict(window=32)),  # a window without the causal edge (a sliding layer's float mask)
 ]
 
 
