@@ -8,13 +8,13 @@ before a method touches the model.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import math
 from dataclasses import MISSING, dataclass, field, fields
 from numbers import Integral, Real
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 
@@ -40,12 +40,16 @@ def _is_choice(value: Any, choices: tuple) -> bool:
 
 def _own_copy(value: Any) -> Any:
     """A value the config can keep without sharing it with the caller: a tensor cloned, a list / dict / tuple of
-    plain data (numbers, strings, None, nested containers of them) copied; anything else (models, processors,
-    calibration batches) as it is."""
+    plain data (numbers, strings, None, nested containers of them) copied, numpy scalars as Python's (so the config
+    and the stats made of it serialise); anything else (models, processors, calibration batches) as it is."""
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
+    if isinstance(value, np.generic):
+        return value.item()
     if isinstance(value, (list, tuple, dict)) and _plain(value):
-        return copy.deepcopy(value)
+        if isinstance(value, dict):
+            return {_own_copy(key): _own_copy(item) for key, item in value.items()}
+        return type(value)(_own_copy(item) for item in value)
     return value
 
 

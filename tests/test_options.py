@@ -39,6 +39,11 @@ def test_numpy_integers_are_ints(build):
         assert pai.config.layers == (1, None) and type(pai.config.layers[0]) is int
     with nograd.apply(model, "zerotuning", layers=[np.int64(0)], heads=np.int32(1)) as zt:
         assert zt.config.layers == (0,) and zt.config.heads == (1,)
+    with nograd.apply(model, "pyramiddrop", boundaries=[np.int64(1)], keep=[np.float32(0.5)]) as drop:
+        assert type(drop.config.boundaries[0]) is int and type(drop.config.keep[0]) is float
+        import json
+
+        json.dumps({key: value for key, value in drop.stats.items() if key != "kept"})  # numpy scalars do not dump
 
 
 def test_the_config_keeps_its_own_copy(build):
