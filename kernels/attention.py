@@ -373,6 +373,15 @@ def query_blocks(m: int, n: int, causal: bool):
             yield r0, r1, hi
 
 
+def query_block_mask(mask, r0: int, r1: int, hi: int, m: int, n: int, causal: bool, window: int | None, device):
+    """(positions, mask) of the query rows ``[r0, r1)`` of a ``query_blocks`` block over the keys ``[:hi]``: each
+    row's key position (``i + N - M``) and ``mask`` cut to the block and limited to the keys each row sees (its
+    causal edge and window, placed by its own position)."""
+    positions = torch.arange(r0, r1, device=device) + (n - m)
+    block = None if mask is None else mask[..., r0:r1, :hi] if mask.shape[-2] > 1 else mask[..., :hi]
+    return positions, restrict_mask(block, visible_keys(positions, torch.arange(hi), causal, window))
+
+
 def _sdpa_in_query_blocks(q, k, v, key_bias, causal, window, scale):
     """A causal edge and/or window with a key bias, without the dense (B, H, M, N) mask: one SDPA call per block of
     ``QUERY_BLOCK`` query rows over only the keys its rows can see (so the causal upper triangle and the keys left

@@ -17,8 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .attention import (_check, _grouped_matmul, attention, query_blocks, resolve_backend, restrict_mask,
-                        scaled_logits, softmax_rows, visible_keys)
+from .attention import (_check, _grouped_matmul, attention, query_block_mask, query_blocks, resolve_backend,
+                        scaled_logits, softmax_rows)
 from .broadcast import per_key
 
 
@@ -64,9 +64,7 @@ def rescaled_set_eager(q, k, v, *, key_set: torch.Tensor, factor: float, key_bia
     out = torch.zeros((*q.shape[:3], v.shape[-1]), dtype=q.dtype, device=q.device)
     mass = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
     for r0, r1, hi in query_blocks(m, n, causal):
-        positions = torch.arange(r0, r1, device=q.device) + (n - m)  # each row's own: its causal edge and window
-        block_mask = None if mask is None else mask[..., r0:r1, :hi] if mask.shape[-2] > 1 else mask[..., :hi]
-        block_mask = restrict_mask(block_mask, visible_keys(positions, torch.arange(hi), causal, window))
+        positions, block_mask = query_block_mask(mask, r0, r1, hi, m, n, causal, window, q.device)
         out[:, :, r0:r1], mass[:, :, r0:r1] = _rescaled_rows(
             q[:, :, r0:r1], k[:, :, :hi], v[:, :, :hi], _first_keys(key_set, n, hi), factor,
             key_bias=_first_keys(key_bias, n, hi), edit=None if edit is None else edit.first_keys(hi),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import query_blocks, restrict_mask, scaled_logits, softmax_rows, visible_keys
+from .attention import query_block_mask, query_blocks, restrict_mask, scaled_logits, softmax_rows, visible_keys
 
 
 def _probs(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,9 +93,7 @@ def key_attention_mass(q, k, lse=None, *, key_bias=None, causal=False, scale=Non
     mass = torch.zeros(b, h, n, dtype=torch.float32, device=q.device)
     seen = torch.zeros(b, h, n, dtype=torch.int64, device=q.device)
     for r0, r1, hi in query_blocks(m, n, causal):  # one (B, H, block, N) slice of the matrix at a time
-        positions = torch.arange(r0, r1, device=q.device) + (n - m)
-        block_mask = None if mask is None else mask[..., r0:r1, :hi] if mask.shape[-2] > 1 else mask[..., :hi]
-        block_mask = restrict_mask(block_mask, visible_keys(positions, torch.arange(hi), causal, window))
+        positions, block_mask = query_block_mask(mask, r0, r1, hi, m, n, causal, window, q.device)
         logits = scaled_logits(q[:, :, r0:r1], k[:, :, :hi], key_bias=None if key_bias is None else key_bias[..., :hi],
                                scale=scale, mask=block_mask, softcap=softcap,
                                edit=None if edit is None else edit.first_keys(hi), positions=positions)

@@ -528,11 +528,10 @@ def drop_cost(text_config, plan: DropSchedule, visual_tokens: list[list[int]], r
     once) and ``macs`` over whole sequences plus the ranking rows of the boundaries that drop (spec §5.6; a boundary
     that keeps every token ranks none), each summed over the rows as if each ran alone, before and after; and
     ``kv_bytes_saved``, what the batch's cache holds fewer. ``visual_tokens[b]``: row b's visual tokens per stage;
-    ``real_lengths[b]``: its non-pad prompt length; ``length``: the batch's padded
-    prompt length (default: the longest row). A stage's rows are padded to its longest remaining row, so the batch's
-    cache saves per layer B times ``length`` less that row's length. A sliding-window layer
-    (``text_config.layer_types``) saves only what the default cache's sliding layer would have held: its last
-    ``sliding_window - 1`` keys."""
+    ``real_lengths[b]``: its non-pad prompt length; ``length``: the batch's padded prompt length (default: the
+    longest row). A stage's rows are padded to its longest remaining row, so the batch's cache saves per layer B
+    times ``length`` less that row's length. A sliding-window layer (``text_config.layer_types``) saves only what the
+    default cache's sliding layer would have held: its last ``sliding_window - 1`` keys."""
     d, m = text_config.hidden_size, text_config.intermediate_size
     heads = text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or d // heads

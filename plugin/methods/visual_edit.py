@@ -261,7 +261,7 @@ class VisualEditMethod(Method):
         return layer_range(self.config.layers, self.adapter.num_layers, self.default_layers)
 
     def keeps_prompt_state(self) -> bool:
-        return not self.is_neutral() or self.refines() or self.measures_heads  # the tracked prompt
+        return not self.is_neutral() or self.refines() or self.measures_heads  # what attach tracks the prompt for
 
     def refines(self) -> bool:
         """Whether PAI's image-free refine runs: ``cfg_gamma`` set and not 1 (at 1 the official ``CFGLogits``
@@ -274,7 +274,7 @@ class VisualEditMethod(Method):
     def attach(self, handle) -> None:
         edits = not self.is_neutral()
         handle.stats.update(layers=list(self.layers()) if edits else [], heads=self.adapter.num_heads, edited_calls=0)
-        if not (edits or self.refines() or self.measures_heads):
+        if not self.keeps_prompt_state():
             return
         tracker = PromptTracker(handle, video=self.edits_video, on_prompt=self.new_prompt)
         if self.refines():
