@@ -30,8 +30,7 @@ FAMILIES = {
     "Merge": ("frank",),
 }
 MAX_SIDE = 4096
-"""The longest side the demo accepts, in pixels (so at most 4096 x 4096)."""
-"""Largest uploaded image (width x height) the demo accepts."""
+"""The longest side of an uploaded image the demo accepts, in pixels (so at most 4096 x 4096)."""
 MAX_NEW_TOKENS = 64
 DISPLAY = 256
 """Shorter side, in pixels, that small images are enlarged to for display."""
