@@ -36,8 +36,9 @@ Backends (one signature, results equal to the reference within float tolerance):
   (``pack_gqa``), without repeating K/V. Only a per-query ``mask`` from transformers is passed dense (warned
   once).
 - ``"eager"``: the fp32 reference; materialises the matrix.
-- ``"auto"``: on CUDA the Triton kernel, except decode (M == 1), where SDPA's broadcast mask is already O(N); on
-  CPU SDPA; the reference only for what no other backend does (``softcap``, LSE on CPU).
+- ``"auto"``: on CUDA the Triton kernel, except decode (M == 1) without a score edit, where SDPA's broadcast mask
+  is already O(N); on CPU SDPA (a score edit's rows on the reference); the reference only for what no other backend
+  does (``softcap``, LSE on CPU).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class ScoreEdit:
     abs_coef: torch.Tensor | None = None
     mul_coef: torch.Tensor | None = None
     rows_from: torch.Tensor | None = None
+    rows_min: int | None = None
+    """``int(rows_from.min())`` where the caller knows it (``first_row`` then reads no device value: no sync)."""
 
     @property
     def tensors(self) -> tuple[torch.Tensor | None, ...]:
@@ -79,14 +82,16 @@ class ScoreEdit:
         """The first query row (of M) that any batch row edits (M if none)."""
         if self.rows_from is None:
             return 0
-        return min(max(int(self.rows_from.min()) - (n - m), 0), m)
+        low = int(self.rows_from.min()) if self.rows_min is None else self.rows_min
+        return min(max(low - (n - m), 0), m)
 
     def first_keys(self, n: int) -> "ScoreEdit":
         """The same edit over the first ``n`` keys only (the coefficients cut to them)."""
         def cut(coef):
             return None if coef is None else coef[..., :n]
 
-        return ScoreEdit(abs_coef=cut(self.abs_coef), mul_coef=cut(self.mul_coef), rows_from=self.rows_from)
+        return ScoreEdit(abs_coef=cut(self.abs_coef), mul_coef=cut(self.mul_coef), rows_from=self.rows_from,
+                         rows_min=self.rows_min)
 
     def apply(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Edit fp32 ``logits`` (B, H, R, N) of the rows at key positions ``positions`` (R,)."""
@@ -262,14 +267,13 @@ def soft_identity_blend(out: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> 
 
 
 def attention_eager(q, k, v, *, key_bias=None, causal=False, scale=None, mask=None, softcap=None, window=None,
-                    edit=None, dropout=0.0):
+                    edit=None, dropout=0.0, return_lse=True):
     """The reference: explicit fp32 logits, softmax (``dropout`` of its weights) and weighted sum. Returns (out in
-    q.dtype, lse fp32)."""
+    q.dtype, lse fp32), the lse None unless ``return_lse``."""
     logits = scaled_logits(q, k, key_bias=key_bias, causal=causal, scale=scale, mask=mask, softcap=softcap,
                            window=window, edit=edit)
     out = _grouped_matmul(F.dropout(softmax_rows(logits), p=dropout) if dropout else softmax_rows(logits), v.float())
-    lse = logsumexp_rows(logits)
-    return out.to(q.dtype), lse
+    return out.to(q.dtype), logsumexp_rows(logits) if return_lse else None
 
 
 _dense_warned = False
@@ -434,9 +438,10 @@ def use_backend(name: str):
         _PREFERRED.reset(token)
 
 
-def choose_backend(q: torch.Tensor, *, mask=None, softcap=None, return_lse=False, grad=False) -> str:
+def choose_backend(q: torch.Tensor, *, mask=None, softcap=None, return_lse=False, grad=False, edit=None) -> str:
     """What ``backend="auto"`` runs for these arguments (see the module doc, and ``use_backend``); ``grad``: autograd
-    records the call, so the forward-only Triton kernel is not chosen."""
+    records the call, so the forward-only Triton kernel is not chosen; ``edit``: a score edit, which only the Triton
+    kernel fuses (elsewhere its rows run on the reference)."""
     from . import triton_attention
 
     preferred = _PREFERRED.get()
@@ -446,7 +451,7 @@ def choose_backend(q: torch.Tensor, *, mask=None, softcap=None, return_lse=False
     if softcap is not None:
         return "eager"
     if q.is_cuda and triton_attention.available(q.device) and mask is None and q.shape[-1] <= 256 and not grad:
-        return "sdpa" if q.shape[2] == 1 and not return_lse else "triton"
+        return "sdpa" if q.shape[2] == 1 and not return_lse and edit is None else "triton"
     return "eager" if return_lse else "sdpa"
 
 
@@ -465,8 +470,8 @@ def resolve_backend(backend: str, q, k, v, *, key_bias=None, blend=None, edit=No
     if backend == "triton" and grad:
         raise ValueError("backend='triton' is forward-only (no backward): under autograd use backend='auto', "
                          "'sdpa', 'flex' or 'eager', or run it in torch.no_grad()")
-    return choose_backend(q, mask=mask, softcap=softcap, return_lse=return_lse, grad=grad) if backend == "auto" \
-        else backend
+    return choose_backend(q, mask=mask, softcap=softcap, return_lse=return_lse, grad=grad, edit=edit) \
+        if backend == "auto" else backend
 
 
 def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, return_lse=False, backend="auto",
@@ -507,7 +512,8 @@ def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, r
 
         out, lse = attention_flex(q, k, v, return_lse=return_lse, **args)
     elif backend == "eager":
-        out, lse = attention_eager(q, k, v, mask=mask, softcap=softcap, edit=edit, dropout=dropout, **args)
+        out, lse = attention_eager(q, k, v, mask=mask, softcap=softcap, edit=edit, dropout=dropout,
+                                   return_lse=return_lse, **args)
     else:
         out = attention_sdpa(q, k, v, mask=mask, **args)
         lse = row_logsumexp(q, k, mask=mask, **args) if return_lse else None
@@ -537,9 +543,11 @@ def _attention_with_edited_tail(q, k, v, *, backend, mask, edit, return_lse, key
     if first < m:
         tail_mask = None if mask is None else mask[..., first:, :] if mask.shape[-2] > 1 else mask
         out, lse = attention_eager(q[:, :, first:], k, v, key_bias=key_bias, causal=causal, scale=scale,
-                                   window=window, mask=tail_mask, edit=edit)
+                                   window=window, mask=tail_mask, edit=edit, return_lse=return_lse)
         parts.append(out)
         lses.append(lse)
+    if len(parts) == 1:
+        return parts[0], lses[0]
     return torch.cat(parts, dim=2), (torch.cat(lses, dim=2) if return_lse else None)
 
 

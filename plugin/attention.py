@@ -516,7 +516,7 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
                   edit=call.edit, dropout=call.dropout)
     if base is not None and call.edit is not None and not (biases or blends or rescales or call.dropout) \
             and m - call.edit.first_row(m, n) <= EDITED_ROWS_OVER_BASE:
-        out = _edited_rows_over(base(), call)
+        out = _edited_rows_over(base, call)
     elif rescales:
         (key_set, factor), = rescales
         out, _ = kernels.attention_rescaled_set(call.query, call.key, call.value, key_set=key_set, factor=factor,
@@ -532,18 +532,20 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
     return out
 
 
-def _edited_rows_over(base_out: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-    """``base_out`` (B, H, M, D) with the rows and heads that ``call.edit`` changes recomputed explicitly."""
+def _edited_rows_over(base: Callable, call: AttentionCall) -> torch.Tensor:
+    """The caller's attention ``base()`` (B, H, M, D) with the rows and heads that ``call.edit`` changes recomputed
+    (explicitly on CPU, by the Triton kernel on CUDA); ``base`` is not run where the edit changes every row and head
+    (a decode step of an edit on all heads)."""
     edit = call.edit
     _, _, m, n = call.shape
     first = edit.first_row(m, n)
     if first >= m:
-        return base_out
+        return base()
     mask = call.mask
     tail_mask = None if mask is None else mask[..., first:, :] if mask.shape[-2] > 1 else mask
     tail = kernels.attention(call.query[:, :, first:], call.key, call.value, key_bias=call.key_bias,
                              causal=call.causal, scale=call.scaling, mask=tail_mask, softcap=call.softcap,
-                             window=call.window, edit=edit, backend="eager")
+                             window=call.window, edit=edit)
     positions = torch.arange(first, m, device=tail.device) + (n - m)
     if edit.rows_from is None:
         rows = torch.ones(1, m - first, dtype=torch.bool, device=tail.device)
@@ -551,6 +553,9 @@ def _edited_rows_over(base_out: torch.Tensor, call: AttentionCall) -> torch.Tens
         rows = positions[None, :] >= edit.rows_from.to(tail.device)[:, None]
     heads = sum((coef != 0).any(dim=-1) for coef in (edit.abs_coef, edit.mul_coef) if coef is not None) > 0
     changed = rows[:, None, :, None] & heads.to(tail.device)[..., None, None]
+    if first == 0 and bool(changed.all()):
+        return tail
+    base_out = base()
     return torch.cat([base_out[:, :, :first], torch.where(changed, tail, base_out[:, :, first:])], dim=2)
 
 

@@ -188,6 +188,38 @@ def test_edited_rows_over_the_base_equal_the_fused_path(build, padded_batch, mon
     assert (over_base - logits(model, ids, mask))[real].abs().max() > 1e-4
 
 
+class AllHeadsEdit(Intervention):
+    """A score edit on every head of every row."""
+
+    def score_edit(self, call):
+        return kernels.ScoreEdit(abs_coef=torch.full((1, 1, call.key.shape[2]), 0.5))
+
+
+@pytest.mark.parametrize("edit, base_runs", [(AllHeadsEdit, 0), (HeadEdit, 1)])
+def test_a_decode_step_edited_everywhere_skips_the_base(edit, base_runs, monkeypatch):
+    """A decode row whose every head is edited is the edited row alone (the reference's, exactly): the caller's
+    attention is not run for nothing; with an unedited head it runs and that head keeps the caller's output."""
+    from nograd import attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8)
+    runs = []
+
+    def base():
+        runs.append(1)
+        return kernels.attention(q, k, v, backend="sdpa")
+
+    call = attention.AttentionCall(module=None, layer_idx=0, query=q, key=k, value=v, scaling=8 ** -0.5,
+                                   batch=attention.BatchInfo())
+    out = attention.attend(call, [edit()], None, base=base)
+    want = kernels.attention(q, k, v, edit=call.edit, backend="eager")
+    assert len(runs) == base_runs
+    if base_runs:
+        assert torch.equal(out[:, [0, 2]], base()[:, [0, 2]]) and torch.equal(out[:, [1, 3]], want[:, [1, 3]])
+    else:
+        assert torch.equal(out, want)
+
+
 @pytest.mark.parametrize("family, switch", [("llama", "eager"), ("llava", {"text_config": "eager"})])
 def test_an_implementation_set_after_apply_raises_and_stays(build, family, switch):
     """``set_attn_implementation`` after ``apply`` would switch the method off unseen: the next forward raises, and

@@ -164,6 +164,8 @@ class VisualScoreEdit(Intervention):
         self.stats = stats
         self.measured: VisualPrompt | None = None
         """The prompt whose shares were measured last."""
+        self._rows: tuple | None = None
+        """(prompt, rows_from, its minimum) of the last prompt edited."""
 
     def visual_share(self, call: AttentionCall, prompt: VisualPrompt) -> torch.Tensor:
         """(B, H): the softmax row of each batch row's last prompt token (causal, its real keys, the layer's window
@@ -193,18 +195,27 @@ class VisualScoreEdit(Intervention):
         gains = torch.atleast_2d(self.method.head_gains(self.layer, prompt.has_visual))
         gains = gains.to(call.query.device)[:, :, None]
         abs_coef, mul_coef = self.method.coefficients(prompt)
-        rows_from = prompt.prompt_end if self.method.config.rows == "prompt_end" else prompt.visual_end
-        if self.tracker.contrast is not None:  # official: the refine's ``use_cfg`` flag keeps the prefill unedited
-            rows_from = torch.maximum(rows_from, prompt.prompt_end + 1)
-        rows_from = torch.where(prompt.has_visual, rows_from, NO_ROWS)  # a text-only row of a mixed batch: untouched
-        if not bool((rows_from < offset + n).any()):
+        rows_from, rows_min = self._rows_from(prompt)
+        if rows_min >= offset + n:
             return None  # no row of this call is edited (a prefill under the refine): the plain attention
         self.stats["edited_calls"] += not recomputing()
         return ScoreEdit(
             abs_coef=None if abs_coef is None else prompt.key_classes(abs_coef, n, offset)[:, None, :] * gains,
             mul_coef=None if mul_coef is None else prompt.key_classes(mul_coef, n, offset)[:, None, :] * gains,
             rows_from=(rows_from - offset).to(call.query.device),  # the edit counts rows in this call's keys
+            rows_min=rows_min - offset,
         )
+
+    def _rows_from(self, prompt: VisualPrompt) -> tuple[torch.Tensor, int]:
+        """(B,) the first position each batch row edits, and its minimum as a Python int: computed once per prompt
+        (one device sync), not at every decode step."""
+        if self._rows is None or self._rows[0] is not prompt:
+            rows_from = prompt.prompt_end if self.method.config.rows == "prompt_end" else prompt.visual_end
+            if self.tracker.contrast is not None:  # official: the refine's ``use_cfg`` flag keeps the prefill as is
+                rows_from = torch.maximum(rows_from, prompt.prompt_end + 1)
+            rows_from = torch.where(prompt.has_visual, rows_from, NO_ROWS)  # a text-only row of a mixed batch
+            self._rows = (prompt, rows_from, int(rows_from.min()))
+        return self._rows[1], self._rows[2]
 
 
 def layer_range(layers, num_layers: int, default: tuple[float, float]) -> range:

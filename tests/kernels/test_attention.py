@@ -384,11 +384,24 @@ def test_triton_where_it_cannot_run(monkeypatch):
         kernels.attention_rows(q, k, backend="triton")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA choice (bench/gpu.sh runs it on a lent GPU)")
+def test_auto_choice_on_cuda():
+    """Decode without an edit: SDPA (its broadcast mask is O(N)); with a score edit: the Triton kernel, which fuses
+    it (SDPA would run the edited row on the reference, a dozen small kernels)."""
+    q = torch.randn(1, 2, 1, 16, device="cuda")
+    edit = kernels.ScoreEdit(abs_coef=torch.ones(1, 1, 4, device="cuda"))
+    fused = "triton" if triton_attention.available(q.device) else "sdpa"
+    assert kernels.choose_backend(q) == "sdpa"
+    assert kernels.choose_backend(q, edit=edit) == fused
+    assert kernels.choose_backend(q.expand(1, 2, 4, 16), edit=edit) == fused
+
+
 def test_auto_choice_on_cpu():
     q, k, _ = inputs((1, 2, 2, 4, 4, 16))
     assert kernels.choose_backend(q) == "sdpa"
     assert kernels.choose_backend(q, return_lse=True) == "eager"
     assert kernels.choose_backend(q, softcap=2.0) == "eager"
+    assert kernels.choose_backend(q, edit=kernels.ScoreEdit(abs_coef=torch.ones(1, 1, 4))) == "sdpa"
     with kernels.use_backend("triton"):  # preferred where it can run (CPU tensors: only under TRITON_INTERPRET=1)
         assert kernels.choose_backend(q) == ("triton" if triton_attention.available(q.device) else "sdpa")
         assert kernels.choose_backend(q, mask=torch.ones(1, 1, 4, 4, dtype=torch.bool)) == "sdpa"

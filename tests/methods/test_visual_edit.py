@@ -174,6 +174,23 @@ def test_generate_with_cache_equals_without_and_restores(build, method):
     assert all(torch.equal(a, b) for a, b in zip(again.scores, plain.scores))
 
 
+@pytest.mark.parametrize("method", ["pai", "clearsight"])
+def test_each_prompt_edits_from_its_own_rows(build, method):
+    """The rows an edit starts from are kept per prompt (read from the device once, not at every step): a second
+    prompt of another length and padding under the same handle is edited as under a fresh one."""
+    model = build("llava")
+    first, second = make_inputs("llava", model), make_inputs("llava", model, batch=1, seed=3)
+    assert first["input_ids"].shape[1] != second["input_ids"].shape[1]
+    kwargs = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    options = {"alpha": 0.8} if method == "pai" else {"enhance": 1.5, "suppress": 0.8, "rows": "prompt_end"}
+    with nograd.apply(model, method, **options):
+        model.generate(**first, **kwargs)
+        after = model.generate(**second, **kwargs).scores
+    with nograd.apply(model, method, **options):
+        fresh = model.generate(**second, **kwargs).scores
+    assert all(torch.equal(a, b) for a, b in zip(after, fresh))
+
+
 def test_text_only_prompt_after_an_image_prompt_is_untouched(build):
     model = build("llava")
     inputs = make_inputs("llava", model)
