@@ -451,6 +451,16 @@ def use_mmap_for_large_allocations() -> bool:
         return False
 
 
+def trim_heap() -> None:
+    """glibc: give the free pages of the heap back (``malloc_trim(0)``). Buffers freed before the mmap threshold was
+    set (or while glibc's dynamic threshold had risen) stay in the heap, and a later call that reuses them grows no
+    RSS: its peak would read as zero."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 class Memory:
     """Peak-memory delta of one call. CUDA: max_memory_allocated after reset_peak_memory_stats, minus what was
     allocated before. CPU: growth of VmHWM over VmRSS after resetting VmHWM (``reset``), or ru_maxrss growth in a
@@ -467,7 +477,8 @@ class Memory:
         self.mode = mode
         if mode == "reset":
             mmap = use_mmap_for_large_allocations()
-            self.label = "Δ VmHWM after /proc/self/clear_refs reset" + (", glibc mmap ≥1 MiB" if mmap else "")
+            self.label = ("Δ VmHWM after /proc/self/clear_refs reset, heap trimmed"
+                          + (", glibc mmap ≥1 MiB" if mmap else ""))
         elif mode == "subprocess":
             self.label = "Δ ru_maxrss in a fresh process (after one warm-up call)"
         else:
@@ -486,6 +497,7 @@ class Memory:
             del out
             return peak / 2**20
         if self.mode == "reset":
+            trim_heap()
             _reset_hwm()
             base = _proc_status("VmRSS")
             out = fn()

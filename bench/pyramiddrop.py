@@ -144,6 +144,13 @@ def build_cases(wanted, layers: int, n_visual: int) -> list[Case]:
 # ----------------------------------------------------------------------------------------------------------------
 # measurements
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``--clock``: wall time, or the process's CPU time (steadier on a shared CPU, where other tenants stretch wall
+time; on one thread it is the work done)."""
+CLOCK = ["wall"]
+"""The clock the timed calls read (set from ``--clock``)."""
+
+
 class Stamps(tf.LogitsProcessor):
     """Records when each generated token's logits arrive (after a device sync); the first one follows the prefill."""
 
@@ -153,7 +160,7 @@ class Stamps(tf.LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         self.sync()
-        self.times.append(time.perf_counter())
+        self.times.append(CLOCKS[CLOCK[0]]())
         return scores
 
 
@@ -174,10 +181,11 @@ def cache_bytes(cache) -> int:
 
 def timed_prefill(model, inputs, sync) -> float:
     sync()
-    t0 = time.perf_counter()
+    clock = CLOCKS[CLOCK[0]]
+    t0 = clock()
     out = prefill(model, inputs)
     sync()
-    elapsed = (time.perf_counter() - t0) * 1e3
+    elapsed = (clock() - t0) * 1e3
     del out
     return elapsed
 
@@ -229,11 +237,52 @@ def timed_round(case: Case, model, inputs, args, sync) -> None:
         case.result["decode"].append(generate(model, inputs, args.new_tokens, sync)[1])
 
 
+def run_cases(cases: list[Case], model, inputs, args, sync, start: float, set_up_case) -> tuple[int, object]:
+    """A warm-up prefill, the set-up round (``set_up_case(case)``, which must fill ``case.result["tokens"]`` and
+    empty ``"prefill"`` / ``"decode"`` lists), the timed round-robin rounds within ``args.repeats`` and
+    ``args.budget_s``, then each case's peak memory; (rounds run, the memory meter). A case that raises keeps its
+    error and leaves the rounds."""
+    prefill(model, inputs)  # warm-up: one-time allocations are nobody's cost
+
+    def progress(what: str) -> None:
+        print(f"[{time.perf_counter() - start:.0f} s] {what}", flush=True)
+
+    def over_budget() -> bool:
+        return bool(args.budget_s) and time.perf_counter() - start > args.budget_s
+
+    for case in cases:
+        if over_budget() and case is not cases[0]:  # plain, the denominator, always runs
+            progress(f"budget of {args.budget_s:.0f} s reached: {case.label} not set up")
+            continue
+        try:
+            set_up_case(case)
+        except Exception as e:  # noqa: BLE001  (e.g. out of memory, or a method refusing the model)
+            case.result = {"error": short_error(e)}
+        progress(f"set up: {case.label}")
+    ready = [case for case in cases if "prefill" in case.result]
+    rounds = 0
+    while ready and rounds < args.repeats and not (rounds and over_budget()):
+        for case in list(ready):
+            try:
+                timed_round(case, model, inputs, args, sync)
+            except Exception as e:  # noqa: BLE001
+                case.result["error"] = short_error(e)
+                ready.remove(case)
+        rounds += 1
+        progress(f"timed round {rounds}/{args.repeats}")
+    memory = Memory(args.device == "cuda", "reset" if args.device == "cuda" or hwm_reset_works() else "off")
+    for case in ready:
+        peak_memory(case, model, inputs, memory)
+    progress("peak memory measured")
+    return rounds, memory
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # report
 
-def summarize(cases: list[Case]) -> None:
-    """Medians, percentiles and the ratios to the plain case."""
+def summarize_timing(cases: list[Case]) -> None:
+    """Medians, percentiles, the ratios of time and peak memory to the plain case, and whether its tokens are
+    plain's."""
     plain = cases[0].result
     for case in cases:
         r = case.result
@@ -244,9 +293,20 @@ def summarize(cases: list[Case]) -> None:
         if plain.get("prefill"):
             r["prefill_x"] = r["prefill_ms"] / plain["prefill_ms"]
             r["decode_x"] = r["decode_ms"] / plain["decode_ms"]
+            if r.get("peak_mb") and plain.get("peak_mb"):
+                r["peak_x"] = r["peak_mb"] / plain["peak_mb"]
+            r["same_tokens"] = bool(torch.equal(r["tokens"], plain["tokens"]))
+
+
+def summarize(cases: list[Case]) -> None:
+    """``summarize_timing``, and the KV cache against the plain case's."""
+    summarize_timing(cases)
+    plain = cases[0].result
+    for case in cases:
+        r = case.result
+        if r.get("prefill") and plain.get("prefill"):
             r["kv_x"] = r["kv_bytes"] / plain["kv_bytes"]
             r["kv_saved"] = plain["kv_bytes"] - r["kv_bytes"]
-            r["same_tokens"] = bool(torch.equal(r["tokens"], plain["tokens"]))
 
 
 COLUMNS = ["case", "visual tokens (@ from layer)", "mean / layer", "prefill ms (p20–p80)", "prefill × plain",
@@ -308,7 +368,8 @@ def environment_line(args, device: str, memory, rounds: int) -> str:
             with open("/proc/cpuinfo") as f:
                 cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
         dev = f"CPU {cpu}, {os.cpu_count()} cores"
-    timing = "perf_counter" + (" after torch.cuda.synchronize()" if device == "cuda" else "")
+    timing = {"wall": "perf_counter", "cpu": "process_time (CPU time)"}[args.clock] \
+        + (" after torch.cuda.synchronize()" if device == "cuda" else "")
     return (f"env: {when} | {dev} | python {platform.python_version()} | torch {torch.__version__} | "
             f"transformers {version('transformers')} | threads {torch.get_num_threads()} | dtype {args.dtype} | "
             f"attention {args.attn} | timing {timing}, median of {rounds} round-robin rounds after a set-up round | "
@@ -321,34 +382,49 @@ def environment_line(args, device: str, memory, rounds: int) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_arguments(p, images=5, cases=CASES, quick=QUICK)
+    p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation")
+    return checked_args(p, p.parse_args(argv), CASES, QUICK)
+
+
+def add_common_arguments(p, images: int, cases, quick: dict) -> None:
+    """The options of the LLaVA-shaped model benches (this one and ``bench/methods.py``)."""
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--shape", choices=sorted(SHAPES), default="small",
                    help="small: Llama 16 x 1024 (FFN 2816), a 2-layer CLIP; llava-7b: LLaVA-1.5-7B's Vicuna-7B "
                         "and CLIP ViT-L/14-336 (a GPU only)")
-    p.add_argument("--images", type=int, default=5, help="images per prompt, 576 visual tokens each")
+    p.add_argument("--images", type=int, default=images, help="images per prompt, 576 visual tokens each")
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens around the images")
     p.add_argument("--new-tokens", type=int, default=16, help="N of generate(max_new_tokens=N); at least 2")
     p.add_argument("--repeats", type=int, help="timed round-robin rounds (default: CPU 3, CUDA 5)")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma list among {','.join(CASES)} (plain always)")
-    p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation")
+    p.add_argument("--cases", default=",".join(cases), help=f"comma list among {','.join(cases)} (plain always)")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="what the timed calls read: wall time, or the process's CPU time (CPU only; steadier on a "
+                        "shared machine, where other tenants stretch wall time)")
     p.add_argument("--budget-s", type=float, default=0,
                    help="set up no new case and start no new timed round after this many seconds (0: none); "
                         "plain and one timed round always run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", help="append the environment line and the table to this file")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke test under a minute on CPU: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-    args = p.parse_args(argv)
+                   help="a smoke test under a minute on CPU: " + ", ".join(f"{k}={v}" for k, v in quick.items()))
+
+
+def checked_args(p, args, cases, quick: dict):
+    """``args`` with ``--quick`` and the device's default repeats applied; ``p.error`` on a bad combination."""
     if args.quick:
-        for key, value in QUICK.items():
+        for key, value in quick.items():
             setattr(args, key, value)
     if args.repeats is None:
         args.repeats = 5 if args.device == "cuda" else 3
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
-    unknown = set(args.cases.split(",")) - set(CASES)
+    if args.device == "cuda" and args.clock == "cpu":
+        p.error("--clock cpu times CPU work only: use the wall clock with --device cuda")
+    CLOCK[0] = args.clock
+    unknown = set(args.cases.split(",")) - set(cases)
     if unknown or args.new_tokens < 2 or args.images < 1:
         p.error(f"unknown cases {sorted(unknown)}" if unknown else "--new-tokens >= 2 and --images >= 1")
     return args
@@ -369,38 +445,8 @@ def main(argv=None) -> int:
     about = [describe(model, args, n_visual, inputs["input_ids"].shape[1]),
              "command: python " + " ".join(["bench/pyramiddrop.py", *sys.argv[1:]])]
     print("\n".join(about) + f"\nmodel built in {time.perf_counter() - start:.0f} s", flush=True)
-    prefill(model, inputs)  # warm-up: one-time allocations are nobody's cost
-
-    def progress(what: str) -> None:
-        print(f"[{time.perf_counter() - start:.0f} s] {what}", flush=True)
-
-    def over_budget() -> bool:
-        return bool(args.budget_s) and time.perf_counter() - start > args.budget_s
-
-    for case in cases:
-        if over_budget() and case is not cases[0]:  # plain, the denominator, always runs
-            progress(f"budget of {args.budget_s:.0f} s reached: {case.label} not set up")
-            continue
-        try:
-            set_up(case, model, inputs, args, sync, n_visual, layers)
-        except Exception as e:  # noqa: BLE001  (e.g. out of memory, or a method refusing the model)
-            case.result = {"error": short_error(e)}
-        progress(f"set up: {case.label}")
-    ready = [case for case in cases if "prefill" in case.result]
-    rounds = 0
-    while ready and rounds < args.repeats and not (rounds and over_budget()):
-        for case in list(ready):
-            try:
-                timed_round(case, model, inputs, args, sync)
-            except Exception as e:  # noqa: BLE001
-                case.result["error"] = short_error(e)
-                ready.remove(case)
-        rounds += 1
-        progress(f"timed round {rounds}/{args.repeats}")
-    memory = Memory(device == "cuda", "reset" if device == "cuda" or hwm_reset_works() else "off")
-    for case in ready:
-        peak_memory(case, model, inputs, memory)
-    progress("peak memory measured")
+    rounds, memory = run_cases(cases, model, inputs, args, sync, start,
+                               lambda case: set_up(case, model, inputs, args, sync, n_visual, layers))
     summarize(cases)
     header = [environment_line(args, device, memory, rounds)] + about
     text = table(cases) + f"\n_total {time.perf_counter() - start:.0f} s_\n"
