@@ -318,7 +318,7 @@ def attention_sdpa(q, k, v, *, key_bias=None, causal=False, scale=None, mask=Non
         dead = torch.isneginf(dense).all(dim=-1, keepdim=True)
     else:
         dead = dead_rows(key_bias, m, n, causal, window, q.device)
-    return out.masked_fill(dead, 0.0) if bool(dead.any()) else out
+    return out.masked_fill(dead, 0.0)  # always: asking first whether any row is dead would read the device (a sync)
 
 
 def _fold_floor(dtype: torch.dtype) -> float:

@@ -396,6 +396,28 @@ def test_auto_choice_on_cuda():
     assert kernels.choose_backend(q.expand(1, 2, 4, 16), edit=edit) == fused
 
 
+def host_reads(fn) -> int:
+    """How many times ``fn()`` reads a tensor value back to Python (``aten::_local_scalar_dense``: ``.item()``,
+    ``bool(t)``, ``int(t)``); on CUDA each one waits for the device (a sync)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(event.name == "aten::_local_scalar_dense" for event in prof.events())
+
+
+def test_a_biased_decode_step_reads_nothing_back():
+    """The sdpa path of a decode step with a key bias (ZeroTuning's, ACT's, a padded batch's) zeroes the rows that
+    see no key without asking first whether there are any (that question was a sync at every layer)."""
+    q, k, v = inputs((2, 4, 2, 1, 33, 16))
+    bias = torch.zeros(2, 1, 33)
+    bias[1] = -math.inf  # row 1 sees nothing
+    out = kernels.attention(q, k, v, key_bias=bias, backend="sdpa")
+    assert host_reads(lambda: kernels.attention(q, k, v, key_bias=bias, backend="sdpa")) == 0
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isfinite(out).all()
+    torch.testing.assert_close(out[:1], kernels.attention(q[:1], k[:1], v[:1], backend="eager"), atol=1e-5, rtol=0)
+
+
 def test_auto_choice_on_cpu():
     q, k, _ = inputs((1, 2, 2, 4, 4, 16))
     assert kernels.choose_backend(q) == "sdpa"
