@@ -72,6 +72,9 @@ class ScoreEdit:
     rows_from: torch.Tensor | None = None
     rows_min: int | None = None
     """``int(rows_from.min())`` where the caller knows it (``first_row`` then reads no device value: no sync)."""
+    every_head_from: int | None = None
+    """Where the caller knows one: the first row position from which the edit changes every head of every batch row
+    (the shared path then skips the caller's own attention for those rows without reading the device)."""
 
     @property
     def tensors(self) -> tuple[torch.Tensor | None, ...]:
@@ -91,7 +94,7 @@ class ScoreEdit:
             return None if coef is None else coef[..., :n]
 
         return ScoreEdit(abs_coef=cut(self.abs_coef), mul_coef=cut(self.mul_coef), rows_from=self.rows_from,
-                         rows_min=self.rows_min)
+                         rows_min=self.rows_min, every_head_from=self.every_head_from)
 
     def apply(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Edit fp32 ``logits`` (B, H, R, N) of the rows at key positions ``positions`` (R,)."""

@@ -534,8 +534,8 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
 
 def _edited_rows_over(base: Callable, call: AttentionCall) -> torch.Tensor:
     """The caller's attention ``base()`` (B, H, M, D) with the rows and heads that ``call.edit`` changes recomputed
-    (explicitly on CPU, by the Triton kernel on CUDA); ``base`` is not run where the edit changes every row and head
-    (a decode step of an edit on all heads)."""
+    (explicitly on CPU, by the Triton kernel on CUDA); ``base`` is not run where the edit says that it changes every
+    row and head (``every_head_from``: a decode step of an edit on all heads)."""
     edit = call.edit
     _, _, m, n = call.shape
     first = edit.first_row(m, n)
@@ -546,6 +546,8 @@ def _edited_rows_over(base: Callable, call: AttentionCall) -> torch.Tensor:
     tail = kernels.attention(call.query[:, :, first:], call.key, call.value, key_bias=call.key_bias,
                              causal=call.causal, scale=call.scaling, mask=tail_mask, softcap=call.softcap,
                              window=call.window, edit=edit)
+    if first == 0 and edit.every_head_from is not None and edit.every_head_from <= n - m:
+        return tail
     positions = torch.arange(first, m, device=tail.device) + (n - m)
     if edit.rows_from is None:
         rows = torch.ones(1, m - first, dtype=torch.bool, device=tail.device)
@@ -553,8 +555,6 @@ def _edited_rows_over(base: Callable, call: AttentionCall) -> torch.Tensor:
         rows = positions[None, :] >= edit.rows_from.to(tail.device)[:, None]
     heads = sum((coef != 0).any(dim=-1) for coef in (edit.abs_coef, edit.mul_coef) if coef is not None) > 0
     changed = rows[:, None, :, None] & heads.to(tail.device)[..., None, None]
-    if first == 0 and bool(changed.all()):
-        return tail
     base_out = base()
     return torch.cat([base_out[:, :, :first], torch.where(changed, tail, base_out[:, :, first:])], dim=2)
 

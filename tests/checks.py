@@ -26,6 +26,16 @@ def same_state(model, saved) -> bool:
     return state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
 
 
+def host_reads(fn) -> int:
+    """How many times ``fn()`` reads a tensor value back to Python (``aten::_local_scalar_dense``: ``.item()``,
+    ``bool(t)``, ``int(t)``); on CUDA each one waits for the device (a sync)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(event.name == "aten::_local_scalar_dense" for event in prof.events())
+
+
 def attn_names(model) -> dict[str, str | None]:
     """The attention implementation of the model's config and of every sub-config, by dotted key."""
     found, stack = {}, [("", model.config)]

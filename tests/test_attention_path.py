@@ -189,10 +189,10 @@ def test_edited_rows_over_the_base_equal_the_fused_path(build, padded_batch, mon
 
 
 class AllHeadsEdit(Intervention):
-    """A score edit on every head of every row."""
+    """A score edit on every head of every row, which says so."""
 
     def score_edit(self, call):
-        return kernels.ScoreEdit(abs_coef=torch.full((1, 1, call.key.shape[2]), 0.5))
+        return kernels.ScoreEdit(abs_coef=torch.full((1, 1, call.key.shape[2]), 0.5), every_head_from=0)
 
 
 @pytest.mark.parametrize("edit, base_runs", [(AllHeadsEdit, 0), (HeadEdit, 1)])

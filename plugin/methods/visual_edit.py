@@ -165,7 +165,9 @@ class VisualScoreEdit(Intervention):
         self.measured: VisualPrompt | None = None
         """The prompt whose shares were measured last."""
         self._rows: tuple | None = None
-        """(prompt, rows_from, its minimum) of the last prompt edited."""
+        """(prompt, rows_from, its minimum, its maximum) of the last prompt edited."""
+        self._every: tuple | None = None
+        """(prompt, key offset, whether the edit changes every head of every row) of the last call."""
 
     def visual_share(self, call: AttentionCall, prompt: VisualPrompt) -> torch.Tensor:
         """(B, H): the softmax row of each batch row's last prompt token (causal, its real keys, the layer's window
@@ -199,23 +201,35 @@ class VisualScoreEdit(Intervention):
         if rows_min >= offset + n:
             return None  # no row of this call is edited (a prefill under the refine): the plain attention
         self.stats["edited_calls"] += not recomputing()
+        abs_coef = None if abs_coef is None else prompt.key_classes(abs_coef, n, offset)[:, None, :] * gains
+        mul_coef = None if mul_coef is None else prompt.key_classes(mul_coef, n, offset)[:, None, :] * gains
+        every = self._every_head(prompt, offset, abs_coef, mul_coef)
         return ScoreEdit(
-            abs_coef=None if abs_coef is None else prompt.key_classes(abs_coef, n, offset)[:, None, :] * gains,
-            mul_coef=None if mul_coef is None else prompt.key_classes(mul_coef, n, offset)[:, None, :] * gains,
+            abs_coef=abs_coef, mul_coef=mul_coef,
             rows_from=(rows_from - offset).to(call.query.device),  # the edit counts rows in this call's keys
             rows_min=rows_min - offset,
+            every_head_from=self._rows[3] - offset if every else None,
         )
 
     def _rows_from(self, prompt: VisualPrompt) -> tuple[torch.Tensor, int]:
         """(B,) the first position each batch row edits, and its minimum as a Python int: computed once per prompt
-        (one device sync), not at every decode step."""
+        (one device read), not at every decode step (each read is a sync on CUDA). Its maximum is kept too."""
         if self._rows is None or self._rows[0] is not prompt:
             rows_from = prompt.prompt_end if self.method.config.rows == "prompt_end" else prompt.visual_end
             if self.tracker.contrast is not None:  # official: the refine's ``use_cfg`` flag keeps the prefill as is
                 rows_from = torch.maximum(rows_from, prompt.prompt_end + 1)
             rows_from = torch.where(prompt.has_visual, rows_from, NO_ROWS)  # a text-only row of a mixed batch
-            self._rows = (prompt, rows_from, int(rows_from.min()))
+            self._rows = (prompt, rows_from, int(rows_from.min()), int(rows_from.max()))
         return self._rows[1], self._rows[2]
+
+    def _every_head(self, prompt: VisualPrompt, offset: int, *coefs) -> bool:
+        """Whether the edit's coefficients ``coefs`` (B|1, H, N) change at least one key of every head of every batch
+        row; read from the device once per prompt and key offset (a sliding window's keys move on), not per step.
+        The coefficients are zero past the prompt, so this call's decode keys add nothing."""
+        if self._every is None or self._every[0] is not prompt or self._every[1] != offset:
+            heads = sum((coef != 0).any(dim=-1) for coef in coefs if coef is not None) > 0
+            self._every = (prompt, offset, bool(heads.all()) and bool(prompt.has_visual.all()))
+        return self._every[2]
 
 
 def layer_range(layers, num_layers: int, default: tuple[float, float]) -> range:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checks import host_reads
 from nograd import kernels
 
 # (B, H, H_kv, M, N, D): spec kernels.md §3.4, plus odd sizes
@@ -394,16 +395,6 @@ def test_auto_choice_on_cuda():
     assert kernels.choose_backend(q) == "sdpa"
     assert kernels.choose_backend(q, edit=edit) == fused
     assert kernels.choose_backend(q.expand(1, 2, 4, 16), edit=edit) == fused
-
-
-def host_reads(fn) -> int:
-    """How many times ``fn()`` reads a tensor value back to Python (``aten::_local_scalar_dense``: ``.item()``,
-    ``bool(t)``, ``int(t)``); on CUDA each one waits for the device (a sync)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(event.name == "aten::_local_scalar_dense" for event in prof.events())
 
 
 def test_a_biased_decode_step_reads_nothing_back():

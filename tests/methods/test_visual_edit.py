@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nograd
-from checks import assert_refine_is_written_out, attention_function, attn_names, same_state, snapshot
+from checks import assert_refine_is_written_out, attention_function, attn_names, host_reads, same_state, snapshot
 from tiny.vlm import IMAGE, VIDEO, VIDEO_FAMILIES, make_inputs, make_video_inputs
 
 FAMILIES = ["llava", "qwen2_vl", "llava_onevision"]
@@ -189,6 +189,33 @@ def test_each_prompt_edits_from_its_own_rows(build, method):
     with nograd.apply(model, method, **options):
         fresh = model.generate(**second, **kwargs).scores
     assert all(torch.equal(a, b) for a, b in zip(after, fresh))
+
+
+@pytest.mark.parametrize("method", ["pai", "paint", "clearsight"])
+def test_a_decode_step_reads_nothing_back_per_layer(build, method):
+    """After the prefill, an edited decode step asks the device nothing per layer (on CUDA each read is a sync):
+    where the edit starts and whether it covers every head are kept per prompt. The reads are the same with one
+    edited layer as with all of them, one more than the plain model's (the padding mask, split once per forward)."""
+    model = build("llava")
+    inputs = make_inputs("llava", model)
+
+    def decode_step_reads() -> int:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(inputs["attention_mask"][:, :1])], dim=1)
+            step = dict(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask,
+                        past_key_values=out.past_key_values)
+            model(**step, use_cache=True)  # the first step may read what the prefill did not
+            step["attention_mask"] = torch.cat([mask, mask[:, :1]], dim=1)
+            return host_reads(lambda: model(**step, use_cache=True))
+
+    plain = decode_step_reads()
+    reads = {}
+    for layers in [(1, 2), (0, None)]:
+        with nograd.apply(model, method, layers=layers) as handle:
+            reads[layers] = decode_step_reads()
+            assert handle.stats["edited_calls"] > 0
+    assert reads[(1, 2)] == reads[(0, None)] <= plain + 1
 
 
 def test_text_only_prompt_after_an_image_prompt_is_untouched(build):
