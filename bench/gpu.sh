@@ -10,6 +10,10 @@
 # 10 + 15 + 15 s of kill grace + a few seconds of setup. Override any of these, PYTHON, or add BENCH_ARGS / PD_ARGS
 # (default --shape llava-7b), through the environment. The image needs torch + triton (+ transformers, which
 # `import nograd` pulls in); no diffusers.
+#
+# STEPS picks the steps after the environment and the import (default "tests attention pyramiddrop"); "methods" adds
+# bench/methods.py (PAI, PAINT, ClearSight, ZeroTuning, ACT against the plain model, 7B shapes) under METHODS_TIMEOUT
+# (150 s; METHODS_BUDGET 90 s), e.g. with device time left after a default run:  STEPS=methods bash bench/gpu.sh
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/bench/out}
@@ -22,12 +26,17 @@ BENCH_ARGS=${BENCH_ARGS:-}
 PD_TIMEOUT=${PD_TIMEOUT:-140}
 PD_BUDGET=${PD_BUDGET:-90}
 PD_ARGS=${PD_ARGS:---shape llava-7b}
+METHODS_TIMEOUT=${METHODS_TIMEOUT:-150}
+METHODS_BUDGET=${METHODS_BUDGET:-90}
+METHODS_ARGS=${METHODS_ARGS:---shape llava-7b}
+STEPS=" ${STEPS:-tests attention pyramiddrop} "
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 START=$(date +%s)
-STEPS=()
+DONE=()
 
 note() { echo "== [$(( $(date +%s) - START )) s] $*"; }
-record() { STEPS+=("$1=$2"); note "$1: exit $2"; }
+wanted() { [[ "$STEPS" == *" $1 "* ]]; }
+record() { DONE+=("$1=$2"); note "$1: exit $2"; }
 
 # 1. environment ---------------------------------------------------------------------------------------------------
 {
@@ -76,7 +85,9 @@ else
 fi
 
 # 3. kernel tests (the Triton backend's correctness tests run on CUDA here) -----------------------------------------
-if ls tests/kernels/test_*.py >/dev/null 2>&1; then
+if ! wanted tests; then
+  note "tests not in STEPS: skipped"
+elif ls tests/kernels/test_*.py >/dev/null 2>&1; then
   CONFTEST=()
   if ! "$PY" -c "import diffusers" >/dev/null 2>&1; then
     # tests/conftest.py imports the tiny diffusers models; tests/kernels needs none of its fixtures
@@ -95,18 +106,30 @@ fi
 
 # 4. the benchmark ---------------------------------------------------------------------------------------------------
 set -o pipefail
-# shellcheck disable=SC2086
-timeout -k 15 "$BENCH_TIMEOUT" "$PY" bench/attention.py --markdown "$OUT/attention.md" --budget-s "$BENCH_BUDGET" \
-  $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"
-record bench "$?"
+if wanted attention; then
+  # shellcheck disable=SC2086
+  timeout -k 15 "$BENCH_TIMEOUT" "$PY" bench/attention.py --markdown "$OUT/attention.md" --budget-s "$BENCH_BUDGET" \
+    $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"
+  record bench "$?"
+fi
 
 # 5. PyramidDrop / FastV against the plain model (prefill, decode, KV cache) ---------------------------------------
-# shellcheck disable=SC2086
-timeout -k 15 "$PD_TIMEOUT" "$PY" bench/pyramiddrop.py --device cuda --dtype bfloat16 --budget-s "$PD_BUDGET" \
-  --markdown "$OUT/pyramiddrop.md" $PD_ARGS 2>&1 | tee "$OUT/pyramiddrop.log"
-record pyramiddrop "$?"
+if wanted pyramiddrop; then
+  # shellcheck disable=SC2086
+  timeout -k 15 "$PD_TIMEOUT" "$PY" bench/pyramiddrop.py --device cuda --dtype bfloat16 --budget-s "$PD_BUDGET" \
+    --markdown "$OUT/pyramiddrop.md" $PD_ARGS 2>&1 | tee "$OUT/pyramiddrop.log"
+  record pyramiddrop "$?"
+fi
+
+# 6. (STEPS=methods) the attention-editing methods against the plain model -----------------------------------------
+if wanted methods; then
+  # shellcheck disable=SC2086
+  timeout -k 15 "$METHODS_TIMEOUT" "$PY" bench/methods.py --device cuda --dtype bfloat16 --budget-s "$METHODS_BUDGET" \
+    --markdown "$OUT/methods.md" $METHODS_ARGS 2>&1 | tee "$OUT/methods.log"
+  record methods "$?"
+fi
 set +o pipefail
 
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>/dev/null || true
-note "steps: ${STEPS[*]} (124 = timed out); files in $OUT:"
+note "steps: ${DONE[*]} (124 = timed out); files in $OUT:"
 ls -l "$OUT"
