@@ -429,7 +429,8 @@ class CARVE(Method):
         """The (H, W) saliency, the (H, W) pixels its map covers (``covered_pixels``) and the task pass."""
         task, general, views = self._task_and_general(image, question)
         self.maps = {"task": task.maps, "general": general.maps, "positions": self.positions}
-        return to_pixels(self._fuse(task, general), views, image.size), covered_pixels(views, image.size), task
+        covered = covered_pixels(views, image.size)
+        return to_pixels(self._fuse(task, general), views, image.size, covered), covered, task
 
     # ---- the user's calls -----------------------------------------------------------------------------------------
     def saliency(self, image, question: str) -> torch.Tensor:

@@ -145,9 +145,10 @@ def covered_pixels(views: list[View], size: tuple[int, int]) -> torch.Tensor:
     return covered
 
 
-def to_pixels(token_map: torch.Tensor, views: list[View], size: tuple[int, int]) -> torch.Tensor:
-    """(H, W) fp32: ``token_map`` (N,) spread over the image through ``views``; the pixels they do not cover get the
-    minimum of those they do."""
+def to_pixels(token_map: torch.Tensor, views: list[View], size: tuple[int, int],
+              covered: torch.Tensor | None = None) -> torch.Tensor:
+    """(H, W) fp32: ``token_map`` (N,) spread over the image through ``views``; the pixels they do not cover
+    (``covered``, the views' ``covered_pixels`` where the caller has them) get the minimum of those they do."""
     width, height = size
     canvas = torch.zeros(height, width, dtype=torch.float32, device=token_map.device)
     for view in views:
@@ -155,7 +156,7 @@ def to_pixels(token_map: torch.Tensor, views: list[View], size: tuple[int, int])
         raster = token_map.float()[view.index.to(token_map.device)].reshape(1, 1, view.rows, view.cols)
         canvas[y0:y1, x0:x1] += F.interpolate(raster, size=(y1 - y0, x1 - x0), mode="bilinear",
                                               align_corners=False)[0, 0]
-    covered = covered_pixels(views, size).to(token_map.device)
+    covered = (covered_pixels(views, size) if covered is None else covered).to(token_map.device)
     if not bool(covered.all()):
         canvas[~covered] = canvas[covered].min()
     return canvas
