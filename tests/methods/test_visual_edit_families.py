@@ -34,3 +34,36 @@ def test_edit_equals_the_official_edit(reference_logits, family, method, options
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
     assert (got - plain)[real].abs().max() > 1e-4
     assert same_state(model, saved) and torch.equal(logits(model, inputs), plain)
+
+
+@pytest.mark.parametrize("method", ["pai", "paint"])
+def test_decode_past_the_sliding_window(method, monkeypatch):
+    """Gemma3's sliding layers (window 6) drop the image keys from their cache within a few generated tokens. An
+    edit claims to change every head (``every_head_from``: the plain attention is then skipped) only where its
+    coefficients over the call's keys do (the claim is kept per prompt and key offset), and the cached decode steps
+    give the scores of the uncached run, which edits every row over the whole prompt again."""
+    from nograd.methods import visual_edit
+
+    model = tiny_families.build("gemma3", text_layers=4)
+    inputs = tiny_families.make_inputs("gemma3", model)
+    assert inputs["input_ids"].shape[1] > model.config.text_config.sliding_window
+    claims = []
+    score_edit = visual_edit.VisualScoreEdit.score_edit
+
+    def recorded(self, call):
+        edit = score_edit(self, call)
+        if edit is not None and edit.every_head_from is not None:
+            coefs = [c for c in (edit.abs_coef, edit.mul_coef) if c is not None]
+            claims.append(bool((sum((c != 0).any(dim=-1) for c in coefs) > 0).all()))
+        return edit
+
+    monkeypatch.setattr(visual_edit.VisualScoreEdit, "score_edit", recorded)
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, output_scores=True,
+                  return_dict_in_generate=True)
+    with nograd.apply(model, method):
+        cached = model.generate(**inputs, use_cache=True, **kwargs).scores
+        uncached = model.generate(**inputs, use_cache=False, **kwargs).scores
+    assert claims and all(claims)
+    for a, b in zip(cached, uncached):
+        assert torch.equal(torch.isinf(a), torch.isinf(b))
+        torch.testing.assert_close(a[torch.isfinite(a)], b[torch.isfinite(b)], atol=1e-5, rtol=0)
