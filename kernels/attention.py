@@ -89,12 +89,13 @@ class ScoreEdit:
         return min(max(low - (n - m), 0), m)
 
     def first_keys(self, n: int) -> "ScoreEdit":
-        """The same edit over the first ``n`` keys only (the coefficients cut to them)."""
+        """The same edit over the first ``n`` keys only (the coefficients cut to them; no claim to cover every head,
+        which the keys cut off may have made true)."""
         def cut(coef):
             return None if coef is None else coef[..., :n]
 
         return ScoreEdit(abs_coef=cut(self.abs_coef), mul_coef=cut(self.mul_coef), rows_from=self.rows_from,
-                         rows_min=self.rows_min, every_head_from=self.every_head_from)
+                         rows_min=self.rows_min)
 
     def apply(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Edit fp32 ``logits`` (B, H, R, N) of the rows at key positions ``positions`` (R,)."""
