@@ -197,7 +197,7 @@ class VisualScoreEdit(Intervention):
         gains = torch.atleast_2d(self.method.head_gains(self.layer, prompt.has_visual))
         gains = gains.to(call.query.device)[:, :, None]
         abs_coef, mul_coef = self.method.coefficients(prompt)
-        rows_from, rows_min = self._rows_from(prompt)
+        rows_from, rows_min, rows_max = self._rows_from(prompt)
         if rows_min >= offset + n:
             return None  # no row of this call is edited (a prefill under the refine): the plain attention
         self.stats["edited_calls"] += not recomputing()
@@ -208,19 +208,19 @@ class VisualScoreEdit(Intervention):
             abs_coef=abs_coef, mul_coef=mul_coef,
             rows_from=(rows_from - offset).to(call.query.device),  # the edit counts rows in this call's keys
             rows_min=rows_min - offset,
-            every_head_from=self._rows[3] - offset if every else None,
+            every_head_from=rows_max - offset if every else None,
         )
 
-    def _rows_from(self, prompt: VisualPrompt) -> tuple[torch.Tensor, int]:
-        """(B,) the first position each batch row edits, and its minimum as a Python int: computed once per prompt
-        (one device read), not at every decode step (each read is a sync on CUDA). Its maximum is kept too."""
+    def _rows_from(self, prompt: VisualPrompt) -> tuple[torch.Tensor, int, int]:
+        """(B,) the first position each batch row edits, with its minimum and maximum as Python ints: computed once
+        per prompt (one device read), not at every decode step (each read is a sync on CUDA)."""
         if self._rows is None or self._rows[0] is not prompt:
             rows_from = prompt.prompt_end if self.method.config.rows == "prompt_end" else prompt.visual_end
             if self.tracker.contrast is not None:  # official: the refine's ``use_cfg`` flag keeps the prefill as is
                 rows_from = torch.maximum(rows_from, prompt.prompt_end + 1)
             rows_from = torch.where(prompt.has_visual, rows_from, NO_ROWS)  # a text-only row of a mixed batch
             self._rows = (prompt, rows_from, int(rows_from.min()), int(rows_from.max()))
-        return self._rows[1], self._rows[2]
+        return self._rows[1:]
 
     def _every_head(self, prompt: VisualPrompt, offset: int, *coefs) -> bool:
         """Whether the edit's coefficients ``coefs`` (B|1, H, N) change at least one key of every head of every batch
