@@ -10,7 +10,7 @@ from torch import nn
 from . import registry
 from .errors import IncompatibleMethodsError, UnsupportedModelError
 from .handle import Handle, attached, models_with_handles
-from .observe import refuse_assisted_decoding, refuse_model_guidance
+from .observe import refuse_assisted_decoding, refuse_prompt_state_breakers
 from .patches import adapter_for, supported_families
 
 
@@ -106,9 +106,7 @@ def apply(target: Any, method: str, /, **options) -> Handle:
                                      "and a draft in one first forward, where the method reads the prompt's last "
                                      "token; generate without assistant_model / prompt_lookup_num_tokens")
         if instance.keeps_prompt_state():
-            refuse_model_guidance(handle, f"{method_cls.name}: transformers' guidance_scale runs the model again "
-                                  "between the generation's steps (an unconditional forward), which the method would "
-                                  "take for a new prompt; generate without guidance_scale")
+            refuse_prompt_state_breakers(handle, method_cls.name)
     except BaseException:
         handle.remove()
         raise

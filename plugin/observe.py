@@ -122,19 +122,28 @@ def refuse_assisted_decoding(handle, reason: str) -> None:
     observe_calls(handle, model, "_validate_generation_mode", check)
 
 
-def refuse_model_guidance(handle, reason: str) -> None:
-    """``generate()`` on ``handle.model`` raises ``NotImplementedError(reason)`` before it decodes with transformers'
-    own classifier-free guidance (``guidance_scale`` other than 1): its logits processor runs the model again, on an
-    unconditional sequence and cache of its own, between the steps of the generation, and a method that keeps the
-    prompt's state from forward to forward would take that forward for a new prompt. Seen where transformers 5.x
+def refuse_prompt_state_breakers(handle, method: str) -> None:
+    """``generate()`` on ``handle.model`` raises ``NotImplementedError`` before it runs the model in a way that a
+    method keeping the prompt's state from forward to forward would misread: transformers' own classifier-free
+    guidance (``guidance_scale`` other than 1), whose logits processor runs the model again, on an unconditional
+    sequence and cache of its own, between the steps (taken for a new prompt); and chunked prefill
+    (``prefill_chunk_size``), which runs the prompt as several forwards on a growing cache (the later chunks taken for
+    decode steps: the prompt's end, its image and its statistics cut at the first chunk). Seen where transformers 5.x
     builds the processors (``_get_logits_processor``), before any forward; undone by ``handle.remove()``."""
     model = handle.model
     if not hasattr(model, "_get_logits_processor"):
         return
 
     def check(arguments: dict) -> None:
-        scale = getattr(arguments.get("generation_config"), "guidance_scale", None)
+        config = arguments.get("generation_config")
+        scale = getattr(config, "guidance_scale", None)
         if scale is not None and scale != 1:
-            raise NotImplementedError(reason)
+            raise NotImplementedError(f"{method}: transformers' guidance_scale runs the model again between the "
+                                      "generation's steps (an unconditional forward), which the method would take "
+                                      "for a new prompt; generate without guidance_scale")
+        if getattr(config, "prefill_chunk_size", None) is not None:
+            raise NotImplementedError(f"{method}: prefill_chunk_size runs the prompt as several forwards, and the "
+                                      "method reads the prompt (its end, its image, its statistics) from the first; "
+                                      "generate without prefill_chunk_size")
 
     observe_calls(handle, model, "_get_logits_processor", check)

@@ -58,7 +58,8 @@ class Method:
     def keeps_prompt_state(self) -> bool:
         """Whether the method keeps what it found in a prompt's forward for the later forwards of a generation (sinks,
         keep sets, the image's positions). A forward of the model between them that is not the generation's (what
-        transformers' ``guidance_scale`` runs) would replace it, so ``nograd.apply`` makes such a ``generate()``
+        transformers' ``guidance_scale`` runs) would replace it, and a prompt split over several forwards
+        (``prefill_chunk_size``) would be read from its first chunk, so ``nograd.apply`` makes such a ``generate()``
         raise ``NotImplementedError``."""
         return False
 

@@ -231,6 +231,27 @@ def test_transformers_guidance_scale_is_refused_where_the_prompt_state_matters(m
     assert "_get_logits_processor" not in vars(model)
 
 
+@pytest.mark.parametrize("method, options", [("pyramiddrop", dict(boundaries=[1, 2, 3], keep=[0.5, 0.25, 0.125])),
+                                             ("pai", {}), ("paint", {}), ("clearsight", {}), ("act", {}),
+                                             ("zerotuning", dict(gamma=1.5))])
+def test_chunked_prefill_is_refused_where_the_prompt_state_matters(method, options):
+    """``prefill_chunk_size`` runs the prompt as several forwards on a growing cache: a method that reads the prompt
+    from its first forward took the later chunks for decode steps (PAI's scores off by 7e-4, PAINT raised about an
+    unfilled image) and now raises before any forward; ZeroTuning, which keeps no prompt state, gives the unchunked
+    run's logits."""
+    model, inputs = _one_llava_row()
+    assert inputs["input_ids"].shape[1] > 8
+    with nograd.apply(model, method, **options), torch.no_grad():
+        if method == "zerotuning":
+            chunked = model.generate(**inputs, max_new_tokens=3, prefill_chunk_size=8, **GREEDY)
+            whole = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+            torch.testing.assert_close(logits(chunked), logits(whole), atol=1e-5, rtol=0)
+            return
+        with pytest.raises(NotImplementedError, match=f"{method}: prefill_chunk_size"):
+            model.generate(**inputs, max_new_tokens=3, prefill_chunk_size=8, **GREEDY)
+    assert "_get_logits_processor" not in vars(model)
+
+
 VISUAL_METHODS = [("pai", {}), ("paint", {}), ("clearsight", dict(rows="prompt_end")), ("fastv", dict(layer=2)),
                   ("pyramiddrop", dict(boundaries=[1, 2, 3], keep=[0.5, 0.25, 0.125]))]
 
