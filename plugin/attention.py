@@ -322,7 +322,9 @@ class ModelPatch:
         self.adapter = adapter
         self.interventions: dict[nn.Module, list[Intervention]] = {}
         self.batch = BatchInfo()
-        self._last_split = None
+        self._splits: list[tuple] = []
+        """(mask, (m, n, causal), split) of the masks split in the current forward, the newest last (at most
+        ``SPLITS_KEPT``; emptied when a forward ends)."""
 
     @classmethod
     def acquire(cls, model: nn.Module, adapter) -> "ModelPatch":
@@ -353,12 +355,13 @@ class ModelPatch:
         raise NotImplementedError
 
     def split_mask(self, mask, m: int, n: int, causal: bool):
-        """``split_mask``, computed once per mask: every layer of one forward pass receives the same mask tensor."""
-        last = self._last_split
-        if last is not None and last[0] is mask and last[1] == (m, n, causal):
-            return last[2]
+        """``split_mask``, computed once per mask: every layer of one forward pass receives one of a few mask tensors
+        (Gemma's and Mistral's sliding and full layers alternate two), and splitting one reads the device."""
+        for kept, shape, result in self._splits:
+            if kept is mask and shape == (m, n, causal):
+                return result
         result = split_mask(mask, m, n, causal)
-        self._last_split = (mask, (m, n, causal), result)
+        self._splits = [*self._splits[1 - SPLITS_KEPT:], (mask, (m, n, causal), result)]
         return result
 
 
@@ -441,6 +444,7 @@ class AttentionPatch(ModelPatch):
     def _restore_batch(self, module, args, output) -> None:
         """After a forward run inside another forward of the model: the outer one's batch state again (nothing
         when ``_capture_batch`` never ran: an earlier pre-hook raised)."""
+        self._splits = []  # hold no mask past its forward
         state = self._outer.pop() if self._outer else None
         if state is not None and self._outer:
             self.batch.padding_mask, self.batch.length = state
@@ -465,6 +469,9 @@ class AttentionPatch(ModelPatch):
         out = attend(call, interventions, attention_mask, self.split_mask, base=lambda: run_base()[0].transpose(1, 2))
         return None if out is None else (out.transpose(1, 2).contiguous(), None)
 
+
+SPLITS_KEPT = 4
+"""How many of the last masks split ``ModelPatch.split_mask`` keeps (a forward's layers share two or three)."""
 
 EDITED_ROWS_OVER_BASE = 16
 """A score edit on at most this many rows runs the base implementation and recomputes only those rows."""

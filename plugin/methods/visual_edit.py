@@ -166,8 +166,8 @@ class VisualScoreEdit(Intervention):
         """The prompt whose shares were measured last."""
         self._rows: tuple | None = None
         """(prompt, rows_from, its minimum, its maximum) of the last prompt edited."""
-        self._every: tuple | None = None
-        """(prompt, key offset, whether the edit changes every head of every row) of the last call."""
+        self._last: tuple | None = None
+        """(prompt, lowest, highest last edited key over rows and heads) of the last prompt edited."""
 
     def visual_share(self, call: AttentionCall, prompt: VisualPrompt) -> torch.Tensor:
         """(B, H): the softmax row of each batch row's last prompt token (causal, its real keys, the layer's window
@@ -201,11 +201,11 @@ class VisualScoreEdit(Intervention):
         if rows_min >= offset + n:
             return None  # no row of this call is edited (a prefill under the refine): the plain attention
         self.stats["edited_calls"] += not recomputing()
-        abs_coef = None if abs_coef is None else prompt.key_classes(abs_coef, n, offset)[:, None, :] * gains
-        mul_coef = None if mul_coef is None else prompt.key_classes(mul_coef, n, offset)[:, None, :] * gains
-        every = self._every_head(prompt, offset, abs_coef, mul_coef)
+        first_last, last_last = self._last_edited_keys(prompt, gains, abs_coef, mul_coef)
+        every = first_last >= offset and last_last < offset + n  # each head's last edited key is among this call's
         return ScoreEdit(
-            abs_coef=abs_coef, mul_coef=mul_coef,
+            abs_coef=None if abs_coef is None else prompt.key_classes(abs_coef, n, offset)[:, None, :] * gains,
+            mul_coef=None if mul_coef is None else prompt.key_classes(mul_coef, n, offset)[:, None, :] * gains,
             rows_from=(rows_from - offset).to(call.query.device),  # the edit counts rows in this call's keys
             rows_min=rows_min - offset,
             every_head_from=rows_max - offset if every else None,
@@ -222,14 +222,18 @@ class VisualScoreEdit(Intervention):
             self._rows = (prompt, rows_from, int(rows_from.min()), int(rows_from.max()))
         return self._rows[1:]
 
-    def _every_head(self, prompt: VisualPrompt, offset: int, *coefs) -> bool:
-        """Whether the edit's coefficients ``coefs`` (B|1, H, N) change at least one key of every head of every batch
-        row; read from the device once per prompt and key offset (a sliding window's keys move on), not per step.
-        The coefficients are zero past the prompt, so this call's decode keys add nothing."""
-        if self._every is None or self._every[0] is not prompt or self._every[1] != offset:
-            heads = sum((coef != 0).any(dim=-1) for coef in coefs if coef is not None) > 0
-            self._every = (prompt, offset, bool(heads.all()) and bool(prompt.has_visual.all()))
-        return self._every[2]
+    def _last_edited_keys(self, prompt: VisualPrompt, gains: torch.Tensor, *coefs) -> tuple[int, int]:
+        """The lowest and the highest, over batch rows and heads, of the last key position whose score the edit
+        changes (-1 for a (row, head) it changes nowhere): with ``coefs`` (B, T) per prompt position and ``gains``
+        (B|1, H, 1). A call changes every head of every row iff each one's last edited key is among its keys, which
+        for keys reaching past the prompt (every decode step, a sliding window's too) is exactly the lowest being at
+        or after the call's first key. Read from the device once per prompt (on CUDA a read is a sync)."""
+        if self._last is None or self._last[0] is not prompt:
+            edited = sum((coef != 0).to(gains.device)[:, None, :] & (gains != 0) for coef in coefs if coef is not None)
+            positions = torch.arange(edited.shape[-1], device=edited.device)
+            last = torch.where(edited > 0, positions, -1).amax(dim=-1)
+            self._last = (prompt, *torch.stack([last.min(), last.max()]).tolist())
+        return self._last[1], self._last[2]
 
 
 def layer_range(layers, num_layers: int, default: tuple[float, float]) -> range:

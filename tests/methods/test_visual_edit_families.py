@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nograd
-from checks import same_state, snapshot
+from checks import host_reads, same_state, snapshot
 from test_visual_edit import reference_logits  # noqa: F401  (the fixture: dense eager attention, official edits)
 from tiny import vlm_families as tiny_families
 
@@ -67,3 +67,22 @@ def test_decode_past_the_sliding_window(method, monkeypatch):
     for a, b in zip(cached, uncached):
         assert torch.equal(torch.isinf(a), torch.isinf(b))
         torch.testing.assert_close(a[torch.isfinite(a)], b[torch.isfinite(b)], atol=1e-5, rtol=0)
+
+
+def test_decode_reads_past_the_sliding_window_do_not_grow_with_depth():
+    """Gemma3 alternates sliding and full layers (two masks per forward) and its sliding caches move their key
+    offset at every step: a decode step past the window still reads the device a fixed number of times per forward,
+    as many with 8 layers as with 4 (on CUDA each read is a sync; the masks were split again at every layer, and
+    whether the edit covers every head was read again at every offset)."""
+    reads = {}
+    for layers in (4, 8):
+        model = tiny_families.build("gemma3", text_layers=layers)
+        inputs = tiny_families.make_inputs("gemma3", model)
+        with nograd.apply(model, "pai", layers=(0, None)), torch.no_grad():
+            out = model(**inputs, use_cache=True)
+            cache, mask = out.past_key_values, inputs["attention_mask"]
+            for _ in range(8):  # past the window of 6
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                step = dict(input_ids=torch.full_like(mask[:, :1], 5), attention_mask=mask, past_key_values=cache)
+                reads[layers] = host_reads(lambda: model(**step, use_cache=True))
+    assert reads[4] == reads[8]
