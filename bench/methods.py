@@ -19,18 +19,16 @@ prefill. Run ``python bench/methods.py --help``; ``bench/README.md`` explains th
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention import fmt  # noqa: E402
 from pyramiddrop import (  # noqa: E402
-    Case, add_common_arguments, build_model, checked_args, describe, environment_line, generate, make_inputs, run_cases,
-    summarize_timing)
+    Case, add_common_arguments, checked_args, generate, prepare, report, run_cases, summarize_timing, table,
+    timing_cell)
 
 CASES = {  # name: (label, method, options)
     "eager": ("plain eager (the official code's attention)", None, {}),
@@ -101,29 +99,19 @@ COLUMNS = ["case", "prefill ms (p20–p80)", "prefill × plain", "decode ms/toke
 
 
 def row(case: Case) -> list[str]:
+    """The cells of a timed case."""
     r = case.result
-    if "error" in r:
-        return [case.label, "ERROR: " + r["error"].replace("|", "/")] + [""] * (len(COLUMNS) - 2)
-    if not r.get("prefill"):
-        return [case.label, "not timed (budget)"] + [""] * (len(COLUMNS) - 2)
-    prec = ".1f" if r["prefill_ms"] >= 10 else ".2f"
     return [
         case.label,
-        f"{r['prefill_ms']:{prec}} ({r['prefill_p20']:{prec}}–{r['prefill_p80']:{prec}})",
+        timing_cell(r, "prefill"),
         fmt(r.get("prefill_x")),
-        f"{r['decode_ms']:.2f} ({r['decode_p20']:.2f}–{r['decode_p80']:.2f})",
+        timing_cell(r, "decode"),
         fmt(r.get("decode_x")),
         fmt(r.get("peak_mb"), ".0f"),
         fmt(r.get("peak_x")),
         {True: "yes", False: "no"}.get(r.get("same_tokens"), "—"),
         r["stats"] if case.method else "—",
     ]
-
-
-def table(cases: list[Case]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(row(case)) + " |" for case in cases]
-    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None):
@@ -137,27 +125,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    start = time.perf_counter()
-    model = build_model(args.shape, getattr(torch, args.dtype), args.device, args.attn, args.seed)
-    inputs = make_inputs(model, args.images, args.text_tokens, args.seed, args.device)
-    n_visual = int((inputs["input_ids"] == model.config.image_token_index).sum())
+    model, inputs, _, about, sync, start = prepare(args, "bench/methods.py")
     cases = build_cases(args.cases.split(","))
-    about = [describe(model, args, n_visual, inputs["input_ids"].shape[1]),
-             "command: python " + " ".join(["bench/methods.py", *sys.argv[1:]])]
-    print("\n".join(about) + f"\nmodel built in {time.perf_counter() - start:.0f} s", flush=True)
     rounds, memory = run_cases(cases, model, inputs, args, sync, start,
                                lambda case: set_up(case, model, inputs, args, sync))
     summarize_timing(cases)
-    header = [environment_line(args, args.device, memory, rounds)] + about
-    text = table(cases) + f"\n_total {time.perf_counter() - start:.0f} s_\n"
-    print("\n" + header[0] + "\n\n" + text, flush=True)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(f"\n### Attention-editing methods benchmark, {datetime.date.today().isoformat()}\n\n"
-                    + "\n\n".join(f"`{h}`" for h in header) + "\n\n" + text)
+    report(table(cases, COLUMNS, row), args, memory, rounds, about, start, "Attention-editing methods benchmark")
     return 0
 
 

@@ -315,23 +315,19 @@ COLUMNS = ["case", "visual tokens (@ from layer)", "mean / layer", "prefill ms (
 
 
 def row(case: Case) -> list[str]:
+    """The cells of a timed case."""
     r = case.result
-    if "error" in r:
-        return [case.label, "ERROR: " + r["error"].replace("|", "/")] + [""] * (len(COLUMNS) - 2)
-    if not r.get("prefill"):
-        return [case.label, "not timed (budget)"] + [""] * (len(COLUMNS) - 2)
-    prec = ".1f" if r["prefill_ms"] >= 10 else ".2f"
     speed = 1 / r["prefill_x"] if r.get("prefill_x") else None
     return [
         case.label,
         ", ".join([str(r["stages"][0])] + [f"{n}@{b}" for n, b in zip(r["stages"][1:], r["boundaries"])]),
         f"{r['mean_tokens']:.0f}",
-        f"{r['prefill_ms']:{prec}} ({r['prefill_p20']:{prec}}–{r['prefill_p80']:{prec}})",
+        timing_cell(r, "prefill"),
         fmt(r.get("prefill_x")),
         fmt(speed, ".2f") + ("×" if speed else ""),
         f"{r['flops_ratio']:.3f}",
         f"{r['macs_ratio']:.3f}",
-        f"{r['decode_ms']:.2f} ({r['decode_p20']:.2f}–{r['decode_p80']:.2f})",
+        timing_cell(r, "decode"),
         fmt(r.get("decode_x")),
         f"{r['kv_bytes'] / 2**20:.1f}",
         fmt(r.get("kv_x"), ".3f"),
@@ -341,9 +337,25 @@ def row(case: Case) -> list[str]:
     ]
 
 
-def table(cases: list[Case]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(row(case)) + " |" for case in cases]
+def timing_cell(r: dict, kind: str) -> str:
+    """"median (p20–p80)" of the ``kind`` ("prefill" / "decode") times in ms: two decimals, one from 10 ms on for a
+    prefill."""
+    prec = ".1f" if kind == "prefill" and r["prefill_ms"] >= 10 else ".2f"
+    return f"{r[kind + '_ms']:{prec}} ({r[kind + '_p20']:{prec}}–{r[kind + '_p80']:{prec}})"
+
+
+def table(cases: list[Case], columns: list[str] = COLUMNS, row=row) -> str:
+    """The cases as a markdown table: ``row(case)`` for a timed case; its error, or "not timed", for the others."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for case in cases:
+        r = case.result
+        if "error" in r:
+            cells = [case.label, "ERROR: " + r["error"].replace("|", "/")] + [""] * (len(columns) - 2)
+        elif not r.get("prefill"):
+            cells = [case.label, "not timed (budget)"] + [""] * (len(columns) - 2)
+        else:
+            cells = row(case)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -430,31 +442,43 @@ def checked_args(p, args, cases, quick: dict):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def prepare(args, script: str):
+    """Threads, the model and its inputs, the description lines (printed); (model, inputs, visual tokens, about,
+    sync, start time)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = args.device, getattr(torch, args.dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     start = time.perf_counter()
-    model = build_model(args.shape, dtype, device, args.attn, args.seed)
-    inputs = make_inputs(model, args.images, args.text_tokens, args.seed, device)
+    model = build_model(args.shape, getattr(torch, args.dtype), args.device, args.attn, args.seed)
+    inputs = make_inputs(model, args.images, args.text_tokens, args.seed, args.device)
     n_visual = int((inputs["input_ids"] == model.config.image_token_index).sum())
-    layers = model.config.text_config.num_hidden_layers
-    cases = build_cases(args.cases.split(","), layers, n_visual)
     about = [describe(model, args, n_visual, inputs["input_ids"].shape[1]),
-             "command: python " + " ".join(["bench/pyramiddrop.py", *sys.argv[1:]])]
+             "command: python " + " ".join([script, *sys.argv[1:]])]
     print("\n".join(about) + f"\nmodel built in {time.perf_counter() - start:.0f} s", flush=True)
-    rounds, memory = run_cases(cases, model, inputs, args, sync, start,
-                               lambda case: set_up(case, model, inputs, args, sync, n_visual, layers))
-    summarize(cases)
-    header = [environment_line(args, device, memory, rounds)] + about
-    text = table(cases) + f"\n_total {time.perf_counter() - start:.0f} s_\n"
+    return model, inputs, n_visual, about, sync, start
+
+
+def report(table_text: str, args, memory, rounds: int, about: list[str], start: float, title: str) -> None:
+    """Print the environment line and the table (with the run's total time); append every header line and the table
+    to ``args.markdown``, under ``title`` and today's date."""
+    header = [environment_line(args, args.device, memory, rounds)] + about
+    text = table_text + f"\n_total {time.perf_counter() - start:.0f} s_\n"
     print("\n" + header[0] + "\n\n" + text, flush=True)
     if args.markdown:
         with open(args.markdown, "a") as f:
-            f.write(f"\n### PyramidDrop / FastV benchmark, {datetime.date.today().isoformat()}\n\n"
+            f.write(f"\n### {title}, {datetime.date.today().isoformat()}\n\n"
                     + "\n\n".join(f"`{h}`" for h in header) + "\n\n" + text)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    model, inputs, n_visual, about, sync, start = prepare(args, "bench/pyramiddrop.py")
+    layers = model.config.text_config.num_hidden_layers
+    cases = build_cases(args.cases.split(","), layers, n_visual)
+    rounds, memory = run_cases(cases, model, inputs, args, sync, start,
+                               lambda case: set_up(case, model, inputs, args, sync, n_visual, layers))
+    summarize(cases)
+    report(table(cases), args, memory, rounds, about, start, "PyramidDrop / FastV benchmark")
     return 0
 
 
