@@ -241,11 +241,20 @@ def test_chunked_prefill_is_refused_where_the_prompt_state_matters(method, optio
     run's logits."""
     model, inputs = _one_llava_row()
     assert inputs["input_ids"].shape[1] > 8
+
+    def chunked_and_whole():
+        return [logits(model.generate(**inputs, max_new_tokens=3, prefill_chunk_size=chunk, **GREEDY))
+                for chunk in (8, None)]
+
+    if method == "zerotuning":
+        with torch.no_grad():
+            plain = chunked_and_whole()
+        if (plain[0] - plain[1]).abs().max() > 1e-5:  # transformers 5.17 chunks a LLaVA prompt wrongly by itself
+            pytest.skip("this transformers' chunked prefill of a LLaVA prompt differs from its unchunked one")
     with nograd.apply(model, method, **options), torch.no_grad():
         if method == "zerotuning":
-            chunked = model.generate(**inputs, max_new_tokens=3, prefill_chunk_size=8, **GREEDY)
-            whole = model.generate(**inputs, max_new_tokens=3, **GREEDY)
-            torch.testing.assert_close(logits(chunked), logits(whole), atol=1e-5, rtol=0)
+            chunked, whole = chunked_and_whole()
+            torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
             return
         with pytest.raises(NotImplementedError, match=f"{method}: prefill_chunk_size"):
             model.generate(**inputs, max_new_tokens=3, prefill_chunk_size=8, **GREEDY)
