@@ -442,9 +442,10 @@ class AttentionPatch(ModelPatch):
         self.batch.length = self._length(bound)
 
     def _restore_batch(self, module, args, output) -> None:
-        """After a forward run inside another forward of the model: the outer one's batch state again (nothing
-        when ``_capture_batch`` never ran: an earlier pre-hook raised)."""
-        self._splits = []  # hold no mask past its forward
+        """After a forward: its split masks dropped (no mask outlives its forward); after one run inside another
+        forward of the model, the outer one's batch state again (nothing when ``_capture_batch`` never ran: an
+        earlier pre-hook raised)."""
+        self._splits = []
         state = self._outer.pop() if self._outer else None
         if state is not None and self._outer:
             self.batch.padding_mask, self.batch.length = state
