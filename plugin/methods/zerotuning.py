@@ -111,24 +111,43 @@ class ZeroTuningConfig(MethodConfig):
         return torch.where(chosen, full, torch.ones_like(full))
 
 
+class InitialKeys:
+    """Which keys of a call are each row's initial token(s), shared by the layers of one method: the same for every
+    layer of a forward with the same keys, so computed once per forward and key window, not once per layer."""
+
+    def __init__(self, key_range: tuple[int, int]):
+        self.start, self.end = key_range
+        self._last: tuple | None = None
+        """(padding mask, batch, length, keys, key offset, device, (first, chosen)) of the last call."""
+
+    def __call__(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) each row's first biased key position and the (B, 1, N) float mask of its biased keys."""
+        b, _, _, n = call.shape
+        device = call.query.device
+        key = (b, call.batch.length, n, call.key_offset, device)
+        last = self._last
+        if last is None or last[0] is not call.batch.padding_mask or last[1:6] != key:
+            first = call.batch.first_real_position(b, device)
+            # by position: a sliding-window cache's keys start at call.key_offset (the oldest ones dropped)
+            positions = torch.arange(n, device=device)[None, :] + call.key_offset
+            chosen = (positions >= first[:, None] + self.start) & (positions < first[:, None] + self.end)
+            self._last = last = (call.batch.padding_mask, *key, (first + self.start, chosen[:, None, :].float()))
+        return last[6]
+
+
 class FirstTokenBias(Intervention):
     """``ln gamma_h`` on each row's initial-token key (or key range), for the heads of one layer."""
 
-    def __init__(self, log_gamma: torch.Tensor, key_range: tuple[int, int], stats: dict):
+    def __init__(self, log_gamma: torch.Tensor, keys: InitialKeys, stats: dict):
         self.log_gamma = log_gamma
-        self.start, self.end = key_range
+        self.keys = keys
         self.stats = stats
 
     def key_bias(self, call: AttentionCall) -> torch.Tensor:
-        b, _, _, n = call.shape
-        device = call.query.device
-        first = call.batch.first_real_position(b, device)
-        # by position: a sliding-window cache's keys start at call.key_offset (the oldest ones dropped)
-        positions = torch.arange(n, device=device)[None, :] + call.key_offset
-        chosen = (positions >= first[:, None] + self.start) & (positions < first[:, None] + self.end)
+        first, chosen = self.keys(call)
         self.stats["biased_calls"] += not recomputing()
-        self.stats["target_key"] = first + self.start  # each row's first biased key position
-        return chosen[:, None, :].float() * self.log_gamma.to(device)[None, :, None]
+        self.stats["target_key"] = first  # each row's first biased key position
+        return chosen * self.log_gamma.to(call.query.device)[None, :, None]
 
 
 @register
@@ -157,8 +176,8 @@ class ZeroTuning(Method):
         touched = table != 1
         handle.stats.update(layers=touched.any(1).nonzero().flatten().tolist(), heads_touched=int(touched.sum()),
                             biased_calls=0, target_key=None)
-        modules = self.adapter.attention_modules
+        modules, keys = self.adapter.attention_modules, InitialKeys(self.config.key_range())
         intervene(handle, {
-            modules[layer]: FirstTokenBias(table[layer].log().float(), self.config.key_range(), handle.stats)
+            modules[layer]: FirstTokenBias(table[layer].log().float(), keys, handle.stats)
             for layer in handle.stats["layers"]
         })

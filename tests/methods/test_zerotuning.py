@@ -278,3 +278,16 @@ def test_vlm_switches_only_the_text_stack_and_restores_every_name(build, family)
     assert attn_names(model) == names and same_state(model, saved)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, plain)
+
+
+def test_the_initial_keys_are_found_per_forward(build):
+    """The initial keys are found once per forward and shared by its layers: a forward of another batch size (or
+    padding) finds its own, with the same logits as a fresh handle."""
+    model = build("llama")
+    one, three = torch.randint(4, 100, (1, 7)), torch.randint(4, 100, (3, 7))
+    with nograd.apply(model, "zerotuning", gamma=2.0) as handle:
+        logits(model, one)
+        after = logits(model, three)
+        assert handle.stats["target_key"].tolist() == [0, 0, 0]
+    with nograd.apply(model, "zerotuning", gamma=2.0):
+        assert torch.equal(after, logits(model, three))
