@@ -19,6 +19,7 @@ on the model's ``AttentionPatch``; nothing outlives the last handle that uses it
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import sys
 import weakref
@@ -83,6 +84,8 @@ class BatchInfo:
     """(MM-DiTs) the number of text tokens in the joint sequence of the current forward pass."""
     length: int | None = None
     """(decoders) the positions the current forward pass covers: cached tokens plus new ones (None: unknown)."""
+    forward: int = 0
+    """(decoders) a number of the current forward pass, new at every forward (what per-forward memos key on)."""
 
     def key_offset(self, n_keys: int) -> int:
         """The position of key 0 of a call with ``n_keys`` keys: above 0 on a sliding-window layer whose cache has
@@ -381,6 +384,7 @@ class AttentionPatch(ModelPatch):
         self._vision: set[nn.Module] = set()
         batch_module = adapter.padding_mask_module
         self._signature = inspect.signature(batch_module.forward)
+        self._forwards = itertools.count(1)
         self._outer: list[tuple] = []
         """The batch state of the forwards this one runs inside (a forward of the model within its own forward)."""
         self._hooks = (batch_module.register_forward_pre_hook(self._capture_batch, with_kwargs=True),
@@ -428,7 +432,7 @@ class AttentionPatch(ModelPatch):
         self._unregister()
 
     def _capture_batch(self, module, args, kwargs):
-        self._outer.append((self.batch.padding_mask, self.batch.length))
+        self._outer.append((self.batch.padding_mask, self.batch.length, self.batch.forward))
         replaced = self._replaced()
         if replaced:
             now = ", ".join(sorted({repr(config._attn_implementation_internal) for config in replaced}))
@@ -440,6 +444,7 @@ class AttentionPatch(ModelPatch):
         mask = bound.get("attention_mask")
         self.batch.padding_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         self.batch.length = self._length(bound)
+        self.batch.forward = next(self._forwards)
 
     def _restore_batch(self, module, args, output) -> None:
         """After a forward: its split masks dropped (no mask outlives its forward); after one run inside another
@@ -448,7 +453,7 @@ class AttentionPatch(ModelPatch):
         self._splits = []
         state = self._outer.pop() if self._outer else None
         if state is not None and self._outer:
-            self.batch.padding_mask, self.batch.length = state
+            self.batch.padding_mask, self.batch.length, self.batch.forward = state
 
     @staticmethod
     def _length(bound: dict) -> int | None:

@@ -118,21 +118,20 @@ class InitialKeys:
     def __init__(self, key_range: tuple[int, int]):
         self.start, self.end = key_range
         self._last: tuple | None = None
-        """(padding mask, batch, length, keys, key offset, device, (first, chosen)) of the last call."""
+        """((forward, batch, keys, key offset, device), (first, chosen)) of the last call."""
 
     def __call__(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) each row's first biased key position and the (B, 1, N) float mask of its biased keys."""
         b, _, _, n = call.shape
         device = call.query.device
-        key = (b, call.batch.length, n, call.key_offset, device)
-        last = self._last
-        if last is None or last[0] is not call.batch.padding_mask or last[1:6] != key:
+        key = (call.batch.forward, b, n, call.key_offset, device)
+        if self._last is None or self._last[0] != key:
             first = call.batch.first_real_position(b, device)
             # by position: a sliding-window cache's keys start at call.key_offset (the oldest ones dropped)
             positions = torch.arange(n, device=device)[None, :] + call.key_offset
             chosen = (positions >= first[:, None] + self.start) & (positions < first[:, None] + self.end)
-            self._last = last = (call.batch.padding_mask, *key, (first + self.start, chosen[:, None, :].float()))
-        return last[6]
+            self._last = (key, (first + self.start, chosen[:, None, :].float()))
+        return self._last[1]
 
 
 class FirstTokenBias(Intervention):

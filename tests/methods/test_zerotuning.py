@@ -281,13 +281,18 @@ def test_vlm_switches_only_the_text_stack_and_restores_every_name(build, family)
 
 
 def test_the_initial_keys_are_found_per_forward(build):
-    """The initial keys are found once per forward and shared by its layers: a forward of another batch size (or
-    padding) finds its own, with the same logits as a fresh handle."""
+    """The initial keys are found once per forward and shared by its layers: a forward of another batch size, or
+    with the same mask tensor padded in place (a reused buffer), finds its own, with a fresh handle's logits."""
     model = build("llama")
     one, three = torch.randint(4, 100, (1, 7)), torch.randint(4, 100, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
     with nograd.apply(model, "zerotuning", gamma=2.0) as handle:
         logits(model, one)
         after = logits(model, three)
         assert handle.stats["target_key"].tolist() == [0, 0, 0]
+        logits(model, three, mask)
+        mask[1, :3] = 0
+        padded = logits(model, three, mask)
+        assert handle.stats["target_key"].tolist() == [0, 3, 0]
     with nograd.apply(model, "zerotuning", gamma=2.0):
-        assert torch.equal(after, logits(model, three))
+        assert torch.equal(after, logits(model, three)) and torch.equal(padded, logits(model, three, mask))
