@@ -196,7 +196,7 @@ class AllHeadsEdit(Intervention):
 
 
 @pytest.mark.parametrize("edit, base_runs", [(AllHeadsEdit, 0), (HeadEdit, 1)])
-def test_a_decode_step_edited_everywhere_skips_the_base(edit, base_runs, monkeypatch):
+def test_a_decode_step_edited_everywhere_skips_the_base(edit, base_runs):
     """A decode row whose every head is edited is the edited row alone (the reference's, exactly): the caller's
     attention is not run for nothing; with an unedited head it runs and that head keeps the caller's output."""
     from nograd import attention
