@@ -201,8 +201,8 @@ class VisualScoreEdit(Intervention):
         if rows_min >= offset + n:
             return None  # no row of this call is edited (a prefill under the refine): the plain attention
         self.stats["edited_calls"] += not recomputing()
-        first_last, last_last = self._last_edited_keys(prompt, gains, abs_coef, mul_coef)
-        every = first_last >= offset and last_last < offset + n  # each head's last edited key is among this call's
+        lowest, highest = self._last_edited_keys(prompt, gains, abs_coef, mul_coef)
+        every = lowest >= offset and highest < offset + n  # each head's last edited key is among this call's
         return ScoreEdit(
             abs_coef=None if abs_coef is None else prompt.key_classes(abs_coef, n, offset)[:, None, :] * gains,
             mul_coef=None if mul_coef is None else prompt.key_classes(mul_coef, n, offset)[:, None, :] * gains,
