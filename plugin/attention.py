@@ -327,7 +327,7 @@ class ModelPatch:
         self.batch = BatchInfo()
         self._splits: list[tuple] = []
         """(mask, (m, n, causal), split) of the masks split in the current forward, the newest last (at most
-        ``SPLITS_KEPT``; emptied when a forward ends)."""
+        ``SPLITS_KEPT``; emptied when a forward starts and when it ends)."""
 
     @classmethod
     def acquire(cls, model: nn.Module, adapter) -> "ModelPatch":
@@ -445,6 +445,7 @@ class AttentionPatch(ModelPatch):
         self.batch.padding_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         self.batch.length = self._length(bound)
         self.batch.forward = next(self._forwards)
+        self._splits = []  # a forward starts with none (a checkpointed backward's recomputation may have left some)
 
     def _restore_batch(self, module, args, output) -> None:
         """After a forward: its split masks dropped (no mask outlives its forward); after one run inside another

@@ -280,3 +280,25 @@ def test_a_forward_inside_the_models_own_forward_keeps_the_outer_calls_padding()
         finally:
             hook.remove()
     assert torch.equal(outer, expected_short) and torch.equal(inner[0], expected_long)
+
+
+def test_a_reused_mask_buffer_after_a_checkpointed_backward_is_split_afresh():
+    """Gradient checkpointing recomputes the layers in the backward, after their forward ended, and splits the mask
+    again there: the next forward, given the same 4-D mask buffer rewritten in place (packed sequences), must not find
+    that split (0.375 off)."""
+    ids = torch.randint(4, 120, (1, 10), generator=torch.Generator().manual_seed(0))
+
+    def packed(cut):  # two causal blocks, [0, cut) and [cut, 10)
+        allowed = torch.ones(10, 10, dtype=torch.bool).tril()
+        allowed[cut:, :cut] = False
+        return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
+
+    model, _ = nograd.tiny.llm(layers=2)
+    model.gradient_checkpointing_enable()
+    model.train()
+    with nograd.apply(model, "zerotuning", gamma=2.0):
+        buffer = packed(4)
+        model(ids, attention_mask=buffer, labels=ids).loss.backward()
+        buffer.copy_(packed(7))
+        with torch.no_grad():
+            assert torch.equal(model(ids, attention_mask=buffer).logits, model(ids, attention_mask=packed(7)).logits)
