@@ -148,6 +148,29 @@ class PromptTracker:
         return bool(torch.equal(fresh.input_ids[:, :t], old.input_ids) and torch.equal(fresh.real[:, :t], old.real))
 
 
+class EditedRows:
+    """The first position each batch row's edit starts at, shared by the layers of one method: computed once per
+    prompt, with its minimum and maximum as Python ints (one device read, not one per layer or per decode step; on
+    CUDA each read is a sync)."""
+
+    def __init__(self, method: "VisualEditMethod", tracker: PromptTracker):
+        self.method = method
+        self.tracker = tracker
+        self._last: tuple | None = None
+        """(prompt, (rows_from, its minimum, its maximum)) of the last prompt."""
+
+    def __call__(self, prompt: VisualPrompt) -> tuple[torch.Tensor, int, int]:
+        """(B,) the first position each row edits (``NO_ROWS`` for a row without visual tokens), its min and max."""
+        if self._last is None or self._last[0] is not prompt:
+            rows_from = prompt.prompt_end if self.method.config.rows == "prompt_end" else prompt.visual_end
+            if self.tracker.contrast is not None:  # official: the refine's ``use_cfg`` flag keeps the prefill as is
+                rows_from = torch.maximum(rows_from, prompt.prompt_end + 1)
+            rows_from = torch.where(prompt.has_visual, rows_from, NO_ROWS)  # a text-only row of a mixed batch
+            low, high = torch.stack([rows_from.min(), rows_from.max()]).tolist()
+            self._last = (prompt, (rows_from, low, high))
+        return self._last[1]
+
+
 class VisualScoreEdit(Intervention):
     """One decoder layer's edit: per-key coefficients from the tracked prompt, times the method's per-head gains.
 
@@ -157,15 +180,15 @@ class VisualScoreEdit(Intervention):
     re-runs the prompt edits it as the prefill did) come from its own shares.
     """
 
-    def __init__(self, method: "VisualEditMethod", tracker: PromptTracker, layer: int, stats: dict):
+    def __init__(self, method: "VisualEditMethod", tracker: PromptTracker, layer: int, stats: dict,
+                 rows: EditedRows):
         self.method = method
         self.tracker = tracker
         self.layer = layer
         self.stats = stats
+        self.rows = rows
         self.measured: VisualPrompt | None = None
         """The prompt whose shares were measured last."""
-        self._rows: tuple | None = None
-        """(prompt, rows_from, its minimum, its maximum) of the last prompt edited."""
         self._last: tuple | None = None
         """(prompt, lowest, highest last edited key over rows and heads) of the last prompt edited."""
 
@@ -197,7 +220,7 @@ class VisualScoreEdit(Intervention):
         gains = torch.atleast_2d(self.method.head_gains(self.layer, prompt.has_visual))
         gains = gains.to(call.query.device)[:, :, None]
         abs_coef, mul_coef = self.method.coefficients(prompt)
-        rows_from, rows_min, rows_max = self._rows_from(prompt)
+        rows_from, rows_min, rows_max = self.rows(prompt)
         if rows_min >= offset + n:
             return None  # no row of this call is edited (a prefill under the refine): the plain attention
         self.stats["edited_calls"] += not recomputing()
@@ -210,17 +233,6 @@ class VisualScoreEdit(Intervention):
             rows_min=rows_min - offset,
             every_head_from=rows_max - offset if every else None,
         )
-
-    def _rows_from(self, prompt: VisualPrompt) -> tuple[torch.Tensor, int, int]:
-        """(B,) the first position each batch row edits, with its minimum and maximum as Python ints: computed once
-        per prompt (one device read), not at every decode step (each read is a sync on CUDA)."""
-        if self._rows is None or self._rows[0] is not prompt:
-            rows_from = prompt.prompt_end if self.method.config.rows == "prompt_end" else prompt.visual_end
-            if self.tracker.contrast is not None:  # official: the refine's ``use_cfg`` flag keeps the prefill as is
-                rows_from = torch.maximum(rows_from, prompt.prompt_end + 1)
-            rows_from = torch.where(prompt.has_visual, rows_from, NO_ROWS)  # a text-only row of a mixed batch
-            self._rows = (prompt, rows_from, int(rows_from.min()), int(rows_from.max()))
-        return self._rows[1:]
 
     def _last_edited_keys(self, prompt: VisualPrompt, gains: torch.Tensor, *coefs) -> tuple[int, int]:
         """The lowest and the highest, over batch rows and heads, of the last key position whose score the edit
@@ -311,8 +323,8 @@ class VisualEditMethod(Method):
 
             tracker.contrast = ImageFreeContrast(handle, tracker, self.config.cfg_gamma)
         if edits or self.measures_heads:
-            modules = self.adapter.attention_modules
-            intervene(handle, {modules[layer]: VisualScoreEdit(self, tracker, layer, handle.stats)
+            modules, rows = self.adapter.attention_modules, EditedRows(self, tracker)
+            intervene(handle, {modules[layer]: VisualScoreEdit(self, tracker, layer, handle.stats, rows)
                                for layer in self.layers()})
 
 
