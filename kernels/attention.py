@@ -16,7 +16,8 @@ method reaches attention through (spec: ``shared/specs/kernels.md`` §3.3). Conv
   keys, itself included (key j is visible to query i iff ``i + N - M - window < j``).
 - ``blend`` (H,) or (B, H): SoftPAG's per-head weight u, ``out = (1 - u) * attn + u * v_self`` where ``v_self`` is
   the value at the query's own position ``i + N - M`` (needs M <= N). Heads with u = 1 skip the attention product
-  (Triton: an empty key loop; SDPA / flex: ``identity_skip.py``); the reference computes it.
+  (Triton: an empty key loop; SDPA / flex: ``identity_skip.py``); the reference computes it. It may be a host
+  (CPU) tensor beside CUDA inputs: which heads are skipped or blended is then known without a device sync.
 - ``softcap``: Gemma2's ``tanh`` logit soft-capping, applied before the bias.
 - ``edit``: a ``ScoreEdit``, the per-key pointwise edit ``s + a|s| + m s`` of the scaled (soft-capped) scores of
   the query rows at or after a position (PAI / PAINT / ClearSight), applied before the bias and the masks.
@@ -258,12 +259,14 @@ def soft_identity_blend(out: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> 
     weight = per_pair_blend(u, b, h)
     rows, heads = torch.nonzero(weight != 0, as_tuple=True)
     if rows.numel() == b * h or (weight.requires_grad and torch.is_grad_enabled()):  # every pair has a d/du
-        return torch.lerp(out.float(), self_values(v, h, m).float(), weight[..., None, None]).to(out.dtype)
+        return torch.lerp(out.float(), self_values(v, h, m).float(),
+                          weight[..., None, None].to(out.device)).to(out.dtype)
     if rows.numel():
         n, groups = v.shape[2], h // v.shape[1]
         own = v[rows.to(v.device), (heads // groups).to(v.device), n - m:].float()
+        weight = weight[rows, heads][:, None, None].to(out.device)
         rows, heads = rows.to(out.device), heads.to(out.device)
-        blended = torch.lerp(out[rows, heads].float(), own, weight[rows, heads][:, None, None]).to(out.dtype)
+        blended = torch.lerp(out[rows, heads].float(), own, weight).to(out.dtype)
         if out.requires_grad:
             return out.index_put((rows, heads), blended)
         out[rows, heads] = blended

@@ -74,5 +74,5 @@ def attention_skipping_identity(q, k, v, u: torch.Tensor, key_bias, mask, run: C
         kv_keep = keep // groups
         on = keep.to(q.device)
         out[part, on] = run(q[part][:, on], k[part][:, kv_keep.to(k.device)], v[part][:, kv_keep.to(v.device)],
-                            _select(bias, part, on), _select(mask, part, on), u[part][:, on])
+                            _select(bias, part, on), _select(mask, part, on), u[part][:, keep.to(u.device)])
     return out

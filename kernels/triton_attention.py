@@ -220,7 +220,7 @@ def attention_triton(q, k, v, *, key_bias=None, causal=False, scale=None, blend=
     mul_coef, mul_strides = _bias_strides(edit_mul, b, h, n) if edit_mul is not None else (out, (0, 0, 0))
     rows_from = edit_from.to(device=q.device, dtype=torch.int64).contiguous() if edit_from is not None else out
     if blend is not None:
-        u = per_pair_blend(blend, b, h)
+        u = per_pair_blend(blend.to(q.device), b, h)
         blend_strides = u.stride()
     else:
         u, blend_strides = out, (0, 0)

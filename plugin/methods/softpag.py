@@ -251,16 +251,16 @@ def reference_perturbed(query, key, value, u: torch.Tensor, mode: str, spans: di
     probs = torch.softmax(logits, dim=-1)
     s = logits.shape[-1]
     if mode == "joint_identity":
-        target = torch.eye(s, dtype=probs.dtype).expand_as(probs)
+        target = torch.eye(s, dtype=probs.dtype, device=probs.device).expand_as(probs)
     else:
         image = spans["image"]
-        allowed = torch.ones(s, s, dtype=torch.bool)
-        allowed[image, image] = torch.eye(image.stop - image.start, dtype=torch.bool)
+        allowed = torch.ones(s, s, dtype=torch.bool, device=probs.device)
+        allowed[image, image] = torch.eye(image.stop - image.start, dtype=torch.bool, device=probs.device)
         target = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-        text_rows = torch.ones(s, dtype=torch.bool)
+        text_rows = torch.ones(s, dtype=torch.bool, device=probs.device)
         text_rows[image] = False
         target = torch.where(text_rows[:, None], probs, target)
-    weight = u.float()[:, :, None, None]
+    weight = u.float()[:, :, None, None].to(probs.device)
     return torch.matmul((1 - weight) * probs + weight * target, value.float())
 
 
@@ -277,7 +277,8 @@ class HeadPerturbation(Intervention):
 
     def _u(self, call: AttentionCall) -> torch.Tensor | None:
         """(B, H) weights of this call (0 outside the perturbed rows), or None; computed once per call (kept on the
-        call, so nothing of it outlives the call)."""
+        call, so nothing of it outlives the call). A host tensor: which heads are skipped, blended or counted is read
+        without a device sync (the kernels move what they compute with)."""
         key = ("softpag weights", self.layer)
         if key not in call.extras:
             call.extras[key] = self._weights_of(call)
@@ -294,7 +295,7 @@ class HeadPerturbation(Intervention):
         if not bool((u > 0).any()):
             return None
         self.stats["perturbed_attention_calls"] += not recomputing()
-        return u.to(call.query.device)
+        return u
 
     def _count_skipped(self, call: AttentionCall, u: torch.Tensor, queries: int) -> None:
         skipped = int((u == 1).sum())
@@ -336,7 +337,7 @@ class HeadPerturbation(Intervention):
             edited = out.clone()
             if self.path == "reference":
                 full = reference_perturbed(q, k, v, weight, self.mode, spans, call.scaling)
-                chosen = (weight > 0)[:, :, None, None]
+                chosen = (weight > 0)[:, :, None, None].to(out.device)
                 edited[rows] = torch.where(chosen, full.to(out.dtype), out[rows])
                 return edited
             image, text = spans["image"], spans["text"]
@@ -345,10 +346,12 @@ class HeadPerturbation(Intervention):
             if bool(skipped.any()):
                 text_rows = kernels.attention(q[:, :, text], k, v, scale=call.scaling, key_bias=_rows_of(call.key_bias,
                                               rows), mask=_text_mask(call.mask, rows, text))
-                edited_rows[:, :, text] = torch.where(skipped[:, :, None, None], text_rows, edited_rows[:, :, text])
+                edited_rows[:, :, text] = torch.where(skipped[:, :, None, None].to(out.device), text_rows,
+                                                      edited_rows[:, :, text])
             target = image_identity_target(q, k, v, image, text, call.scaling)
             part = edited_rows[:, :, image]
-            edited_rows[:, :, image] = torch.lerp(part.float(), target, weight.float()[:, :, None, None]).to(out.dtype)
+            weight = weight.float()[:, :, None, None].to(out.device)
+            edited_rows[:, :, image] = torch.lerp(part.float(), target, weight).to(out.dtype)
             edited[rows] = edited_rows
             return edited
 

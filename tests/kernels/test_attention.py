@@ -575,6 +575,21 @@ def test_blend_skips_identity_heads(monkeypatch, shape, causal, bias_shape, use_
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert sum(computed) == int((~identity).sum())  # 4 + 2 of 12 (batch, head) pairs: none with u = 1
 
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("pattern", ["skip heads", "skip rows", "blend only", "none"])
+def test_a_host_blend_beside_device_inputs_reads_nothing_back(backend, pattern):
+    """A blend on the host beside inputs on another device (``meta`` here, which raises on any read back, as a
+    sync on CUDA, and on any tensor left on the host) is read where it lies: which heads are skipped or blended costs
+    no device read (SoftPAG hands its weights over so)."""
+    u = {"skip heads": [[0, 1, 0.5, 1], [0, 0, 0, 0]], "skip rows": [[1, 1, 1, 1], [0, 0.5, 0, 0]],
+         "blend only": [[0, 0.5, 0.25, 0], [0, 0, 0, 0]], "none": [[0, 0, 0, 0], [0, 0, 0, 0]]}[pattern]
+    q, k, v = (t.to("meta") for t in inputs((2, 4, 2, 6, 6, 16)))
+    out = kernels.attention(q, k, v, key_bias=torch.zeros(2, 1, 6, device="meta"), blend=torch.tensor(u),
+                            backend=backend)
+    assert out.shape == q.shape and out.device.type == "meta"
+
+
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])  # FlexAttention has no backward on CPU (torch's own error)
 def test_a_row_that_sees_no_key_has_finite_gradients(backend):
     """A pad query of a left-padded batch sees no key: its output is 0 and its LSE -inf, and its gradient is 0 (not

@@ -469,6 +469,23 @@ def test_bf16_pipeline_fast_path_follows_the_reference(family):
     torch.testing.assert_close(out["fast"].float(), out["reference"].float(), atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("mode, path", [("joint_identity", "fast"), ("image_identity", "fast"),
+                                        ("joint_identity", "reference"), ("image_identity", "reference")])
+def test_a_perturbed_transformer_call_reads_nothing_back_from_the_device(family, mode, path):
+    """The perturbed call on ``meta`` tensors (any read back raises there, as it syncs on CUDA; so does a tensor left
+    on the host): the per-head weights, u = 1 heads skipped, blended and counted, are read on the host."""
+    model = BUILDERS[family]()
+    inputs = transformer_inputs(family, model)
+    heads = {(0, 0): 1.0, (0, 1): 0.5, (1, 0): 1.0, (1, 1): 1.0}
+    with nograd.apply(model, "softpag", heads=heads, mode=mode, path=path) as handle, handle.perturbed_only():
+        model.to("meta")
+        out = model(**{name: value.to("meta") for name, value in inputs.items()})[0]
+        assert out.device.type == "meta" and handle.stats["perturbed_attention_calls"] == 2
+        if path == "fast":
+            assert handle.stats["identity_heads_skipped"] == 3
+
+
 # ---- pipelines around the guidance ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_an_interrupted_perturbed_call_leaves_no_state_behind(family, request):
