@@ -66,8 +66,9 @@ def add_merge(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None, help="dare_ties seed (default 0)")
     p.add_argument("--layers", type=_layers, default=None, help="decoder layers START:END that may be merged")
     p.add_argument("--keep-shallow-layers", type=int, default=None, help="keep the first k layers of the MLLM")
-    p.add_argument("--non-layer-policy", choices=("mllm", "reasoning"), default=None,
-                   help="embeddings, final norm, lm_head: the MLLM's (default) or the reasoning LLM's")
+    p.add_argument("--non-layer-policy", choices=("mllm", "reasoning", "merge"), default=None,
+                   help="embeddings, final norm, lm_head: the MLLM's (default), the reasoning LLM's, or merged with "
+                        "the coefficients of the nearest decoder layer")
     p.add_argument("--max-shard-size", default=None, help="e.g. 5GB; default: the MLLM's shard layout")
     p.add_argument("--device", default=None, help="where the arithmetic runs (default cpu)")
     p.add_argument("--report", default=None, help="also write the merge report as JSON to this file")

@@ -438,7 +438,7 @@ def compare_configs(dst: Side, others: Iterable[Side]) -> list[str]:
         missing = [t for t in REASONING_TOKENS if t in tokens and t not in my_tokens]
         if missing and my_tokens:
             found.append(f"special tokens {', '.join(missing)} of the {other.what} tokenizer are not in the mllm's "
-                         "tokenizer: the merged model keeps the mllm's tokenizer and embeddings")
+                         "tokenizer: the merged model keeps the mllm's tokenizer")
     return found
 
 
@@ -474,7 +474,8 @@ def make_plan(dst: Side, sources: list[Side], layers: Iterable[int], roles: Iter
             if a is None or b is None or a != b:
                 raise ValueError(f"shape mismatch at tensor {dst.role_name(role)!r} ({role}): "
                                  f"{list(a) if a else 'absent'} in the mllm, {list(b) if b else 'absent'} in the "
-                                 f"{src.what} model; non_layer_policy='reasoning' needs identical vocabularies")
+                                 f"{src.what} model; non_layer_policy='reasoning' or 'merge' needs identical "
+                                 "vocabularies")
     return Plan(layers, suffixes, roles, compare_configs(dst, sources))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -250,6 +251,32 @@ def test_streamed_copy_of_the_text_model_gives_its_logits(saved_trio, tmp_path):
     ids = torch.randint(4, 100, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, reasoning(ids).logits)
+
+
+def test_streamed_merge_policy_equals_in_place_and_needs_the_same_added_tokens(saved_trio, tmp_path):
+    """``non_layer_policy="merge"`` streamed gives the in-place tensors; two checkpoints whose tokenizers give one id
+    to different added tokens are refused before anything is written (their embedding rows are different tokens)."""
+    folder, mllm, reasoning, base = saved_trio
+    options = dict(prior=[1.0, 0.7, 0.3, 0.0], non_layer_policy="merge")
+    model = copy.deepcopy(mllm)
+    with nograd.apply(model, "frank", reasoning=reasoning, base=base, **options) as h:
+        in_place, stats = snapshot(model), dict(h.stats)
+    report = nograd.merge("frank", mllm=folder / "mllm", reasoning=folder / "reasoning", base=folder / "base",
+                          out=tmp_path / "out", **options)
+    assert report["non_layer"] == stats["non_layer"] == ["norm", "lm_head"]  # layer 0 keeps the MLLM's: so does embed
+    assert same_state(tf.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "out"), in_place)
+    sources = {}
+    for name, token in (("mllm", "<image>"), ("reasoning", "<think>")):
+        sources[name] = tmp_path / name
+        shutil.copytree(folder / name, sources[name])
+        (sources[name] / "tokenizer.json").write_text(json.dumps({"added_tokens": [{"id": 150, "content": token}]}))
+    with pytest.raises(ValueError, match=r"non_layer_policy='merge' needs identical added-token tables.*'<image>'"):
+        nograd.merge("frank", mllm=sources["mllm"], reasoning=sources["reasoning"], base=base, out=tmp_path / "o2",
+                     **options)
+    assert not (tmp_path / "o2").exists()
+    with pytest.warns(UserWarning, match="special-token clash"):  # 'reasoning' warns, as before
+        nograd.merge("frank", mllm=sources["mllm"], reasoning=sources["reasoning"], base=base, out=tmp_path / "o2",
+                     prior=options["prior"], non_layer_policy="reasoning")
 
 
 def test_streamed_prior_needs_a_loaded_model(saved_trio, tmp_path):

@@ -14,7 +14,9 @@ vectors are τ_t = θ_t − θ_0. Each decoder layer l is merged on its own:
    λ_V = π_V·a_V / (π_V·a_V + π_R·a_R), λ_R = 1 − λ_V (π_R = 1 − π_V; 0/0 -> λ_V = 1).
 3. Merge: θ(l) = θ_0 + λ_V τ_V + λ_R τ_R = lerp(θ_V, θ_R, λ_R) (the base cancels; it is needed for a_V, a_R only);
    layers with λ_R = 0 stay bit-identical. The vision tower, projector, embeddings, final norm and lm_head stay the
-   MLLM's (``non_layer_policy="mllm"``, ours: the paper does not say).
+   MLLM's (``non_layer_policy="mllm"``, ours: the paper does not say); ``"reasoning"`` takes the reasoning LLM's and
+   ``"merge"`` merges them by the rule with the coefficients of the nearest decoder layer (ours; spec §1.3 offers both
+   where the vocabularies are identical).
 
 Peer rules on the same machinery (``rule=``): ``linear`` (lerp by a fixed λ_R), ``task_arithmetic``, ``ties`` and
 ``dare_ties`` (``peft.utils.merge_utils`` on the task vectors; need ``base``). ``nograd.apply`` merges in place
@@ -44,6 +46,10 @@ M = importlib.import_module("nograd.merge")  # the module (``nograd.merge`` the 
 
 COEFS = ("frank", "metagpt", "prior")
 PRIORS = ("auto", "attention", "exp")
+NON_LAYER_POLICIES = ("mllm", "reasoning", "merge")
+ROLE_DEPTH = {"embed": 0, "norm": -1, "lm_head": -1}
+"""The decoder layer whose coefficients a non-layer tensor takes under ``non_layer_policy="merge"``: the embeddings
+feed the first layer, the final norm and lm_head read the last one."""
 
 
 def _is_source(value) -> bool:
@@ -82,8 +88,11 @@ class FrankConfig(MethodConfig):
     keep_shallow_layers: int = option(0, "the first k decoder layers keep the MLLM exactly (π_V = 1; every rule)")
     layers: object = option(None, "decoder layers (start, end) that may be merged; None = all (paper: all)")
     non_layer_policy: str = option("mllm", "embeddings, final norm, lm_head: keep the MLLM's ('mllm', ours: the paper "
-                                           "does not say) or take the reasoning LLM's ('reasoning'; same vocab only)",
-                                   choices=("mllm", "reasoning"))
+                                           "does not say), take the reasoning LLM's ('reasoning'; same vocab only) or "
+                                           "merge them by the rule with the coefficients of the nearest decoder layer "
+                                           "('merge': embeddings with the first, norm and lm_head with the last; same "
+                                           "vocab and added tokens only)",
+                                   choices=NON_LAYER_POLICIES)
     device: object = option(None, "where the arithmetic runs: None = each MLLM tensor's device (streamed: 'cpu'), "
                                   "else a device string such as 'cuda:1', a torch.device or a CUDA index")
     max_shard_size: object = option(None, "nograd.merge only: None keeps the MLLM's shard layout, else a size "
@@ -380,16 +389,33 @@ def merge_layers(config: FrankConfig, num_layers: int) -> list[int]:
 
 
 def plan_merge(config: FrankConfig, dst: M.Side, reasoning: M.Side, base: M.Side | None) -> M.Plan:
+    policy = config.non_layer_policy
     roles = []
-    if config.non_layer_policy == "reasoning":
+    if policy != "mllm":
         roles = [r for r in M.ROLES if not (r == "lm_head" and _lm_head_tied(dst))]
     sources = [reasoning] + ([base] if base is not None else [])
+    if policy == "merge":
+        _check_added_tokens(dst, sources)
     layers = merge_layers(config, dst.num_layers)
     plan = M.make_plan(dst, sources, layers, roles)
-    if config.non_layer_policy == "reasoning" and _lm_head_tied(dst) and not _lm_head_tied(reasoning):
+    if policy != "mllm" and _lm_head_tied(dst) and not _lm_head_tied(reasoning):
+        which = "the reasoning model's" if policy == "reasoning" else "the merged"
         plan.warnings.append("the mllm ties lm_head to its embeddings but the reasoning model has its own lm_head: "
-                             "the merged model uses the reasoning model's embeddings as its lm_head")
+                             f"the merged model uses {which} embeddings as its lm_head")
     return plan
+
+
+def _check_added_tokens(dst: M.Side, sources: list[M.Side]) -> None:
+    """``non_layer_policy="merge"`` adds rows of two embedding tables: the same id must be the same token in both
+    (spec §1.3). Checked where both tokenizers are known (checkpoint folders); a loaded model has none to compare."""
+    mine = dst.added_tokens()
+    for src in sources:
+        theirs = src.added_tokens()
+        if mine and theirs and mine != theirs:
+            differ = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda item: item[1])
+            raise ValueError(f"non_layer_policy='merge' needs identical added-token tables, but the mllm's and the "
+                             f"{src.what} model's differ: {', '.join(f'{t!r} (id {i})' for t, i in differ[:5])}; "
+                             "use non_layer_policy='mllm' (the default) or 'reasoning'")
 
 
 def _lm_head_tied(side: M.Side) -> bool:
@@ -458,12 +484,29 @@ def _combine(config, layer, suffix, v, r, b, report):
                      seed=M.tensor_seed(config.seed, layer, suffix))
 
 
-def _finish(config: FrankConfig, plan: M.Plan, report: dict, prior: dict | None, changed: list[int]) -> dict:
+def role_value(config: FrankConfig, role: str, dst: M.Side, reasoning: M.Side, base: M.Side | None, report: dict,
+               changed, device=None) -> torch.Tensor | None:
+    """The new value of the non-layer tensor ``role``, or None where it stays the MLLM's: the reasoning LLM's
+    (``"reasoning"``), or the MLLM's and the reasoning LLM's combined by the rule with the coefficients of the
+    decoder layer ``ROLE_DEPTH`` names (``"merge"``; kept where that layer keeps the MLLM's)."""
+    if config.non_layer_policy == "reasoning":
+        return reasoning.read_role(role)
+    layer = ROLE_DEPTH[role] % len(report["lambda_r"])
+    if layer not in changed:
+        return None
+    v = dst.read_role(role)
+    b = base.read_role(role) if config.rule in M.NEEDS_BASE else None
+    return _combine(config, layer, role, v.to(device) if device is not None else v, reasoning.read_role(role), b,
+                    report)
+
+
+def _finish(config: FrankConfig, plan: M.Plan, report: dict, prior: dict | None, changed: list[int],
+            roles: list[str]) -> dict:
     warned = plan.warnings + _cos_warnings(report)
     report.update(rule=config.rule, coef=config.coef if config.rule == "frank" else None,
                   layers=changed, kept_layers=[i for i in range(len(report["lambda_r"])) if i not in changed],
-                  tensors_merged=sum(len(plan.suffixes[i]) for i in changed) + len(plan.roles),
-                  non_layer=list(plan.roles), mismatches=list(plan.warnings), warnings=warned)
+                  tensors_merged=sum(len(plan.suffixes[i]) for i in changed) + len(roles),
+                  non_layer=roles, mismatches=list(plan.warnings), warnings=warned)
     report.update({k: None for k in ("prior_source", "r", "r_fit", "pi_v", "beta", "fit_rmse")})
     if prior is not None:
         report.update(prior)
@@ -535,9 +578,13 @@ class Frank(Method):
                     if merged is not None:
                         dst.write(layer, suffix, merged, undo)
                     del merged, v, b
+            roles = []
             for role in plan.roles:
-                dst.write_role(role, reasoning.read_role(role), undo)
-        handle.stats.update(_finish(config, plan, report, prior, changed))
+                value = role_value(config, role, dst, reasoning, base, report, changed, device)
+                if value is not None:
+                    dst.write_role(role, value, undo)
+                    roles.append(role)
+        handle.stats.update(_finish(config, plan, report, prior, changed, roles))
         _warn_all(handle.stats["warnings"])
 
     @classmethod
@@ -569,12 +616,16 @@ class Frank(Method):
                 merged = _combine(config, layer, suffix, v.to(device), reasoning.read(layer, suffix), b, report)
                 return None if merged is None else merged.to("cpu", v.dtype)
             if key in roles:
-                return reasoning.read_role(roles[key]).to("cpu", M.DTYPES[dst.ckpt.dtype_name(key)])
+                value = role_value(config, roles[key], dst, reasoning, base, report, changed, device)
+                if value is not None:
+                    merged_roles.append(roles[key])
+                    return value.to("cpu", M.DTYPES[dst.ckpt.dtype_name(key)])
             return None
 
+        merged_roles = []
         with torch.no_grad():
             written = M.stream_merge(dst, out, produce, max_shard_size=config.max_shard_size)
-        result = _finish(config, plan, report, prior, sorted(changed))
+        result = _finish(config, plan, report, prior, sorted(changed), [r for r in plan.roles if r in merged_roles])
         result.update(out=str(out), **written)
         _warn_all(result["warnings"])
         return result

@@ -181,6 +181,40 @@ def test_text_model_copied_into_mllm_gives_identical_logits(trio):
         assert torch.equal(mllm(input_ids=ids).logits, plain)
 
 
+def test_merge_policy_combines_non_layer_tensors_with_the_nearest_layers_coefficients(trio):
+    """``non_layer_policy="merge"``: the embeddings take the first decoder layer's coefficients, the final norm and
+    lm_head the last's; where that layer keeps the MLLM's (``keep_shallow_layers``) the tensor does too."""
+    original = trio[0]
+    mllm, reasoning, base = fresh(trio)
+    saved = snapshot(mllm)
+    parts = {"embed": lambda m: m.get_decoder().embed_tokens.weight, "norm": lambda m: m.get_decoder().norm.weight,
+             "lm_head": lambda m: m.lm_head.weight}
+    lam = [0.1, 0.4, 0.6, 0.9]
+    with nograd.apply(mllm, "frank", reasoning=reasoning, rule="linear", lambda_r=lam, non_layer_policy="merge") as h:
+        assert h.stats["non_layer"] == ["embed", "norm", "lm_head"]
+        for role, get in parts.items():
+            weight = lam[0] if role == "embed" else lam[-1]
+            assert torch.equal(get(mllm), torch.lerp(get(original), get(reasoning), weight))
+    assert same_state(mllm, saved)
+    with nograd.apply(mllm, "frank", reasoning=reasoning, rule="linear", lambda_r=lam, keep_shallow_layers=1,
+                      non_layer_policy="merge") as h:
+        assert h.stats["non_layer"] == ["norm", "lm_head"]
+        assert torch.equal(parts["embed"](mllm), parts["embed"](original))
+    weights = (0.7, 0.5)  # task arithmetic: θ_0 + λ_V τ_V + λ_R τ_R on the non-layer tensors too
+    with nograd.apply(mllm, "frank", reasoning=reasoning, base=base, rule="task_arithmetic", weights=weights,
+                      non_layer_policy="merge"):
+        for get in parts.values():
+            b, v, r = get(base).float(), get(original).float(), get(reasoning).float()
+            torch.testing.assert_close(get(mllm).float(), b + weights[0] * (v - b) + weights[1] * (r - b), atol=1e-6,
+                                       rtol=0)
+    assert same_state(mllm, saved)
+    wider = copy.deepcopy(reasoning)
+    wider.resize_token_embeddings(wider.config.vocab_size + 8)
+    with pytest.raises(ValueError, match=r"shape mismatch at tensor .*embed_tokens.* identical vocabularies"):
+        nograd.apply(mllm, "frank", reasoning=wider, rule="linear", non_layer_policy="merge")
+    assert same_state(mllm, saved) and nograd.attached(mllm) == []
+
+
 def test_failed_merge_leaves_the_model_untouched(trio, monkeypatch):
     mllm, reasoning, base = fresh(trio)
     saved = snapshot(mllm)
