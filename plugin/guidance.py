@@ -27,7 +27,9 @@ pipeline's scheduler, counted from its ``begin_index`` as img2img starts later) 
 ``suspended()`` (RefAM's read-out pass). SD3's skip-layer guidance adds ``s (cond - skip)`` with the pipeline's
 conditional prediction, which carries the fold: the skip-layer call that follows a folded call gets the same shift,
 so the term stays ``s (cond - skip)``. The pipeline whose CFG settings count is the one running the transformer
-(found on the call stack: several pipelines may share one transformer), else the one the method was applied to.
+(found on the call stack: several pipelines may share one transformer); a call with no pipeline running it is a
+bare call (every row conditional, every call in the window), also after a pipeline has run (its finished call's
+CFG scale and scheduler position are not this call's).
 Everything installed is recorded on the handle and removed by ``handle.remove()``.
 """
 
@@ -124,14 +126,13 @@ def _caller_locals(depth: int = 24):
         frame = frame.f_back
 
 
-def _running_pipeline(model: nn.Module, fallback):
-    """The diffusers pipeline whose ``__call__`` is running ``model`` now (found on the call stack), else
-    ``fallback`` (the pipeline the method was applied to, or None)."""
+def _running_pipeline(model: nn.Module):
+    """The diffusers pipeline whose ``__call__`` is running ``model`` now (found on the call stack), else None."""
     for local in _caller_locals():
         owner = local.get("self")
         if getattr(owner, "transformer", None) is model and _is_pipeline(owner):
             return owner
-    return fallback
+    return None
 
 
 def _true_cfg(pipe) -> tuple[float, object] | None:
@@ -148,10 +149,9 @@ def _true_cfg(pipe) -> tuple[float, object] | None:
 class PerturbedGuidance:
     """The hook pair on one transformer (see the module doc). ``stats`` is the handle's stats dict."""
 
-    def __init__(self, model: nn.Module, target, scale: float, *, batch: bool = True, start: float = 0.0,
-                 stop: float = 1.0, stats: dict | None = None, fork: list[nn.Module] | None = None):
+    def __init__(self, model: nn.Module, scale: float, *, batch: bool = True, start: float = 0.0, stop: float = 1.0,
+                 stats: dict | None = None, fork: list[nn.Module] | None = None):
         self.model = model
-        self.pipe = target if _is_pipeline(target) else None
         self.scale = float(scale)
         self.batch = batch
         self.start, self.stop = start, stop
@@ -270,7 +270,7 @@ class PerturbedGuidance:
         if bound.get("skip_layers") is not None:
             self._frames.append(_Shift(fold) if fold is not None and fold.shape[0] == n else None)
             return None
-        pipe = _running_pipeline(self.model, self.pipe)
+        pipe = _running_pipeline(self.model)
         rows = self._guidance_rows(n, pipe, bound) if self._in_window(pipe) else None
         if rows is None:
             self._frames.append(None)

@@ -201,8 +201,11 @@ def head_table(spec, u: float, adapter, option_name: str = "heads", top: int | N
         spec = load_heads(spec)
     if isinstance(spec, HeadSet):
         spec.check(adapter)
-        spec = [tuple(pair) for pair in spec.heads[: top if top is not None else None]]
-    elif top is not None and isinstance(spec, (list, tuple)):
+        spec = [tuple(pair) for pair in spec.heads]
+    if top is not None and isinstance(spec, (list, tuple)):
+        if top > len(spec):
+            raise ValueError(f"top={top} asks for more heads than the set holds: an int in 0..{len(spec)} (the set's "
+                             "first `top` heads), or None for all of them")
         spec = list(spec)[:top]
     elif top is not None:
         raise ValueError(f"top={top} selects a prefix of an ordered head list or HeadSet; {option_name}={spec!r} "
@@ -413,8 +416,8 @@ class _HeadGuidance(Method):
         handle.stats["heads_touched"] = len(heads)
         if not heads:
             return
-        guidance = PerturbedGuidance(adapter.model, handle.target, scale, batch=config.batch, start=config.start,
-                                     stop=config.stop, stats=handle.stats, fork=self.fork_modules(layers[0]))
+        guidance = PerturbedGuidance(adapter.model, scale, batch=config.batch, start=config.start, stop=config.stop,
+                                     stats=handle.stats, fork=self.fork_modules(layers[0]))
         modules = layer_modules(adapter)
         intervene(handle, {modules[l]: HeadPerturbation(l, table[l], config.mode, config.path, guidance.state,
                                                         handle.stats) for l in layers})

@@ -444,6 +444,10 @@ def test_per_head_u_dict_and_headhunter_top(sd3, tmp_path):
     HeadSet([(1, 2), (0, 3), (0, 0)], "SD3Transformer2DModel", 2, 4, 8).save(path)
     with nograd.apply(sd3, "headhunter", heads=str(path), top=2) as handle:
         assert handle.stats["heads"] == [(0, 3), (1, 2)] and handle.stats["u"] == {"0,3": 0.5, "1,2": 0.5}
+    for heads in (str(path), [(1, 2), (0, 3), (0, 0)]):  # more than the set holds: never silently fewer
+        with pytest.raises(ValueError, match=r"top=4 asks for more heads than the set holds: an int in 0\.\.3"):
+            nograd.apply(sd3, "headhunter", heads=heads, top=4)
+        assert nograd.attached(sd3) == []
     with nograd.apply(sd3, "softpag", heads={(0, 1): 0.25, (1, 3): 1.0}) as handle:
         assert handle.stats["u"] == {"0,1": 0.25, "1,3": 1.0}
     assert len(layer_modules(adapter)) == 2
@@ -544,6 +548,27 @@ def test_the_running_pipeline_sets_the_guidance_rows(sd3):
                                           **call).images
                 assert handle.stats["perturbed_calls"] == 3
         assert torch.equal(out[id(sd3)], out[id(img2img)]) and torch.equal(out[id(sd3.transformer)], out[id(img2img)])
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_bare_transformer_call_after_a_pipeline_call_is_a_bare_call(family, request):
+    """A transformer call outside any pipeline (a user's own sampling loop) takes every row as conditional and every
+    call as in the window, also after the pipeline the method was applied to has run: its finished call's CFG scale
+    and scheduler position are not this call's (they split the rows in halves, or left the call unperturbed)."""
+    pipe = request.getfixturevalue(family)
+    model = pipe.transformer
+    inputs = transformer_inputs(family, model)
+    inputs = {name: value.repeat_interleave(2, 0) if name not in ("img_ids", "txt_ids") else value
+              for name, value in inputs.items()}
+    options = dict(heads={0: [1], 1: [0]}, u=0.5, start=0.0, stop=0.9)
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+        with nograd.apply(model, "softpag", **options):
+            want = model(**inputs)[0]
+        images(pipe, **(dict(guidance_scale=5.0) if family == "sd3" else {}))
+        with nograd.apply(pipe, "softpag", **options) as handle:
+            assert torch.equal(model(**inputs)[0], want) and handle.stats["perturbed_rows"] == 2
+    assert (want - plain).flatten(1).abs().amax(1).min() > 1e-3  # both rows guided
 
 
 def test_sd3_skip_layer_guidance_keeps_the_perturbation_term(sd3):
