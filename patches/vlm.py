@@ -83,6 +83,12 @@ class VLMAdapter(Adapter):
         """The layout of every image in the batch, in the order the model consumes them."""
         raise NotImplementedError
 
+    @property
+    def tokens_per_image(self) -> int | None:
+        """The visual tokens every image gives, where the config fixes them (whatever the image's size), else
+        None (tiled, any-resolution and native-resolution families)."""
+        return None
+
     # ---- the vision tower ----------------------------------------------------------------------------------------
     vision_attn_config_key: ClassVar[str] = "vision_config"
 
@@ -165,14 +171,25 @@ class LlavaAdapter(VLMAdapter):
         if image_sizes is not None:
             raise NotImplementedError("LLaVA with image_sizes (a Pixtral vision tower, per-image rasters split "
                                       "by [IMG_BREAK] tokens) has no grid in nograd")
+        leading, side = self._raster(vision_feature_select_strategy)
+        return [ImageLayout(leading + side * side, (raster(side, side, leading),))] * len(pixel_values)
+
+    def _raster(self, strategy: str | None) -> tuple[int, int]:
+        """(tokens before the raster, raster side) of every image under ``strategy`` (None: the config's)."""
         config = self.model.config
-        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
+        strategy = strategy or config.vision_feature_select_strategy
         leading = int(self.vision_has_cls) - int(strategy == "default")
         if leading < 0:
             raise NotImplementedError('vision_feature_select_strategy="default" on a tower without CLS drops a '
                                       "patch, leaving no raster")
-        side = config.vision_config.image_size // config.vision_config.patch_size
-        return [ImageLayout(leading + side * side, (raster(side, side, leading),))] * len(pixel_values)
+        return leading, config.vision_config.image_size // config.vision_config.patch_size
+
+    @property
+    def tokens_per_image(self) -> int | None:
+        if getattr(self.model.config.vision_config, "model_type", None) == "pixtral":  # per-image rasters
+            return None
+        leading, side = self._raster(None)
+        return leading + side * side
 
     def patch_scores_to_tokens(self, scores, image_inputs):
         """One (patches,) row per image: the projector maps patch i to the raster's token i (no folding)."""
@@ -597,6 +614,10 @@ class Gemma3Adapter(VLMAdapter):
     def image_layouts(self, input_ids, pixel_values, **inputs):
         side = int(self.model.config.mm_tokens_per_image ** 0.5)
         return [ImageLayout(side * side, (raster(side, side),))] * len(pixel_values)
+
+    @property
+    def tokens_per_image(self) -> int | None:
+        return int(self.model.config.mm_tokens_per_image)
 
 
 VLM_ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter,

@@ -103,14 +103,27 @@ class PyramidDrop(TokenDropMethod):
         c = self.config
         return "stages" if c.boundaries is None and c.tokens is None else "boundaries"
 
+    def check_model(self) -> None:
+        """Also: a ``tokens`` budget that a one-image row cannot reach, where the model fixes the tokens of an image
+        (LLaVA-1.5, Gemma3), is refused here, not at the first forward."""
+        super().check_model()
+        per_image = getattr(self.adapter, "tokens_per_image", None)
+        if self.config.tokens is not None and per_image:
+            self.budget_schedule(per_image, self.schedule().boundaries, "one image")
+
     def row_schedule(self, n_visual: int) -> DropSchedule:
         if self.config.tokens is None:
             return self.plan
+        return self.budget_schedule(n_visual, self.plan.boundaries, "a row")
+
+    def budget_schedule(self, n_visual: int, boundaries: tuple, what: str) -> DropSchedule:
+        """The ``tokens`` budget's schedule for ``n_visual`` visual tokens; ``ValueError`` naming the option where
+        no schedule reaches it (``what``: whose tokens, for the message)."""
         try:
-            return _budget(self.adapter.num_layers, n_visual, float(self.config.tokens), self.plan.boundaries,
+            return _budget(self.adapter.num_layers, n_visual, float(self.config.tokens), tuple(boundaries),
                            self.config.min_keep)
-        except ValueError as error:  # the budget this row cannot reach, named as the user's option
-            raise ValueError(f"{self.name}: option {str(error).removeprefix('DropSchedule: ')} (a row of "
+        except ValueError as error:  # the budget these tokens cannot reach, named as the user's option
+            raise ValueError(f"{self.name}: option {str(error).removeprefix('DropSchedule: ')} ({what} of "
                              f"{n_visual} visual tokens)") from None
 
 

@@ -138,6 +138,9 @@ def test_image_grids(case):
         assert torch.equal(torch.cat(covered), row_positions)
     bare = adapter_for(model.model).image_grids(**inputs)
     assert all(torch.equal(a.positions, b.positions) for a, b in zip(grids, bare, strict=True))
+    fixed = adapter.tokens_per_image  # the families whose config fixes an image's tokens, whatever its size
+    assert (fixed is not None) == (family in {"llava"})
+    assert fixed is None or all(grid.positions.numel() == fixed for grid in grids)
 
 
 def test_llava_full_strategy_keeps_the_cls_token_outside_the_raster():

@@ -137,6 +137,9 @@ def test_image_grids(case):
         assert torch.equal(torch.cat([g.positions for g in row_grids]), row_positions)
     bare = adapter_for(model.model).image_grids(**inputs)
     assert all(torch.equal(a.positions, b.positions) for a, b in zip(grids, bare, strict=True))
+    fixed = adapter.tokens_per_image  # the families whose config fixes an image's tokens, whatever its size
+    assert (fixed is not None) == (family in {"gemma3"})
+    assert fixed is None or all(grid.positions.numel() == fixed for grid in grids)
 
 
 def image_features(family, model, inputs) -> torch.Tensor:
