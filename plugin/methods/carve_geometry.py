@@ -153,6 +153,8 @@ def to_pixels(token_map: torch.Tensor, views: list[View], size: tuple[int, int],
     canvas = torch.zeros(height, width, dtype=torch.float32, device=token_map.device)
     for view in views:
         x0, y0, x1, y1 = view.box
+        if x1 <= x0 or y1 <= y0:  # a crop cell of an image smaller than its grid (1x1 split in 2x2) covers no pixel
+            continue
         raster = token_map.float()[view.index.to(token_map.device)].reshape(1, 1, view.rows, view.cols)
         canvas[y0:y1, x0:x1] += F.interpolate(raster, size=(y1 - y0, x1 - x0), mode="bilinear",
                                               align_corners=False)[0, 0]

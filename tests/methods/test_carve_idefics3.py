@@ -75,6 +75,19 @@ def test_generate_runs_end_to_end_and_restores(carve_models):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("size", [(1, 1), (1, 2)])
+def test_an_image_smaller_than_its_split(carve_models, size):
+    """A 1x1 image split into 2x2 crops: cells that cover no pixel add nothing (their interpolation into an empty
+    box raised); the saliency is the image's size, finite, and the pixels come from the covering cells."""
+    model = carve_models("smolvlm")
+    with nograd.apply(model, "carve", processor=PROCESSORS["smolvlm"](), probe_max_new_tokens=2,
+                      max_new_tokens=2) as carve:
+        saliency = carve.saliency(image(*size), QUESTION)
+        out = carve.generate(image(*size), QUESTION)
+    assert saliency.shape == (size[1], size[0]) and torch.isfinite(saliency).all()
+    assert out.mask.shape == (size[1], size[0])
+
+
 def test_cells_of_a_hand_written_two_by_three_split(carve_models):
     """``make_inputs`` writes a 2 x 3 split (then the global image) in even rows and an unsplit image in odd rows."""
     from tiny.vlm import make_inputs
