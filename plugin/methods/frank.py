@@ -385,6 +385,9 @@ def merge_layers(config: FrankConfig, num_layers: int) -> list[int]:
     end = num_layers if end is None else end
     if not 0 <= start < end <= num_layers:
         config.invalid("layers", f"(start, end) with 0 <= start < end <= {num_layers} (end None = {num_layers})")
+    if config.keep_shallow_layers > num_layers:
+        config.invalid("keep_shallow_layers", f"an int in 0..{num_layers} (the decoder's layers; {num_layers} keeps "
+                                              "them all)")
     return [layer for layer in range(start, end) if layer >= config.keep_shallow_layers]
 
 

@@ -323,6 +323,7 @@ def test_validation_and_config_warnings(trio):
     (dict(max_shard_size=-1), ValueError, r"option max_shard_size=-1 .* '5GB'"),
     (dict(max_shard_size="0GB"), ValueError, r"option max_shard_size='0GB' .* '5GB'"),
     (dict(max_shard_size=True), TypeError, r"option max_shard_size=True .* '5GB'"),
+    (dict(keep_shallow_layers=LAYERS + 1), ValueError, rf"option keep_shallow_layers={LAYERS + 1} .* 0\.\.{LAYERS}"),
 ])
 def test_bad_options_leave_the_model_untouched(trio, options, error, match):
     mllm, reasoning, base = fresh(trio)
