@@ -47,6 +47,9 @@ M = importlib.import_module("nograd.merge")  # the module (``nograd.merge`` the 
 COEFS = ("frank", "metagpt", "prior")
 PRIORS = ("auto", "attention", "exp")
 NON_LAYER_POLICIES = ("mllm", "reasoning", "merge")
+WEAK_DECAY = 0.05
+"""A fitted share of image attention that varies by less than this fraction of its largest value over depth is
+warned about: min-max scaling makes any decay a full prior (ours; real MLLMs' shares fall several-fold)."""
 ROLE_DEPTH = {"embed": 0, "norm": -1, "lm_head": -1}
 """The decoder layer whose coefficients a non-layer tensor takes under ``non_layer_policy="merge"``: the embeddings
 feed the first layer, the final norm and lm_head read the last one."""
@@ -346,6 +349,11 @@ def depth_prior(config: FrankConfig, num_layers: int, measured: list[float] | No
                 info["prior_source"] = "exp (flat attention fit)"
                 pi = [math.exp(-config.prior_beta * layer / depth) for layer in range(num_layers)]
             else:
+                if high - low < WEAK_DECAY * high:
+                    warnings.warn(f"frank: the fitted visual-attention share varies by only {(high - low) / high:.2%} "
+                                  "over depth; min-max scaling still maps it to a full 1 -> 0 prior: check the "
+                                  "calibration inputs (images and questions), or give prior='exp' or a list",
+                                  stacklevel=3)
                 pi = [(v - low) / (high - low) for v in r_fit]
     for layer in range(min(config.keep_shallow_layers, num_layers)):
         pi[layer] = 1.0

@@ -148,6 +148,10 @@ def test_prior_fit_recovers_the_decay():
     assert depth_prior(first, depth, r)["pi_v"][-1] == pytest.approx((0.4 * math.exp(-3) + 0.02) / 0.42, rel=1e-3)
     data_free = depth_prior(FrankConfig.from_options({"reasoning": "unused", "coef": "prior"}), depth)
     assert data_free["prior_source"] == "exp" and data_free["pi_v"][-1] == pytest.approx(math.exp(-3))
+    weak = [0.8 + 0.002 * math.exp(-3 * t) for t in x]  # a 0.25 % decay (random weights): still min-max, but warned
+    with pytest.warns(UserWarning, match=r"varies by only 0\.2\d% over depth"):
+        pi = depth_prior(config, depth, weak)["pi_v"]
+    assert pi[0] == pytest.approx(1.0) and pi[-1] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_calibration_measures_image_attention_share(trio):
