@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (bench/README.md): environment, nograd import, the kernel tests,
-# bench/attention.py with its CUDA defaults, then bench/pyramiddrop.py on a LLaVA-1.5-7B-shaped model. Every step is
-# time-boxed; a failing step is reported, not fatal.
+# bench/attention.py with its CUDA defaults, bench/pyramiddrop.py on a LLaVA-1.5-7B-shaped model, then every method
+# on the GPU against the CPU (tests/test_cuda.py). Every step is time-boxed; a failing step is reported, not fatal.
 #
 #   bash bench/gpu.sh                # from anywhere; logs, attention.md and pyramiddrop.md go to $OUT (else bench/out)
 #
-# Worst case about 9.3 minutes: TEST_TIMEOUT (100 s) + BENCH_TIMEOUT (260 s, the bench stops starting new cases
-# after BENCH_BUDGET = 190 s) + PD_TIMEOUT (140 s, no new case or timed round after PD_BUDGET = 90 s) + up to
-# 10 + 15 + 15 s of kill grace + a few seconds of setup. Override any of these, PYTHON, or add BENCH_ARGS / PD_ARGS
-# (default --shape llava-7b), through the environment. The image needs torch + triton (+ transformers, which
-# `import nograd` pulls in); no diffusers.
+# Worst case about 11 minutes: TEST_TIMEOUT (100 s) + BENCH_TIMEOUT (260 s, the bench stops starting new cases
+# after BENCH_BUDGET = 190 s) + PD_TIMEOUT (140 s, no new case or timed round after PD_BUDGET = 90 s) +
+# CUDA_TEST_TIMEOUT (100 s) + up to 10 + 15 + 15 + 10 s of kill grace + a few seconds of setup. Override any of
+# these, PYTHON, or add BENCH_ARGS / PD_ARGS (default --shape llava-7b), through the environment. The image needs
+# torch + triton (+ transformers, which `import nograd` pulls in); wheels carried in .whl (bench/wheels.sh: diffusers,
+# for the DiT cases of tests/test_cuda.py) are installed first when present.
 #
-# STEPS picks the steps after the environment and the import (default "tests attention pyramiddrop"); "methods" adds
+# STEPS picks the steps after the environment and the import (default "tests attention pyramiddrop cuda"); "methods" adds
 # bench/methods.py (PAI, PAINT, ClearSight, ZeroTuning, ACT against the plain model, 7B shapes) under METHODS_TIMEOUT
 # (150 s; METHODS_BUDGET 90 s), e.g. with device time left after a default run:  STEPS=methods bash bench/gpu.sh
 set -u
@@ -29,7 +30,8 @@ PD_ARGS=${PD_ARGS:---shape llava-7b}
 METHODS_TIMEOUT=${METHODS_TIMEOUT:-150}
 METHODS_BUDGET=${METHODS_BUDGET:-90}
 METHODS_ARGS=${METHODS_ARGS:---shape llava-7b}
-STEPS=" ${STEPS:-tests attention pyramiddrop} "
+CUDA_TEST_TIMEOUT=${CUDA_TEST_TIMEOUT:-100}
+STEPS=" ${STEPS:-tests attention pyramiddrop cuda} "
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 START=$(date +%s)
 DONE=()
@@ -84,16 +86,26 @@ else
   record nograd-import "$rc"
 fi
 
+# 2b. carried wheels (bench/wheels.sh): installed beside the image's packages, first on the path -------------------
+if ls .whl/*.whl >/dev/null 2>&1; then
+  timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl >>"$OUT/install.log" 2>&1
+  rc=$?
+  [ $rc -eq 0 ] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  record wheels "$rc"
+fi
+CONFTEST=()
+if ! "$PY" -c "import diffusers" >/dev/null 2>&1; then
+  # tests/conftest.py imports the tiny diffusers models; tests/kernels and tests/test_cuda.py need none of its fixtures
+  CONFTEST=(--noconftest)
+  echo "diffusers is not installed: running the tests with --noconftest (test_cuda.py's DiT cases skip)" \
+    | tee "$OUT/pytest.log"
+fi
+
 # 3. kernel tests (the Triton backend's correctness tests run on CUDA here) -----------------------------------------
 if ! wanted tests; then
   note "tests not in STEPS: skipped"
 elif ls tests/kernels/test_*.py >/dev/null 2>&1; then
-  CONFTEST=()
-  if ! "$PY" -c "import diffusers" >/dev/null 2>&1; then
-    # tests/conftest.py imports the tiny diffusers models; tests/kernels needs none of its fixtures
-    CONFTEST=(--noconftest)
-    echo "diffusers is not installed: running tests/kernels with --noconftest" | tee "$OUT/pytest.log"
-  fi
   set -o pipefail
   PYTHONPATH="$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 "$TEST_TIMEOUT" \
     "$PY" -m pytest tests/kernels -q -rfE -p no:cacheprovider -m "not slow" "${CONFTEST[@]}" 2>&1 | tee -a "$OUT/pytest.log" \
@@ -127,6 +139,14 @@ if wanted methods; then
   timeout -k 15 "$METHODS_TIMEOUT" "$PY" bench/methods.py --device cuda --dtype bfloat16 --budget-s "$METHODS_BUDGET" \
     --markdown "$OUT/methods.md" $METHODS_ARGS 2>&1 | tee "$OUT/methods.log"
   record methods "$?"
+fi
+
+# 7. every method on the GPU against the CPU (device placement, the Triton paths auto picks) ----------------------
+if wanted cuda; then
+  PYTHONPATH="$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 "$CUDA_TEST_TIMEOUT" \
+    "$PY" -m pytest tests/test_cuda.py -q -rfE -p no:cacheprovider "${CONFTEST[@]}" 2>&1 | tee -a "$OUT/pytest.log" \
+    | tail -n 25
+  record cuda-tests "$?"
 fi
 set +o pipefail
 
