@@ -12,9 +12,10 @@
 # torch + triton (+ transformers, which `import nograd` pulls in); wheels carried in .whl (bench/wheels.sh: diffusers,
 # for the DiT cases of tests/test_cuda.py) are installed first when present.
 #
-# STEPS picks the steps after the environment and the import (default "tests attention pyramiddrop cuda"); "methods" adds
-# bench/methods.py (PAI, PAINT, ClearSight, ZeroTuning, ACT against the plain model, 7B shapes) under METHODS_TIMEOUT
-# (150 s; METHODS_BUDGET 90 s), e.g. with device time left after a default run:  STEPS=methods bash bench/gpu.sh
+# STEPS picks the steps after the environment and the import (default "tests attention pyramiddrop cuda"); "methods"
+# adds bench/methods.py (PAI, PAINT, ClearSight, ZeroTuning, ACT against the plain model, 7B shapes) under
+# METHODS_TIMEOUT (150 s; METHODS_BUDGET 90 s), e.g. with device time left after a default run:
+#   STEPS=methods bash bench/gpu.sh
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/bench/out}
