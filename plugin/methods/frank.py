@@ -616,6 +616,7 @@ class Frank(Method):
         report = compute_coefficients(config, plan, dst, reasoning, base, prior, device)
         changed = set(_changes(config, plan, report))
         roles = {dst.role_name(role): role for role in plan.roles if dst.role_name(role) is not None}
+        merged_roles = []
         needs_b = config.rule in M.NEEDS_BASE
 
         def produce(key):
@@ -633,7 +634,6 @@ class Frank(Method):
                     return value.to("cpu", M.DTYPES[dst.ckpt.dtype_name(key)])
             return None
 
-        merged_roles = []
         with torch.no_grad():
             written = M.stream_merge(dst, out, produce, max_shard_size=config.max_shard_size)
         result = _finish(config, plan, report, prior, sorted(changed), [r for r in plan.roles if r in merged_roles])
