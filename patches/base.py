@@ -155,6 +155,16 @@ class Adapter:
         Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision; the other families write frames as images)."""
         return None
 
+    marker_id_attrs: ClassVar[tuple[str, ...]] = ()
+    """Config attributes naming the tokens that frame each image (or video) and exist only with it."""
+
+    @property
+    def visual_marker_ids(self) -> tuple[int, ...]:
+        """The ids of those framing tokens (Qwen-VL's ``<|vision_start|>`` / ``<|vision_end|>``, Gemma3's
+        ``<start_of_image>`` / ``<end_of_image>``); () where the config names none."""
+        ids = (getattr(self.model.config, name, None) for name in self.marker_id_attrs)
+        return tuple(int(i) for i in ids if i is not None)
+
     def visual_token_mask(self, input_ids: torch.Tensor, video: bool = True) -> torch.Tensor:
         """Boolean (B, S): the image tokens, and with ``video`` the video tokens too (the visual tokens)."""
         mask = self.image_token_mask(input_ids)

@@ -285,6 +285,7 @@ class Qwen2VLAdapter(VLMAdapter):
 
     family = "qwen2_vl"
     model_classes = ("transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VLPreTrainedModel",)
+    marker_id_attrs = ("vision_start_token_id", "vision_end_token_id")
 
     @property
     def vision_tower(self) -> nn.Module:
@@ -589,6 +590,7 @@ class Gemma3Adapter(VLMAdapter):
     family = "gemma3"
     model_classes = ("transformers.models.gemma3.modeling_gemma3:Gemma3ForConditionalGeneration",
                      "transformers.models.gemma3.modeling_gemma3:Gemma3Model")
+    marker_id_attrs = ("boi_token_index", "eoi_token_index")
 
     @property
     def padding_mask_module(self) -> nn.Module:

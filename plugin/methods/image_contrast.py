@@ -178,9 +178,15 @@ class ImageFreeContrast:
         return self.tracker.adapter.visual_token_mask(prompt.input_ids) & prompt.real
 
     def _without_image(self, input_ids, attention_mask, prompt):
-        """Each row's real tokens minus its visual (image and video) tokens, left-padded again; (ids, mask)."""
+        """Each row's real tokens minus its visual (image and video) tokens and the prompt's tokens that frame them
+        where the config names those (``visual_marker_ids``: the prompt the processor writes without the image on
+        Qwen-VL), left-padded again; (ids, mask)."""
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        markers = self.tracker.adapter.visual_marker_ids
         visual = self._visual(prompt)
+        if markers:
+            visual = visual | (torch.isin(prompt.input_ids, torch.tensor(markers, device=prompt.input_ids.device))
+                               & prompt.real)
         visual = torch.nn.functional.pad(visual, (0, input_ids.shape[1] - visual.shape[1]))
         rows = [ids[keep] for ids, keep in zip(input_ids, real & ~visual)]
         length = max(len(row) for row in rows)

@@ -176,3 +176,33 @@ def test_a_forward_is_refined_with_return_dict_false_too(build):
         assert torch.equal(model(**inputs, return_dict=False)[0], refined)
         labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE, -100)
         assert torch.equal(model(**inputs, labels=labels, return_dict=False)[1], refined)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "gemma3"])
+def test_the_image_free_prompt_drops_the_image_markers(family):
+    """The image-free pass leaves out the tokens that frame an image where the config names them: on Qwen-VL its
+    prompt is the one the processor writes without the image (z_u of the first refine from that prompt); Gemma3's
+    loses ``<start_of_image>`` / ``<end_of_image>`` (the blank lines its processor writes around them stay)."""
+    model, processor = nograd.tiny.vlm(family)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+    inputs = processor(images=nograd.tiny.image(56, 56), return_tensors="pt",
+                       text=processor.apply_chat_template(chat, add_generation_prompt=True))
+    ids = inputs["input_ids"]
+    config = model.config
+    markers = [config.vision_start_token_id, config.vision_end_token_id] if family != "gemma3" \
+        else [config.boi_token_index, config.eoi_token_index]
+    text = ids[:, ~torch.isin(ids[0], torch.tensor(markers + [config.image_token_id]))]
+    if family != "gemma3":
+        chat[0]["content"] = chat[0]["content"][1:]
+        assert torch.equal(text, processor(text=processor.apply_chat_template(chat, add_generation_prompt=True),
+                                           return_tensors="pt")["input_ids"])
+    with torch.no_grad():
+        z_c = model(**inputs).logits[:, -1].float().log_softmax(-1)
+        z_u = model(input_ids=text).logits[:, -1].float().log_softmax(-1)
+    z = (1.1 * (z_c - z_u) + z_u).masked_fill(z_c < math.log(0.1) + z_c.amax(-1, keepdim=True), -math.inf)
+    with nograd.apply(model, "pai", cfg_gamma=1.1):
+        scores = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_scores=True,
+                                return_dict_in_generate=True).scores[0]
+    finite = torch.isfinite(z)
+    assert torch.equal(torch.isfinite(scores), finite)
+    torch.testing.assert_close(scores[finite], z[finite], atol=1e-5, rtol=0)

@@ -226,14 +226,15 @@ def test_a_flash_vision_tower_that_packs_the_images_is_refused(family):
 def test_qwen3_vl_image_free_refine_runs_with_the_kv_cache():
     """``cfg_gamma`` on Qwen3-VL: the first step is the written-out refine (z_c from the unedited prompt, as the
     official code edits from the first generated token on; z_u from the plain model on the prompt without its image
-    tokens), and generate with the KV cache equals it without (the image-free copy must not use the image prompt's
-    M-RoPE offsets, which the model keeps)."""
+    tokens and their ``<|vision_start|>`` / ``<|vision_end|>``), and generate with the KV cache equals it without
+    (the image-free copy must not use the image prompt's M-RoPE offsets, which the model keeps)."""
     import math
 
     model = tiny_families.build("qwen3_vl")
     inputs = tiny_families.make_inputs("qwen3_vl", model)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    keep = mask.bool() & (inputs["mm_token_type_ids"] == 0)
+    markers = torch.tensor(adapter_for(model).visual_marker_ids)
+    keep = mask.bool() & (inputs["mm_token_type_ids"] == 0) & ~torch.isin(ids, markers)
     rows = [row[k] for row, k in zip(ids, keep)]
     text = torch.zeros(len(rows), max(len(r) for r in rows), dtype=ids.dtype)
     text_mask = torch.zeros_like(text)

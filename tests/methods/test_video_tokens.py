@@ -111,10 +111,12 @@ def test_include_video_must_be_a_bool(models):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pai_refine_leaves_the_video_out_of_the_text_only_pass(build, family):
     """PAI's image-free refine on a video prompt, written out (greedy steps without cache): z_c from the edited
-    model with the video, z_u from the plain model on the same tokens without the video tokens."""
+    model with the video, z_u from the plain model on the same tokens without the video tokens (and Qwen's
+    ``<|vision_start|>`` / ``<|vision_end|>`` around them)."""
     model, plain_twin = build(family), build(family)
     inputs = tiny_vlm.make_video_inputs(family, model, images=False)
-    assert_refine_is_written_out(model, plain_twin, inputs, (VIDEO,), alpha=0.5)
+    assert_refine_is_written_out(model, plain_twin, inputs, (VIDEO, *adapter_for(model).visual_marker_ids),
+                                 alpha=0.5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -169,7 +171,7 @@ def test_paint_refine_leaves_the_video_out_too(build):
     expected = []
     for row in range(ids.shape[0]):
         real = ids[row][mask[row].bool()]
-        text = real[~torch.isin(real, torch.tensor([IMAGE, VIDEO]))][None]
+        text = real[~torch.isin(real, torch.tensor([IMAGE, VIDEO, tiny_vlm.VISION_START, tiny_vlm.VISION_END]))][None]
         z_u = logits(model, dict(input_ids=text, attention_mask=torch.ones_like(text),
                                  mm_token_type_ids=torch.zeros_like(text)))[0, -1].float().log_softmax(-1)
         z = 1.1 * (z_c[row] - z_u) + z_u
