@@ -35,6 +35,22 @@ def test_every_vlm_family_generates_from_its_processor(family):
                                    k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}))
 
 
+@pytest.mark.parametrize("family", nograd.tiny.VLM_FAMILIES)
+def test_every_vlm_sees_its_image(family):
+    """Another image gives other logits (Gemma3's projector, left at zero by transformers' init, gave every image
+    the same zero features), and no weight matrix is all zero."""
+    model, processor = nograd.tiny.vlm(family, layers=2)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+    logits = []
+    for seed in (0, 1):
+        inputs = processor(text=[prompt], images=[[nograd.tiny.image(60, 40, seed=seed)]], return_tensors="pt")
+        with torch.no_grad():
+            logits.append(model(**inputs).logits[0, -1])
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
+    assert [name for name, p in model.named_parameters() if p.dim() >= 2 and not p.any()] == []
+
+
 def test_an_unknown_family_is_named():
     with pytest.raises(KeyError, match="no tiny VLM with a processor for 'nope'"):
         nograd.tiny.vlm("nope")

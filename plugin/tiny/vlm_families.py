@@ -72,7 +72,19 @@ def build(family: str, seed: int = 0, text_layers: int = 2, attn_implementation:
     """A tiny ``family`` VLM in eval mode, weights drawn from ``torch.manual_seed(seed)``."""
     model_cls, config = _config(family, text_layers)
     torch.manual_seed(seed)
-    return model_cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype).eval()
+    model = model_cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype).eval()
+    draw_zero_matrices(model, config.get_text_config().initializer_range)
+    return model
+
+
+def draw_zero_matrices(model, std: float) -> None:
+    """Draw from N(0, std) the matrices transformers' init leaves at zero where a trained model has weights:
+    Gemma3's ``mm_input_projection_weight`` (all-zero, it gave every image the same zero features, so no image
+    changed the output), InternVL's vision position embeddings and CLS token."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2 and not parameter.any():
+                parameter.normal_(0.0, std)
 
 
 FAMILIES = ("qwen3_vl", "internvl", "mistral3", "gemma3")
