@@ -26,11 +26,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import nograd  # noqa: E402
 from nograd import tiny  # noqa: E402
+from nograd.cli import add_demo_arguments  # noqa: E402
 
 from demo import compare  # noqa: E402
 
 MAX_FILE_SIZE = "10mb"
-DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 QUESTION = "What is in the picture?"
 PROMPT = "The capital of France is"
 
@@ -251,17 +251,8 @@ def _merge_tab(gr, guard, method_picker):
 
 
 # ---- the command line ----------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default 7860)")
-    parser.add_argument("--share", action="store_true", default=False,
-                        help="also make a public gradio.live link (off unless given)")
-    return parser
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    return add_arguments(argparse.ArgumentParser(prog="python -m demo", description="The nograd Gradio demo."))\
+    return add_demo_arguments(argparse.ArgumentParser(prog="python -m demo", description="The nograd Gradio demo."))\
         .parse_args(argv)
 
 
@@ -304,7 +295,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: binding to {args.host}: other machines can reach the demo", file=sys.stderr)
     if args.share:
         print("warning: --share makes a public link to this demo", file=sys.stderr)
-    build_app().queue(default_concurrency_limit=1).launch(**supported(launch_options(args)))
+    try:
+        build_app().queue(default_concurrency_limit=1).launch(**supported(launch_options(args)))
+    except OSError as error:  # the port is taken (or this host cannot be bound): say so in one line
+        print(f"nograd demo: error: cannot serve on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -146,12 +146,25 @@ def add_demo(subparsers) -> None:
                               description="The Gradio demo: one tab per family, the plain model beside the method. "
                                           "It binds to 127.0.0.1 unless --host says otherwise, and makes no public "
                                           "link unless --share is given.")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--share", action="store_true", default=False,
-                   help="also make a public gradio.live link (off unless given)")
+    add_demo_arguments(p)
     p.set_defaults(func=run_demo)
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The demo's options, for ``nograd demo`` and ``python -m demo`` alike."""
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
+    parser.add_argument("--port", type=_port, default=7860, help="port, 1-65535 (default 7860)")
+    parser.add_argument("--share", action="store_true", default=False,
+                        help="also make a public gradio.live link (off unless given)")
+    return parser
+
+
+def _port(text: str) -> int:
+    port = int(text) if text.strip().lstrip("-").isdigit() else None
+    if port is None or not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: an int in 1-65535")
+    return port
 
 
 def run_demo(args) -> int:

@@ -33,6 +33,20 @@ def is_int(value: Any) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
+PLAIN_TYPES = {
+    "float": (lambda v: isinstance(v, Real) and not isinstance(v, bool), "a number"),
+    "int": (is_int, "an int"),
+    "bool": (lambda v: isinstance(v, bool), "True or False"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+}
+"""What an option annotated ``float`` / ``int`` / ``bool`` / ``str`` holds (its default's ``None`` allowed too)."""
+
+
+def _annotation(f) -> str:
+    """A field's annotation as written (``from __future__ import annotations`` keeps it a string)."""
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+
+
 def _is_choice(value: Any, choices: tuple) -> bool:
     """``value`` is one of ``choices``, of the same type (``1`` is not ``True``; an array is no choice at all)."""
     return any(type(value) is type(choice) and value == choice for choice in choices)
@@ -108,6 +122,16 @@ class MethodConfig:
             if choices is not None and not _is_choice(getattr(self, f.name), choices):
                 self.invalid(f.name, f"one of {', '.join(map(repr, choices))}")
         self.validate()
+        self._check_annotations()
+
+    def _check_annotations(self) -> None:
+        """An option annotated with a plain type holds one (after ``validate``, whose messages say more): a
+        method's own ``validate`` need not repeat it."""
+        for f in fields(self):
+            check = PLAIN_TYPES.get(_annotation(f))
+            value = getattr(self, f.name)
+            if check is not None and not check[0](value) and not (value is None and f.default is None):
+                self.invalid(f.name, check[1], TypeError)
 
     def validate(self) -> None:
         """Check option values; call ``self.invalid(name, allowed)`` on a bad one."""

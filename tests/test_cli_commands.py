@@ -76,6 +76,34 @@ def test_demo_launches_the_app_with_those_options(monkeypatch, capsys):
     assert app.parse_args([]).host == "127.0.0.1"
 
 
+def test_demo_ports_out_of_range_and_taken_are_one_line_errors(monkeypatch, capsys):
+    """A port outside 1-65535 is an argument error (exit 2, usage line), for ``nograd demo`` and ``python -m demo``
+    alike (one definition); a port the launch cannot bind gives one line and exit 2, not gradio's traceback."""
+    pytest.importorskip("gradio")
+    sys.path.insert(0, str(ROOT))
+    from demo import app
+
+    for argv in (["demo", "--port", "99999"], ["demo", "--port", "0"], ["demo", "--port", "http"]):
+        with pytest.raises(SystemExit) as done:
+            cli.main(argv)
+        assert done.value.code == 2 and "an int in 1-65535" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        app.parse_args(["--port", "-1"])
+    assert "an int in 1-65535" in capsys.readouterr().err
+
+    class Taken:
+        def queue(self, **kwargs):
+            return self
+
+        def launch(self, **kwargs):
+            raise OSError(f"Cannot find empty port in range: {kwargs['server_port']}-{kwargs['server_port']}")
+
+    monkeypatch.setattr(app, "build_app", Taken)
+    assert cli.main(["demo", "--port", "7999"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "nograd demo: error: cannot serve on 127.0.0.1:7999: Cannot find empty port in range: 7999-7999"
+
+
 def test_bench_lists_the_benchmarks(capsys):
     assert cli.main(["bench"]) == 0
     out = capsys.readouterr().out

@@ -33,6 +33,29 @@ def test_values_of_another_kind_are_refused_naming_the_option(build, method, opt
     assert attn_names(model) == names and nograd.attached(model) == []
 
 
+def test_plain_annotations_are_checked_for_every_method():
+    """An option annotated ``float`` / ``int`` / ``bool`` / ``str`` refuses another kind of value without the method's
+    own ``validate`` (a custom method's ``strength: float`` took ``"abc"``); numpy scalars and a ``None`` default
+    pass."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Options(nograd.MethodConfig):
+        strength: float = nograd.option(1.0, "a float")
+        count: int = nograd.option(2, "an int")
+        flag: bool = nograd.option(False, "a bool")
+        name: str = nograd.option("x", "a str")
+        limit: float = nograd.option(None, "None or a float")
+
+    Options.method = "custom"
+    assert Options(strength=np.float32(2), count=np.int64(3), limit=0.5).count == 3
+    for name, value, allowed in (("strength", "abc", "a number"), ("strength", True, "a number"),
+                                 ("count", 2.0, "an int"), ("flag", 1, "True or False"), ("name", 3, "a string"),
+                                 ("limit", "1", "a number")):
+        with pytest.raises(TypeError, match=f"custom: option {name}={value!r} is not allowed; expected {allowed}"):
+            Options(**{name: value})
+
+
 def test_numpy_integers_are_ints(build):
     model = build("llava")
     with nograd.apply(model, "pai", layers=(np.int64(1), None)) as pai:
