@@ -73,21 +73,6 @@ def parse_options(text: str | None) -> dict:
     return options
 
 
-def jsonable(value):
-    """``h.stats`` as JSON: tensors become lists (or numbers), keys strings, anything else its repr."""
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 and value.dim() == 0 else value.tolist()
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    return repr(value)
-
-
 def _no_progress(*args, **kwargs) -> None:
     """The progress callback outside Gradio."""
 
@@ -281,7 +266,7 @@ def vlm_compare(source: str | None, method: str, image, question: str, max_new_t
             options[name] = max(1, min(int(chosen), MAX_NEW_TOKENS)) if isinstance(chosen, int) else chosen
         with nograd.apply(model, "carve", processor=processor, **options) as h:
             out = h.generate(image, question)
-            stats = jsonable(h.stats)
+            stats = h.stats_json()
         result.update(method_text=out.text, method_heat=heat_overlay(image, out.saliency))
         result["gallery"] = [(mask_overlay(image, out.mask), "CARVE mask (kept regions)"),
                              (_enlarge(out.refined_image.convert("RGB")), "refined image (the final pass sees it)")]
@@ -289,7 +274,7 @@ def vlm_compare(source: str | None, method: str, image, question: str, max_new_t
         with nograd.apply(model, method, **options) as h:
             with last_row_attention(model, length) as sink:
                 ids = _generate(model, inputs, max_new_tokens)
-            stats = jsonable(h.stats)
+            stats = h.stats_json()
             kept = h.stats.get("kept")
             boundaries = h.stats.get("boundaries", [])
         result.update(method_text=decode(ids, skip_special_tokens=True)[0])
@@ -339,7 +324,7 @@ def llm_compare(source: str | None, method: str, prompt: str, max_new_tokens: in
     with nograd.apply(model, method, **_json_options(options or {})) as h:
         with last_row_attention(model, length) as sink:
             steered = _generate(model, inputs, max_new_tokens)
-        stats = jsonable(h.stats)
+        stats = h.stats_json()
     method_seconds = time.perf_counter() - start
     progress(1.0, desc="done")
     return dict(label=label, method=method, plain_text=tokenizer.decode(plain[0], skip_special_tokens=True),
@@ -412,7 +397,7 @@ def diffusion_compare(source: str | None, method: str, prompt: str, image=None, 
         start = time.perf_counter()
         with nograd.apply(pipe, "refam", **options) as h:
             res = h.ground(image, prompt)
-            stats = jsonable(h.stats)
+            stats = h.stats_json()
         seconds = time.perf_counter() - start
         result.update(plain_image=_enlarge(image), method_image=heat_overlay(image, res.heatmap),
                       gallery=[(mask_overlay(image, res.mask), "RefAM mask"),
@@ -439,7 +424,7 @@ def diffusion_compare(source: str | None, method: str, prompt: str, image=None, 
     start = time.perf_counter()
     with nograd.apply(pipe, method, **options) as h:
         guided = sample(0.5, 0.5, method)
-        stats = jsonable(h.stats)
+        stats = h.stats_json()
     method_seconds = time.perf_counter() - start
     progress(1.0, desc="done")
     from PIL import ImageChops
@@ -482,7 +467,7 @@ def merge_compare(image, question: str, options: dict | None = None, progress: C
     start = time.perf_counter()
     with nograd.apply(mllm, "frank", reasoning=reasoning, base=base, **(options or {})) as h:
         merged = processor.batch_decode(_generate(mllm, inputs, max_new_tokens), skip_special_tokens=True)[0]
-        stats = jsonable(h.stats)
+        stats = h.stats_json()
     method_seconds = time.perf_counter() - start
     progress(1.0, desc="done")
     columns = [c for c in ("pi_v", "lambda_v", "lambda_r") if isinstance(stats.get(c), list)]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import weakref
 from typing import Any, Callable
 
+import numpy as np
+import torch
 from torch import nn
 
 HANDLES = "_nograd_handles"
@@ -107,6 +110,23 @@ class OneThreadAtATime:
             undo()
 
 
+def jsonable(value: Any) -> Any:
+    """``value`` as plain data for ``json.dumps`` (see ``Handle.stats_json``)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.dim() == 0 else value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return repr(value)
+
+
 class Handle:
     """One method attached to one model.
 
@@ -126,6 +146,11 @@ class Handle:
         self._undo: list[tuple[str, Callable[[], None]]] = []
         self._exposed: dict[str, Callable] = {}
         self._live = False
+
+    def stats_json(self) -> dict[str, Any]:
+        """``stats`` as plain data for ``json.dumps`` (logging, reports): tensors as lists (a 0-d one as its
+        number), numpy scalars as Python's, keys as strings, non-finite floats as strings, anything else its repr."""
+        return jsonable(self.stats)
 
     def expose(self, name: str, function: Callable) -> None:
         """Make a method-specific action callable as ``handle.<name>(...)`` (e.g. PAINT's ``save_head_stats``); a name

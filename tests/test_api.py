@@ -314,6 +314,26 @@ def test_register_checks_the_class_and_gives_a_shared_config_its_own_name():
         assert "test_bad" not in nograd.methods()
 
 
+@pytest.mark.parametrize("method, options", [("zerotuning", {}), ("pyramiddrop", {"boundaries": [1], "keep": [0.5]}),
+                                             ("paint", {"layers": (0, None)})])
+def test_stats_json_is_plain_data(build, method, options):
+    """``h.stats`` holds tensors (ZeroTuning's target keys, the kept positions, PAINT's selection); ``stats_json()``
+    is the same as plain data that ``json.dumps`` takes, tensors as their lists."""
+    import json
+
+    from tiny import vlm as tiny_vlm
+
+    model = build("llava")
+    with nograd.apply(model, method, **options) as h, torch.no_grad():
+        model(**tiny_vlm.make_inputs("llava", model))
+    with pytest.raises(TypeError, match="Tensor is not JSON serializable"):
+        json.dumps(h.stats)
+    plain = json.loads(json.dumps(h.stats_json()))
+    assert plain.keys() == {str(k) for k in h.stats}
+    tensors = {k: v for k, v in h.stats.items() if isinstance(v, torch.Tensor)}
+    assert all(plain[k] == (v.item() if v.dim() == 0 else v.tolist()) for k, v in tensors.items())
+
+
 def test_expose_refuses_the_names_of_the_handle(build):
     handle = nograd.Handle(build("llama"), None, "test", None)
     handle.expose("act_now", lambda: "done")
