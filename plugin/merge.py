@@ -694,10 +694,10 @@ def merge(method: str = "frank", /, *, mllm, reasoning, base=None, out, **option
     """
     from . import registry
 
-    cls = registry.get(method)
-    if not hasattr(cls, "stream"):
-        merging = [name for name, c in registry.classes().items() if hasattr(c, "stream")]
+    merging = [name for name, c in registry.classes().items() if hasattr(c, "stream")]
+    if not isinstance(method, str) or method.strip().lower() not in merging:  # a typo too: the merge methods listed
         raise ValueError(f"{method!r} is not a merge method; merge methods: {', '.join(merging)}")
+    cls = registry.get(method)
     if not isinstance(mllm, (str, os.PathLike)):
         raise TypeError(f"mllm must be the path of a safetensors checkpoint folder, got {type(mllm).__name__}; to "
                         f"merge into a loaded model use nograd.apply(model, {method!r}, ...), then save_pretrained")
