@@ -23,7 +23,7 @@ import itertools
 import math
 import sys
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -387,6 +387,9 @@ class AttentionPatch(ModelPatch):
         self._forwards = itertools.count(1)
         self._outer: list[tuple] = []
         """The batch state of the forwards this one runs inside (a forward of the model within its own forward)."""
+        self._checkpointed: list[tuple] = []
+        """(weak reference to a mask, batch state) of the latest checkpointed training forwards (``_batch_of_call``;
+        at most ``CHECKPOINTED_KEPT``; the checkpoint keeps a mask alive until its recomputation)."""
         self._hooks = (batch_module.register_forward_pre_hook(self._capture_batch, with_kwargs=True),
                        batch_module.register_forward_hook(self._restore_batch, always_call=True))
 
@@ -466,11 +469,28 @@ class AttentionPatch(ModelPatch):
                     if isinstance(x, torch.Tensor)), None)
         return None if new is None else cached_length(bound) + int(new)
 
+    def _batch_of_call(self, attention_mask) -> BatchInfo:
+        """The batch state of the forward this attention call belongs to. Gradient checkpointing recomputes a layer
+        in the backward, after other forwards may have run (two losses summed before one backward, an evaluation
+        forward in between): the recomputation gets the same mask object as its forward, so the state is recorded
+        per mask in a checkpointed training forward and found by it again (a call without a mask has no padding)."""
+        if recomputing():
+            if attention_mask is None:
+                return BatchInfo()
+            return next((batch for mask, batch in self._checkpointed if mask() is attention_mask), self.batch)
+        if attention_mask is not None and self.model.training and getattr(self.model, "is_gradient_checkpointing",
+                                                                          False):
+            if not any(mask() is attention_mask for mask, _ in self._checkpointed):
+                self._checkpointed = [*self._checkpointed[1 - CHECKPOINTED_KEPT:],
+                                      (weakref.ref(attention_mask), replace(self.batch))]
+        return self.batch
+
     def run(self, module, interventions, query, key, value, attention_mask, kwargs, run_base):
         """Attention with the interventions of ``module`` in transformers' (B, M, H, D) output layout, or None."""
         call = AttentionCall(module=module, layer_idx=getattr(module, "layer_idx", -1), query=query, key=key,
                              value=value, scaling=kwargs.get("scaling") or query.shape[-1] ** -0.5,
-                             batch=self.batch, softcap=kwargs.get("softcap"), window=kwargs.get("sliding_window"),
+                             batch=self._batch_of_call(attention_mask), softcap=kwargs.get("softcap"),
+                             window=kwargs.get("sliding_window"),
                              causal=kwargs.get("is_causal", getattr(module, "is_causal", True)),
                              dropout=float(kwargs.get("dropout") or 0.0))
         out = attend(call, interventions, attention_mask, self.split_mask, base=lambda: run_base()[0].transpose(1, 2))
@@ -478,6 +498,9 @@ class AttentionPatch(ModelPatch):
 
 
 SPLITS_KEPT = 4
+CHECKPOINTED_KEPT = 16
+"""Masks of checkpointed training forwards whose batch state is kept for their recomputation (several per forward
+on models with a mask per layer type; a few forwards before one backward)."""
 """How many of the last masks split ``ModelPatch.split_mask`` keeps (a forward's layers share two or three)."""
 
 EDITED_ROWS_OVER_BASE = 16

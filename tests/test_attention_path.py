@@ -282,6 +282,40 @@ def test_a_forward_inside_the_models_own_forward_keeps_the_outer_calls_padding()
     assert torch.equal(outer, expected_short) and torch.equal(inner[0], expected_long)
 
 
+@pytest.mark.parametrize("method, options", [("zerotuning", dict(gamma=3.0)), ("act", dict(threshold=0.05))])
+@pytest.mark.parametrize("between", ["second loss", "evaluation"])
+def test_a_checkpointed_recomputation_finds_its_own_forwards_padding(method, options, between):
+    """Gradient checkpointing recomputes the layers in the backward, after other forwards: two losses summed before
+    one backward, or an evaluation forward in between, with other padding. The recomputation reads the padding of
+    its own forward (it read the last forward's: ZeroTuning's gradients 0.72 off), so the gradients are the plain
+    backward's."""
+    g = torch.Generator().manual_seed(0)
+    first, second = torch.randint(4, 100, (2, 9), generator=g), torch.randint(4, 100, (2, 7), generator=g)
+    first_mask, second_mask = torch.ones_like(first), torch.ones_like(second)
+    first_mask[1, :3], second_mask[0, :2] = 0, 0
+
+    def gradients(checkpointing: bool):
+        model, _ = nograd.tiny.llm(layers=2)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        with nograd.apply(model, method, **options):
+            loss = model(first, attention_mask=first_mask, use_cache=False).logits[:, -1].square().mean()
+            if between == "second loss":
+                loss = loss + model(second, attention_mask=second_mask, use_cache=False).logits[:, -1].square().mean()
+            else:
+                with torch.no_grad():
+                    model(second, attention_mask=second_mask, use_cache=False)
+            loss.backward()
+        return [p.grad for p in model.parameters() if p.grad is not None]
+
+    plain = gradients(False)
+    checkpointed = gradients(True)
+    assert len(checkpointed) == len(plain) > 0
+    for grad, want in zip(checkpointed, plain):
+        torch.testing.assert_close(grad, want, atol=1e-6, rtol=1e-5)
+
+
 def test_a_reused_mask_buffer_after_a_checkpointed_backward_is_split_afresh():
     """Gradient checkpointing recomputes the layers in the backward, after their forward ended, and splits the mask
     again there: the next forward, given the same 4-D mask buffer rewritten in place (packed sequences), must not find
