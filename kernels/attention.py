@@ -49,6 +49,7 @@ import contextvars
 import math
 import warnings
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 import torch.nn.functional as F
@@ -148,13 +149,25 @@ def causal_visibility(m: int, n: int, device=None) -> torch.Tensor:
     return visible_keys(torch.arange(m, device=device) + (n - m), torch.arange(n, device=device), True, None)
 
 
-def _check(q, k, v, key_bias, blend, backend, window=None, dropout=0.0):
+def _check(q, k, v, key_bias, blend, backend, window=None, dropout=0.0, mask=None):
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    check_inputs(q, k, v, key_bias, window, mask)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}")
     if dropout and backend not in ("auto", "eager"):
         raise ValueError(f"backend={backend!r} does not apply dropout; use backend='eager' or 'auto'")
+    b, h = q.shape[:2]
+    if blend is not None and blend.shape not in ((h,), (b, h)):
+        raise ValueError(f"blend must be (H,) or (B, H) = ({h},) or ({b}, {h}); got {tuple(blend.shape)}")
+    if blend is not None and q.shape[2] > k.shape[2]:
+        raise ValueError(f"blend needs every query to have its own key (M={q.shape[2]} > N={k.shape[2]})")
+
+
+def check_inputs(q, k, v, key_bias=None, window=None, mask=None) -> None:
+    """``ValueError`` naming what does not fit the signature (``attention``'s and the statistics'): 4-D q, k, v of
+    one dtype and device with GQA by index, a float ``key_bias`` broadcastable to (B, H, N) on q's device, an integer
+    ``window`` >= 1, a boolean or float ``mask`` on q's device."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (B, H, M|N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     b, h, _, d = q.shape
@@ -174,12 +187,14 @@ def _check(q, k, v, key_bias, blend, backend, window=None, dropout=0.0):
         shape = (1,) * (3 - key_bias.dim()) + tuple(key_bias.shape)
         if not 1 <= key_bias.dim() <= 3 or any(size not in (1, want) for size, want in zip(shape, target)):
             raise ValueError(f"key_bias {tuple(key_bias.shape)} does not broadcast to (B, H, N) = {target}")
-    if window is not None and not window >= 1:
-        raise ValueError(f"window must be a number of positions >= 1 (or None); got {window!r}")
-    if blend is not None and blend.shape not in ((h,), (b, h)):
-        raise ValueError(f"blend must be (H,) or (B, H) = ({h},) or ({b}, {h}); got {tuple(blend.shape)}")
-    if blend is not None and q.shape[2] > k.shape[2]:
-        raise ValueError(f"blend needs every query to have its own key (M={q.shape[2]} > N={k.shape[2]})")
+    if window is not None and not (isinstance(window, Integral) and not isinstance(window, bool) and window >= 1):
+        raise ValueError(f"window must be an int number of positions >= 1 (or None); got {window!r}")
+    if mask is not None and not (mask.dtype == torch.bool or mask.is_floating_point()):
+        raise ValueError(f"mask is boolean (True = attend) or an additive float mask; got {mask.dtype} (a 0/1 "
+                         "integer mask: .bool() of it)")
+    for name, tensor in (("key_bias", key_bias), ("mask", mask)):
+        if tensor is not None and tensor.device != q.device:
+            raise ValueError(f"{name} is on {tensor.device}, q on {q.device}: put it on q's device")
 
 
 def visibility(m: int, n: int, causal: bool, window: int | None, device=None) -> torch.Tensor | None:
@@ -334,10 +349,13 @@ def _fold_floor(dtype: torch.dtype) -> float:
 
 
 def bias_in(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``bias`` cast to ``dtype`` for an SDPA mask, its large finite values capped at a quarter of the dtype's range
-    (a bias of 2e4 is +inf in fp16 after folding, and a mask of +inf, or one the logits overflow, gives NaN rows);
-    a capped key still takes the whole row, as the exact bias does. -inf stays."""
-    return bias.clamp(max=-_fold_floor(dtype)).to(dtype)
+    """``bias`` cast to ``dtype`` for an SDPA mask, its finite values kept (in fp32: an fp16 bias overflowed the
+    clamp itself) within a quarter of the dtype's range both ways: a bias of 2e4 is +inf in fp16 after folding, and a
+    mask of +inf, or one the logits overflow, gives NaN rows (a capped key still takes the whole row, as the exact
+    bias does); a finite -7e4 was -inf in fp16, zeroing a row that the reference and the LSE keep. -inf stays."""
+    wide = bias.to(torch.float64 if bias.dtype == torch.float64 else torch.float32)
+    floor = _fold_floor(dtype)
+    return torch.where(torch.isneginf(wide), wide, wide.clamp(min=floor, max=-floor)).to(dtype)
 
 
 def foldable(key_bias, dtype: torch.dtype, scale: float) -> bool:
@@ -435,7 +453,8 @@ _PREFERRED = contextvars.ContextVar("nograd_attention_backend", default="auto")
 @contextlib.contextmanager
 def use_backend(name: str):
     """Within the block, ``backend="auto"`` calls (every method's attention) prefer ``name`` wherever it can run
-    the call (a dense ``mask`` or ``softcap`` still falls back to what can)."""
+    the call (a dense ``mask`` or ``softcap`` still falls back to what can), in this thread and the tasks it starts
+    (a context variable: a thread started inside the block keeps the default)."""
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is not one of {BACKENDS}")
     token = _PREFERRED.set(name)
@@ -452,7 +471,8 @@ def choose_backend(q: torch.Tensor, *, mask=None, softcap=None, return_lse=False
     from . import triton_attention
 
     preferred = _PREFERRED.get()
-    runnable = preferred != "triton" or (triton_attention.available(q.device) and not grad)
+    runnable = (preferred != "triton" or (triton_attention.available(q.device) and not grad)) and \
+        not (preferred == "flex" and grad and not q.is_cuda)  # torch's FlexAttention has no backward on CPU
     if preferred != "auto" and softcap is None and not (mask is not None and preferred in ("triton", "flex")) and runnable:
         return preferred
     if softcap is not None:
@@ -465,18 +485,21 @@ def choose_backend(q: torch.Tensor, *, mask=None, softcap=None, return_lse=False
 def resolve_backend(backend: str, q, k, v, *, key_bias=None, blend=None, edit=None, mask=None, softcap=None,
                     return_lse=False, dropout=0.0) -> str:
     """The backend a call with ``backend`` runs: ``auto`` chosen by ``choose_backend`` (the reference for dropout),
-    never the forward-only Triton kernel where autograd records one of the inputs (an explicit ``"triton"`` there
-    raises ``ValueError``)."""
+    never a backend without a backward where autograd records one of the inputs: the forward-only Triton kernel,
+    FlexAttention on CPU (an explicit one there raises ``ValueError``)."""
     if backend == "auto" and dropout:
         return "eager"
-    if backend not in ("auto", "triton"):
+    if backend not in ("auto", "triton", "flex"):
         return backend
     from .triton_attention import records_grad
 
     grad = records_grad(q, k, v, key_bias, blend, *(edit.tensors if edit is not None else ()))
     if backend == "triton" and grad:
         raise ValueError("backend='triton' is forward-only (no backward): under autograd use backend='auto', "
-                         "'sdpa', 'flex' or 'eager', or run it in torch.no_grad()")
+                         "'sdpa', 'eager' or on CUDA 'flex', or run it in torch.no_grad()")
+    if backend == "flex" and grad and not q.is_cuda:
+        raise ValueError("backend='flex' has no backward on CPU (torch's FlexAttention): under autograd use "
+                         "backend='auto', 'sdpa' or 'eager', or run it in torch.no_grad()")
     return choose_backend(q, mask=mask, softcap=softcap, return_lse=return_lse, grad=grad, edit=edit) \
         if backend == "auto" else backend
 
@@ -487,7 +510,7 @@ def attention(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, r
 
     Returns ``out`` (B, H, M, D) in ``q.dtype``, or ``(out, lse)`` with ``lse`` (B, H, M) fp32 when ``return_lse``.
     """
-    _check(q, k, v, key_bias, blend, backend, window, dropout)
+    _check(q, k, v, key_bias, blend, backend, window, dropout, mask)
     backend = resolve_backend(backend, q, k, v, key_bias=key_bias, blend=blend, edit=edit, mask=mask, softcap=softcap,
                               return_lse=return_lse, dropout=dropout)
     if softcap is not None and backend != "eager":

@@ -29,7 +29,7 @@ def attention_rescaled_set(q, k, v, *, key_set: torch.Tensor, factor: float, key
     on the set before. A row that sees no key outside the set is left unchanged. Where the LSE comes from the fp32
     reference anyway (``backend`` resolves to ``"eager"``: CPU), the reference reweights the rows in one pass
     (``rescaled_set_eager``) instead of two. ``dropout`` (training) runs there too, on the rescaled weights."""
-    _check(q, k, v, key_bias, None, backend, window, dropout)
+    _check(q, k, v, key_bias, None, backend, window, dropout, mask)
     common = dict(causal=causal, scale=scale, mask=mask, softcap=softcap, window=window, edit=edit)
     backend = resolve_backend(backend, q, k, v, key_bias=key_bias, edit=edit, mask=mask, softcap=softcap,
                               return_lse=True, dropout=dropout)

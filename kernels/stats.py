@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import query_block_mask, query_blocks, restrict_mask, scaled_logits, softmax_rows, visible_keys
+from .attention import (check_inputs, query_block_mask, query_blocks, restrict_mask, scaled_logits, softmax_rows,
+                        visible_keys)
 
 
 def _probs(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
@@ -24,6 +25,18 @@ def _probs(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tenso
     if lse is None:
         return softmax_rows(logits)
     return torch.exp(logits - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
+
+
+def _check(q, k, key_bias=None, lse=None, positions=None, window=None, mask=None, name="positions") -> None:
+    """``ValueError`` naming what does not fit: q and k as ``attention``'s (k stands for v), ``lse`` (B, H, M) as
+    that call returns it, one position per query row (a Triton kernel reads them all, out of bounds otherwise)."""
+    check_inputs(q, k, k, key_bias, window, mask)
+    b, h, m, _ = q.shape
+    if lse is not None and tuple(lse.shape) != (b, h, m):
+        raise ValueError(f"lse {tuple(lse.shape)} is not (B, H, M) = {(b, h, m)}, the row LSE of the attention call "
+                         "(attention(..., return_lse=True))")
+    if positions is not None and tuple(positions.shape) != (m,):
+        raise ValueError(f"{name} {tuple(positions.shape)} is not (R,) = ({m},): one position per query row")
 
 
 def _triton(q: torch.Tensor, backend: str, mask=None, softcap=None, edit=None, inputs=()) -> bool:
@@ -55,6 +68,9 @@ def attention_rows(q_rows, k, *, positions=None, key_bias=None, scale=None, mask
     key is visible (non-causal, or the rows are decode queries). ``window`` (with ``positions``): it also sees only
     the ``window`` most recent keys. ``edit`` (a ``ScoreEdit``) with ``edit_positions`` (R,), each row's position.
     """
+    _check(q_rows, k, key_bias, positions=positions, window=window, mask=mask)
+    if edit_positions is not None:
+        _check(q_rows, k, positions=edit_positions, name="edit_positions")
     if _triton(q_rows, backend, mask, softcap, edit, inputs=(q_rows, k, key_bias)):
         from .triton_stats import attention_probabilities_triton
 
@@ -83,6 +99,7 @@ def key_attention_mass(q, k, lse=None, *, key_bias=None, causal=False, scale=Non
                          f"per query; a 0/1 attention mask: .bool() of its last M columns); got "
                          f"{getattr(query_valid, 'dtype', type(query_valid).__name__)} "
                          f"{tuple(getattr(query_valid, 'shape', ()))}")
+    _check(q, k, key_bias, lse, window=window, mask=mask)
     if _triton(q, backend, mask, softcap, edit, inputs=(q, k, key_bias, lse)):
         from .triton_stats import key_attention_mass_triton
 
@@ -110,6 +127,7 @@ def attention_block(q, k, lse, *, keys: slice, key_bias=None, scale=None, backen
     is a contiguous span (``slice(start, stop)``, negative and open ends as in Python)."""
     if keys.step not in (None, 1):
         raise ValueError(f"keys must be a contiguous span slice(start, stop); got step {keys.step}")
+    _check(q, k, key_bias, lse)
     if _triton(q, backend, inputs=(q, k, key_bias, lse)):
         from .triton_stats import attention_probabilities_triton
 

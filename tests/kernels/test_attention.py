@@ -156,8 +156,12 @@ def test_blend(backend):
         (dict(backend="triton-ish"), "backend"),
         (dict(key_bias=torch.zeros(3, 1, 9)), "key_bias"),
         (dict(blend=torch.zeros(3)), "blend"),
-        (dict(window=0, causal=True), "window must be a number of positions >= 1"),
+        (dict(window=0, causal=True), "window must be an int number of positions >= 1"),
+        (dict(window=2.5, causal=True), r"window must be an int .* got 2\.5"),
         (dict(v_dtype=torch.float64), "q, k, v must share a dtype and a device"),
+        (dict(mask=torch.ones(9, 9, dtype=torch.long)), r"mask is boolean .* additive float mask; got torch\.int64"),
+        (dict(key_bias=torch.zeros(9, device="meta")), "key_bias is on meta, q on "),
+        (dict(mask=torch.ones(9, 9, dtype=torch.bool, device="meta")), "mask is on meta, q on "),
     ],
 )
 def test_bad_arguments(kwargs, words):
@@ -450,6 +454,20 @@ def test_autograd_never_meets_the_forward_only_triton_kernel():
             kernels.attention(q, k, v, backend="triton")
 
 
+def test_autograd_never_meets_flex_on_cpu():
+    """torch's FlexAttention has no backward on CPU: a flex preference under autograd runs a backend that has one
+    (it failed with torch's NotImplementedError), an explicit ``backend="flex"`` there is a ValueError saying so."""
+    q, k, v = (t.requires_grad_() for t in inputs((1, 4, 2, 6, 9, 16)))
+    with kernels.use_backend("flex"):
+        assert kernels.choose_backend(q, grad=True) == "sdpa" and kernels.choose_backend(q) == "flex"
+        out = kernels.attention(q, k, v, causal=True)
+    want = kernels.attention(q, k, v, causal=True, backend="eager")
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), q)[0], torch.autograd.grad(want.sum(), q)[0],
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="backend='flex' has no backward on CPU"):
+        kernels.attention(q, k, v, backend="flex")
+
+
 @pytest.mark.slow
 def test_flex_backend_matches_reference():
     """Compiled FlexAttention (tens of seconds to compile on CPU: one shape, causal with a bias and a window)."""
@@ -637,6 +655,23 @@ def test_score_edit_coefficients_that_require_grad_never_meet_triton():
     want = torch.autograd.grad(kernels.attention(q, k, v, edit=edit, causal=True, backend="eager").square().sum(),
                                coef)[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "auto"])
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_half_precision_biases_and_biases_past_the_half_range(backend, return_lse):
+    """An fp16 key bias runs on every backend (the cap was computed in fp16 and overflowed: "value cannot be
+    converted to type c10::Half"); a finite bias below fp16's range (-7e4, uniform: the softmax is unchanged) is no
+    -inf on the SDPA path, which zeroed the rows while the LSE stayed finite."""
+    q, k, v = inputs((1, 2, 2, 4, 6, 16), dtype=torch.float16)
+    plain = kernels.attention(q, k, v, backend="eager")
+    for bias in (torch.zeros(1, 1, 6, dtype=torch.float16, device=q.device), torch.full((6,), -7e4, device=q.device)):
+        out = kernels.attention(q, k, v, key_bias=bias, backend=backend, return_lse=return_lse)
+        out, lse = out if return_lse else (out, None)
+        # (-7e4 + a logit in fp32, as the reference adds them, keeps the logit to 0.008)
+        torch.testing.assert_close(out.float(), plain.float(), atol=1e-2, rtol=0)
+        if lse is not None:
+            assert torch.isfinite(lse).all() and (lse < -6e4).all() == bool(bias.min() < -1e4)
 
 
 def test_huge_finite_negative_logits_are_normalised():

@@ -117,3 +117,25 @@ def test_a_strided_lse_is_read_by_its_strides():
     for stats in (lambda x: kernels.key_attention_mass(q, k, x, causal=True, backend="triton"),
                   lambda x: kernels.attention_block(q, k, x, keys=slice(0, 7), backend="triton")):
         torch.testing.assert_close(stats(strided), stats(lse), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("call, words", [
+    (lambda q, k, lse, be: kernels.attention_rows(q, k[..., :8], backend=be), "do not fit q"),  # another head dim
+    (lambda q, k, lse, be: kernels.attention_rows(q, k.repeat(1, 2, 1, 1), backend=be),
+     r"multiple of key/value heads \(4\)"),
+    (lambda q, k, lse, be: kernels.attention_rows(q, k, positions=torch.tensor([5]), backend=be),
+     r"positions \(1,\) is not \(R,\)"),
+    (lambda q, k, lse, be: kernels.attention_block(q, k, lse[..., 0], keys=slice(0, 3), backend=be),
+     r"lse \(1, 6\) is not \(B, H, M\)"),
+    (lambda q, k, lse, be: kernels.key_attention_mass(q, k, lse[..., 1:], backend=be),
+     r"lse \(1, 6, 2\) is not \(B, H, M\)"),
+])
+def test_statistics_refuse_inputs_outside_the_signature(backend, call, words):
+    """The statistics check their inputs as ``attention`` does: the Triton kernels read whatever strides and sizes
+    they are given (a head dim that differs, an LSE of other shape: rows summing to 8.5, masses above the query count,
+    reads out of bounds on CUDA)."""
+    q, k, _ = inputs((1, 6, 2, 3, 9, 16))
+    lse = kernels.attention(q, k, k, return_lse=True, backend="eager")[1]
+    with pytest.raises(ValueError, match=words):
+        call(q, k, lse, backend)
