@@ -21,7 +21,7 @@ import functools
 import inspect
 from typing import Any, Callable
 
-from .forward_inputs import cache_of
+from .forward_inputs import cache_of, cached_length
 
 _ACTIVE = "__nograd_observing__"
 
@@ -128,8 +128,11 @@ def refuse_prompt_state_breakers(handle, method: str) -> None:
     guidance (``guidance_scale`` other than 1), whose logits processor runs the model again, on an unconditional
     sequence and cache of its own, between the steps (taken for a new prompt); and chunked prefill
     (``prefill_chunk_size``), which runs the prompt as several forwards on a growing cache (the later chunks taken for
-    decode steps: the prompt's end, its image and its statistics cut at the first chunk). Seen where transformers 5.x
-    builds the processors (``_get_logits_processor``), before any forward; undone by ``handle.remove()``."""
+    decode steps: the prompt's end, its image and its statistics cut at the first chunk); and a ``past_key_values``
+    that already holds tokens (a prefix prefilled by hand, a chat continued from a returned cache), whose prompt the
+    method never saw (ACT found its sinks over the new tokens alone; the visual edits saw no image). Seen where
+    transformers 5.x builds the processors (``_get_logits_processor``), before any forward; undone by
+    ``handle.remove()``."""
     model = handle.model
     if not hasattr(model, "_get_logits_processor"):
         return
@@ -145,5 +148,11 @@ def refuse_prompt_state_breakers(handle, method: str) -> None:
             raise NotImplementedError(f"{method}: prefill_chunk_size runs the prompt as several forwards, and the "
                                       "method reads the prompt (its end, its image, its statistics) from the first; "
                                       "generate without prefill_chunk_size")
+        cached = cached_length(arguments.get("model_kwargs") or {})
+        if cached:
+            raise NotImplementedError(f"{method}: past_key_values already holds {cached} positions of a prompt the "
+                                      "method did not see (it reads the prompt: its end, its image, its statistics, "
+                                      "at the prompt's first forward); generate from the whole prompt without a "
+                                      "filled cache")
 
     observe_calls(handle, model, "_get_logits_processor", check)

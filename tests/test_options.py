@@ -56,6 +56,13 @@ def test_plain_annotations_are_checked_for_every_method():
             Options(**{name: value})
 
 
+def test_a_zero_dimensional_tensor_gamma_is_a_number(build):
+    """ZeroTuning's ``gamma`` as a 0-d tensor is the number it holds (1-D and 2-D tensors were tables already)."""
+    model = build("llama")
+    with nograd.apply(model, "zerotuning", gamma=torch.tensor(1.5)) as zt:
+        assert zt.config.gamma == 1.5 and type(zt.config.gamma) is float
+
+
 def test_numpy_integers_are_ints(build):
     model = build("llava")
     with nograd.apply(model, "pai", layers=(np.int64(1), None)) as pai:

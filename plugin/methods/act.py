@@ -3,7 +3,7 @@
 Official code ``GATECH-EIC/ACT`` (``models/llama_modelling_aug.py``; spec ``extras-and-patch-points.md`` §1.2), for
 each calibrated head of each calibrated layer, on the attention of the prompt:
 1. Sink detection, per input: the mean attention each key receives from the queries that see it,
-   ``a_j = sum_{i>=j} A_ij / (N - j)``; keys with ``a_j > threshold`` (0.1, ``THRES``) are sinks, and the first one
+   ``a_j = sum_{i>=j} A_ij / (N - j)`` (on a sliding-window layer, over the queries whose window holds key j); keys with ``a_j > threshold`` (0.1, ``THRES``) are sinks, and the first one
    found (normally the initial token) is dropped from the set.
 2. Calibration, per row i: the sink weights are scaled by ``beta`` (0.4, ``BETA``) and the other keys share what
    they gave up in proportion to their weights (``nograd.kernels.attention_rescaled_set``, exact, without the
@@ -30,15 +30,16 @@ from .visual_edit import check_layer_range, check_layers, layer_range
 
 @dataclass(frozen=True)
 class ACTConfig(MethodConfig):
-    beta: float = option(0.4, "factor on the attention to hidden sinks (official BETA); 1 = unchanged")
+    beta: float = option(0.4, "factor on the attention to hidden sinks (official BETA), in [0, 1]; 1 = unchanged")
     threshold: float = option(0.1, "mean received attention above which a key is a sink (official THRES)")
     layers: object = option(None, "decoder layers (start, end); None = the official range(2, 31) of 32 scaled")
     heads: object = option(None, "None (every head of the calibrated layers), a list of heads for every layer, or "
                                  "{layer: [heads]} (the official per-layer tables)")
 
     def validate(self) -> None:
-        if not (is_number(self.beta) and self.beta >= 0):
-            self.invalid("beta", "a finite number >= 0")
+        if not (is_number(self.beta) and 0 <= self.beta <= 1):
+            self.invalid("beta", "a number in [0, 1] (1 = unchanged; above 1 the other keys' weights turn negative "
+                                 "wherever the sinks hold more than 1 / beta of a row)")
         if not (is_number(self.threshold) and 0 < self.threshold < 1):
             self.invalid("threshold", "a number in (0, 1)")
         check_layers(self)

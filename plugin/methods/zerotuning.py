@@ -66,6 +66,8 @@ class ZeroTuningConfig(MethodConfig):
 
     def validate(self) -> None:
         gamma = self.gamma
+        if isinstance(gamma, torch.Tensor) and gamma.dim() == 0:  # a number given as a tensor
+            gamma = gamma.item()
         if isinstance(gamma, Real) and not isinstance(gamma, bool):
             if not (is_number(gamma) and gamma > 0):
                 self.invalid("gamma", "a finite number > 0")

@@ -201,7 +201,8 @@ def test_act_on_a_vlm(build):
 
 
 @pytest.mark.parametrize("options, words", [
-    ({"beta": -1}, ["beta", ">= 0"]),
+    ({"beta": -1}, ["beta", "[0, 1]"]),
+    ({"beta": 2.0}, ["beta", "[0, 1]", "turn negative"]),  # beta s > 1 made the other keys' weights negative
     ({"threshold": 1.5}, ["threshold", "(0, 1)"]),
     ({"heads": [9]}, ["heads", "0..3"]),
     ({"heads": {7: [0]}}, ["heads", "layer indices", "0..2"]),

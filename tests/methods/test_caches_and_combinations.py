@@ -261,6 +261,31 @@ def test_chunked_prefill_is_refused_where_the_prompt_state_matters(method, optio
     assert "_get_logits_processor" not in vars(model)
 
 
+@pytest.mark.parametrize("method, options", [("pyramiddrop", dict(boundaries=[1, 2, 3], keep=[0.5, 0.25, 0.125])),
+                                             ("pai", {}), ("act", {}), ("zerotuning", dict(gamma=1.5))])
+def test_a_filled_cache_given_to_generate_is_refused_where_the_prompt_state_matters(method, options):
+    """``generate(past_key_values=<a cache holding a prefix>)`` runs only the rest of the prompt: a method that reads
+    the prompt at its first forward never saw it (ACT found its sinks over the new tokens alone: logits 0.58 off on
+    Qwen3, other tokens) and now raises before any forward; ZeroTuning gives the whole prompt's logits."""
+    model, inputs = _one_llava_row()
+    cut = int((inputs["input_ids"][0] == nograd.tiny.vlms.IMAGE).nonzero().max()) + 2  # the image in the prefix
+    prefix = {"input_ids": inputs["input_ids"][:, :cut], "attention_mask": inputs["attention_mask"][:, :cut],
+              "pixel_values": inputs["pixel_values"]}
+    if method == "zerotuning":  # a text prompt: transformers' LLaVA takes no pixels for an image already cached
+        inputs = {"input_ids": torch.randint(4, 100, (1, 12), generator=torch.Generator().manual_seed(0))}
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        prefix = {key: value[:, :7] for key, value in inputs.items()}
+    with nograd.apply(model, method, **options), torch.no_grad():
+        whole = logits(model.generate(**inputs, max_new_tokens=3, **GREEDY))
+        cache = model(**prefix, use_cache=True).past_key_values
+        if method != "zerotuning":
+            with pytest.raises(NotImplementedError, match=f"{method}: past_key_values already holds {cut} positions"):
+                model.generate(**inputs, past_key_values=cache, max_new_tokens=3, **GREEDY)
+            return
+        continued = logits(model.generate(**inputs, past_key_values=cache, max_new_tokens=3, **GREEDY))
+    torch.testing.assert_close(continued, whole, atol=1e-5, rtol=0)
+
+
 VISUAL_METHODS = [("pai", {}), ("paint", {}), ("clearsight", dict(rows="prompt_end")), ("fastv", dict(layer=2)),
                   ("pyramiddrop", dict(boundaries=[1, 2, 3], keep=[0.5, 0.25, 0.125]))]
 
