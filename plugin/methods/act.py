@@ -3,8 +3,9 @@
 Official code ``GATECH-EIC/ACT`` (``models/llama_modelling_aug.py``; spec ``extras-and-patch-points.md`` §1.2), for
 each calibrated head of each calibrated layer, on the attention of the prompt:
 1. Sink detection, per input: the mean attention each key receives from the queries that see it,
-   ``a_j = sum_{i>=j} A_ij / (N - j)`` (on a sliding-window layer, over the queries whose window holds key j); keys with ``a_j > threshold`` (0.1, ``THRES``) are sinks, and the first one
-   found (normally the initial token) is dropped from the set.
+   ``a_j = sum_{i>=j} A_ij / (N - j)`` (on a sliding-window layer, over the queries whose window holds key j); keys
+   with ``a_j > threshold`` (0.1, ``THRES``) are sinks, and the first one found (normally the initial token) is
+   dropped from the set.
 2. Calibration, per row i: the sink weights are scaled by ``beta`` (0.4, ``BETA``) and the other keys share what
    they gave up in proportion to their weights (``nograd.kernels.attention_rescaled_set``, exact, without the
    matrix).
