@@ -498,10 +498,10 @@ class AttentionPatch(ModelPatch):
 
 
 SPLITS_KEPT = 4
+"""How many of the last masks split ``ModelPatch.split_mask`` keeps (a forward's layers share two or three)."""
 CHECKPOINTED_KEPT = 16
 """Masks of checkpointed training forwards whose batch state is kept for their recomputation (several per forward
 on models with a mask per layer type; a few forwards before one backward)."""
-"""How many of the last masks split ``ModelPatch.split_mask`` keeps (a forward's layers share two or three)."""
 
 EDITED_ROWS_OVER_BASE = 16
 """A score edit on at most this many rows runs the base implementation and recomputes only those rows."""
