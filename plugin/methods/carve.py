@@ -296,9 +296,11 @@ class CARVE(Method):
     def _request(self, image, question) -> tuple:
         """One PIL image and one question, with the processor's image token taken out of the question (the prompt
         places the image itself; a pipeline's text prompt holds one)."""
-        if isinstance(image, (list, tuple)) or not isinstance(question, str):
+        if isinstance(image, (list, tuple)) or isinstance(question, (list, tuple)):
             raise NotImplementedError("carve takes one image and one question per call (a PIL image and a str); "
                                       "call it once per pair")
+        if not isinstance(question, str):
+            raise TypeError(f"carve takes the question as a str; got {type(question).__name__}")
         if not isinstance(image, PIL.Image.Image):
             raise TypeError(f"carve takes a PIL image; got {type(image).__name__} (a tensor: PIL.Image.fromarray)")
         token = getattr(self.processor, "image_token", None)

@@ -240,14 +240,20 @@ class RefAMResult:
     sam_score: float | None = None
     layer_maps: dict[int, torch.Tensor] = field(default_factory=dict)
     """block -> (rows, cols) that block's summed kept map (with ``return_layers=True``)."""
+    noun_phrase: bool = False
+    """Whether only the head noun phrase's content words were summed (the ``noun_phrase`` option)."""
 
     @property
     def kept_tokens(self) -> list[str]:
-        return [t.piece for t in self.tokens if t.kept]
+        """The pieces whose maps were summed (with ``noun_phrase``, only the head noun phrase's content words)."""
+        return [t.piece for t, kept in zip(self.tokens, self._summed()) if kept]
 
     @property
     def filtered_tokens(self) -> list[str]:
-        return [t.piece for t in self.tokens if not t.kept]
+        return [t.piece for t, kept in zip(self.tokens, self._summed()) if not kept]
+
+    def _summed(self) -> list[bool]:
+        return kept_mask(self.tokens, self.noun_phrase).tolist()
 
     def token_map(self, word: str) -> torch.Tensor:
         """(H, W) the sum of the sub-token maps of ``word`` (an expression word or a magnet), upsampled."""
@@ -519,11 +525,12 @@ class RefAM(Method):
         token_grids = (sum(probs[b] for b in blocks) / len(blocks)).cpu().view(*grid, -1)
         layer_maps = {b: heat[b].cpu().view(grid) for b in blocks} if return_layers else {}
         self.handle.stats["grounds"] += 1
-        self.handle.stats["last"] = dict(grid=grid, kept=sum(t.kept for t in tokens), valid=len(tokens),
+        result = RefAMResult(heatmap=heatmap, point=point, mask=mask, grid=total.cpu().view(grid), tokens=tokens,
+                             gas_tokens=gas_tokens, token_grids=token_grids, image=image, sam_score=score,
+                             layer_maps=layer_maps, noun_phrase=self.config.noun_phrase)
+        self.handle.stats["last"] = dict(grid=grid, kept=len(result.kept_tokens), valid=len(tokens),
                                          sinks={b: g for b, g in gas_tokens.items() if g})
-        return RefAMResult(heatmap=heatmap, point=point, mask=mask, grid=total.cpu().view(grid), tokens=tokens,
-                           gas_tokens=gas_tokens, token_grids=token_grids, image=image, sam_score=score,
-                           layer_maps=layer_maps)
+        return result
 
     def sweep(self, dataset, blocks=None, sigmas=None, limit: int | None = None) -> dict:
         """Point accuracy (the authors' SAM-free PA: the argmax inside the ground-truth mask) of every (sigma, block

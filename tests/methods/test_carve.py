@@ -165,6 +165,9 @@ def test_pipeline_gives_the_same_answer_as_generate(carve_models):
             handle.saliency(picture, [QUESTION, QUESTION])
         with pytest.raises(TypeError, match="carve takes a PIL image; got Tensor"):
             handle.refine(torch.zeros(3, 42, 70), QUESTION)
+        for question in (None, 5, b"What?"):  # no batch of questions: a type error (it was called a batch)
+            with pytest.raises(TypeError, match="carve takes the question as a str"):
+                handle.saliency(picture, question)
     assert chatted[0]["generated_text"] == got[0]["generated_text"]
     assert short[0]["generated_text"].strip() == short_direct and len(short_direct) < len(expected)
     assert expected.startswith(short_direct)

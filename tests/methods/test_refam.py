@@ -295,6 +295,19 @@ def test_filtered_tokens_are_exactly_stop_words_magnets_and_specials(apply, fami
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_noun_phrase_results_say_what_was_summed(apply, family):
+    """With ``noun_phrase=True`` only the head noun phrase is summed; ``kept_tokens`` and ``stats["last"]["kept"]``
+    say so (they listed every content word: "left" reported as summed)."""
+    handle = apply(family, noun_phrase=True)
+    result = handle.ground(picture(), TEXT)
+    summed = refam_module.kept_mask(result.tokens, noun_phrase_only=True).tolist()
+    assert result.kept_tokens == [t.piece for t, k in zip(result.tokens, summed) if k]
+    assert {t.word for t, k in zip(result.tokens, summed) if k} == {"red", "car"}
+    assert "left" in {t.word for t, k in zip(result.tokens, summed) if t.kept and not k}  # a content word left out
+    assert handle.stats["last"]["kept"] == len(result.kept_tokens) == sum(summed)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_segments_separate_keeps_the_bare_expression_embeddings(apply, pipes, family):
     handle = apply(family)
     states, _, tokens, valid = handle.encode_text(TEXT)
