@@ -388,8 +388,10 @@ class RefAM(Method):
             ids += seg_ids
             tokens += found
         if len(ids) > length:
+            longer = (f"; max_sequence_length={len(ids)} (up to {MAX_SEQUENCE_LENGTH}) takes them"
+                      if len(ids) <= MAX_SEQUENCE_LENGTH else "; shorten the expression")
             raise ValueError(f"refam: the expression and magnets take {len(ids)} T5 tokens, more than "
-                             f"max_sequence_length={length}")
+                             f"max_sequence_length={length}{longer}")
         pad = tokenizer.pad_token_id
 
         def run(seq):

@@ -294,6 +294,18 @@ def test_filtered_tokens_are_exactly_stop_words_magnets_and_specials(apply, fami
     assert {t.word for t, k in zip(tokens, np_only) if k} == {"red", "car"}
 
 
+def test_an_expression_past_the_t5_length_names_the_length_that_takes_it(apply):
+    """An expression longer than the T5 length is refused naming a ``max_sequence_length`` that takes it (up to
+    512), and with it the expression grounds."""
+    text = "the red car " * 30
+    first = apply("sd3")
+    with pytest.raises(ValueError, match=r"more than max_sequence_length=\d+; max_sequence_length=\d+ \(up to 512\)"):
+        first.ground(picture(), text)
+    first.remove()
+    handle = apply("sd3", max_sequence_length=512)
+    assert handle.ground(picture(), text).heatmap.shape == (32, 48)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_noun_phrase_results_say_what_was_summed(apply, family):
     """With ``noun_phrase=True`` only the head noun phrase is summed; ``kept_tokens`` and ``stats["last"]["kept"]``
