@@ -110,7 +110,7 @@ class ImageFreeContrast:
     def _refine(self, module, args, kwargs, output):
         if not self.active:
             return None
-        prompt, self._pending = self.tracker.prompt, None
+        prompt, self._pending = self.tracker.refined, None
         inputs = bound_inputs(self._signature, args, kwargs)
         all_logits = self._logits(output, inputs)
         if prompt is None or all_logits is None:

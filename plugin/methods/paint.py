@@ -228,8 +228,12 @@ class PAINT(VisualEditMethod):
         outside ``get_image_features``."""
         self._video_run = False
         """``get_video_features`` was called: the next tower run encodes video frames, not images."""
+        self._counted: set[int] = set()
+        """The layers whose head counts are in the stats for the current prompt (counted once per prompt: a count
+        reads the rows back from the device)."""
 
     def new_prompt(self, prompt: VisualPrompt | None) -> None:
+        self._counted = set()
         if prompt is None:  # nothing selected for a prompt without image tokens: the stats say so
             self.stats.update(local_tokens=[], summary_tokens=[], selection=[], heads_edited={}, heads_modulated={})
 
@@ -239,22 +243,25 @@ class PAINT(VisualEditMethod):
         count (0 for a row without an image) of the heads the edit acts on (gain > 0) goes to
         ``h.stats["heads_edited"]``, and of those with a gain other than 1 to ``h.stats["heads_modulated"]``."""
         heads, num_heads = self.config.heads, self.adapter.num_heads
-        if isinstance(heads, torch.Tensor):
-            return heads[layer]
-        if heads == "uniform":
+        if isinstance(heads, str) and heads == "uniform":
             return torch.ones(num_heads)
-        share = self.shares[layer] if self.measures_heads else (self.share_sum[layer] / self.share_count[layer])
-        share = share.float()
-        if heads == "topk":
-            top = share.topk(max(1, round(self.config.head_ratio * num_heads)), dim=-1).indices
-            gains = torch.zeros_like(share).scatter_(-1, top, 1.0)
+        if isinstance(heads, torch.Tensor):  # a gain table: its counts go to the stats as the measured gains' do
+            gains = heads[layer]
         else:
-            ratio = share / share.mean(dim=-1, keepdim=True).clamp(min=1e-12)
-            ratio = ratio if heads == "proportional" else 1 / ratio.clamp(min=1e-12)
-            gains = ratio.clamp(0, self.config.head_gain_max)
-        for key, heads in (("heads_edited", gains > 0), ("heads_modulated", (gains > 0) & (gains != 1))):
-            self.stats[key][layer] = (heads.reshape(-1, num_heads).sum(dim=-1).cpu().expand(len(rows))
-                                      * rows.cpu()).tolist()
+            share = self.shares[layer] if self.measures_heads else (self.share_sum[layer] / self.share_count[layer])
+            share = share.float()
+            if heads == "topk":
+                top = share.topk(max(1, round(self.config.head_ratio * num_heads)), dim=-1).indices
+                gains = torch.zeros_like(share).scatter_(-1, top, 1.0)
+            else:
+                ratio = share / share.mean(dim=-1, keepdim=True).clamp(min=1e-12)
+                ratio = ratio if heads == "proportional" else 1 / ratio.clamp(min=1e-12)
+                gains = ratio.clamp(0, self.config.head_gain_max)
+        if layer not in self._counted:
+            self._counted.add(layer)
+            for key, heads in (("heads_edited", gains > 0), ("heads_modulated", (gains > 0) & (gains != 1))):
+                self.stats[key][layer] = (heads.reshape(-1, num_heads).sum(dim=-1).cpu().expand(len(rows))
+                                          * rows.cpu()).tolist()
         return gains
 
     def record_visual_share(self, layer: int, share: torch.Tensor, rows: torch.Tensor) -> None:

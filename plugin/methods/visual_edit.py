@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from ..attention import AttentionCall, Intervention, intervene, keys_from, recomputing
+from ..attention import AttentionCall, Intervention, intervene, keys_from, recomputing, refuse_unsupported_call
 from ..config import is_int, is_number
 from ..forward_inputs import bound_inputs, cached_length
 from ..kernels import ScoreEdit
@@ -96,6 +96,9 @@ class PromptTracker:
         """False: video tokens are not visual tokens (image tokens only; warned once)."""
         self._warned = False
         self.prompt: VisualPrompt | None = None
+        self.refined: VisualPrompt | None = None
+        """The prompt the image-free refine reads: ``prompt``, and also one whose visual tokens are video only where
+        the edit takes images only (PAINT: its ``cfg_gamma`` pass still leaves the video out and refines the row)."""
         self.contrast = None
         """The method's ``ImageFreeContrast``, if any: while its image-free pass runs, the tracker and edits pause."""
         self._signature = inspect.signature(model.forward)
@@ -111,6 +114,11 @@ class PromptTracker:
         if self.paused:
             return
         inputs = bound_inputs(self._signature, args, kwargs)
+        refuse_unsupported_call(inputs, module.config)  # a fixed-size cache (its masks are 4-D): as every method
+        mask = inputs.get("attention_mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            raise ValueError(f"{self.name} reads each row's padding from a 2-D (B, T) attention_mask (1 = real "
+                             f"token); got {type(mask).__name__} {tuple(getattr(mask, 'shape', ()))}")
         may_rerun = self._generation.may_rerun(inputs)
         if cached_length(inputs) > 0:
             return  # a decode step: the prompt stays
@@ -128,9 +136,12 @@ class PromptTracker:
                           "are (pai and clearsight edit them as visual tokens)", stacklevel=2)
         if fresh is None or not bool(fresh.visual.any()):
             self.prompt = None
+            every = None if fresh is None or self.video or self.contrast is None else VisualPrompt.from_inputs(
+                self.adapter, input_ids, inputs.get("attention_mask"), True)
+            self.refined = every if every is not None and bool(every.visual.any()) else None
         elif not (may_rerun and self._continues(fresh)):
             fresh.image_inputs = {key: inputs[key] for key in IMAGE_INPUTS if inputs.get(key) is not None}
-            self.prompt = fresh
+            self.prompt = self.refined = fresh
         else:
             return  # a re-run of the current prompt
         if self.on_prompt is not None:

@@ -155,6 +155,24 @@ def test_token_dropping_refuses_the_same_calls(method, options, call, match):
             model.generate(**inputs, max_new_tokens=2, **GREEDY)
 
 
+@pytest.mark.parametrize("method", ["pai", "paint", "clearsight"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_the_visual_edits_refuse_a_fixed_size_cache_and_a_4d_mask(method, family):
+    """The visual edits read each row's padding from the 2-D mask at every prompt: a fixed-size cache (whose masks
+    generate() builds 4-D, a dict on Qwen-VL) raised an internal error in that read (sizes 41 / 43, 'dict' has no
+    'bool') where the documented NotImplementedError belongs; a 4-D mask of the caller's is a ValueError naming it."""
+    model = nograd.tiny.build(family, seed=1, text_layers=4)
+    inputs = nograd.tiny.vlms.make_inputs(family, model)
+    with nograd.apply(model, method), torch.no_grad():
+        with pytest.raises(NotImplementedError, match="fixed-size KV cache"):
+            model.generate(**inputs, max_new_tokens=2, cache_implementation="static", **GREEDY)
+        mask = inputs["attention_mask"]
+        square = (mask[:, None, None, :].bool() & torch.ones(mask.shape[1], mask.shape[1], dtype=torch.bool).tril())
+        with pytest.raises(ValueError, match=f"{method} reads each row's padding from a 2-D"):
+            model(**dict(inputs, attention_mask=square))
+        model.generate(**inputs, max_new_tokens=2, **GREEDY)  # the handle runs on
+
+
 @pytest.mark.parametrize("options", [dict(layers=-1), dict(heads=-1), dict(layers=-99)])
 def test_zerotuning_negative_indices_are_refused(options):
     model, _ = nograd.tiny.llm()

@@ -220,9 +220,14 @@ def test_measured_visual_shares_equal_eager_attentions_and_round_trip(build, tmp
         with torch.no_grad():
             from_stats = model(**inputs).logits
         assert handle.stats["heads_modulated"] == handle.stats["heads_edited"] == {1: [4, 4]}  # each row's count
-    with nograd.apply(model, "paint", layers=(1, None), heads=gains), torch.no_grad():
+    with nograd.apply(model, "paint", layers=(1, None), heads=gains) as handle, torch.no_grad():
         from_table = model(**inputs).logits
+        assert handle.stats["heads_modulated"] == handle.stats["heads_edited"] == {1: [4, 4]}  # a table's too
     torch.testing.assert_close(from_stats, from_table, atol=1e-6, rtol=0)
+    table = torch.tensor([[1.0, 0.0, 2.0, 1.0]] * gains.shape[0])
+    with nograd.apply(model, "paint", layers=(1, None), heads=table) as handle, torch.no_grad():
+        model(**inputs)
+        assert handle.stats["heads_edited"] == {1: [3, 3]} and handle.stats["heads_modulated"] == {1: [1, 1]}
 
 
 def test_zero_margins_calibrate_on_the_plain_model(build, tmp_path):

@@ -161,11 +161,14 @@ def test_paint_selection_ignores_the_video_frames(build, family):
         assert selection(handle, both) == expected
 
 
-def test_paint_refine_leaves_the_video_out_too(build):
+@pytest.mark.parametrize("images", [True, False])
+def test_paint_refine_leaves_the_video_out_too(build, images):
     """PAINT edits image tokens only, but its ``cfg_gamma`` pass gets no pixels of any kind: it leaves the video
-    placeholders out with the images (margins off, so only the refine acts; written out per row)."""
+    placeholders out with the images (margins off, so only the refine acts; written out per row), and refines a
+    prompt whose only visual tokens are video (it gave the raw logits there, and refined the same row in a batch
+    with an image row)."""
     model = build("qwen2_vl")
-    inputs = tiny_vlm.make_video_inputs("qwen2_vl", model)
+    inputs = tiny_vlm.make_video_inputs("qwen2_vl", model, images=images)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     z_c = logits(model, inputs)[:, -1].float().log_softmax(-1)
     expected = []
