@@ -87,6 +87,9 @@ def visible_pairs(m: int, n: int, causal: bool) -> int:
     return sum(min(n, max(0, i + n - m + 1)) for i in range(m))
 
 
+CASE_KINDS = ("prefill", "gqa", "decode", "dit")
+
+
 def build_cases(args, on_cuda: bool) -> list[Case]:
     """All cases, most important first (so a time budget cuts the least useful ones)."""
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
@@ -859,7 +862,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, help="B of the prefill grid (default: CPU 1; CUDA 16384 // N)")
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p.add_argument("--bias", choices=["both", "yes", "no"], default="both")
-    p.add_argument("--cases", default=None, help="comma list of prefill,gqa,decode,dit "
+    p.add_argument("--cases", default=None, help=f"comma list of {','.join(CASE_KINDS)} "
                    "(default: CPU prefill,gqa,decode; CUDA all)")
     p.add_argument("--gqa-n", type=int, nargs="+", help="N of the GQA causal prefill cases (H=28/4, 32/8, D=128; "
                    "default: CPU 1024; CUDA 1024 4096 16384)")
@@ -908,6 +911,11 @@ def parse_args(argv=None):
     for key, (gpu, cpu) in dflt.items():
         if getattr(args, key) is None:
             setattr(args, key, gpu if on_cuda else cpu)
+    unknown = set(args.cases.split(",")) - set(CASE_KINDS)
+    if unknown:  # a typo would run nothing and exit 0, losing a GPU run's bench step
+        p.error(f"unknown cases {sorted(unknown)}; known: {','.join(CASE_KINDS)}")
+    if args.repeats < 1 or args.budget_s < 0:
+        p.error("--repeats >= 1 and --budget-s >= 0")
     args.flex_dynamic = {"none": None, "true": True, "false": False}.get(args.flex_dynamic, args.flex_dynamic)
     return args, on_cuda
 

@@ -5,9 +5,10 @@
 #
 #   bash bench/gpu.sh                # from anywhere; logs, attention.md and pyramiddrop.md go to $OUT (else bench/out)
 #
-# Worst case about 11 minutes: TEST_TIMEOUT (100 s) + BENCH_TIMEOUT (260 s, the bench stops starting new cases
-# after BENCH_BUDGET = 190 s) + PD_TIMEOUT (140 s, no new case or timed round after PD_BUDGET = 90 s) +
-# CUDA_TEST_TIMEOUT (100 s) + up to 10 + 15 + 15 + 10 s of kill grace + a few seconds of setup. Override any of
+# Worst case under 10 minutes, to fit one device call's timeout_s of 600: TEST_TIMEOUT (90 s) + BENCH_TIMEOUT (200 s,
+# the bench stops starting new cases after BENCH_BUDGET = 140 s) + PD_TIMEOUT (120 s, no new case or timed round
+# after PD_BUDGET = 75 s) + CUDA_TEST_TIMEOUT (90 s) + up to 10 + 15 + 15 + 10 s of kill grace = 550 s, plus the
+# setup (the import check, the install and the wheels: tens of seconds, each step time-boxed). Override any of
 # these, PYTHON, or add BENCH_ARGS / PD_ARGS (default --shape llava-7b), through the environment. The image needs
 # torch + triton (+ transformers, which `import nograd` pulls in); wheels carried in .whl (bench/wheels.sh: diffusers,
 # for the DiT cases of tests/test_cuda.py) are installed first when present.
@@ -21,17 +22,17 @@ cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/bench/out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-TEST_TIMEOUT=${TEST_TIMEOUT:-100}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-260}
-BENCH_BUDGET=${BENCH_BUDGET:-190}
+TEST_TIMEOUT=${TEST_TIMEOUT:-90}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
+BENCH_BUDGET=${BENCH_BUDGET:-140}
 BENCH_ARGS=${BENCH_ARGS:-}
-PD_TIMEOUT=${PD_TIMEOUT:-140}
-PD_BUDGET=${PD_BUDGET:-90}
+PD_TIMEOUT=${PD_TIMEOUT:-120}
+PD_BUDGET=${PD_BUDGET:-75}
 PD_ARGS=${PD_ARGS:---shape llava-7b}
 METHODS_TIMEOUT=${METHODS_TIMEOUT:-150}
 METHODS_BUDGET=${METHODS_BUDGET:-90}
 METHODS_ARGS=${METHODS_ARGS:---shape llava-7b}
-CUDA_TEST_TIMEOUT=${CUDA_TEST_TIMEOUT:-100}
+CUDA_TEST_TIMEOUT=${CUDA_TEST_TIMEOUT:-90}
 STEPS=" ${STEPS:-tests attention pyramiddrop cuda} "
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 START=$(date +%s)
