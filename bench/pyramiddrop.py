@@ -425,14 +425,20 @@ def add_common_arguments(p, images: int, cases, quick: dict) -> None:
 
 
 def checked_args(p, args, cases, quick: dict):
-    """``args`` with ``--quick`` and the device's default repeats applied; ``p.error`` on a bad combination."""
+    """``args`` with ``--quick`` (on the options left at their defaults: an explicit one wins) and the device's
+    default repeats applied; ``p.error`` on a bad combination."""
     if args.quick:
         for key, value in quick.items():
-            setattr(args, key, value)
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
     if args.repeats is None:
         args.repeats = 5 if args.device == "cuda" else 3
+    if args.repeats < 1:
+        p.error("--repeats >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
+    if args.shape == "llava-7b" and args.device != "cuda":
+        p.error("--shape llava-7b is a GPU shape (a 7B model: about 28 GB in fp32): add --device cuda")
     if args.device == "cuda" and args.clock == "cpu":
         p.error("--clock cpu times CPU work only: use the wall clock with --device cuda")
     CLOCK[0] = args.clock
