@@ -46,8 +46,9 @@ QUESTION = "What is on the left of the sign?"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="float32 (CPU default) or bfloat16 (CUDA default)")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--heads", type=int, default=8)
@@ -59,8 +60,12 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a small model and image, one repeat")
     p.add_argument("--markdown", default=None, help="append the environment line and the table to this file")
     args = p.parse_args(argv)
-    if args.quick:
-        args.hidden, args.layers, args.image, args.new_tokens, args.repeats = 128, 4, (112, 84), 4, 1
+    if args.quick:  # on the options left at their defaults: an explicit one wins
+        for key, value in dict(hidden=128, layers=4, image=(112, 84), new_tokens=4, repeats=1).items():
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     return args
 
