@@ -38,6 +38,7 @@ sys.path[:0] = [str(ROOT / "bench")]
 
 import nograd  # noqa: E402
 from attention import Memory  # noqa: E402  (bench/attention.py)
+from pyramiddrop import apply_quick  # noqa: E402  (bench/pyramiddrop.py)
 from nograd.tiny.processors import image, qwen2_vl_processor  # noqa: E402
 from nograd.tiny.vlms import IMAGE, QWEN_TOKENS  # noqa: E402
 
@@ -60,10 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a small model and image, one repeat")
     p.add_argument("--markdown", default=None, help="append the environment line and the table to this file")
     args = p.parse_args(argv)
-    if args.quick:  # on the options left at their defaults: an explicit one wins
-        for key, value in dict(hidden=128, layers=4, image=(112, 84), new_tokens=4, repeats=1).items():
-            if getattr(args, key) == p.get_default(key):
-                setattr(args, key, value)
+    apply_quick(p, args, dict(hidden=128, layers=4, image=(112, 84), new_tokens=4, repeats=1))
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))

@@ -424,13 +424,18 @@ def add_common_arguments(p, images: int, cases, quick: dict) -> None:
                    help="a smoke test under a minute on CPU: " + ", ".join(f"{k}={v}" for k, v in quick.items()))
 
 
-def checked_args(p, args, cases, quick: dict):
-    """``args`` with ``--quick`` (on the options left at their defaults: an explicit one wins) and the device's
-    default repeats applied; ``p.error`` on a bad combination."""
+def apply_quick(p, args, quick: dict) -> None:
+    """With ``--quick``, ``quick``'s values for the options left at their defaults (an explicit one wins)."""
     if args.quick:
         for key, value in quick.items():
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
+
+
+def checked_args(p, args, cases, quick: dict):
+    """``args`` with ``--quick`` (``apply_quick``) and the device's default repeats applied; ``p.error`` on a bad
+    combination."""
+    apply_quick(p, args, quick)
     if args.repeats is None:
         args.repeats = 5 if args.device == "cuda" else 3
     if args.repeats < 1:

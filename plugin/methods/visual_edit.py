@@ -126,8 +126,7 @@ class PromptTracker:
         if input_ids is None and inputs.get("inputs_embeds") is not None:
             raise ValueError(f"{self.name} finds the image tokens in input_ids; call the model with input_ids, not "
                              "inputs_embeds")
-        fresh = None if input_ids is None else VisualPrompt.from_inputs(self.adapter, input_ids,
-                                                                        inputs.get("attention_mask"), self.video)
+        fresh = None if input_ids is None else VisualPrompt.from_inputs(self.adapter, input_ids, mask, self.video)
         video = self.adapter.video_token_id
         if not self.video and not self._warned and input_ids is not None and video is not None and bool(
                 (input_ids == video).any()):
@@ -137,7 +136,7 @@ class PromptTracker:
         if fresh is None or not bool(fresh.visual.any()):
             self.prompt = None
             every = None if fresh is None or self.video or self.contrast is None else VisualPrompt.from_inputs(
-                self.adapter, input_ids, inputs.get("attention_mask"), True)
+                self.adapter, input_ids, mask, True)
             self.refined = every if every is not None and bool(every.visual.any()) else None
         elif not (may_rerun and self._continues(fresh)):
             fresh.image_inputs = {key: inputs[key] for key in IMAGE_INPUTS if inputs.get(key) is not None}
