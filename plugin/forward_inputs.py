@@ -23,3 +23,10 @@ def cached_length(inputs: dict) -> int:
     """The positions already in the forward's KV cache (0 without one)."""
     cache = cache_of(inputs)
     return 0 if cache is None else int(cache.get_seq_length())
+
+
+def embeddings_only(method: str, tokens: str) -> ValueError:
+    """The refusal of a prompt given as embeddings alone to a method that finds its ``tokens`` in ``input_ids``
+    (``generate(input_ids=..., inputs_embeds=...)`` passes only the embeddings to the model's first forward)."""
+    return ValueError(f"{method} finds the {tokens} in input_ids, and this forward has inputs_embeds only (generate() "
+                      "passes only the embeddings to the prefill when given both): call it with input_ids alone")

@@ -64,7 +64,7 @@ from transformers.masking_utils import (blockwise_overlay, create_causal_mask, c
 
 from .. import kernels
 from ..attention import refuse_unsupported_call
-from ..forward_inputs import bound_inputs, cache_of, cached_length
+from ..forward_inputs import bound_inputs, cache_of, cached_length, embeddings_only
 from ..observe import GenerationStarts
 from .base import Method
 from .drop_schedule import DropSchedule, kv_bytes_saved, paper_flops, prefill_macs, scoring_macs
@@ -315,8 +315,7 @@ class TokenDropMethod(Method):
         if input_ids is None:
             self.current = None
             if cached == 0:
-                raise ValueError(f"{self.name} finds the visual tokens in input_ids; call the model with input_ids, "
-                                 "not inputs_embeds")
+                raise embeddings_only(self.name, "visual tokens")
             return
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"{self.name} needs a 2-D attention_mask (padding), got shape {tuple(mask.shape)}")

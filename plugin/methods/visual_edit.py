@@ -26,7 +26,7 @@ import torch
 from .. import kernels
 from ..attention import AttentionCall, Intervention, intervene, keys_from, recomputing, refuse_unsupported_call
 from ..config import is_int, is_number
-from ..forward_inputs import bound_inputs, cached_length
+from ..forward_inputs import bound_inputs, cached_length, embeddings_only
 from ..kernels import ScoreEdit
 from ..observe import GenerationStarts
 from .base import Method
@@ -124,8 +124,7 @@ class PromptTracker:
             return  # a decode step: the prompt stays
         input_ids = inputs.get("input_ids")
         if input_ids is None and inputs.get("inputs_embeds") is not None:
-            raise ValueError(f"{self.name} finds the image tokens in input_ids; call the model with input_ids, not "
-                             "inputs_embeds")
+            raise embeddings_only(self.name, "image tokens")
         fresh = None if input_ids is None else VisualPrompt.from_inputs(self.adapter, input_ids, mask, self.video)
         video = self.adapter.video_token_id
         if not self.video and not self._warned and input_ids is not None and video is not None and bool(

@@ -338,6 +338,8 @@ def test_visual_edits_refuse_inputs_embeds(method):
     with nograd.apply(model, method, layers=(0, None)), torch.no_grad():
         with pytest.raises(ValueError, match=f"{method} finds the image tokens in input_ids"):
             model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+        with pytest.raises(ValueError, match="passes only the embeddings to the prefill when given both"):
+            model.generate(**inputs, inputs_embeds=embeds, max_new_tokens=1)
         edited = model(**inputs).logits
     assert not torch.equal(edited, plain)
     with torch.no_grad():
