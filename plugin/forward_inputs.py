@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 
 def bound_inputs(signature: inspect.Signature, args, kwargs) -> dict:
     """The call's arguments as one dict by parameter name, a ``**kwargs`` parameter's entries flattened in."""
@@ -30,3 +32,19 @@ def embeddings_only(method: str, tokens: str) -> ValueError:
     (``generate(input_ids=..., inputs_embeds=...)`` passes only the embeddings to the model's first forward)."""
     return ValueError(f"{method} finds the {tokens} in input_ids, and this forward has inputs_embeds only (generate() "
                       "passes only the embeddings to the prefill when given both): call it with input_ids alone")
+
+
+def execution_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s inputs go: its device, or for a model whose weights accelerate offloaded (``cpu_offload``, a
+    ``device_map`` with "cpu" / "disk" entries, so its first parameter is on the meta device) the execution device of
+    its first hook, else the device of its first resident parameter, else the CPU."""
+    device = model.device
+    if device.type != "meta":
+        return device
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for one in getattr(hook, "hooks", None) or [hook]:
+            found = getattr(one, "execution_device", None)
+            if found is not None:
+                return torch.device(found)
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))

@@ -326,10 +326,20 @@ class ModelSide(Side):
 
     def write_role(self, role, value, undo: list) -> None:
         write_param(*self._roles[role], value, undo)
+        if role == "embed" and self.lm_head_tied() and getattr(*self._roles["embed"]) is not getattr(
+                *self._roles["lm_head"]):
+            write_param(*self._roles["lm_head"], value, undo)  # offloaded and tied: lm_head reads its own entry
 
     def lm_head_tied(self) -> bool:
+        """lm_head uses the embeddings' weight: one parameter, or, offloaded by accelerate (whose hooks put fresh
+        meta parameters in place at a forward, two objects then), as the config's ``tie_word_embeddings`` says."""
         embed, head = self._roles["embed"], self._roles["lm_head"]
-        return embed is not None and head is not None and getattr(*embed) is getattr(*head)
+        if embed is None or head is None:
+            return False
+        if getattr(*embed) is getattr(*head):
+            return True
+        offloaded = _offload_map(*embed) is not None and _offload_map(*head) is not None
+        return offloaded and bool(getattr(getattr(self.model, "config", None), "tie_word_embeddings", False))
 
 
 def _offload_map(module: nn.Module, local: str):
@@ -358,13 +368,13 @@ def write_param(module: nn.Module, local: str, value: torch.Tensor, undo: list) 
     """Write ``value`` into a parameter, appending to ``undo`` how to put the original back bit-for-bit.
 
     Resident parameters are written in place (``copy_``; the original is kept as a CPU copy). Offloaded ones
-    (accelerate ``device_map`` with "cpu"/"disk") get the value in the hook's state dict, which the loader reads
+    (accelerate ``device_map`` with "cpu"/"disk", ``cpu_offload``) get the value in the hook's state dict, which it reads
     first: the offload folder on disk is never written, and the undo drops or restores that entry.
     """
     param = getattr(module, local)
     if param.device.type == "meta":
         dataset, key = _offload_map(module, local)
-        state = dataset.state_dict
+        state = getattr(dataset, "state_dict", dataset)  # a disk loader's in-memory entries, or cpu_offload's dict
         had, old = key in state, state.get(key)
         state[key] = value.to("cpu", old.dtype if old is not None else param.dtype)
         undo.append(lambda: state.__setitem__(key, old) if had else state.pop(key, None))

@@ -34,6 +34,7 @@ import torch
 
 from ..attention import AttentionCall, Intervention, intervene
 from ..config import MethodConfig, is_int, is_number, option
+from ..forward_inputs import execution_device
 from ..registry import register
 from .base import Method
 from .carve_geometry import GEOMETRIES, covered_pixels, processor_views, to_pixels
@@ -333,7 +334,7 @@ class CARVE(Method):
             inputs = self.processor(text=prompts, images=nested, padding=True, return_tensors="pt")
         finally:
             tokenizer.padding_side = side
-        return inputs.to(self.model.device)
+        return inputs.to(execution_device(self.model))
 
     def _generate(self, inputs, options: dict) -> torch.Tensor:
         """The new tokens of ``model.generate``: greedy, ``options`` over that; a ``generation_config`` in them sets

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..attention import AttentionCall, Intervention, intervene
 from ..config import MethodConfig, is_int, is_number, option
+from ..forward_inputs import execution_device
 from ..handle import Handle
 from ..registry import register
 from .base import Method
@@ -160,23 +161,26 @@ class FrankConfig(MethodConfig):
         self.validate_max_shard_size()
 
     def validate_device(self) -> None:
-        """``device``: None, a str that ``torch.device`` parses, a ``torch.device`` or a CUDA index (an int >= 0). A
-        bool, float or tensor would be taken by ``Tensor.to`` as a dtype cast, so they are refused."""
+        """``device``: None, a str that ``torch.device`` parses, a ``torch.device`` or a CUDA index (an int >= 0), of a
+        device this machine has, and not "meta" (which holds no values). A bool, float or tensor would be taken by
+        ``Tensor.to`` as a dtype cast, so they are refused."""
         device = self.device
         allowed = "None, a device string such as 'cpu', 'cuda' or 'cuda:1', a torch.device, or a CUDA index (int >= 0)"
-        if device is None or isinstance(device, torch.device):
+        if device is None:
             return
         if is_int(device):
             if device < 0:
                 self.invalid("device", allowed)
             object.__setattr__(self, "device", int(device))
-            return
-        if not isinstance(device, str):
+        elif not isinstance(device, (str, torch.device)):
             self.invalid("device", allowed, TypeError)
         try:
-            torch.device(device)
-        except RuntimeError:
-            self.invalid("device", allowed)
+            usable = torch.device(self.device).type != "meta"
+            torch.empty(0, device=self.device)
+        except (RuntimeError, AssertionError):  # unparsable, or a device this machine lacks (torch says which)
+            usable = False
+        if not usable:
+            self.invalid("device", f"{allowed}, of a device this machine has (not 'meta')")
 
     def validate_max_shard_size(self) -> None:
         """``max_shard_size``: None, a positive int of bytes or a size string such as '5GB'."""
@@ -248,7 +252,7 @@ def measure_visual_attention(model: nn.Module, adapter, calibration, *, query_to
     scratch = Handle(model, adapter, "frank-calibration", None)
     intervene(scratch, {module: VisualShare(i, state) for i, module in enumerate(adapter.attention_modules)})
     try:
-        device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        device = execution_device(model)
         for inputs in samples:
             ids = inputs["input_ids"]
             mask = inputs.get("attention_mask")

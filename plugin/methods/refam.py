@@ -41,6 +41,7 @@ from torch import nn
 from .. import kernels
 from ..attention import AttentionCall, Intervention
 from ..config import MethodConfig, is_int, is_number, option
+from ..forward_inputs import execution_device
 from ..registry import register
 from . import refam_mask as rm
 from .base import Method
@@ -367,7 +368,7 @@ class RefAM(Method):
         pipe, flux = self._require_pipeline(), self.adapter.family == "flux"
         tokenizer, encoder = (pipe.tokenizer_2, pipe.text_encoder_2) if flux else (pipe.tokenizer_3, pipe.text_encoder_3)
         length = self.config.max_sequence_length or (512 if flux else 256)
-        device, dtype = self.model.device, self.model.dtype
+        device, dtype = execution_device(self.model), self.model.dtype
         mode = self.config.magnet_mode
         magnets = list(self.config.magnets)
         segments = [(text + "".join(" " + m for m in magnets) if mode == "string" else text, False)]
@@ -443,7 +444,7 @@ class RefAM(Method):
         """The one forward's kwargs: ``z = (1 - sigma) z0 + sigma eps``, eps from ``torch.Generator().manual_seed``."""
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
         z = ((1 - sigma) * z0.float() + sigma * noise.to(z0.device)).to(self.model.dtype)
-        device = self.model.device
+        device = execution_device(self.model)
         if self.adapter.family == "sd3":
             return dict(hidden_states=z, timestep=torch.tensor([sigma * 1000.0], device=device),
                         encoder_hidden_states=states, pooled_projections=pooled, return_dict=False)

@@ -4,6 +4,8 @@ the general pass is cached, the pipeline form equals ``handle.generate``, restor
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers as tf
@@ -172,6 +174,22 @@ def test_pipeline_gives_the_same_answer_as_generate(carve_models):
     assert short[0]["generated_text"].strip() == short_direct and len(short_direct) < len(expected)
     assert expected.startswith(short_direct)
     assert "_forward" not in vars(pipe) and "preprocess" not in vars(pipe)
+
+
+def test_an_offloaded_model_answers_as_the_resident_one(carve_models):
+    """accelerate.cpu_offload leaves every parameter on the meta device (model.device "meta"): the prompts go to the
+    hooks' execution device (they were sent to "meta", and the probe pass raised)."""
+    import accelerate
+
+    model = copy.deepcopy(carve_models("llava"))
+    processor, picture = PROCESSORS["llava"](), image(70, 42, seed=5)
+    with nograd.apply(model, "carve", processor=processor) as handle:
+        expected = handle.generate(picture, QUESTION)
+    accelerate.cpu_offload(model, execution_device="cpu")
+    assert model.device.type == "meta"
+    with nograd.apply(model, "carve", processor=processor) as handle:
+        got = handle.generate(picture, QUESTION)
+    assert got.text == expected.text and got.bbox == expected.bbox
 
 
 def test_every_final_answer_is_returned(carve_models):

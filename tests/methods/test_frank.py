@@ -287,6 +287,48 @@ def test_offloaded_mllm(trio, tmp_path):
         assert torch.equal(offloaded(input_ids=ids).logits, plain)
 
 
+def test_cpu_offloaded_mllm(trio):
+    """accelerate.cpu_offload keeps the weights in a plain dict (no disk loader): merged as in memory, restored."""
+    import accelerate
+
+    mllm, reasoning, base = fresh(trio)
+    ids = torch.randint(4, 100, (1, 7), generator=torch.Generator().manual_seed(0))
+    options = dict(reasoning=reasoning, base=base, prior=[1.0, 0.6, 0.3, 0.0], non_layer_policy="merge")
+    with torch.no_grad():
+        plain = mllm(input_ids=ids).logits
+        with nograd.apply(mllm, "frank", **options):
+            want = mllm(input_ids=ids).logits
+        accelerate.cpu_offload(mllm, execution_device="cpu")
+        with nograd.apply(mllm, "frank", **options):
+            torch.testing.assert_close(mllm(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+        assert torch.equal(mllm(input_ids=ids).logits, plain)
+
+
+def test_tied_offloaded_mllm_after_a_forward(trio, tmp_path):
+    """accelerate's hooks put fresh meta parameters in place at a forward: a tied lm_head is then another object,
+    with its own offloaded entry, and still takes the merged embeddings (it had kept the MLLM's: logits 1.1 off)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    mllm, reasoning, base = fresh(trio)
+    mllm.config.tie_word_embeddings = True
+    mllm.tie_weights()
+    assert mllm.lm_head.weight is mllm.get_input_embeddings().weight
+    mllm.save_pretrained(tmp_path / "mllm")
+    offloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tmp_path / "mllm", device_map="auto", max_memory={"cpu": "200KB"}, offload_folder=tmp_path / "offload").eval()
+    ids = torch.randint(4, 100, (1, 7), generator=torch.Generator().manual_seed(0))
+    options = dict(reasoning=reasoning, base=base, prior=[1.0, 0.6, 0.3, 0.0], non_layer_policy="merge")
+    with torch.no_grad():
+        plain = offloaded(input_ids=ids).logits
+        assert offloaded.lm_head.weight is not offloaded.get_input_embeddings().weight
+        with nograd.apply(mllm, "frank", **options) as h:
+            want, stats = mllm(input_ids=ids).logits, h.stats
+        with nograd.apply(offloaded, "frank", **options) as h:
+            torch.testing.assert_close(offloaded(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+            assert h.stats["tensors_merged"] == stats["tensors_merged"] and h.stats["warnings"] == stats["warnings"]
+        assert torch.equal(offloaded(input_ids=ids).logits, plain)
+
+
 def test_validation_and_config_warnings(trio):
     mllm, reasoning, base = fresh(trio)
     saved = snapshot(mllm)
@@ -344,7 +386,17 @@ def test_device_spellings_give_the_same_merge(trio):
     for device in ("cpu", torch.device("cpu")):
         with nograd.apply(mllm, "frank", reasoning=reasoning, base=base, device=device) as h:
             assert same_state(mllm, merged) and h.stats["lambda_r"] == lambda_r
-    assert FrankConfig(reasoning=reasoning, base=base, device=1).device == 1  # a CUDA index (not used here)
+    if torch.cuda.is_available():
+        assert FrankConfig(reasoning=reasoning, base=base, device=0).device == 0  # a CUDA index
+
+
+@pytest.mark.parametrize("device", ["meta", torch.device("meta")] + ([] if torch.cuda.is_available() else ["cuda", 0]))
+def test_a_device_without_values_or_missing_here_is_refused_before_any_work(trio, device):
+    mllm, reasoning, base = fresh(trio)
+    saved = snapshot(mllm)
+    with pytest.raises(ValueError, match=r"option device=.* of a device this machine has \(not 'meta'\)"):
+        nograd.apply(mllm, "frank", reasoning=reasoning, base=base, device=device)
+    assert same_state(mllm, saved) and nograd.attached(mllm) == []
 
 
 def test_metagpt_and_non_orthogonal_warning(trio):

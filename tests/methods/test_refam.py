@@ -220,6 +220,22 @@ def pixel_region(region, height, width):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_an_offloaded_transformer_grounds_as_the_resident_one(family):
+    """accelerate.cpu_offload leaves the transformer's parameters on the meta device: the latents and timesteps go
+    to the hooks' execution device (they were sent to "meta")."""
+    import accelerate
+
+    pipe = build_pipeline(family)
+    with nograd.apply(pipe, "refam", **OPTS) as handle:
+        expected = handle.ground(picture(), TEXT)
+    accelerate.cpu_offload(pipe.transformer, execution_device="cpu")
+    assert pipe.transformer.device.type == "meta"
+    with nograd.apply(pipe, "refam", **OPTS) as handle:
+        got = handle.ground(picture(), TEXT)
+    assert torch.equal(torch.as_tensor(got.heatmap), torch.as_tensor(expected.heatmap)) and got.point == expected.point
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_planted_pattern_is_recovered_where_planted(apply, family):
     text = "the red car"
     handle = apply(family)
