@@ -400,6 +400,14 @@ class AttentionPatch(ModelPatch):
             raise UnsupportedModelError(
                 f"nograd cannot act through attn_implementation={base!r} (its masks are {UNSUPPORTED_IMPLEMENTATIONS[base]}); "
                 "switch first, e.g. model.set_attn_implementation('sdpa'), or load with attn_implementation='sdpa'")
+        if base.startswith(PREFIX):  # this model's own patch switches a config once: another model set this one
+            from .errors import IncompatibleMethodsError
+
+            raise IncompatibleMethodsError(
+                f"nograd: the config of this {type(self.model).__name__} is shared with another model that carries "
+                f"nograd methods (its attn_implementation is {base!r}; a config passed to two models, or from_config "
+                "of another model's config); one config holds one attention implementation, so give this model its "
+                "own (build it from copy.deepcopy(config)) or remove the other model's methods first")
         name = _register(base)
         self.model.set_attn_implementation(name if config_key is None else {config_key: name})
         for module in modules:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import threading
@@ -19,19 +20,37 @@ _MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 """Every model with a live handle, held weakly (for checks that span models)."""
 
 
+_COPY_HOOKS = ("__deepcopy__", "__reduce_ex__")
+_SAVED_COPY_HOOKS = "_nograd_saved_copy_hooks"
+"""The attribute of a module that holds its own instance ``_COPY_HOOKS``, if it had any, while ``_refuse_copy``
+stands in for them."""
+
+
 def _refuse_copy(memo_or_protocol) -> None:
     """``copy.deepcopy``, ``copy.copy``, ``pickle`` or ``torch.save`` of a model with live handles (each finds this on
     the instance as ``__deepcopy__`` / ``__reduce_ex__``): a copy would carry the method's hooks and attention names
     half-attached, unsteered, and break once the original's handles go; a pickle fails on the hooks' closures."""
-    raise TypeError("nograd: a model with methods attached cannot be copied or pickled (the copy would carry them "
-                    "half-attached); copy it before nograd.apply or after nograd.remove_all(model), and save it with "
-                    "save_pretrained or its state_dict, which hold the plain model")
+    raise TypeError("nograd: a model with methods attached cannot be copied or pickled, nor can a part of it that "
+                    "holds attention layers (the copy would carry them half-attached); copy it before nograd.apply or "
+                    "after nograd.remove_all(model), and save it with save_pretrained or its state_dict, which hold "
+                    "the plain model")
 
 
-_COPY_HOOKS = ("__deepcopy__", "__reduce_ex__")
-_SAVED_COPY_HOOKS = "_nograd_saved_copy_hooks"
-"""The attribute of a model that holds its own instance ``_COPY_HOOKS``, if it had any, while ``_refuse_copy``
-stands in for them."""
+def _guard_copies(modules) -> None:
+    """``_refuse_copy`` in place of each module's instance ``_COPY_HOOKS`` (its own kept aside)."""
+    for module in modules:
+        own = module.__dict__
+        own[_SAVED_COPY_HOOKS] = {name: own[name] for name in _COPY_HOOKS if name in own}
+        own.update(dict.fromkeys(_COPY_HOOKS, _refuse_copy))
+
+
+def _unguard_copies(modules) -> None:
+    for module in modules:
+        own = module.__dict__
+        for name in _COPY_HOOKS:
+            own.pop(name, None)
+        own.update(own.pop(_SAVED_COPY_HOOKS, {}))  # the user's own, if any
+
 
 _CALL_CODES = (nn.Module._call_impl.__code__,)
 """The frames of a module call (``generate`` is guarded by ``try / finally`` and needs none)."""
@@ -152,12 +171,24 @@ class Handle:
         number), numpy scalars as Python's, keys as strings, non-finite floats as strings, anything else its repr."""
         return jsonable(self.stats)
 
-    def expose(self, name: str, function: Callable) -> None:
-        """Make a method-specific action callable as ``handle.<name>(...)`` (e.g. PAINT's ``save_head_stats``); a name
-        the handle already has (``remove``, ``stats``...) raises ``ValueError``, since it would never be reached."""
+    def expose(self, name: str, function: Callable, live_only: bool = True) -> None:
+        """Make a method-specific action callable as ``handle.<name>(...)`` (e.g. CARVE's ``generate``); a name the
+        handle already has (``remove``, ``stats``...) raises ``ValueError``, since it would never be reached. After
+        ``remove()`` a ``live_only`` action raises ``RuntimeError`` (it would act through what was taken off); one
+        that reads what the handle gathered (PAINT's ``save_head_stats``) passes ``live_only=False``."""
         if hasattr(type(self), name) or name in self.__dict__:
             raise ValueError(f"{self.method}: cannot expose {name!r}, a name every handle already has")
-        self._exposed[name] = function
+        self._exposed[name] = self._live_only(name, function) if live_only else function
+
+    def _live_only(self, name: str, action: Callable) -> Callable:
+        @functools.wraps(action)
+        def while_live(*args, **kwargs):
+            if not self._live:
+                raise RuntimeError(f"{self.method}: this handle was removed, so handle.{name}() has no method to act "
+                                   "through; nograd.apply the method again")
+            return action(*args, **kwargs)
+
+        return while_live
 
     def __dir__(self):
         return [*super().__dir__(), *self.__dict__.get("_exposed", {})]
@@ -176,11 +207,15 @@ class Handle:
         self._live = True
         own = self.model.__dict__
         if HANDLES not in own:
-            own[_SAVED_COPY_HOOKS] = {name: own[name] for name in _COPY_HOOKS if name in own}
-            own.update(dict.fromkeys(_COPY_HOOKS, _refuse_copy))
+            _guard_copies(self._copied_with_methods())
             own[GUARD] = OneThreadAtATime(self.model)
         self.model.__dict__.setdefault(HANDLES, []).append(self)
         _MODELS.add(self.model)
+
+    def _copied_with_methods(self) -> list[nn.Module]:
+        """The model and its attention modules: a copy of any part that holds one (``deepcopy(model.model.layers)``)
+        would carry a nograd attention name in its config, unregistered once the handles go."""
+        return [self.model, *dict.fromkeys(getattr(self.adapter, "attention_modules", ()))]
 
     @property
     def live(self) -> bool:
@@ -198,9 +233,7 @@ class Handle:
                 handles.remove(self)
             if not handles:
                 self.model.__dict__.pop(HANDLES, None)
-                for name in _COPY_HOOKS:
-                    self.model.__dict__.pop(name, None)
-                self.model.__dict__.update(self.model.__dict__.pop(_SAVED_COPY_HOOKS, {}))  # the user's own, if any
+                _unguard_copies(self._copied_with_methods())
                 self.model.__dict__.pop(GUARD).remove()
                 _MODELS.discard(self.model)
 

@@ -100,6 +100,26 @@ def test_a_model_and_its_own_language_model_cannot_both_carry_methods(build, out
     assert registered_names() == []
 
 
+def test_two_models_sharing_one_config_cannot_both_carry_methods(build, padded_batch):
+    """``Model(config)`` twice (or ``from_config`` of another model's config) shares one config object, which holds
+    one attention implementation: removing the first model's methods set it back under the second's live handle
+    (whose next forward then blamed a set_attn_implementation nobody called). The second apply is refused."""
+    first = build("llama")
+    torch.manual_seed(1)
+    second = type(first)(first.config).eval()
+    ids, mask = padded_batch
+    plain = logits(second, ids, mask)
+    with nograd.apply(first, "zerotuning", gamma=2.0):
+        saved = snapshot(second)
+        with pytest.raises(nograd.IncompatibleMethodsError, match="config of this LlamaForCausalLM is shared with "
+                                                                  "another model that carries nograd methods"):
+            nograd.apply(second, "act")
+        assert same_state(second, saved) and nograd.attached(second) == []
+    with nograd.apply(second, "zerotuning", gamma=2.0):  # the other model's methods removed: allowed
+        assert not torch.equal(logits(second, ids, mask), plain)
+    assert torch.equal(logits(second, ids, mask), plain) and registered_names() == []
+
+
 def test_copying_or_pickling_refuses_a_model_with_methods_attached(build, tmp_path):
     """deepcopy, copy and pickle (torch.save) would carry the methods half-attached (or fail on a hook's closure):
     refused with one clear error while a handle lives; the plain model copies and pickles after ``remove()``."""
@@ -110,9 +130,14 @@ def test_copying_or_pickling_refuses_a_model_with_methods_attached(build, tmp_pa
     attempts = {"deepcopy": copy.deepcopy, "copy": copy.copy, "pickle": pickle.dumps,
                 "torch.save": lambda m: torch.save(m, tmp_path / "model.pt")}
     with nograd.apply(model, "zerotuning", gamma=2.0), nograd.apply(model, "act"):
-        for name, attempt in attempts.items():
-            with pytest.raises(TypeError, match="methods attached cannot be copied or pickled"):
-                attempt(model)
+        for name, attempt in attempts.items():  # the model, or a part holding attention (its config says nograd)
+            # (a shallow copy of a part shares its layers: allowed)
+            for part in (model, *([] if name == "copy" else [model.model.layers, model.model.layers[1]])):
+                with pytest.raises(TypeError, match="methods attached cannot be copied or pickled"):
+                    attempt(part)
+    assert torch.equal(logits(model, ids := torch.randint(4, 100, (1, 7))), logits(model, ids))
+    layers = copy.deepcopy(model.model.layers)  # after remove(): a plain copy that runs
+    assert layers[0].self_attn.config._attn_implementation == "sdpa"
     ids = torch.randint(4, 100, (1, 7))
     assert torch.equal(logits(copy.deepcopy(model), ids), logits(model, ids))
     assert torch.equal(logits(pickle.loads(pickle.dumps(model)), ids), logits(model, ids))
@@ -334,13 +359,31 @@ def test_stats_json_is_plain_data(build, method, options):
     assert all(plain[k] == (v.item() if v.dim() == 0 else v.tolist()) for k, v in tensors.items())
 
 
-def test_expose_refuses_the_names_of_the_handle(build):
+def test_expose_refuses_the_names_of_the_handle_and_live_only_actions_after_remove(build):
     handle = nograd.Handle(build("llama"), None, "test", None)
     handle.expose("act_now", lambda: "done")
+    handle.expose("read", lambda: "read", live_only=False)
+    handle._activate()
     assert handle.act_now() == "done" and "act_now" in dir(handle)
     for name in ("remove", "stats", "config"):
         with pytest.raises(ValueError, match=f"cannot expose '{name}'"):
             handle.expose(name, lambda: None)
+    handle.remove()
+    with pytest.raises(RuntimeError, match=r"test: this handle was removed, so handle.act_now\(\) has no method"):
+        handle.act_now()
+    assert handle.read() == "read"
+
+
+@pytest.mark.parametrize("method, action", [("carve", "generate"), ("softpag", "perturbed_only"),
+                                            ("refam", "ground")])
+def test_a_removed_handle_refuses_its_actions(method, action):
+    """CARVE's generate raised an internal error after remove() and SoftPAG's perturbed_only ran the plain
+    pipeline silently; every method's actions now say the handle was removed (PAINT's save_head_stats still saves)."""
+    target, options = _target(method)
+    handle = nograd.apply(target, method, **options)
+    handle.remove()
+    with pytest.raises(RuntimeError, match=f"{method}: this handle was removed, so handle.{action}"):
+        getattr(handle, action)(nograd.tiny.image(32, 32), "a question")
 
 
 def _target(method):

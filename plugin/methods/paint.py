@@ -302,7 +302,7 @@ class PAINT(VisualEditMethod):
     def attach(self, handle) -> None:
         self.stats = handle.stats
         handle.stats.update(local_tokens=[], summary_tokens=[], selection=[], heads_edited={}, heads_modulated={})
-        handle.expose("save_head_stats", self.save_head_stats)
+        handle.expose("save_head_stats", self.save_head_stats, live_only=False)
         super().attach(handle)
         if self.is_neutral():
             return  # no edit, so no token selection to read

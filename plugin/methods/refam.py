@@ -310,12 +310,6 @@ class RefAM(Method):
         handle.expose("capture", self.capture)
         handle.expose("encode_text", self.encode_text)
         handle.expose("prepare", self.prepare)
-        self.removed = False
-
-        def detach():
-            self.removed = True
-
-        handle.on_remove("ground/sweep (processors are wrapped only inside each call)", detach)
 
     # ---- capture ------------------------------------------------------------------------------------------------
     def capture(self, inputs: dict, valid: slice, blocks=None, grid: int | None = None):
@@ -326,8 +320,6 @@ class RefAM(Method):
         from ..dit_attention import DiTAttentionPatch
         from ..guidance import suspended
 
-        if self.removed:
-            raise RuntimeError("refam: this handle was removed; nograd.apply(pipe, 'refam') again")
         blocks = self.blocks() if blocks is None else sorted(set(blocks))
         layers = self.adapter.decoder_layers
         captures = {layers[b].attn: BlockCapture(b, self.state, self.config) for b in blocks}

@@ -424,7 +424,7 @@ class _HeadGuidance(Method):
         guidance.install(handle)
         handle.stats["fork_block"] = layers[0] if guidance.fork else 0
         handle.expose("perturbed_only", guidance.perturbed_only)
-        handle.expose("guidance", guidance)
+        handle.expose("guidance", guidance, live_only=False)  # the state itself, for the head search
 
 
 @register
