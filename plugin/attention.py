@@ -34,6 +34,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import kernels
 from .forward_inputs import bound_inputs, cache_of, cached_length
+from .handle import calls_running
 from .kernels.attention import causal_visibility
 
 PREFIX = "nograd_"
@@ -443,6 +444,8 @@ class AttentionPatch(ModelPatch):
         self._unregister()
 
     def _capture_batch(self, module, args, kwargs):
+        if self._outer and calls_running(module, sys._getframe()) <= 1:
+            self._outer.clear()  # an outermost forward: what is left was pushed by forwards an interrupt ended
         self._outer.append((self.batch.padding_mask, self.batch.length, self.batch.forward))
         replaced = self._replaced()
         if replaced:

@@ -59,6 +59,16 @@ GUARD = "_nograd_one_thread"
 """The attribute of a model that holds its ``OneThreadAtATime`` while it has live handles."""
 
 
+def calls_running(module: nn.Module, frame) -> int:
+    """How many calls of ``module`` run in the stack that ``frame`` ends (the only record that outlives a
+    ``KeyboardInterrupt``, which skips forward hooks, ``always_call`` ones included)."""
+    count = 0
+    while frame is not None:
+        count += frame.f_code in _CALL_CODES and frame.f_locals.get("self") is module
+        frame = frame.f_back
+    return count
+
+
 class OneThreadAtATime:
     """On a model with methods attached: a forward or ``generate()`` that starts while a forward or ``generate()`` of
     the same model runs in another thread raises ``RuntimeError``. The methods keep the running call's state on the
@@ -110,13 +120,7 @@ class OneThreadAtATime:
         """Whether thread ``thread`` runs a forward or ``generate()`` of the model now. A ``KeyboardInterrupt`` (a
         ``BaseException``) skips the forward hooks' ``always_call``, so a forward it ended never left; its thread's
         stack tells."""
-        model = self._model()
-        frame = sys._current_frames().get(thread)
-        while frame is not None:
-            if frame.f_code in _CALL_CODES and frame.f_locals.get("self") is model:
-                return True
-            frame = frame.f_back
-        return False
+        return calls_running(self._model(), sys._current_frames().get(thread)) > 0
 
     def _leave(self, *_) -> None:
         stack = self._entered.__dict__.get("stack")

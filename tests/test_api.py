@@ -10,7 +10,7 @@ from torch import nn
 
 import nograd
 from checks import TEXT_FAMILIES, attn_names, same_state, snapshot
-from nograd.attention import Intervention, intervene, registered_names
+from nograd.attention import Intervention, ModelPatch, intervene, registered_names
 
 
 def logits(model, ids, mask=None):
@@ -475,4 +475,6 @@ def test_a_model_with_methods_serves_one_thread_at_a_time(build):
         other.start()
         other.join(timeout=30)
         assert torch.equal(results["first"], expected)
+        patch = next(iter(model.__dict__[ModelPatch.PATCHES].values()))
+        assert patch._outer == []  # the interrupted forward's batch state is not kept as an outer forward's
     assert not model._forward_pre_hooks and not model._forward_hooks
