@@ -135,14 +135,26 @@ def _running_pipeline(model: nn.Module):
     return None
 
 
-def _true_cfg(pipe) -> tuple[float, object] | None:
-    """FLUX's true CFG in the running pipeline ``__call__``: ``(true_cfg_scale, negative_prompt_embeds)``, locals
-    there (the pipeline keeps them nowhere else), read from the caller frames; None when true CFG is off."""
+_TRUE_CFG_INPUTS = {"encoder_hidden_states": "prompt_embeds", "pooled_projections": "pooled_prompt_embeds"}
+"""The transformer inputs that tell FLUX's true-CFG calls apart, and the pipeline locals (``negative_`` + the name for
+the negative prompt's call) they are given."""
+
+
+def _true_cfg(pipe, bound: dict) -> tuple[float, str] | None:
+    """FLUX's true CFG in the running pipeline ``__call__``: ``(true_cfg_scale, which)``, ``which`` saying whether the
+    call ``bound`` is the prompt's, the negative prompt's, or "both" (the two are given the same embedding objects, so
+    the calls are one), from the pipeline's locals (it keeps them nowhere else), read from the caller frames; None
+    when true CFG is off."""
     for local in _caller_locals():
         if local.get("self") is pipe and "true_cfg_scale" in local:
             if not local.get("do_true_cfg"):
                 return None
-            return float(local["true_cfg_scale"]), local.get("negative_prompt_embeds")
+            given = {name: (bound.get(name), local.get(key), local.get("negative_" + key))
+                     for name, key in _TRUE_CFG_INPUTS.items() if local.get("negative_" + key) is not None}
+            negative = bool(given) and all(value is neg for value, _, neg in given.values())
+            positive = all(value is pos for value, pos, _ in given.values())
+            which = ("both" if positive else "negative") if negative else "prompt"
+            return float(local["true_cfg_scale"]), which
     return None
 
 
@@ -231,7 +243,8 @@ class PerturbedGuidance:
 
         FLUX's true CFG calls the transformer twice a step; the negative prompt's call is left alone. ``FluxPipeline``
         names it (``cache_context("uncond")``); its img2img, inpaint, Kontext and ControlNet siblings do not, and it
-        is the call given the pipeline's ``negative_prompt_embeds``."""
+        is the call given the pipeline's negative embeddings. Given the same objects for both prompts, the two calls
+        are one: each perturbed by ``w`` unfolded gives ``cond + w (cond - ptb)`` too."""
         if self._context == "uncond":
             return None
         if pipe is not None and getattr(pipe, "do_classifier_free_guidance", False):
@@ -239,12 +252,12 @@ class PerturbedGuidance:
             if n % 2 or abs(g) < 1e-8:
                 return None
             return slice(n // 2, n), self.scale / g
-        true_cfg = _true_cfg(pipe) if pipe is not None else None
+        true_cfg = _true_cfg(pipe, bound) if pipe is not None else None
         if true_cfg is not None:
-            true_cfg_scale, negative = true_cfg
-            if self._context is None and negative is not None and bound.get("encoder_hidden_states") is negative:
+            true_cfg_scale, which = true_cfg
+            if self._context is None and which == "negative":
                 return None
-            if abs(true_cfg_scale) > 1e-8:
+            if abs(true_cfg_scale) > 1e-8 and (self._context is not None or which == "prompt"):
                 return slice(0, n), self.scale / true_cfg_scale
         return slice(0, n), self.scale
 

@@ -387,6 +387,28 @@ def test_flux_true_cfg_perturbs_only_the_conditional_call_in_every_flux_pipeline
     torch.testing.assert_close(guided, plain_cfg + 2.0 * (plain - perturbed), atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("pipeline_class", ["FluxPipeline", "FluxImg2ImgPipeline"])
+def test_flux_true_cfg_given_the_prompt_embeddings_as_the_negative_ones(flux, pipeline_class):
+    """The same embedding objects for both prompts make the two true-CFG calls one: the result is still
+    ``cond + w (cond - ptb)`` (img2img took both calls for the negative one and perturbed neither: no guidance)."""
+    import diffusers
+
+    pipe = getattr(diffusers, pipeline_class)(**flux.components)
+    pipe.set_progress_bar_config(disable=True)
+    extra = {} if pipeline_class == "FluxPipeline" else dict(image=nograd.tiny.image(32, 32), strength=1.0)
+    embeds, pooled, _ = pipe.encode_prompt("a cat", "a cat")
+    one = dict(prompt=None, prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=1, **extra)
+    same = dict(negative_prompt_embeds=embeds, negative_pooled_prompt_embeds=pooled, true_cfg_scale=4.0, **one)
+    plain = images(pipe, **one)
+    torch.testing.assert_close(images(pipe, **same), plain, atol=2e-5, rtol=0)  # neg + tc (cond - neg) = cond
+    with nograd.apply(pipe, "softpag", heads={0: "all"}, u=1.0, scale=2.0) as handle:
+        with handle.perturbed_only():
+            perturbed = images(pipe, **one)
+        guided = images(pipe, **same)
+    assert (guided - plain).abs().max() > 1e-2
+    torch.testing.assert_close(guided, plain + 2.0 * (plain - perturbed), atol=2e-5, rtol=0)
+
+
 # ---- addressing and validation ------------------------------------------------------------------------------------------
 def test_layer_names_match_exactly_where_diffusers_regex_overmatches():
     model = BUILDERS["sd3"](num_layers=12, dual_attention_layers=())
