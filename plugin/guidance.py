@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from .forward_inputs import bound_inputs
+from .row_flops import ExtraRowFlops
 
 BATCHED_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
 """Transformer inputs with a batch axis (SD3 and FLUX); ``txt_ids`` / ``img_ids`` are unbatched (S, 3)."""
@@ -181,9 +182,7 @@ class PerturbedGuidance:
         """(n, conditional rows) while a late-forked call runs."""
         self._fold: torch.Tensor | None = None
         """The shift the last folded call gave its conditional rows (for SD3's skip-layer call that follows)."""
-        self._all_params = sum(p.numel() for p in model.parameters())
-        self._params = sum(p.numel() for m in fork for p in m.parameters()) if self.fork else self._all_params
-        """Parameters the extra rows run through: the forked blocks under a late fork, else the whole model."""
+        self._flops = ExtraRowFlops(model)
 
     # ---- install / remove --------------------------------------------------------------------------------------
     def install(self, handle) -> None:
@@ -294,13 +293,15 @@ class PerturbedGuidance:
             self._frames.append(_Frame(n, cond, factor, True))
             self.state.ptb = slice(n, n + cond.stop - cond.start)
             late = self.fork is not None and all(bound.get(name) is None for name in RESIDUAL_INPUTS)
-            self._count(bound, cond, self._params if late else self._all_params)
+            self._flops.plain = n
+            self._count(bound, cond, "late" if late else "input")
             if late:
                 self._forking = (n, cond)
                 return None
             return (), _batched(bound, n, lambda value: torch.cat([value, value[cond]], dim=0))
         self._frames.append(_Frame(n, cond, factor, False, _batched(bound, n, lambda value: value[cond])))
-        self._count(bound, cond, self._all_params)
+        self._flops.plain = n
+        self._count(bound, cond, "separate")
         return None
 
     def _refuse_checkpointing(self) -> None:
@@ -329,6 +330,8 @@ class PerturbedGuidance:
         frame = self._frames.pop() if self._frames else None
         self.state.ptb = None
         self._forking = None
+        if output is None:  # the call raised
+            self._flops.abandon()
         if frame is None or output is None:
             return None
         sample = output[0] if isinstance(output, tuple) else output.sample
@@ -338,12 +341,13 @@ class PerturbedGuidance:
             # a late fork whose blocks were all skipped never grew the batch: the perturbed rows are the cond rows
             ptb = sample[frame.n:] if sample.shape[0] > frame.n else sample[frame.cond]
         else:
-            self._inner = True
+            self._inner, self._flops.plain = True, 0
             try:
                 result = module(**frame.kwargs)
             finally:
                 self._inner = False
             ptb = result[0] if isinstance(result, tuple) else result.sample
+        self._flops.finish(self.stats)
         guided = sample[: frame.n].clone()
         cond = sample[frame.cond]
         self._fold = frame.factor * (cond - ptb)
@@ -363,15 +367,11 @@ class PerturbedGuidance:
     def _batch_of(bound: dict) -> int:
         return int(bound["hidden_states"].shape[0])
 
-    def _count(self, bound: dict, cond: slice, params: int) -> None:
+    def _count(self, bound: dict, cond: slice, how: str) -> None:
+        """Count a perturbed call; ``how`` the extra rows join: "late" (at the fork block), "input" or "separate"."""
         rows = cond.stop - cond.start
-        hidden, text = bound["hidden_states"], bound.get("encoder_hidden_states")
-        if hidden.dim() == 4:  # SD3 latents (B, C, H, W) -> patches
-            patch = getattr(getattr(self.model, "config", None), "patch_size", 1) or 1
-            tokens = hidden.shape[2] * hidden.shape[3] // (patch * patch)
-        else:
-            tokens = hidden.shape[1]
-        tokens += text.shape[1] if isinstance(text, torch.Tensor) and text.dim() == 3 else 0
+        text = bound.get("encoder_hidden_states")
+        shape = (how, tuple(bound["hidden_states"].shape[1:]), tuple(getattr(text, "shape", ())[1:]))
         self.stats["perturbed_calls"] += 1
         self.stats["perturbed_rows"] += rows
-        self.stats["extra_flops"] += 2 * params * tokens * rows
+        self._flops.count(shape, rows, self.stats)

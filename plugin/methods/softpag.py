@@ -300,12 +300,12 @@ class HeadPerturbation(Intervention):
         self.stats["perturbed_attention_calls"] += not recomputing()
         return u
 
-    def _count_skipped(self, call: AttentionCall, u: torch.Tensor, queries: int) -> None:
+    def _count_skipped(self, call: AttentionCall, u: torch.Tensor, queries: int, keys: int) -> None:
+        """Count the u = 1 heads and the attention FLOPs (``4 queries keys head_dim``) they do not compute."""
         skipped = int((u == 1).sum())
-        n = call.shape[3]
         self.stats["identity_heads_skipped"] = self.stats.get("identity_heads_skipped", 0) + skipped
         self.stats["attention_flops_saved"] = (self.stats.get("attention_flops_saved", 0)
-                                               + 4 * queries * n * call.query.shape[-1] * skipped)
+                                               + 4 * queries * keys * call.query.shape[-1] * skipped)
 
     def blend(self, call: AttentionCall) -> torch.Tensor | None:
         """``joint_identity``: u itself (u = 1 heads skip the attention product, nograd.kernels' blend).
@@ -317,12 +317,13 @@ class HeadPerturbation(Intervention):
         if u is None:
             return None
         if self.mode == "joint_identity":
-            self._count_skipped(call, u, call.shape[2])
+            self._count_skipped(call, u, call.shape[2], call.shape[3])
             return u
         if not bool((u == 1).any()):
             return None
         image = call.extras["spans"]["image"]
-        self._count_skipped(call, u, image.stop - image.start)
+        images = image.stop - image.start  # each image row still attends to its own key and the text keys
+        self._count_skipped(call, u, images, images - 1)
         return (u == 1).float()
 
     def output_edit(self, call: AttentionCall):

@@ -286,6 +286,51 @@ def test_late_fork_runs_earlier_blocks_at_the_plain_batch(family, request):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_extra_flops_are_the_flops_torch_counts_for_the_extra_rows(family):
+    """``extra_flops``: a row forked at the input (or run separately, batch=False) costs one plain transformer
+    forward of a row, as torch's FlopCounterMode counts it (linears, the patch conv, attention on the math path);
+    a later call of the shape reuses the figure. A parameter count times the tokens had overstated it 2-4x (the
+    joint blocks route image and text tokens through separate weights; attention was left out). Late-forked, the
+    rows cost what FlopCounterMode counts for the modules from the fork block on."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = BUILDERS[family]()
+    adapter = adapter_for(model)
+    one = {k: v[:1] if k not in ("img_ids", "txt_ids") else v for k, v in transformer_inputs(family, model).items()}
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(**one)
+    plain = counter.get_total_flops()
+    for options in (dict(late_fork=False), dict(batch=False)):
+        with nograd.apply(model, "softpag", heads={0: "all"}, u=0.5, **options) as handle, torch.no_grad():
+            model(**one)
+            model(**one)
+            assert handle.stats["perturbed_rows"] == 2 and handle.stats["extra_flops"] == 2 * plain
+    first = len(adapter.decoder_layers) - 1
+    names = [name for name, module in model.named_modules() if module is adapter.decoder_layers[first]]
+    counts = counter.get_flop_counts()
+    prefix = type(model).__name__ + "."
+    late = sum(sum(counts[prefix + name].values()) for name in (*names, "norm_out", "proj_out"))
+    with nograd.apply(model, "softpag", heads={first: "all"}, u=0.5) as handle, torch.no_grad():
+        model(**one)
+        assert handle.stats["fork_block"] == first and handle.stats["extra_flops"] == late
+
+
+def test_image_identity_saves_the_image_to_other_image_attention():
+    """``attention_flops_saved`` in ``image_identity``: a u = 1 head's image rows still attend to their own key and
+    the text keys (its text rows are computed alone), so it saves ``4 I (I - 1) head_dim``, not ``4 I S head_dim``."""
+    model = BUILDERS["sd3"]()
+    adapter = adapter_for(model)
+    inputs = transformer_inputs("sd3", model)
+    with nograd.apply(model, "pag", layers=[0], mode="image_identity") as handle, torch.no_grad():
+        model(**inputs)
+        stats = handle.stats
+    images, skipped = ROWS * COLS, inputs["hidden_states"].shape[0] * adapter.num_heads  # every head of each row
+    assert stats["identity_heads_skipped"] == skipped
+    assert stats["attention_flops_saved"] == 4 * images * (images - 1) * adapter.head_dim * skipped
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_controlnet_residuals_reach_the_perturbed_rows(family):
     """ControlNet residuals (added by the transformer between blocks) get the perturbed rows too: batched (forked at
     the input, not late), a second call, and the explicit ``cond + w (cond - ptb)`` agree."""
