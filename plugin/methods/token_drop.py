@@ -478,7 +478,11 @@ class TokenDropMethod(Method):
             scoring_layer = layer
         scores = rank_scores(scoring_layer, scoring_hidden, scoring_positions, previous.valid.to(hidden.device),
                              self.config.backend).to(previous.visual.device)
-        kept_visual = top_visual(scores, previous.visual, keep_counts)
+        # each row's last prompt token (the ranking query, the slot generate() reads the first new token from) stays
+        # where it is a visual token too, within the row's budget: a prompt may end with an image
+        last = torch.zeros_like(previous.visual).scatter_(1, query_rows(previous.valid).clamp(min=0)[:, None], True)
+        held = previous.visual & last
+        kept_visual = top_visual(scores, previous.visual & ~last, keep_counts - held.sum(dim=1)) | held
         # the real text and the kept visual tokens, packed to the right: a row's pad slots go too, so the stage is as
         # long as its longest row now is (a shorter or text-only row no longer holds it at the prompt's length)
         index, filled = compact((previous.valid & ~previous.visual) | kept_visual)

@@ -99,6 +99,28 @@ def test_generate_equals_physical_removal(models, family, positions, method):
     assert_generate_equals_physical_removal(model, inputs, method, options, boundaries, positions)
 
 
+@pytest.mark.parametrize("method, options", [("pyramiddrop", dict(boundaries=[1, 2, 3], keep=[0.5, 0.25, 0.125])),
+                                             ("fastv", dict(layer=2, keep=0.25))])
+def test_a_prompt_ending_with_an_image_keeps_its_last_token(method, options):
+    """The ranking query (each row's last prompt token, where generate() reads the first new token) may be an image
+    token (a raw LLaVA prompt "describe <image>"): it stays in every stage, within the row's budget (it was ranked
+    with the other image tokens and dropped: the first token was read from an earlier image token)."""
+    model, processor = nograd.tiny.vlm("llava", layers=4)
+    prompts = ["describe " + processor.image_token, processor.image_token + " describe"]
+    inputs = processor(text=prompts, images=[[nograd.tiny.image(56, 40, seed=2)]] * 2, padding=True,
+                       return_tensors="pt")
+    assert int(inputs["input_ids"][0, -1]) == model.config.image_token_id
+    last = inputs["input_ids"].shape[1] - 1
+    with nograd.apply(model, method, **options) as handle, torch.no_grad():
+        model(**inputs)
+        kept, counts = handle.stats["kept"], handle.stats["visual_tokens"]
+    schedule = DropSchedule(4, tuple(options.get("boundaries", [options.get("layer")])),
+                            tuple(options["keep"]) if method == "pyramiddrop" else (options["keep"],))
+    assert counts == [schedule.kept_counts(n) for n in visual_counts(inputs, (model.config.image_token_id,))]
+    for stage in kept:
+        assert last in stage[0].tolist() and len(stage[0]) == len(stage[1])
+
+
 def test_bf16_generate_follows_the_schedule():
     model = BUILDERS["qwen2_5_vl"](seed=1, text_layers=LAYERS, dtype=torch.bfloat16)
     inputs = make_inputs("qwen2_5_vl", model)
