@@ -325,6 +325,8 @@ class ModelPatch:
         self.model = model
         self.adapter = adapter
         self.interventions: dict[nn.Module, list[Intervention]] = {}
+        self.holders: list = []
+        """Handles that keep the patch installed without an intervention (``hold``)."""
         self.batch = BatchInfo()
         self._splits: list[tuple] = []
         """(mask, (m, n, causal), split) of the masks split in the current forward, the newest last (at most
@@ -348,8 +350,19 @@ class ModelPatch:
         self.interventions[module] = ours = [iv for iv in ours if iv is not intervention]
         if not ours:
             self.interventions.pop(module, None)
+        self._uninstall_if_unused()
+
+    def hold(self, handle) -> None:
+        """Keep the patch installed for ``handle`` without an intervention, until ``release``."""
+        self.holders.append(handle)
+
+    def release(self, handle) -> None:
+        self.holders = [held for held in self.holders if held is not handle]
+        self._uninstall_if_unused()
+
+    def _uninstall_if_unused(self) -> None:
         patches = self.model.__dict__.get(self.PATCHES, {})
-        if not self.interventions and patches.get(type(self)) is self:
+        if not self.interventions and not self.holders and patches.get(type(self)) is self:
             del patches[type(self)]
             if not patches:
                 del self.model.__dict__[self.PATCHES]
@@ -623,3 +636,13 @@ def intervene(handle, interventions: dict[nn.Module, Intervention]) -> None:
             patch.discard(module, intervention)
 
     handle.on_remove(f"attention on {len(interventions)} layers", undo)
+
+
+def switch_attention(handle) -> None:
+    """Switch the model to nograd's attention implementation with no intervention (attention runs as before, the
+    base function called as is), undone by ``handle.remove()``: for a method that acts through hooks alone
+    (token dropping). torch.compile does not guard a compiled graph on module hooks added later, but on the
+    implementation name: a graph compiled before ``apply`` is retraced, with the hooks, instead of running stale."""
+    patch = AttentionPatch.acquire(handle.model, handle.adapter)
+    patch.hold(handle)
+    handle.on_remove("attention implementation (held for torch.compile)", lambda: patch.release(handle))

@@ -237,6 +237,28 @@ def test_an_implementation_set_after_apply_raises_and_stays(build, family, switc
     torch.testing.assert_close(logits(model, ids), plain, atol=1e-5, rtol=0)  # eager as the user set it, unsteered
 
 
+@pytest.mark.slow  # compiles the model (about 30 s on two cores)
+def test_token_dropping_attached_after_a_compiled_call_is_not_skipped():
+    """torch.compile does not guard a compiled graph on module hooks added later: token dropping, which acts through
+    hooks alone, ran the stale plain graph when attached after a compiled call (the plain model's logits, empty
+    stats). It switches the attention implementation name too (attention as before), which the graph is guarded on."""
+    model, _ = nograd.tiny.vlm("llava", layers=3)
+    inputs = nograd.tiny.vlms.make_inputs("llava", model, batch=2)
+    torch.compiler.reset()
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with nograd.apply(model, "fastv"):
+            expected = model(**inputs).logits
+        model.forward = torch.compile(model.forward, backend="eager")
+        model(**inputs)
+        with nograd.apply(model, "fastv") as handle:
+            torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-6, rtol=0)
+            assert handle.stats["stage_lengths"][-1] < inputs["input_ids"].shape[1]
+        torch.testing.assert_close(model(**inputs).logits, plain, atol=1e-6, rtol=0)
+    del model.forward
+    torch.compiler.reset()
+
+
 @pytest.mark.slow  # compiles the model (about 12 s on two cores)
 def test_torch_compile_runs_each_layers_own_interventions():
     """``torch.compile`` of a model with a method attached gives the eager model's logits and generation: traced,

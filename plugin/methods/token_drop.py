@@ -63,7 +63,7 @@ from transformers.masking_utils import (blockwise_overlay, create_causal_mask, c
                                         sliding_window_overlay)
 
 from .. import kernels
-from ..attention import refuse_unsupported_call
+from ..attention import refuse_unsupported_call, switch_attention
 from ..forward_inputs import bound_inputs, cache_of, cached_length, embeddings_only
 from ..observe import GenerationStarts
 from .base import Method
@@ -299,6 +299,7 @@ class TokenDropMethod(Method):
             hooks.append(layers[i].register_forward_pre_hook(self._stage_hook(i), with_kwargs=True))
         for hook in hooks:
             handle.on_remove(f"{self.name} hook", hook.remove)
+        switch_attention(handle)
         self._generation = GenerationStarts(handle)
 
     def _refuse_labels(self, module, args, kwargs):
