@@ -33,7 +33,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import kernels
-from .forward_inputs import bound_inputs, cache_of, cached_length
+from .forward_inputs import bound_inputs, cache_of, cached_length, checkpointing
 from .handle import calls_running
 from .kernels.attention import causal_visibility
 
@@ -502,8 +502,7 @@ class AttentionPatch(ModelPatch):
             if attention_mask is None:
                 return BatchInfo()
             return next((batch for mask, batch in self._checkpointed if mask() is attention_mask), self.batch)
-        if attention_mask is not None and self.model.training and getattr(self.model, "is_gradient_checkpointing",
-                                                                          False):
+        if attention_mask is not None and self.model.training and checkpointing(self.model):
             if not any(mask() is attention_mask for mask, _ in self._checkpointed):
                 self._checkpointed = [*self._checkpointed[1 - CHECKPOINTED_KEPT:],
                                       (weakref.ref(attention_mask), replace(self.batch))]
@@ -544,6 +543,10 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
     Biases add up; blends compose as ``1 - prod(1 - u)``; at most one score edit and one set rescale; observers run
     after the attention (with read-outs only, the caller's base implementation computes the output).
     """
+    device = call.query.device.type
+    if torch.is_autocast_enabled(device):  # as autocast runs the model's own attention: in its dtype (RoPE's fp32
+        dtype = torch.get_autocast_dtype(device)  # cos / sin leave q and k in fp32 beside a bf16 v)
+        call.query, call.key, call.value = (x.to(dtype) for x in (call.query, call.key, call.value))
     biases = [b for iv in interventions if (b := iv.key_bias(call)) is not None]
     edits = [e for iv in interventions if (e := iv.score_edit(call)) is not None]
     blends = [u for iv in interventions if (u := iv.blend(call)) is not None]

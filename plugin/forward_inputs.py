@@ -48,3 +48,11 @@ def execution_device(model: torch.nn.Module) -> torch.device:
             if found is not None:
                 return torch.device(found)
     return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
+def checkpointing(model: torch.nn.Module) -> bool:
+    """Whether ``model`` recomputes its layers in the backward: transformers' ``is_activation_checkpointing``, named
+    ``is_gradient_checkpointing`` before 5.2x (deprecated since, with a warning at every read) and in diffusers."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))

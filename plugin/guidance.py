@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .forward_inputs import bound_inputs
+from .forward_inputs import bound_inputs, checkpointing
 from .row_flops import ExtraRowFlops
 
 BATCHED_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
@@ -308,7 +308,7 @@ class PerturbedGuidance:
         """Gradient checkpointing re-runs the blocks in the backward pass, after this call's perturbed rows and their
         late fork are gone: the recomputation would not be the forward (a ``CheckpointError``, or gradients of
         another function)."""
-        if torch.is_grad_enabled() and getattr(self.model, "is_gradient_checkpointing", False):
+        if torch.is_grad_enabled() and checkpointing(self.model):
             raise NotImplementedError(
                 f"perturbed-attention guidance does not run under gradient checkpointing: call "
                 f"{type(self.model).__name__} under torch.no_grad() or disable_gradient_checkpointing() first")

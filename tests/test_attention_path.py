@@ -237,6 +237,33 @@ def test_an_implementation_set_after_apply_raises_and_stays(build, family, switc
     torch.testing.assert_close(logits(model, ids), plain, atol=1e-5, rtol=0)  # eager as the user set it, unsteered
 
 
+@pytest.mark.parametrize("method, options", [("zerotuning", dict(gamma=3.0)), ("act", dict(beta=0.4)),
+                                             ("pai", dict(alpha=5.0, layers=(0, None)))])
+def test_autocast_runs_the_edited_attention_in_the_autocast_dtype(method, options):
+    """Under torch.autocast(bfloat16) RoPE's fp32 cos / sin leave q and k in fp32 beside a bf16 v; the model's own
+    attention (eager's matmuls, SDPA) runs them in bf16, and so do the edits now (they raised: mixed dtypes). The
+    result is the fp32 method's within bf16 rounding, closer than the plain model is."""
+    if method == "pai":
+        model, _ = nograd.tiny.vlm("llava", layers=2)
+        inputs = nograd.tiny.vlms.make_inputs("llava", model, batch=2)
+    else:
+        model = nograd.tiny.llm(layers=2)[0]
+        ids = torch.randint(4, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+        inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids).index_fill_(1, torch.tensor([0, 1]), 0))
+
+    def run():
+        with torch.no_grad():
+            return model(**inputs).logits
+
+    with nograd.apply(model, method, **options):
+        edited = run()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = run()
+    assert autocast.dtype == torch.bfloat16
+    error, effect = (autocast.float() - edited).abs().max(), (run() - edited).abs().max()
+    assert error < 2e-2 and effect > 2 * error
+
+
 @pytest.mark.slow  # compiles the model (about 30 s on two cores)
 def test_token_dropping_attached_after_a_compiled_call_is_not_skipped():
     """torch.compile does not guard a compiled graph on module hooks added later: token dropping, which acts through

@@ -116,7 +116,7 @@ class ClsRows(Intervention):
     def observe(self, call: AttentionCall) -> None:
         rows = call.attention_rows(torch.zeros(1, dtype=torch.long))
         for key in self.keys:
-            self.store[key] = rows[:, :, 0, 1:].sum(dim=1)
+            self.store[key] = rows[:, :, 0, 1:].sum(dim=1).detach()  # a selection: no graph kept past the step
 
 
 HEAD_MODES = ("uniform", "proportional", "inverse", "topk")
@@ -137,7 +137,7 @@ class ReceivedAttention(Intervention):
         self.skip = skip
 
     def observe(self, call: AttentionCall) -> None:
-        received = call.key_mass(reduce="mean").mean(dim=1)[:, self.skip:]
+        received = call.key_mass(reduce="mean").mean(dim=1)[:, self.skip:].detach()
         for key in self.keys:
             self.store.setdefault(key, []).extend(received)
 

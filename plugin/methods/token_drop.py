@@ -365,7 +365,7 @@ class TokenDropMethod(Method):
     def _keep_scoring_input(self, module, args, kwargs):
         if self.current is not None and self.current.kind == "prefill":
             hidden = args[0] if args else kwargs["hidden_states"]
-            self.current.scoring_input = (hidden, kwargs["position_embeddings"])
+            self.current.scoring_input = (hidden.detach(), kwargs["position_embeddings"])  # ranked without grad
 
     def _stage_hook(self, i: int):
         stage = self.plan.stage_of_layer(i)

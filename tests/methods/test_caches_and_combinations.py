@@ -369,3 +369,19 @@ def test_gradient_checkpointing_gives_the_gradients_and_stats_of_a_plain_backwar
     assert torch.equal(loss_gc, loss) and calls_gc == calls and len(grads_gc) == len(grads) > 0
     for grad_gc, grad in zip(grads_gc, grads):
         torch.testing.assert_close(grad_gc, grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method, options", [("paint", {}), ("fastv", dict(layer=3)), ("pyramiddrop", {})])
+def test_a_training_step_leaves_no_autograd_graph_on_the_method(method, options):
+    """What a method keeps between forwards (PAINT's vision scores, FastV's scoring input) is detached: after a step's
+    backward, with its loss and logits gone, no tensor with a grad_fn stays alive (each held its step's graph)."""
+    import gc
+
+    model = nograd.tiny.vlm_model("llava")
+    model.train()
+    inputs = nograd.tiny.vlms.make_inputs("llava", model, batch=2)
+    with nograd.apply(model, method, **options):
+        model(**inputs).logits[:, -1].pow(2).mean().backward()
+        gc.collect()
+        assert not [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+
