@@ -471,8 +471,8 @@ def choose_backend(q: torch.Tensor, *, mask=None, softcap=None, return_lse=False
     from . import triton_attention
 
     preferred = _PREFERRED.get()
-    runnable = (preferred != "triton" or (triton_attention.available(q.device) and not grad)) and \
-        not (preferred == "flex" and grad and not q.is_cuda)  # torch's FlexAttention has no backward on CPU
+    runnable = (preferred != "triton" or (triton_attention.available(q.device) and not grad and q.shape[-1] <= 256)) \
+        and not (preferred == "flex" and grad and not q.is_cuda)  # torch's FlexAttention has no backward on CPU
     if preferred != "auto" and softcap is None and not (mask is not None and preferred in ("triton", "flex")) and runnable:
         return preferred
     if softcap is not None:

@@ -69,6 +69,8 @@ def attention_rows(q_rows, k, *, positions=None, key_bias=None, scale=None, mask
     the ``window`` most recent keys. ``edit`` (a ``ScoreEdit``) with ``edit_positions`` (R,), each row's position.
     """
     _check(q_rows, k, key_bias, positions=positions, window=window, mask=mask)
+    if window is not None and positions is None:
+        raise ValueError("attention_rows: window needs positions (the key each row sits at, where its window ends)")
     if edit_positions is not None:
         _check(q_rows, k, positions=edit_positions, name="edit_positions")
     if _triton(q_rows, backend, mask, softcap, edit, inputs=(q_rows, k, key_bias)):
@@ -132,5 +134,5 @@ def attention_block(q, k, lse, *, keys: slice, key_bias=None, scale=None, backen
         from .triton_stats import attention_probabilities_triton
 
         return attention_probabilities_triton(q, k, lse=lse, key_bias=key_bias, scale=scale, keys=keys)
-    span_bias = None if key_bias is None else key_bias[..., keys]
+    span_bias = key_bias[..., keys] if key_bias is not None and key_bias.shape[-1] > 1 else key_bias  # (.., 1): all
     return _probs(scaled_logits(q, k[:, :, keys], key_bias=span_bias, scale=scale), lse)

@@ -31,6 +31,9 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
 LOG2E = 1.4426950408889634
+BIAS_LIMIT = torch.finfo(torch.float32).max / 4
+"""The largest key bias magnitude the kernels take as is, as the torch path's ``bias_in`` in fp32 (scaled by
+log2(e), it leaves room for the scores)."""
 
 
 def available(device: torch.device | str | None = None) -> bool:
@@ -194,10 +197,18 @@ def _blocks(m: int, d: int) -> tuple[int, int, int, int]:
     return block_m, block_n, 4 if d <= 64 else 8, 2 if interpreting() else 3
 
 
-def _bias_strides(key_bias: torch.Tensor, b: int, h: int, n: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+def kernel_bias(key_bias: torch.Tensor, b: int, h: int, n: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """The key bias as the kernels read it, with its (B, H, N) strides (0 where it broadcasts): fp32, finite values
+    within +-``BIAS_LIMIT`` (the kernels scale it by log2(e), which takes a bias near the fp32 range to +-inf: a
+    row of HF-style ``finfo.min`` biases became fully masked, a +3e38 one NaN); -inf stays (masked)."""
     bias = key_bias.float()
-    bias = per_key(bias).expand(b, h, n)
-    return bias, bias.stride()
+    return _bias_strides(torch.where(bias == -torch.inf, bias, bias.clamp(-BIAS_LIMIT, BIAS_LIMIT)), b, h, n)
+
+
+def _bias_strides(values: torch.Tensor, b: int, h: int, n: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Per-key ``values`` as fp32 (B, H, N) by broadcast strides."""
+    values = per_key(values.float()).expand(b, h, n)
+    return values, values.stride()
 
 
 def attention_triton(q, k, v, *, key_bias=None, causal=False, scale=None, blend=None, return_lse=False,
@@ -212,7 +223,7 @@ def attention_triton(q, k, v, *, key_bias=None, causal=False, scale=None, blend=
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty((b, h, m), device=q.device, dtype=torch.float32) if return_lse else out
-    bias, bias_strides = (_bias_strides(key_bias, b, h, n) if key_bias is not None else (out, (0, 0, 0)))
+    bias, bias_strides = (kernel_bias(key_bias, b, h, n) if key_bias is not None else (out, (0, 0, 0)))
     edit_abs = edit_mul = edit_from = None
     if edit is not None:
         edit_abs, edit_mul, edit_from = edit.abs_coef, edit.mul_coef, edit.rows_from

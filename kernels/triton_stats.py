@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .broadcast import per_key
-from .triton_attention import LOG2E, attention_triton, interpreting, triton
+from .triton_attention import LOG2E, attention_triton, interpreting, kernel_bias, triton
 
 if triton is not None:
     import triton.language as tl
@@ -146,9 +145,8 @@ def _common(q, k, key_bias):
     n = k.shape[2]
     q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
     if key_bias is not None:
-        bias = key_bias.float()
-        bias = per_key(bias).expand(b, h, n)
-        bias_args = (bias, *bias.stride())
+        bias, strides = kernel_bias(key_bias, b, h, n)
+        bias_args = (bias, *strides)
     else:
         bias_args = (q, 0, 0, 0)
     block_d = max(16, triton.next_power_of_2(d))

@@ -422,6 +422,10 @@ def test_auto_choice_on_cpu():
     with kernels.use_backend("triton"):  # preferred where it can run (CPU tensors: only under TRITON_INTERPRET=1)
         assert kernels.choose_backend(q) == ("triton" if triton_attention.available(q.device) else "sdpa")
         assert kernels.choose_backend(q, mask=torch.ones(1, 1, 4, 4, dtype=torch.bool)) == "sdpa"
+        wide = torch.zeros(1, 2, 4, 320)  # a head dim past the kernel's 256: a preference it cannot serve (it raised)
+        assert kernels.choose_backend(wide) == "sdpa"
+        torch.testing.assert_close(kernels.attention(wide, wide, wide), kernels.attention(wide, wide, wide,
+                                                                                          backend="eager"))
     assert kernels.choose_backend(q) == "sdpa"
     with pytest.raises(ValueError, match="backend"):
         with kernels.use_backend("cuda-magic"):

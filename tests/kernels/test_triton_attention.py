@@ -69,6 +69,18 @@ def test_fully_masked_rows():
     assert torch.equal(out[:, :, :3].cpu(), torch.zeros(2, 2, 3, 16)) and torch.isneginf(lse[:, :, :3]).all()
 
 
+@pytest.mark.parametrize("bias", [[torch.finfo(torch.float32).min] * 4, [0.0, 0.0, 3e38, 0.0]])
+def test_biases_near_the_fp32_range_match_the_torch_path(bias):
+    """The kernels scale the bias by log2(e): an HF-style finfo.min on every key became -inf (a row of zeros, where
+    eager gives a softmax) and +3e38 became +inf (NaN). They take it within the torch path's limits now."""
+    q, k, v = inputs((1, 1, 1, 2, 4, 16))
+    bias = torch.tensor(bias, device=q.device)
+    out, lse = kernels.attention(q, k, v, key_bias=bias, return_lse=True, backend="triton")
+    expected, expected_lse = reference(q, k, v, key_bias=bias)
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse.cpu(), expected_lse, rtol=1e-6, atol=0)
+
+
 def test_hf_strided_layout():
     """(B, S, H, D) storage viewed as (B, H, S, D): taken without a copy."""
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in inputs((2, 4, 2, 9, 9, 16)))

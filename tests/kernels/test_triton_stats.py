@@ -139,3 +139,23 @@ def test_statistics_refuse_inputs_outside_the_signature(backend, call, words):
     lse = kernels.attention(q, k, k, return_lse=True, backend="eager")[1]
     with pytest.raises(ValueError, match=words):
         call(q, k, lse, backend)
+
+
+def test_a_block_over_a_bias_broadcast_over_the_keys():
+    """``attention_block``'s torch path cut a (B, H, 1) bias (one value for every key) by the key span: a crash, or
+    an empty block for a span of one key; the Triton path and the full probabilities agree on it."""
+    q, k, _ = inputs((1, 2, 2, 3, 10, 16))
+    bias = torch.tensor([[[0.5], [-1.0]]], device=q.device)
+    _, lse = kernels.attention(q, k, k, key_bias=bias, return_lse=True, backend="eager")
+    full = kernels.attention_block(q, k, lse, keys=slice(0, 10), key_bias=bias, backend="torch")
+    for keys in (slice(8, 10), slice(9, 10)):
+        for backend in ("torch", "triton"):
+            block = kernels.attention_block(q, k, lse, keys=keys, key_bias=bias, backend=backend)
+            torch.testing.assert_close(block.cpu(), full[..., keys].cpu(), atol=1e-6, rtol=0)
+
+
+def test_rows_with_a_window_need_positions():
+    q, k, _ = inputs((1, 2, 2, 3, 10, 16))
+    with pytest.raises(ValueError, match="window needs positions"):
+        kernels.attention_rows(q, k, window=4)
+
