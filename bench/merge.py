@@ -90,8 +90,8 @@ def child(args) -> None:
     thread.start()
     start = time.perf_counter()
     report = nograd.merge("frank", mllm=folder / "mllm", reasoning=folder / "reasoning", base=folder / "base",
-                          out=folder / "out", rule=args.rule, prior="exp",
-                          **({"lambda_r": 0.5} if args.rule == "linear" else {}))
+                          out=folder / "out", rule=args.rule,
+                          **{"frank": {"prior": "exp"}, "linear": {"lambda_r": 0.5}}.get(args.rule, {}))
     seconds = time.perf_counter() - start
     stop.set()
     thread.join()

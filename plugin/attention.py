@@ -155,8 +155,9 @@ class AttentionCall:
         rows = rows.to(self.query.device)
         positions = rows + (n - m) if self.causal else None
         mask = None if self.mask is None else self.mask[..., rows, :] if self.mask.shape[-2] > 1 else self.mask
+        window = self.window if positions is not None else None  # non-causal: a window is in the mask (Gemma3's)
         return kernels.attention_rows(self.query[:, :, rows], self.key, positions=positions, key_bias=self.key_bias,
-                                      scale=self.scaling, mask=mask, softcap=self.softcap, window=self.window,
+                                      scale=self.scaling, mask=mask, softcap=self.softcap, window=window,
                                       edit=self.edit if edited else None, edit_positions=rows + (n - m))
 
     def key_mass(self, reduce: str = "sum") -> torch.Tensor:

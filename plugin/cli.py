@@ -81,8 +81,13 @@ def run_merge(args) -> int:
     names = ("rule", "coef", "prior", "prior_beta", "lambda_r", "weights", "density", "seed", "layers",
              "keep_shallow_layers", "non_layer_policy", "max_shard_size", "device")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if args.report and not pathlib.Path(args.report).resolve().parent.is_dir():  # before the merge, not after it
-        raise FileNotFoundError(f"--report {args.report}: no folder {pathlib.Path(args.report).resolve().parent}")
+    if args.report:  # checked before the merge, not after it
+        report_path = pathlib.Path(args.report).resolve()
+        if not report_path.parent.is_dir():
+            raise FileNotFoundError(f"--report {args.report}: no folder {report_path.parent}")
+        if report_path.is_dir() or not os.access(report_path.parent, os.W_OK) or (
+                report_path.exists() and not os.access(report_path, os.W_OK)):
+            raise ValueError(f"--report {args.report}: not a file that can be written")
     report = merge(args.method, mllm=args.mllm, reasoning=args.reasoning, base=args.base, out=args.out, **options)
     print(describe_report(report))
     print(f"wrote {len(report['files'])} file(s), {report['bytes'] / 1e6:.1f} MB of weights, to {report['out']}")

@@ -180,6 +180,11 @@ class Side:
         return {}
 
 
+BUFFER_SUFFIXES = ("rotary_emb.inv_freq",)
+"""Buffers that older checkpoints saved inside the decoder layers (Llama-era rotary ``inv_freq``, non-persistent
+now): not weights, so never compared or merged; an MLLM's are carried over as they are."""
+
+
 class CheckpointSide(Side):
     """A safetensors folder: decoder layers under the first of ``LAYER_PREFIXES`` that holds layer 0."""
 
@@ -195,7 +200,7 @@ class CheckpointSide(Side):
         for key in keys:
             if key.startswith(self.prefix):
                 index, _, suffix = key[len(self.prefix):].partition(".")
-                if index.isdigit():
+                if index.isdigit() and not suffix.endswith(BUFFER_SUFFIXES):
                     self._layers.setdefault(int(index), []).append(suffix)
         self.num_layers = len(self._layers)
         if sorted(self._layers) != list(range(self.num_layers)):
@@ -241,7 +246,7 @@ class CheckpointSide(Side):
         if not key.startswith(self.prefix):
             return None
         index, _, suffix = key[len(self.prefix):].partition(".")
-        return (int(index), suffix) if index.isdigit() else None
+        return (int(index), suffix) if index.isdigit() and not suffix.endswith(BUFFER_SUFFIXES) else None
 
 
 def decoder_of(model: nn.Module) -> nn.Module:

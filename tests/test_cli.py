@@ -62,6 +62,10 @@ def test_merge_options_and_errors(folders, tmp_path, capsys):
     # a report path that cannot be written is refused before anything is merged
     status = main(["merge", "frank", *trio, "--out", str(tmp_path / "never"), "--report", str(tmp_path / "no/r.json")])
     assert status == 2 and "--report" in capsys.readouterr().err and not (tmp_path / "never").exists()
+    (tmp_path / "a_folder").mkdir()  # a folder: it was found only after the merge (a traceback, exit 1)
+    status = main(["merge", "frank", *trio, "--out", str(tmp_path / "never"), "--report", str(tmp_path / "a_folder")])
+    assert status == 2 and "not a file that can be written" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
 
 
 def test_main_module(monkeypatch, capsys):

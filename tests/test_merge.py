@@ -40,6 +40,36 @@ def keys_of(folder):
     return set(ckpt.keys())
 
 
+def test_rotary_buffers_saved_in_older_checkpoints_are_not_weights(saved_trio, tmp_path):
+    """Older checkpoints saved the rotary ``inv_freq`` buffer inside each layer: a reasoning folder with them was
+    refused ("different tensors"); they are neither compared nor merged, and an MLLM's are carried over."""
+    from safetensors.torch import load_file, save_file
+
+    folder, mllm, reasoning, base = saved_trio
+    options = dict(prior="exp")
+    nograd.merge("frank", mllm=folder / "mllm", reasoning=folder / "reasoning", base=folder / "base",
+                 out=tmp_path / "plain", **options)
+    for name in ("mllm", "reasoning"):
+        shutil.copytree(folder / name, tmp_path / name)
+        shard = next((tmp_path / name).glob("*.safetensors"))
+        tensors = load_file(shard)
+        up = next(k for k in tensors if k.endswith("layers.0.mlp.up_proj.weight"))
+        prefix = up.removesuffix("0.mlp.up_proj.weight")
+        tensors.update({f"{prefix}{i}.self_attn.rotary_emb.inv_freq": torch.full((4,), 7.0) for i in range(LAYERS)})
+        save_file(tensors, shard, metadata={"format": "pt"})
+        if (tmp_path / name / "model.safetensors.index.json").exists():
+            index = json.loads((tmp_path / name / "model.safetensors.index.json").read_text())
+            index["weight_map"].update({k: shard.name for k in tensors if k.endswith("inv_freq")})
+            (tmp_path / name / "model.safetensors.index.json").write_text(json.dumps(index))
+    nograd.merge("frank", mllm=tmp_path / "mllm", reasoning=tmp_path / "reasoning", base=folder / "base",
+                 out=tmp_path / "out", **options)
+    plain, out = M.Checkpoint(tmp_path / "plain"), M.Checkpoint(tmp_path / "out")
+    buffers = {k for k in out.keys() if k.endswith("inv_freq")}
+    assert len(buffers) == LAYERS and set(out.keys()) - buffers == set(plain.keys())
+    assert all(torch.equal(out.get(k), plain.get(k)) for k in plain.keys())
+    assert all(torch.equal(out.get(k), torch.full((4,), 7.0)) for k in buffers)
+
+
 def test_streamed_equals_in_place_and_loads(saved_trio, tmp_path):
     folder, mllm, reasoning, base = saved_trio
     options = dict(prior=[1.0, 0.7, 0.3, 0.0])
@@ -147,7 +177,8 @@ def test_peer_rules_are_peft_merge_utils(saved_trio, tmp_path, rule):
     from peft.utils import merge_utils
 
     folder, mllm, reasoning, base = saved_trio
-    options = dict(rule=rule, weights=(0.8, 0.6), density=0.5, seed=3)
+    options = dict(rule=rule, weights=(0.8, 0.6), **(dict(density=0.5) if "ties" in rule else {}),
+                   **(dict(seed=3) if rule == "dare_ties" else {}))
     model = copy.deepcopy(mllm)
     with nograd.apply(model, "frank", reasoning=reasoning, base=base, **options) as h:
         assert h.stats["layers"] == list(range(LAYERS))

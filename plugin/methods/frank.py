@@ -30,7 +30,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -159,6 +159,33 @@ class FrankConfig(MethodConfig):
             object.__setattr__(self, "layers", tuple(layers))
         self.validate_device()
         self.validate_max_shard_size()
+        self.refuse_unread()
+
+    def refuse_unread(self) -> None:
+        """An option set away from its default that this rule, coef and prior never read is refused (it was ignored
+        silently: ``lambda_r`` under ties, ``calibration`` with ``prior='exp'``, ``weights`` under frank)."""
+        source = self.prior_source() if self.needs_prior else None
+        measured = "the measured prior (prior 'attention', or 'auto' with calibration)"
+        readers = {
+            "coef": (self.rule == "frank", "rule 'frank'"),
+            "lambda_r": (self.rule in ("frank", "linear"), "rules 'frank' and 'linear'"),
+            "weights": (self.rule in M.NEEDS_BASE, f"rules {', '.join(map(repr, M.NEEDS_BASE))}"),
+            "density": (self.rule in ("ties", "dare_ties"), "rules 'ties' and 'dare_ties'"),
+            "majority_sign_method": (self.rule in ("ties", "dare_ties"), "rules 'ties' and 'dare_ties'"),
+            "seed": (self.rule == "dare_ties", "rule 'dare_ties'"),
+            "prior": (source is not None, "rule 'frank' with coef 'frank' or 'prior' and no lambda_r"),
+            "prior_beta": (source == "exp", "the data-free prior (prior 'exp', or 'auto' without calibration)"),
+            **{name: (source == "attention", measured)
+               for name in ("calibration", "prior_normalize", "query_tokens", "max_calib_samples")},
+        }
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, (read, by) in readers.items():
+            value = getattr(self, name)
+            if not read and (value is not None if defaults[name] is None else value != defaults[name]):
+                needs = ", ".join(f"{key}={getattr(self, key)!r}" for key in ("rule", "coef", "lambda_r", "prior")
+                                  if key != name)
+                raise ValueError(f"frank: option {name} is read only by {by}, not with {needs}: leave it at its "
+                                 f"default ({defaults[name]!r}) or choose what reads it")
 
     def validate_device(self) -> None:
         """``device``: None, a str that ``torch.device`` parses, a ``torch.device`` or a CUDA index (an int >= 0), of a

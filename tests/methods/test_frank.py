@@ -329,6 +329,23 @@ def test_tied_offloaded_mllm_after_a_forward(trio, tmp_path):
         assert torch.equal(offloaded(input_ids=ids).logits, plain)
 
 
+@pytest.mark.parametrize("options, name", [
+    (dict(rule="ties", lambda_r=0.9), "lambda_r"), (dict(weights=(0.2, 0.2)), "weights"),
+    (dict(rule="linear", prior=[1.0, 0.5, 0.2, 0.0]), "prior"), (dict(rule="task_arithmetic", density=0.3), "density"),
+    (dict(rule="ties", seed=3), "seed"), (dict(prior="exp", calibration={"input_ids": torch.ones(1, 3)}), "calibration"),
+    (dict(coef="metagpt", calibration={"input_ids": torch.ones(1, 3)}), "calibration"),
+    (dict(lambda_r=0.5, prior_beta=1.0), "prior_beta"), (dict(rule="linear", coef="prior"), "coef"),
+])
+def test_an_option_the_rule_never_reads_is_refused(trio, options, name):
+    """An option the chosen rule, coef or prior never reads was accepted and ignored silently (``lambda_r`` under
+    ties merged with λ_R = 1; a calibration set with prior 'exp' was never run)."""
+    mllm, reasoning, base = fresh(trio)
+    saved = snapshot(mllm)
+    with pytest.raises(ValueError, match=f"^frank: option {name} is read only by "):
+        nograd.apply(mllm, "frank", reasoning=reasoning, base=base, **options)
+    assert same_state(mllm, saved) and nograd.attached(mllm) == []
+
+
 def test_validation_and_config_warnings(trio):
     mllm, reasoning, base = fresh(trio)
     saved = snapshot(mllm)
