@@ -545,7 +545,7 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
     after the attention (with read-outs only, the caller's base implementation computes the output).
     """
     device = call.query.device.type
-    if torch.is_autocast_enabled(device):  # as autocast runs the model's own attention: in its dtype (RoPE's fp32
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):  # as autocast runs the model's own attention: in its dtype (RoPE's fp32
         dtype = torch.get_autocast_dtype(device)  # cos / sin leave q and k in fp32 beside a bf16 v)
         call.query, call.key, call.value = (x.to(dtype) for x in (call.query, call.key, call.value))
     biases = [b for iv in interventions if (b := iv.key_bias(call)) is not None]
