@@ -31,6 +31,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from .config import is_int, is_number
+
 FORMAT = "nograd.headset/1"
 
 PAPER_EXAMPLE_HEADS: dict[str, dict] = {
@@ -117,6 +119,9 @@ class HeadSet:
 
     @classmethod
     def from_dict(cls, data: dict) -> "HeadSet":
+        if not isinstance(data, dict):
+            raise ValueError(f"heads: not a nograd head set (a JSON {type(data).__name__}, expected an object with "
+                             f"format {FORMAT!r}; a list of (layer, head) pairs goes to heads= directly)")
         if data.get("format") != FORMAT:
             raise ValueError(f"heads: not a nograd head set (format {data.get('format')!r}, expected {FORMAT!r})")
         names = {f for f in cls.__dataclass_fields__}
@@ -272,11 +277,24 @@ def search(pipe, reward: Callable, prompts: list[str], seeds: list[int] | None =
     ``nograd.apply(pipe, "headhunter", heads=path_or_set)``.
     """
     import nograd
-    from nograd.methods.softpag import head_table, layer_modules
+    from nograd.methods.softpag import head_table
 
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("search: prompts must be a list of str (a single str would be searched per character)")
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts) or not prompts:
         raise ValueError(f"search: need one seed per prompt (got {len(prompts)} prompts, {len(seeds)} seeds)")
+    if not all(is_int(s) for s in seeds):
+        raise ValueError(f"search: seeds={seeds!r} is not allowed; expected integers")
+    seeds = [int(s) for s in seeds]
+    if not (is_number(u) and 0 < u <= 1) or (scale is not None and not (is_number(scale) and scale != 0)):
+        raise ValueError(f"search: u={u!r}, scale={scale!r} are not allowed; expected u in (0, 1] and scale None or "
+                         "a nonzero number (the search scores the perturbation)")
+    if call_kwargs.get("output_type", "pt") != "pt":
+        raise ValueError(f"search: output_type={call_kwargs['output_type']!r} is not allowed; the reward gets the "
+                         "pipeline's output_type='pt' images (B, 3, H, W) in [0, 1]")
+    if save is not None and not os.path.isdir(os.path.dirname(os.path.abspath(os.fspath(save)))):
+        raise FileNotFoundError(f"search: save={os.fspath(save)!r}: no folder to write it in")
     for name, value in (("k", k), ("rounds", rounds), ("candidate_batch", candidate_batch)):
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"search: {name}={value!r} is not allowed; expected an integer >= 1")
@@ -290,8 +308,13 @@ def search(pipe, reward: Callable, prompts: list[str], seeds: list[int] | None =
     table = head_table(pool if pool is not None else {i: "all" for i in range(len(adapter.decoder_layers))},
                        1.0, adapter, "pool")
     candidates = [tuple(p) for p in torch.nonzero(table > 0).tolist()]
+    if not candidates:
+        raise ValueError("search: pool selects no head; expected at least one candidate (layer, head)")
+    if cfg_scale and not hasattr(type(pipe), "do_classifier_free_guidance"):
+        raise ValueError(f"search: cfg_scale={cfg_scale!r} is not allowed on {type(pipe).__name__}, which has no CFG "
+                         "switch (FLUX keeps its guidance embedding); expected 0")
     config = dict(k=k, rounds=rounds, scale=scale, u=u, cfg_scale=cfg_scale, mode=mode, prompts=list(prompts),
-                  seeds=seeds, fingerprint=_fingerprint(prompts, seeds), pool=len(candidates),
+                  seeds=seeds, fingerprint=_fingerprint(prompts, seeds), pool=_fingerprint(candidates, []),
                   reward=getattr(reward, "__name__", type(reward).__name__),
                   call_kwargs={key: repr(v) for key, v in sorted(call_kwargs.items())})
     shape = dict(model_class=type(model).__name__, num_layers=len(adapter.decoder_layers),
@@ -301,7 +324,7 @@ def search(pipe, reward: Callable, prompts: list[str], seeds: list[int] | None =
         state = HeadSet.load(save)
         state.check(adapter)
         mismatch = [key for key in ("k", "rounds", "scale", "u", "cfg_scale", "mode", "fingerprint", "pool",
-                                    "call_kwargs") if state.config.get(key) != config[key]]
+                                    "reward", "call_kwargs") if state.config.get(key) != config[key]]
         if mismatch:
             raise ValueError(f"search: {os.fspath(save)!r} holds a search with other settings ({', '.join(mismatch)}); "
                              "pass resume=False or another save path")
@@ -315,8 +338,6 @@ def search(pipe, reward: Callable, prompts: list[str], seeds: list[int] | None =
     num_layers, num_heads = shape["num_layers"], shape["num_heads"]
     handle = nograd.apply(pipe, "softpag", heads=candidates, u=u, scale=scale, mode=mode)
     guidance = handle.guidance
-    if not layer_modules(adapter):  # pragma: no cover
-        raise ValueError("search: the model has no layers")
     generated = {"images": 0}
 
     def evaluate(head_sets: list) -> list[float]:
@@ -336,8 +357,11 @@ def search(pipe, reward: Callable, prompts: list[str], seeds: list[int] | None =
             generated["images"] += len(head_sets)
             if not isinstance(images, torch.Tensor):
                 images = torch.stack([torch.as_tensor(i) for i in images])
-            scores = torch.as_tensor(reward(images, [prompt] * len(head_sets)), dtype=torch.float64).flatten()
-            totals += scores.cpu()
+            scores = torch.as_tensor(reward(images, [prompt] * len(head_sets)), dtype=torch.float64).cpu()
+            if tuple(scores.shape) != (len(head_sets),) or not bool(torch.isfinite(scores).all()):
+                raise ValueError(f"search: the reward must return one finite score per image, shape "
+                                 f"({len(head_sets)},); got {tuple(scores.shape)} {scores.tolist()}")
+            totals += scores
         return (totals / len(prompts)).tolist()
 
     try:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import numbers
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -201,6 +202,13 @@ def head_table(spec, u: float, adapter, option_name: str = "heads", top: int | N
         spec = load_heads(spec)
     if isinstance(spec, HeadSet):
         spec.check(adapter)
+        if not spec.complete:  # a search stopped by its budget or an error, saved to be resumed
+            if not spec.heads:
+                raise ValueError(f"{option_name}: this head set is an unfinished search with no round done yet; "
+                                 "resume it (nograd.headhunter.search with the same save=) before applying it")
+            warnings.warn(f"{option_name}: this head set is an unfinished search ({len(spec.rounds)} of "
+                          f"{spec.config.get('rounds', '?')} rounds): applying the heads of the rounds done",
+                          stacklevel=2)
         spec = [tuple(pair) for pair in spec.heads]
     if top is not None and isinstance(spec, (list, tuple)):
         if top > len(spec):

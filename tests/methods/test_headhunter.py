@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -118,6 +119,61 @@ def test_search_finds_the_planted_head_and_writes_a_loadable_preset(tmp_path):
     torch.testing.assert_close(again, target, atol=0, rtol=0)
     with pytest.raises(ValueError, match=r"holds a search with other settings \(k\)"):
         nograd.headhunter.search(pipe, **{**kwargs, "k": 2})
+
+
+def test_search_inputs_are_checked_before_any_work_and_leave_no_handle(tmp_path):
+    """Refused before the first image, with the pipeline left free: an empty pool, u = 0 or scale = 0 (they left the
+    search's handle attached: every later apply failed), a str as prompts (searched per character), a non-'pt'
+    output_type (the reward got other arrays), non-integer seeds, a save folder that does not exist, cfg_scale on
+    FLUX (ignored). A reward of the wrong shape or with NaN stops the search (it was broadcast, or ranked first)."""
+    pipe = build_pipeline("sd3")
+    pipe.set_progress_bar_config(disable=True)
+    common = dict(reward=lambda images, prompts: torch.zeros(len(images)), prompts=["a cat"], k=1, rounds=1,
+                  pool={0: [0, 1]}, progress=False, num_inference_steps=1, height=32, width=32)
+    bad = [(dict(pool=[]), ValueError, "pool selects no head"), (dict(u=0.0), ValueError, "u=0.0, scale=None"),
+           (dict(scale=0), ValueError, "scale=0 are not allowed"), (dict(prompts="a cat"), TypeError, "list of str"),
+           (dict(output_type="np"), ValueError, "output_type='np'"), (dict(seeds=[1.5]), ValueError, "seeds"),
+           (dict(save=tmp_path / "none" / "x.json"), FileNotFoundError, "no folder")]
+    for options, error, match in bad:
+        with pytest.raises(error, match=match):
+            nograd.headhunter.search(pipe, **{**common, **options})
+        assert nograd.attached(pipe) == []
+    with pytest.raises(ValueError, match="cfg_scale=5 is not allowed on FluxPipeline"):
+        nograd.headhunter.search(build_pipeline("flux"), **{**common, "cfg_scale": 5})
+    for reward in (lambda images, prompts: images.mean(), lambda images, prompts: torch.full((len(images),), math.nan)):
+        with pytest.raises(ValueError, match="one finite score per image"):
+            nograd.headhunter.search(pipe, **{**common, "reward": reward})
+        assert nograd.attached(pipe) == []
+
+
+def test_a_resume_needs_the_same_pool_and_reward_and_an_unfinished_set_is_not_applied_silently(tmp_path):
+    pipe = build_pipeline("sd3")
+    pipe.set_progress_bar_config(disable=True)
+
+    def brightness(images, prompts):
+        return images.flatten(1).mean(1)
+
+    path = tmp_path / "s.json"
+    common = dict(prompts=["a cat"], k=1, rounds=2, progress=False, save=path, num_inference_steps=1, height=32,
+                  width=32)
+    partial = nograd.headhunter.search(pipe, reward=brightness, pool={0: [0, 1, 2]}, budget=2, **common)
+    assert not partial.complete and partial.heads == []
+    with pytest.raises(ValueError, match=r"unfinished search with no round done yet"):
+        nograd.apply(pipe, "headhunter", heads=str(path))
+    with pytest.raises(ValueError, match=r"other settings \(pool\)"):  # only its size was compared
+        nograd.headhunter.search(pipe, reward=brightness, pool={1: [0, 1, 2]}, **common)
+
+    def darkness(images, prompts):
+        return -images.flatten(1).mean(1)
+
+    with pytest.raises(ValueError, match=r"other settings \(reward\)"):
+        nograd.headhunter.search(pipe, reward=darkness, pool={0: [0, 1, 2]}, **common)
+    one_round = nograd.headhunter.search(pipe, reward=brightness, pool={0: [0, 1, 2]}, budget=1 + 1, **common)
+    assert len(one_round.rounds) == 1 and not one_round.complete
+    with pytest.warns(UserWarning, match=r"unfinished search \(1 of 2 rounds\)"):
+        with nograd.apply(pipe, "headhunter", heads=str(path)) as handle:
+            assert handle.stats["heads"] == one_round.heads
+    assert nograd.attached(pipe) == []
 
 
 def test_estimate():
