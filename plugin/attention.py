@@ -548,9 +548,9 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):  # as autocast runs the model's own attention: in its dtype (RoPE's fp32
         dtype = torch.get_autocast_dtype(device)  # cos / sin leave q and k in fp32 beside a bf16 v)
         call.query, call.key, call.value = (x.to(dtype) for x in (call.query, call.key, call.value))
-    biases = [b for iv in interventions if (b := iv.key_bias(call)) is not None]
+    biases = [_checked_bias(iv, b, call) for iv in interventions if (b := iv.key_bias(call)) is not None]
     edits = [e for iv in interventions if (e := iv.score_edit(call)) is not None]
-    blends = [u for iv in interventions if (u := iv.blend(call)) is not None]
+    blends = [_checked_blend(iv, u, call) for iv in interventions if (u := iv.blend(call)) is not None]
     output_edits = [f for iv in interventions if (f := iv.output_edit(call)) is not None]
     observers = [iv for iv in interventions if iv.observes]
     if len(edits) > 1:
@@ -595,6 +595,42 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
     for iv in observers:
         iv.observe(call)
     return out
+
+
+def _checked_bias(intervention: Intervention, bias, call: AttentionCall) -> torch.Tensor:
+    """An intervention's ``key_bias``, checked alone (summed with the padding bias first, a wrong one was read as
+    something else: a bool mask as +1 logits) and named: a float tensor that broadcasts to (B, H, N)."""
+    b, h, _, n = call.shape
+    if not (isinstance(bias, torch.Tensor) and bias.is_floating_point() and bias.dim() <= 3
+            and _broadcasts(bias.shape, (b, h, n))):
+        raise ValueError(f"{type(intervention).__name__}.key_bias returned {_described(bias)}; expected a float "
+                         f"tensor that broadcasts to (B, H, N) = {(b, h, n)} (natural-log logits, -inf masks a key)")
+    return bias
+
+
+def _checked_blend(intervention: Intervention, blend, call: AttentionCall) -> torch.Tensor:
+    """An intervention's ``blend``: float weights (H,) or (B, H) in [0, 1] (the range is read where the weights are on
+    the host, as SoftPAG keeps them: on a GPU the read would wait for the device at every call)."""
+    b, h = call.shape[:2]
+    if not (isinstance(blend, torch.Tensor) and blend.is_floating_point() and blend.dim() in (1, 2)
+            and _broadcasts(blend.shape, (b, h)) and blend.shape[-1] == h
+            and (blend.device.type != "cpu" or bool(((blend >= 0) & (blend <= 1)).all()))):
+        raise ValueError(f"{type(intervention).__name__}.blend returned {_described(blend)}; expected float weights "
+                         f"(H,) or (B, H) = {(b, h)} in [0, 1]")
+    return blend
+
+
+def _broadcasts(shape, target) -> bool:
+    try:
+        return tuple(torch.broadcast_shapes(tuple(shape), tuple(target))) == tuple(target)
+    except RuntimeError:
+        return False
+
+
+def _described(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor ({str(value.dtype).removeprefix('torch.')}, shape {tuple(value.shape)})"
+    return f"a {type(value).__name__}"
 
 
 def _edited_rows_over(base: Callable, call: AttentionCall) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -34,15 +35,21 @@ KINDS = ("text", "vlm", "dit")
 def register(cls: type["Method"]) -> type["Method"]:
     """Class decorator: make a ``Method`` subclass reachable as ``nograd.apply(model, cls.name)``.
 
-    Checked here, not at the first ``apply``: a lower-case ``name`` no other class holds, ``kinds`` from ``KINDS``,
+    Checked here, not at the first ``apply``: a ``Method`` subclass with its own ``attach``, a lower-case identifier
+    ``name`` no other class holds, ``kinds`` from ``KINDS``,
     and a ``Config`` that subclasses ``MethodConfig`` as a ``@dataclass(frozen=True)`` whose every option is an
     ``option(default, doc)``. A Config another method already uses (or none: ``MethodConfig`` itself) is given a
     subclass of its own, so that its errors name this method."""
     from .config import MethodConfig
 
+    from .methods.base import Method
+
     where = cls.__qualname__
-    if not isinstance(cls.name, str) or not cls.name or cls.name != cls.name.lower():
-        raise ValueError(f"{where}: method name must be a non-empty lower-case string, got {cls.name!r}")
+    if not isinstance(cls.name, str) or not re.fullmatch(r"[a-z][a-z0-9_\-]*", cls.name):
+        raise ValueError(f"{where}: method name must be a lower-case identifier (letters, digits, '_' or '-', "
+                         f"starting with a letter: what apply and the CLI take), got {cls.name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Method)) or cls.attach is Method.attach:
+        raise TypeError(f"{where}: a method is a nograd.Method subclass with its own attach(self, handle)")
     if cls.name in _METHODS and _METHODS[cls.name] is not cls:
         raise ValueError(f"a method named {cls.name!r} is already registered ({_METHODS[cls.name].__qualname__})")
     if not cls.kinds or not set(cls.kinds) <= set(KINDS):

@@ -312,6 +312,7 @@ def test_register_checks_the_class_and_gives_a_shared_config_its_own_name():
     try:
         for name in ("test_shared_a", "test_shared_b", "test_no_config"):
             made.append(nograd.register(type(name, (nograd.Method,), {"name": name, "kinds": ("text",),
+                                                                      "attach": lambda self, handle: None,
                                                                       **({} if name == "test_no_config" else
                                                                          {"Config": Shared})})))
         with pytest.raises(TypeError, match="^test_shared_a: unknown option 'y'"):
@@ -330,13 +331,19 @@ def test_register_checks_the_class_and_gives_a_shared_config_its_own_name():
     class Bare(nograd.MethodConfig):
         strength: float = 1.0
 
-    for attributes, error, match in [({}, ValueError, "kinds must name the model kinds"),
-                                     ({"kinds": ("txt",)}, ValueError, "kinds must name"),
-                                     ({"kinds": ("text",), "Config": Undecorated}, TypeError, "is not a dataclass"),
-                                     ({"kinds": ("text",), "Config": Bare}, TypeError, "strength of .*nograd.option")]:
+    attach = {"attach": lambda self, handle: None}
+    for attributes, error, match in [(attach, ValueError, "kinds must name the model kinds"),
+                                     ({"kinds": ("txt",), **attach}, ValueError, "kinds must name"),
+                                     ({"kinds": ("text",), "Config": Undecorated, **attach}, TypeError,
+                                      "is not a dataclass"),
+                                     ({"kinds": ("text",), "Config": Bare, **attach}, TypeError,
+                                      "strength of .*nograd.option"),
+                                     ({"kinds": ("text",)}, TypeError, "with its own attach"),
+                                     ({"kinds": ("text",), "name": "test bad", **attach}, ValueError,
+                                      "lower-case identifier")]:
         with pytest.raises(error, match=match):
             nograd.register(type("Bad", (nograd.Method,), {"name": "test_bad", **attributes}))
-        assert "test_bad" not in nograd.methods()
+        assert "test_bad" not in nograd.methods() and "test bad" not in nograd.methods()
 
 
 @pytest.mark.parametrize("method, options", [("zerotuning", {}), ("pyramiddrop", {"boundaries": [1], "keep": [0.5]}),

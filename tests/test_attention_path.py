@@ -78,6 +78,42 @@ def test_zero_bias_through_kernels_equals_base(build, padded_batch, family):
     torch.testing.assert_close(got[mask.bool()], plain[mask.bool()], atol=1e-5, rtol=0)
 
 
+class Returns(Intervention):
+    """Returns a given key bias or blend, whatever it is."""
+
+    def __init__(self, bias=None, blend=None):
+        self.bias, self.blend_weights = bias, blend
+
+    def key_bias(self, call):
+        return self.bias(call) if self.bias is not None else None
+
+    def blend(self, call):
+        return self.blend_weights(call) if self.blend_weights is not None else None
+
+
+@pytest.mark.parametrize("returns, words", [
+    (dict(bias=lambda call: torch.ones(1, 1, call.shape[3], dtype=torch.bool)), r"a tensor \(bool,"),
+    (dict(bias=lambda call: torch.ones(1, 1, call.shape[3], dtype=torch.long)), r"a tensor \(int64,"),
+    (dict(bias=lambda call: torch.zeros(1, 1, call.shape[3] + 1)), r"shape \(1, 1, \d+\)\)"),
+    (dict(bias=lambda call: torch.zeros(call.shape[0], 1, 1, call.shape[3])), r"shape \(2, 1, 1, \d+\)\)"),
+    (dict(bias=lambda call: 1.0), "a float;"),
+    (dict(blend=lambda call: 0.5), "a float;"),
+    (dict(blend=lambda call: torch.full((call.shape[1],), 2.0)), r"in \[0, 1\]"),
+    (dict(blend=lambda call: torch.full((call.shape[1],), float("nan"))), r"in \[0, 1\]"),
+])
+def test_what_an_intervention_returns_is_checked_alone_and_named(build, padded_batch, returns, words):
+    """A key bias was checked only after the padding bias was added to it: on a padded batch a bool mask became +1
+    logits, an int bias passed, a wrong shape raised torch's own broadcast error (or named the sum's shape). Each
+    return is checked as it comes, with the intervention's name; the model is plain again after the handle goes."""
+    model = build("llama")
+    ids, mask = padded_batch
+    plain = logits(model, ids, mask)
+    with attach(model, {m: Returns(**returns) for m in adapter_for(model).attention_modules}):
+        with pytest.raises(ValueError, match=f"^Returns.(key_bias|blend) returned .*{words}"):
+            logits(model, ids, mask)
+    assert torch.equal(logits(model, ids, mask), plain)
+
+
 # ---- read-out ----------------------------------------------------------------------------------------------------
 class Recorder(Intervention):
     observes = True

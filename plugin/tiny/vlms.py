@@ -201,6 +201,9 @@ def make_inputs(family: str, model, batch: int = 2, seed: int = 0) -> dict:
     Row r is ``BOS, 2 text tokens, image part, 3 text tokens``; odd rows are left-padded by ``LEFT_PAD`` extra pad
     tokens (all rows are left-padded to the longest). Qwen rows also get ``mm_token_type_ids`` (1 on image tokens).
     """
+    if family not in IMAGES:
+        raise ValueError(f"make_inputs: no tiny inputs for {family!r} here (families: {', '.join(IMAGES)}); the newer "
+                         "families are nograd.tiny.vlm_families.make_inputs's")
     generator = torch.Generator().manual_seed(seed)
     images = [IMAGES[family](row, generator, model) for row in range(batch)]
     input_ids, attention_mask = padded_prompts([_image_prompt(family, row, images[row], model)
