@@ -545,8 +545,9 @@ def attend(call: AttentionCall, interventions: list[Intervention], mask: torch.T
     after the attention (with read-outs only, the caller's base implementation computes the output).
     """
     device = call.query.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):  # as autocast runs the model's own attention: in its dtype (RoPE's fp32
-        dtype = torch.get_autocast_dtype(device)  # cos / sin leave q and k in fp32 beside a bf16 v)
+    # under autocast, as the model's own attention runs: in its dtype (RoPE's fp32 cos / sin leave q, k in fp32)
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
         call.query, call.key, call.value = (x.to(dtype) for x in (call.query, call.key, call.value))
     biases = [_checked_bias(iv, b, call) for iv in interventions if (b := iv.key_bias(call)) is not None]
     edits = [e for iv in interventions if (e := iv.score_edit(call)) is not None]

@@ -373,8 +373,8 @@ def write_param(module: nn.Module, local: str, value: torch.Tensor, undo: list) 
     """Write ``value`` into a parameter, appending to ``undo`` how to put the original back bit-for-bit.
 
     Resident parameters are written in place (``copy_``; the original is kept as a CPU copy). Offloaded ones
-    (accelerate ``device_map`` with "cpu"/"disk", ``cpu_offload``) get the value in the hook's state dict, which it reads
-    first: the offload folder on disk is never written, and the undo drops or restores that entry.
+    (accelerate ``device_map`` with "cpu"/"disk", ``cpu_offload``) get the value in the hook's state dict, which it
+    reads first: the offload folder on disk is never written, and the undo drops or restores that entry.
     """
     param = getattr(module, local)
     if param.device.type == "meta":

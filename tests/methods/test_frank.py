@@ -332,7 +332,8 @@ def test_tied_offloaded_mllm_after_a_forward(trio, tmp_path):
 @pytest.mark.parametrize("options, name", [
     (dict(rule="ties", lambda_r=0.9), "lambda_r"), (dict(weights=(0.2, 0.2)), "weights"),
     (dict(rule="linear", prior=[1.0, 0.5, 0.2, 0.0]), "prior"), (dict(rule="task_arithmetic", density=0.3), "density"),
-    (dict(rule="ties", seed=3), "seed"), (dict(prior="exp", calibration={"input_ids": torch.ones(1, 3)}), "calibration"),
+    (dict(rule="ties", seed=3), "seed"),
+    (dict(prior="exp", calibration={"input_ids": torch.ones(1, 3)}), "calibration"),
     (dict(coef="metagpt", calibration={"input_ids": torch.ones(1, 3)}), "calibration"),
     (dict(lambda_r=0.5, prior_beta=1.0), "prior_beta"), (dict(rule="linear", coef="prior"), "coef"),
 ])
