@@ -53,6 +53,9 @@ class ACTConfig(MethodConfig):
                  for layer, chosen in table.items())
         if not ok:
             self.invalid("heads", "None, a list of head indices, or {layer index: [head indices]}", TypeError)
+        if not any(table.values()):  # it would calibrate nothing: beta=1 is the neutral setting
+            self.invalid("heads", "at least one head: None (every head), a non-empty list, or {layer: [heads]} "
+                                  "naming one")
 
 
 class SinkCalibration(Intervention):

@@ -209,6 +209,9 @@ def test_act_on_a_vlm(build):
     ({"layers": (1, 3), "heads": {0: [1], 2: [0]}}, ["heads", "calibrated layers 1..2"]),  # layer 0 not calibrated
     ({"layers": (0, 2), "heads": {2: [0]}}, ["heads", "calibrated layers 0..1"]),
     ({"heads": "all"}, ["heads"]),
+    ({"heads": {}}, ["heads", "at least one head"]),  # it calibrated nothing, silently
+    ({"heads": []}, ["heads", "at least one head"]),
+    ({"heads": {1: []}}, ["heads", "at least one head"]),
 ])
 def test_bad_options(build, options, words):
     model = build("llama")
