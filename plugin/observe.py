@@ -84,11 +84,13 @@ def shadow_method(obj: Any, name: str, make: Callable[[Callable], Callable]) -> 
 class GenerationStarts:
     """Whether a ``generate()`` call on ``handle.model`` began since the last forward: the first forward of a call
     is a new prompt, never a no-cache re-run of the last one (only the later forwards of ``generate(use_cache=False)``
-    are). Seen through ``observe_calls`` on ``model.generate``; undone by ``handle.remove()``."""
+    are). Seen through ``observe_calls`` on ``model.generate``; undone by ``handle.remove()``. A model without
+    ``generate`` (a bare ``LlavaModel``) has no generation to start: every forward is a new prompt."""
 
     def __init__(self, handle):
         self._started = False
-        observe_calls(handle, handle.model, "generate", self._start)
+        if hasattr(handle.model, "generate"):
+            observe_calls(handle, handle.model, "generate", self._start)
 
     def _start(self, arguments: dict) -> None:
         self._started = True

@@ -84,10 +84,11 @@ class VisualPrompt:
 
 
 class PromptTracker:
-    """Keeps the ``VisualPrompt`` of the current generation, captured by a pre-hook on the model."""
+    """Keeps the ``VisualPrompt`` of the current generation, captured by a pre-hook on the multimodal model (the
+    module that takes ``input_ids`` and the images: a direct call of it, ``vlm.model(...)``, is a prompt too)."""
 
     def __init__(self, handle, video: bool = True, on_prompt=None):
-        model = handle.model
+        model = handle.adapter.multimodal_model
         self.on_prompt = on_prompt
         """Called with each new prompt, or None for a prompt without visual tokens (PAINT resets its stats)."""
         self.adapter = handle.adapter

@@ -191,6 +191,29 @@ def test_each_prompt_edits_from_its_own_rows(build, method):
     assert all(torch.equal(a, b) for a, b in zip(after, fresh))
 
 
+@pytest.mark.parametrize("method, options", [("pai", dict(alpha=2.0, layers=(0, None))),
+                                             ("clearsight", dict(enhance=1.5, layers=(0, None))),
+                                             ("paint", dict(layers=(0, None))), ("fastv", dict(layer=1, keep=0.5))])
+def test_the_multimodal_model_called_directly_or_applied_to_is_a_prompt_too(build, method, options):
+    """``vlm.model(...)`` called directly (hidden states without the head) read the image positions of the last
+    outer call (PAI 1.5e-3 off, its effect 2e-3), or none; and a bare ``LlavaModel`` could not take the method
+    (no ``generate`` to observe). Both now give the full model's logits through its head."""
+    model = build("llava")
+    first, second = make_inputs("llava", model), make_inputs("llava", model, batch=1, seed=3)
+    with torch.no_grad():
+        plain = model(**second).logits
+        with nograd.apply(model, method, **options):
+            model(**first)
+            outer = model(**second).logits
+            model(**first)
+            inner = model.lm_head(model.model(**second).last_hidden_state)
+        assert outer.shape != plain.shape or (outer - plain).abs().max() > 1e-4  # it acts (FastV: fewer positions)
+        with nograd.apply(model.model, method, **options):
+            bare = model.lm_head(model.model(**second).last_hidden_state)
+    torch.testing.assert_close(inner, outer, atol=1e-6, rtol=0)
+    torch.testing.assert_close(bare, outer, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["pai", "paint", "clearsight"])
 def test_a_decode_step_reads_nothing_back_per_layer(build, method):
     """After the prefill, an edited decode step asks the device nothing per layer (on CUDA each read is a sync):
