@@ -61,7 +61,8 @@ class GemmaAdapter(DecoderLMAdapter):
 
 
 class Gemma3TextAdapter(DecoderLMAdapter):
-    """Text-only Gemma3 (``gemma3/modeling_gemma3.py``): ``Gemma3ForCausalLM`` and its decoder ``Gemma3TextModel``.
+    """Text-only Gemma3 (``gemma3/modeling_gemma3.py``): ``Gemma3ForCausalLM``, its decoder ``Gemma3TextModel`` and
+    its task head ``Gemma3TextForSequenceClassification``.
 
     The family is ``"gemma3_text"``, transformers' ``model_type`` of ``Gemma3TextConfig``; ``"gemma3"`` is the
     multimodal model (``vlm.Gemma3Adapter``). Both derive from ``Gemma3PreTrainedModel``, so each adapter lists its
@@ -80,7 +81,8 @@ class Gemma3TextAdapter(DecoderLMAdapter):
 
     family = "gemma3_text"
     model_classes = ("transformers.models.gemma3.modeling_gemma3:Gemma3ForCausalLM",
-                     "transformers.models.gemma3.modeling_gemma3:Gemma3TextModel")
+                     "transformers.models.gemma3.modeling_gemma3:Gemma3TextModel",
+                     "transformers.models.gemma3.modeling_gemma3:Gemma3TextForSequenceClassification")
 
 
 TEXT_ADAPTERS = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, GemmaAdapter, Gemma3TextAdapter)

@@ -21,15 +21,21 @@ def _is_instance(obj, module: str, name: str) -> bool:
 
 
 def resolve(target: Any) -> tuple[nn.Module, Any]:
-    """(model, processor) of a transformers model or Pipeline, a diffusers pipeline or a diffusers model; a PEFT
-    wrapper (``PeftModel``, or its ``LoraModel``-style tuner) resolves to the model it adapts."""
+    """(model, processor) of a transformers model or Pipeline, a diffusers pipeline or a diffusers model; a wrapper
+    resolves to the model it wraps: a PEFT ``PeftModel`` (or its ``LoraModel``-style tuner), ``torch.compile``'s
+    module (the compiled graph runs the steered model: it is guarded on the attention name nograd switches) and
+    ``DataParallel`` / ``DistributedDataParallel``; a Pipeline to its model, resolved alike."""
     if _is_instance(target, "peft", "PeftModel"):
         return target.get_base_model(), None
     if _is_instance(target, "peft.tuners.tuners_utils", "BaseTuner"):
         return target.model, None
+    if _is_instance(target, "torch._dynamo.eval_frame", "OptimizedModule"):
+        return resolve(target._orig_mod)
+    if isinstance(target, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return resolve(target.module)
     if _is_instance(target, "transformers", "Pipeline"):
         processor = getattr(target, "processor", None) or getattr(target, "tokenizer", None)
-        return target.model, processor
+        return resolve(target.model)[0], processor
     if _is_instance(target, "diffusers", "DiffusionPipeline"):
         model = getattr(target, "transformer", None)
         if model is None:

@@ -153,15 +153,23 @@ def test_copying_or_pickling_refuses_a_model_with_methods_attached(build, tmp_pa
     assert copy.deepcopy(model) == "the user's copy"
 
 
-@pytest.mark.parametrize("wrapper", ["PeftModel", "LoraModel"])
-def test_a_peft_wrapped_model_takes_methods_on_the_model_it_adapts(build, wrapper):
+@pytest.mark.parametrize("wrapper", ["PeftModel", "LoraModel", "pipeline", "compiled", "DataParallel"])
+def test_a_wrapped_model_takes_methods_on_the_model_it_wraps(build, wrapper):
     """``nograd.apply(peft_model, ...)`` attaches to the adapted transformers model (LoRA layers included):
-    the same logits as applying to ``get_base_model()``; ``attached`` / ``remove_all`` see through the wrapper."""
+    the same logits as applying to ``get_base_model()``; ``attached`` / ``remove_all`` see through the wrapper. So
+    does a pipeline over the PEFT model (refused: its model was not resolved again), a ``torch.compile``d module and
+    ``DataParallel`` (refused, "no adapter")."""
     peft = pytest.importorskip("peft")
     model = build("llama")
     adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                          init_lora_weights=False))
-    target = adapted if wrapper == "PeftModel" else adapted.base_model
+    import transformers
+
+    target = {"PeftModel": lambda: adapted, "LoraModel": lambda: adapted.base_model,
+              "pipeline": lambda: transformers.pipeline("text-generation", model=adapted,
+                                                        tokenizer=nograd.tiny.llm()[1]),
+              "compiled": lambda: torch.compile(adapted, backend="eager"),
+              "DataParallel": lambda: nn.DataParallel(adapted)}[wrapper]()
     ids = torch.randint(4, 100, (2, 7))
     plain, saved = logits(model, ids), snapshot(model)
     with nograd.apply(model, "zerotuning", gamma=2.0):

@@ -37,20 +37,22 @@ def test_supported_families_lists_text_families():
     assert {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text"} <= set(supported_families("text"))
 
 
-@pytest.mark.parametrize("head", ["ForQuestionAnswering", "ForSequenceClassification", "ForTokenClassification"])
-def test_task_heads_keep_their_decoder_where_the_adapter_finds_it(build, head):
+@pytest.mark.parametrize("family, head", [("llama", "ForQuestionAnswering"), ("llama", "ForSequenceClassification"),
+                                          ("llama", "ForTokenClassification"),
+                                          ("gemma3_text", "ForSequenceClassification")])  # refused before
+def test_task_heads_keep_their_decoder_where_the_adapter_finds_it(build, family, head):
     """The task heads of a family are the family: their decoder is ``.model``, or ``.transformer`` (question
     answering; it raised AttributeError): a method acts on it, and ``remove()`` restores it bit for bit."""
     import transformers
 
     import nograd
 
-    config = build("llama").config
+    config = build(family).config
     config.pad_token_id = 0
     torch.manual_seed(0)
-    model = getattr(transformers, f"Llama{head}")(config).eval()
+    model = getattr(transformers, {"llama": "Llama", "gemma3_text": "Gemma3Text"}[family] + head)(config).eval()
     adapter = adapter_for(model)
-    assert type(adapter) is LlamaAdapter and len(adapter.attention_modules) == config.num_hidden_layers
+    assert adapter.family == family and len(adapter.attention_modules) == config.num_hidden_layers
     ids = torch.randint(4, 100, (2, 7))
 
     def outputs():
