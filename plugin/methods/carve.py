@@ -27,6 +27,7 @@ processor's centre crop (not the stretched image) and nothing outside it is kept
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import PIL.Image
@@ -34,7 +35,9 @@ import torch
 
 from ..attention import AttentionCall, Intervention, intervene
 from ..config import MethodConfig, is_int, is_number, option
+from ..errors import UnsupportedModelError
 from ..forward_inputs import execution_device
+from ..handle import attached
 from ..registry import register
 from .base import Method
 from .carve_geometry import GEOMETRIES, covered_pixels, processor_views, to_pixels
@@ -45,6 +48,8 @@ ANSWER_SUFFIX = " Answer the question using a single word or phrase."
 STEPS = ("all", "first", "last")
 PROMPT_STYLES = ("chat", "official")
 PRESETS = {"paper": dict(steps="last", keep_rule="paper", top_p=0.4, min_regions=2, final_images="refined")}
+GENERAL_CACHE_SIZE = 32
+"""The general passes kept (the images seen last): on LLaVA-1.5 shapes one is ~0.4 MB (steps x layers x 576)."""
 
 
 @dataclass(frozen=True)
@@ -210,6 +215,9 @@ class CARVE(Method):
         return list(range(first, min(max(round(depth * 25 / 28), first), depth - 1) + 1))
 
     def check_model(self) -> None:
+        if not hasattr(self.adapter.model, "generate"):
+            raise UnsupportedModelError(f"carve answers with model.generate: apply it to the generating model (a "
+                                        f"...ForConditionalGeneration), not {type(self.adapter.model).__name__}")
         depth = self.adapter.num_layers
         if any(not 0 <= layer < depth for layer in self.layers()):
             self.config.invalid("layers", f"decoder layer indices in 0..{depth - 1}")
@@ -222,8 +230,9 @@ class CARVE(Method):
         if self.processor is None or not hasattr(self.processor, "apply_chat_template"):
             raise ValueError("carve builds its prompts with the model's processor: nograd.apply(model, 'carve', "
                              "processor=processor), or apply it to a transformers pipeline")
-        self.model, self.stats = handle.model, handle.stats
-        self.general_cache: dict[str, ProbeRun] = {}
+        self.handle, self.model, self.stats = handle, handle.model, handle.stats
+        self.general_cache: OrderedDict[str, ProbeRun] = OrderedDict()
+        """The general passes of the last ``GENERAL_CACHE_SIZE`` images, least recently used first."""
         self.probe = RowProbe(len(self.layers()))
         modules = self.adapter.attention_modules
         for slot, layer in enumerate(self.layers()):
@@ -385,24 +394,29 @@ class CARVE(Method):
         self.probe.start(index, inputs["input_ids"].shape[1])
         try:
             tokens = self._probe_generate(inputs)
-        finally:
-            maps = self.probe.stop()
+        except BaseException:
+            self.probe.index = None  # stopped, its partial record dropped: the error is the generation's own
+            raise
+        maps = self.probe.stop()
         eos = self.model.generation_config.eos_token_id
         eos = set([eos] if isinstance(eos, int) else eos or [])
         runs = []
         for row, generated in enumerate(tokens.tolist()):
             ends = [i for i, token in enumerate(generated) if token in eos]
             count = ends[0] + 1 if ends else len(generated)
-            runs.append(ProbeRun(maps[row, :count], self._decode(tokens[row:row + 1, :count])[0], bool(ends)))
+            runs.append(ProbeRun(maps[row, :count].clone(),  # its own storage, not the batch's (it may be cached)
+                                 self._decode(tokens[row:row + 1, :count])[0], bool(ends)))
         return runs, located[0][1]
 
     def _image_key(self, image) -> str:
         """The general pass's cache key: the image and what makes its tokens (the image processor's settings, which
-        a user may change between calls) and the general prompt."""
+        a user may change between calls), the general prompt, and the methods attached beside CARVE (their
+        attention is what the pass reads: one applied or removed later makes an earlier pass stale)."""
         digest = hashlib.sha1(image.tobytes()).hexdigest()
         settings = getattr(getattr(self.processor, "image_processor", None), "to_dict", dict)()
         setup = hashlib.sha1(repr(sorted(settings.items(), key=lambda item: item[0])).encode()).hexdigest()
-        return f"{digest}:{image.size}:{image.mode}:{setup}:{self.config.general_prompt}"
+        beside = ",".join(str(id(handle)) for handle in attached(self.model) if handle is not self.handle)
+        return f"{digest}:{image.size}:{image.mode}:{setup}:{self.config.general_prompt}:{beside}"
 
     def _task_and_general(self, image, question: str):
         key = self._image_key(image)
@@ -413,7 +427,10 @@ class CARVE(Method):
             general = runs[1]
             if self.config.cache_general:
                 self.general_cache[key] = general
+                while len(self.general_cache) > GENERAL_CACHE_SIZE:
+                    self.general_cache.popitem(last=False)
         else:
+            self.general_cache.move_to_end(key)
             self.stats["general_cache_hits"] += 1
         return runs[0], general, views
 

@@ -141,6 +141,29 @@ def test_regions_follow_the_options_and_the_general_pass_is_cached(carve_models)
     assert refined.size[0] == 70 and refined.size[1] >= 42 or refined.size[1] == 42 and refined.size[0] >= 70
 
 
+def test_the_general_pass_cache_is_bounded_and_follows_the_methods_beside(carve_models, monkeypatch):
+    """The cache grew by one general pass per image, for the handle's life (each holding its batch's storage); and a
+    method applied after a pass was cached did not change it (saliency 0.62 off a fresh handle's)."""
+    from nograd.methods import carve as carve_module
+
+    monkeypatch.setattr(carve_module, "GENERAL_CACHE_SIZE", 2)
+    model = carve_models("llava")
+    pictures = [image(70, 42, seed=seed) for seed in (11, 12, 13)]
+    with nograd.apply(model, "carve", processor=PROCESSORS["llava"]()) as handle:
+        for picture in pictures:
+            handle.saliency(picture, QUESTION)
+        handle.saliency(pictures[2], QUESTION)  # the newest is kept
+        assert handle.stats["general_cache_hits"] == 1
+        handle.saliency(pictures[0], QUESTION)  # the oldest went
+        assert handle.stats["general_cache_hits"] == 1
+        with nograd.apply(model, "zerotuning", gamma=8.0):
+            stacked = handle.saliency(pictures[2], QUESTION)
+            assert handle.stats["general_cache_hits"] == 1  # a stale pass is not reused
+    with nograd.apply(model, "carve", processor=PROCESSORS["llava"]()) as fresh:
+        with nograd.apply(model, "zerotuning", gamma=8.0):
+            assert torch.equal(fresh.saliency(pictures[2], QUESTION), stacked)
+
+
 def test_pipeline_gives_the_same_answer_as_generate(carve_models):
     model = carve_models("llava")
     processor = PROCESSORS["llava"]()
@@ -190,6 +213,31 @@ def test_an_offloaded_model_answers_as_the_resident_one(carve_models):
     with nograd.apply(model, "carve", processor=processor) as handle:
         got = handle.generate(picture, QUESTION)
     assert got.text == expected.text and got.bbox == expected.bbox
+
+
+def test_a_model_without_generate_is_refused_and_a_probe_error_is_its_own(carve_models):
+    """A bare LlavaModel was accepted, then every call raised "stack expects a non-empty TensorList": stopping the
+    probe over an empty record hid the generation's own error (any error inside it: a bad input, Ctrl-C)."""
+    model = carve_models("llava")
+    processor, picture = PROCESSORS["llava"](), image(70, 42, seed=5)
+    with pytest.raises(nograd.UnsupportedModelError, match="carve answers with model.generate.*not LlavaModel"):
+        nograd.apply(model.model, "carve", processor=processor)
+    assert nograd.attached(model.model) == []
+    with nograd.apply(model, "carve", processor=processor) as handle:
+        expected = handle.generate(picture, QUESTION).text
+        generate = model.generate  # the method's own wrapper, put back as it was
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        model.generate = interrupted
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                handle.generate(picture, "Another question?")
+        finally:
+            model.generate = generate
+        assert handle.generate(picture, QUESTION).text == expected
+    assert "generate" not in vars(model)
 
 
 def test_every_final_answer_is_returned(carve_models):
