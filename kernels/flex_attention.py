@@ -1,9 +1,10 @@
 """The same biased attention through PyTorch's compiled FlexAttention (``torch.nn.attention.flex_attention``).
 
 The key bias is a ``score_mod`` that indexes the (broadcast) (B, H, N) bias; bottom-right causality and sliding
-windows are a ``mask_mod`` turned into a ``BlockMask`` so fully masked tiles are skipped. Compiled once per process
-(``torch.compile``; the first call per shape pays the compile). On CPU FlexAttention gives no LSE, so it is computed
-by the reference there.
+windows are a ``mask_mod`` turned into a ``BlockMask`` so fully masked tiles are skipped. Compiled per shape
+(``torch.compile``, static shapes: each new (M, N) compiles; past dynamo's recompile limit, 8, torch runs it unfused
+with a warning, so a decode loop, a new N per step, is no place for it). On CPU FlexAttention gives no LSE, so it
+is computed by the reference there.
 """
 
 from __future__ import annotations

@@ -93,8 +93,8 @@ class OneThreadAtATime:
 
     def _guarded(self, generate: Callable) -> Callable:
         def guarded(*args, **kwargs):
-            self._enter()
-            try:
+            try:  # a refused call's entry is popped too (it was left on the thread's stack: one per retry)
+                self._enter()
                 return generate(*args, **kwargs)
             finally:
                 self._leave()

@@ -460,6 +460,10 @@ def test_a_model_with_methods_serves_one_thread_at_a_time(build):
         try:
             with pytest.raises(RuntimeError, match="running a call in another thread"):
                 logits(model, ids)
+            with pytest.raises(RuntimeError, match="running a call in another thread"):
+                model.generate(ids, max_new_tokens=1)
+            guard = vars(model)[nograd.handle.GUARD]
+            assert guard._entered.stack == []  # a refused generate() left its entry (one per retry, unbounded)
         finally:
             release.set()
             thread.join(timeout=30)
