@@ -54,7 +54,7 @@ from numbers import Integral
 import torch
 import torch.nn.functional as F
 
-from .broadcast import per_key
+from .broadcast import fits_per_key, per_key
 from .identity_skip import attention_skipping_identity, per_pair_blend
 
 BACKENDS = ("auto", "triton", "flex", "sdpa", "eager")
@@ -179,14 +179,12 @@ def check_inputs(q, k, v, key_bias=None, window=None, mask=None) -> None:
                          "(B, H_kv, N, D) with the D of q)")
     if h % k.shape[1]:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({k.shape[1]})")
-    if key_bias is not None:  # by hand: torch.broadcast_shapes costs more than a decode step's attention on CPU
+    if key_bias is not None:
         if not key_bias.is_floating_point():
             raise ValueError(f"key_bias is a logit bias (floating point, -inf hides a key); got {key_bias.dtype} "
                              "(a boolean mask becomes one with nograd.kernels.padding_to_bias)")
-        target = (b, h, k.shape[2])
-        shape = (1,) * (3 - key_bias.dim()) + tuple(key_bias.shape)
-        if not 1 <= key_bias.dim() <= 3 or any(size not in (1, want) for size, want in zip(shape, target)):
-            raise ValueError(f"key_bias {tuple(key_bias.shape)} does not broadcast to (B, H, N) = {target}")
+        if not fits_per_key(tuple(key_bias.shape), (b, h, k.shape[2])):
+            raise ValueError(f"key_bias {tuple(key_bias.shape)} does not broadcast to (B, H, N) = {(b, h, k.shape[2])}")
     if window is not None and not (isinstance(window, Integral) and not isinstance(window, bool) and window >= 1):
         raise ValueError(f"window must be an int number of positions >= 1 (or None); got {window!r}")
     if mask is not None and not (mask.dtype == torch.bool or mask.is_floating_point()):

@@ -36,6 +36,7 @@ from . import kernels
 from .forward_inputs import bound_inputs, cache_of, cached_length, checkpointing
 from .handle import calls_running
 from .kernels.attention import causal_visibility
+from .kernels.broadcast import fits_per_key
 
 PREFIX = "nograd_"
 
@@ -602,8 +603,8 @@ def _checked_bias(intervention: Intervention, bias, call: AttentionCall) -> torc
     """An intervention's ``key_bias``, checked alone (summed with the padding bias first, a wrong one was read as
     something else: a bool mask as +1 logits) and named: a float tensor that broadcasts to (B, H, N)."""
     b, h, _, n = call.shape
-    if not (isinstance(bias, torch.Tensor) and bias.is_floating_point() and bias.dim() <= 3
-            and _broadcasts(bias.shape, (b, h, n))):
+    if not (isinstance(bias, torch.Tensor) and bias.is_floating_point()
+            and fits_per_key(tuple(bias.shape), (b, h, n))):
         raise ValueError(f"{type(intervention).__name__}.key_bias returned {_described(bias)}; expected a float "
                          f"tensor that broadcasts to (B, H, N) = {(b, h, n)} (natural-log logits, -inf masks a key)")
     return bias
@@ -613,19 +614,11 @@ def _checked_blend(intervention: Intervention, blend, call: AttentionCall) -> to
     """An intervention's ``blend``: float weights (H,) or (B, H) in [0, 1] (the range is read where the weights are on
     the host, as SoftPAG keeps them: on a GPU the read would wait for the device at every call)."""
     b, h = call.shape[:2]
-    if not (isinstance(blend, torch.Tensor) and blend.is_floating_point() and blend.dim() in (1, 2)
-            and _broadcasts(blend.shape, (b, h)) and blend.shape[-1] == h
+    if not (isinstance(blend, torch.Tensor) and blend.is_floating_point() and tuple(blend.shape) in ((h,), (b, h))
             and (blend.device.type != "cpu" or bool(((blend >= 0) & (blend <= 1)).all()))):
         raise ValueError(f"{type(intervention).__name__}.blend returned {_described(blend)}; expected float weights "
                          f"(H,) or (B, H) = {(b, h)} in [0, 1]")
     return blend
-
-
-def _broadcasts(shape, target) -> bool:
-    try:
-        return tuple(torch.broadcast_shapes(tuple(shape), tuple(target))) == tuple(target)
-    except RuntimeError:
-        return False
 
 
 def _described(value) -> str:
