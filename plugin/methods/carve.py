@@ -188,8 +188,12 @@ class RowProbe:
 
     def stop(self) -> torch.Tensor:
         """(B, T, L, N_v): the rows recorded since ``start``."""
-        self.index = None
+        self.cancel()
         return torch.stack([torch.stack(steps, dim=1) for steps in self.records], dim=2)
+
+    def cancel(self) -> None:
+        """Record no more (a pass that failed keeps what it recorded unread)."""
+        self.index = None
 
 
 @register
@@ -395,7 +399,7 @@ class CARVE(Method):
         try:
             tokens = self._probe_generate(inputs)
         except BaseException:
-            self.probe.index = None  # stopped, its partial record dropped: the error is the generation's own
+            self.probe.cancel()  # the error is the generation's own, not one of reading its partial record
             raise
         maps = self.probe.stop()
         eos = self.model.generation_config.eos_token_id
