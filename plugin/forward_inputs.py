@@ -1,4 +1,5 @@
-"""A forward's arguments by name, as nograd's hooks read them."""
+"""What nograd's hooks read of a forward: its arguments by name, its cache, where its inputs go (an offloaded model's
+execution device) and whether it is recomputed in the backward (checkpointing)."""
 
 from __future__ import annotations
 
